@@ -1,0 +1,5 @@
+import sys
+
+from zerofs_csi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The driver's frozen run-time configuration, built once from command-line flags."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class Role(enum.StrEnum):
+    CONTROLLER = "controller"
+    NODE = "node"
+    ALL = "all"
+
+    @property
+    def serves_controller(self) -> bool:
+        return self in (Role.CONTROLLER, Role.ALL)
+
+    @property
+    def serves_node(self) -> bool:
+        return self in (Role.NODE, Role.ALL)
+
+
+class LogFormat(enum.StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the CSI gRPC server listens: a unix socket path or a TCP host:port."""
+
+    scheme: str  # "unix" or "tcp"
+    address: str  # socket path, or host:port
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """Parse ``unix:///path/csi.sock``, ``unix:/path`` or ``tcp://host:port``."""
+        if text.startswith("unix://"):
+            path = text[len("unix://") :]
+        elif text.startswith("unix:"):
+            path = text[len("unix:") :]
+        elif text.startswith("tcp://"):
+            hostport = text[len("tcp://") :]
+            host, sep, port = hostport.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"tcp endpoint needs host:port with a port in 1..65535: {text!r}")
+            return cls("tcp", hostport)
+        else:
+            raise ValueError(f"endpoint must start with unix:// or tcp://: {text!r}")
+        if not path.startswith("/"):
+            raise ValueError(f"unix endpoint needs an absolute socket path: {text!r}")
+        return cls("unix", path)
+
+    @property
+    def grpc_target(self) -> str:
+        """The address in the form grpc's add_insecure_port and channels accept."""
+        return f"unix://{self.address}" if self.scheme == "unix" else self.address
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.address}"
+
+
+@dataclass(frozen=True)
+class Config:
+    endpoint: Endpoint
+    node_id: str
+    role: Role
+    driver_name: str
+    metrics_address: str  # host:port; empty disables the metrics server
+    log_level: str
+    log_format: LogFormat
+    state_dir: Path  # host directory that survives plugin restarts
+    namespace: str  # where per-volume server pods and Secrets live
+    max_volumes_per_node: int  # 0: no limit reported to the scheduler
+    workers: int  # gRPC worker threads
+    shutdown_grace_seconds: float

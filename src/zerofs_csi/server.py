@@ -1,0 +1,143 @@
+"""The CSI gRPC server: socket handling, service wiring, graceful shutdown."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from zerofs_csi import logsetup
+from zerofs_csi.config import Config
+from zerofs_csi.controller import ControllerService
+from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
+from zerofs_csi.identity import IdentityService, service_capability
+from zerofs_csi.interceptor import CsiInterceptor
+from zerofs_csi.metrics_http import MetricsServer
+from zerofs_csi.node import NodeService
+from zerofs_csi.node_checks import node_checks
+from zerofs_csi.readiness import Readiness
+from zerofs_csi.sanitize import REDACTOR
+
+log = logging.getLogger(__name__)
+
+
+class EndpointInUse(RuntimeError):
+    pass
+
+
+def prepare_unix_socket(path: Path) -> None:
+    """Make ``path`` bindable: remove a stale socket, refuse one a live server holds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise EndpointInUse(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        path.unlink(missing_ok=True)  # stale: nobody is listening
+        log.info("removed stale socket", extra={"path": str(path)})
+        return
+    finally:
+        probe.close()
+    raise EndpointInUse(f"another server is listening on {path}; refusing to start")
+
+
+@dataclass
+class Plugin:
+    """A built, not yet started, CSI server and what it needs at shutdown."""
+
+    server: grpc.Server
+    readiness: Readiness
+    socket_path: Path | None
+    port: int
+
+
+def build(config: Config) -> Plugin:
+    checks = node_checks() if config.role.serves_node else []
+    readiness = Readiness(checks)
+    capabilities = []
+    if config.role.serves_controller:
+        capabilities.append(service_capability(csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE))
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="csi"),
+        interceptors=[CsiInterceptor(REDACTOR)],
+    )
+    csi_pb2_grpc.add_IdentityServicer_to_server(
+        IdentityService(config.driver_name, readiness, capabilities), server
+    )
+    if config.role.serves_controller:
+        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(), server)
+    if config.role.serves_node:
+        csi_pb2_grpc.add_NodeServicer_to_server(
+            NodeService(config.node_id, config.max_volumes_per_node), server
+        )
+
+    socket_path = None
+    if config.endpoint.scheme == "unix":
+        socket_path = Path(config.endpoint.address)
+        prepare_unix_socket(socket_path)
+    port = server.add_insecure_port(config.endpoint.grpc_target)
+    return Plugin(server, readiness, socket_path, port)
+
+
+def run(config: Config) -> int:
+    logsetup.configure(config.log_level, config.log_format)
+    try:
+        plugin = build(config)
+    except (EndpointInUse, OSError, RuntimeError) as exc:
+        log.error("cannot serve %s: %s", config.endpoint, exc)
+        return 1
+
+    metrics = None
+    if config.metrics_address:
+        metrics = MetricsServer(config.metrics_address, plugin.readiness)
+        metrics.start()
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    plugin.server.start()
+    if plugin.socket_path is not None:
+        os.chmod(plugin.socket_path, 0o660)
+    log.info(
+        "serving",
+        extra={
+            "endpoint": str(config.endpoint),
+            "role": config.role.value,
+            "driver": config.driver_name,
+            "node_id": config.node_id,
+        },
+    )
+    plugin.readiness.start()
+    stop.wait()
+
+    # New calls are refused at once; in-flight ones get the grace period to finish.
+    plugin.server.stop(grace=config.shutdown_grace_seconds).wait()
+    if metrics is not None:
+        metrics.stop()
+    if plugin.socket_path is not None:
+        plugin.socket_path.unlink(missing_ok=True)
+    log.info("stopped")
+    return 0
