@@ -14,7 +14,9 @@ def nbd_unavailable_reason() -> str | None:
     try:
         fd = os.open("/dev/nbd0", os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
-        return f"/dev/nbd0 cannot be opened ({exc.strerror}): no kernel NBD here; run `make test-vm`"
+        return (
+            f"/dev/nbd0 cannot be opened ({exc.strerror}): no kernel NBD here; run `make test-vm`"
+        )
     os.close(fd)
     return None
 

@@ -24,7 +24,7 @@ from zerofs_csi.interceptor import CsiInterceptor
 from zerofs_csi.metrics_http import MetricsServer
 from zerofs_csi.node import NodeService
 from zerofs_csi.node_checks import node_checks
-from zerofs_csi.readiness import Readiness
+from zerofs_csi.readiness import Check, Readiness
 from zerofs_csi.sanitize import REDACTOR
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,10 @@ class Plugin:
     port: int
 
 
-def build(config: Config) -> Plugin:
-    checks = node_checks() if config.role.serves_node else []
+def build(config: Config, checks: list[Check] | None = None) -> Plugin:
+    """Wire the services for ``config.role``; ``checks`` replaces the default start-up checks."""
+    if checks is None:
+        checks = node_checks() if config.role.serves_node else []
     readiness = Readiness(checks)
     capabilities = []
     if config.role.serves_controller:

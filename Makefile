@@ -1,0 +1,55 @@
+# zerofs-csi: every target sets up what it needs (tools/bootstrap.sh is idempotent).
+PY        := .venv/bin/python
+PYTEST    := .venv/bin/pytest
+VM        := python3 tests/vm/runner.py
+VM_TIMEOUT ?= 1800
+ITERATIONS ?= 20
+DURATION  ?= 600
+
+.PHONY: all bootstrap build proto lint test test-unit test-vm demo bench wheel clean
+
+all: build
+
+bootstrap:
+	@tools/bootstrap.sh
+
+# Rebuilds the Cython extension in place after src/_nbd.pyx or its .pxd changed.
+build: bootstrap
+	@$(PY) setup.py -q build_ext --inplace
+
+proto: bootstrap
+	$(PY) tools/gen_proto.py
+
+lint: bootstrap
+	.venv/bin/ruff check src tests tools
+	.venv/bin/ruff format --check src tests tools
+	.venv/bin/mypy
+	$(PY) tools/gen_proto.py --check
+
+# Host tests: everything not needing the kernel's NBD driver.
+test-unit: build
+	$(PYTEST) -m "not privileged" -q
+
+# Privileged tests: directly where this host has NBD and root, otherwise in the microVM.
+test-vm: build
+	@if [ "$$(id -u)" = 0 ] && [ -e /dev/nbd0 ] && [ -r /sys/module/nbd ]; then \
+		$(PYTEST) -m privileged -q tests/privileged; \
+	else \
+		$(VM) --timeout $(VM_TIMEOUT) -- $(PYTEST) -m privileged -q -p no:cacheprovider tests/privileged; \
+	fi
+
+test: lint test-unit test-vm
+
+demo: build
+	$(VM) --timeout $(VM_TIMEOUT) -- $(PYTEST) -m privileged -v -s -p no:cacheprovider tests/privileged/test_vm_runner.py
+
+bench: build
+	@mkdir -p build
+	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) -m zerofs_csi.bench --json build/bench.json
+
+wheel: bootstrap
+	$(PY) -m build --wheel --outdir dist .
+
+clean:
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
+	rm -f src/_nbd.c src/_nbd.html src/zerofs_csi/_nbd*.so
