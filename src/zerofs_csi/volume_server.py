@@ -1,0 +1,68 @@
+"""The per-volume ZeroFS server, seen from the node service.
+
+Each staged volume has one ZeroFS process serving its storage path. Where it runs is a
+backend's business: a pod pinned to this node (Kubernetes backend) or a child process
+(local process backend, for tests and non-Kubernetes hosts). Both put the server's NBD
+and 9P listeners on unix sockets under a host directory the node plugin can reach.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+# sockaddr_un.sun_path holds 108 bytes including the terminating NUL (man 7 unix).
+UNIX_PATH_MAX = 107
+
+
+@dataclass(frozen=True)
+class ServerSockets:
+    """Where a volume's server listens."""
+
+    directory: Path
+    nbd: Path
+    ninep: Path
+
+    @classmethod
+    def under(cls, socket_root: Path, volume_id: str) -> ServerSockets:
+        directory = socket_root / volume_id
+        sockets = cls(directory, directory / "nbd.sock", directory / "9p.sock")
+        for path in (sockets.nbd, sockets.ninep):
+            if len(str(path).encode()) > UNIX_PATH_MAX:
+                raise ValueError(
+                    f"socket path {path} is longer than the {UNIX_PATH_MAX} bytes a unix "
+                    "socket address holds; choose a shorter --state-dir"
+                )
+        return sockets
+
+
+class VolumeServerBackend(Protocol):
+    """Runs, finds and stops per-volume ZeroFS servers on this node.
+
+    Implementations raise ``zerofs_csi.errors`` exceptions: InvalidArgument for a bad
+    setting, Unavailable/DeadlineExceeded when the server does not become ready in time
+    (with what is known of why), Internal for anything else. Secrets never appear in
+    their errors or logs.
+    """
+
+    name: str
+
+    def ensure(self, volume_id: str, settings: object, secrets: object) -> ServerSockets:
+        """Start the volume's server (or reuse a ready one with the same config) and
+        return its sockets once it answers. Idempotent. Blocks up to the settings'
+        ready timeout."""
+        ...
+
+    def stop(self, volume_id: str) -> None:
+        """Stop the volume's server and remove what ``ensure`` created. Succeeds when
+        nothing is running. Bounded in time: never hangs forever."""
+        ...
+
+    def sockets(self, volume_id: str) -> ServerSockets:
+        """Where the volume's server listens (whether or not it runs now)."""
+        ...
+
+    def running(self) -> list[str]:
+        """Volume ids whose server this backend runs on this node."""
+        ...
