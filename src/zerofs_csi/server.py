@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from zerofs_csi import logsetup
 from zerofs_csi.config import Config
@@ -21,6 +22,7 @@ from zerofs_csi.controller import ControllerService
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.identity import IdentityService, service_capability
 from zerofs_csi.interceptor import CsiInterceptor
+from zerofs_csi.metrics import Metrics
 from zerofs_csi.metrics_http import MetricsServer
 from zerofs_csi.node import NodeService
 from zerofs_csi.node_checks import node_checks
@@ -65,6 +67,8 @@ class Plugin:
     readiness: Readiness
     socket_path: Path | None
     port: int
+    metrics: Metrics
+    registry: CollectorRegistry
 
 
 def build(config: Config, checks: list[Check] | None = None) -> Plugin:
@@ -76,9 +80,15 @@ def build(config: Config, checks: list[Check] | None = None) -> Plugin:
     if config.role.serves_controller:
         capabilities.append(service_capability(csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE))
 
+    # One registry per plugin instance, so that several can live in one test process.
+    registry = CollectorRegistry()
+    for collector in (ProcessCollector, PlatformCollector, GCCollector):
+        collector(registry=registry)
+    metrics = Metrics(config.node_id, registry)
+
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="csi"),
-        interceptors=[CsiInterceptor(REDACTOR)],
+        interceptors=[CsiInterceptor(REDACTOR, observers=[metrics.observe_call])],
     )
     csi_pb2_grpc.add_IdentityServicer_to_server(
         IdentityService(config.driver_name, readiness, capabilities), server
@@ -95,7 +105,7 @@ def build(config: Config, checks: list[Check] | None = None) -> Plugin:
         socket_path = Path(config.endpoint.address)
         prepare_unix_socket(socket_path)
     port = server.add_insecure_port(config.endpoint.grpc_target)
-    return Plugin(server, readiness, socket_path, port)
+    return Plugin(server, readiness, socket_path, port, metrics, registry)
 
 
 def run(config: Config) -> int:
@@ -108,7 +118,7 @@ def run(config: Config) -> int:
 
     metrics = None
     if config.metrics_address:
-        metrics = MetricsServer(config.metrics_address, plugin.readiness)
+        metrics = MetricsServer(config.metrics_address, plugin.readiness, plugin.registry)
         metrics.start()
 
     stop = threading.Event()
