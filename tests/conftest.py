@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +32,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "privileged" in item.keywords:
             item.add_marker(skip)
+
+
+def _losetup(*args: str) -> str:
+    return subprocess.run(
+        ["losetup", *args], check=True, capture_output=True, text=True, timeout=60
+    ).stdout.strip()
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Callable[[int], tuple[str, Path]]]:
+    """Factory for real block devices: a sparse image attached to a loop device.
+
+    Returns (device path, image path). Skips where loop devices cannot be used.
+    """
+    attached: list[str] = []
+
+    def make(size_bytes: int) -> tuple[str, Path]:
+        image = tmp_path / f"disk{len(attached)}.img"
+        with open(image, "wb") as f:
+            f.truncate(size_bytes)
+        try:
+            device = _losetup("--find", "--show", str(image))
+        except (OSError, subprocess.CalledProcessError) as exc:
+            pytest.skip(f"no usable loop device here: {exc}")
+        attached.append(device)
+        return device, image
+
+    yield make
+    for device in attached:
+        subprocess.run(["umount", "-A", device], capture_output=True, timeout=60)
+        subprocess.run(["losetup", "-d", device], capture_output=True, timeout=60)

@@ -1,0 +1,236 @@
+"""mount(2) and umount2(2) through ctypes, and /proc/self/mountinfo, without exec."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+# From include/uapi/linux/mount.h.
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_REMOUNT = 32
+MS_DIRSYNC = 128
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+# From include/linux/fs.h (umount2 flags).
+MNT_FORCE = 1
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+# Option words that are VFS flags: name -> (flag, set it?). Everything else goes to the
+# filesystem as mount data.
+_FLAG_OPTIONS: dict[str, tuple[int, bool]] = {
+    "ro": (MS_RDONLY, True),
+    "rw": (MS_RDONLY, False),
+    "nosuid": (MS_NOSUID, True),
+    "suid": (MS_NOSUID, False),
+    "nodev": (MS_NODEV, True),
+    "dev": (MS_NODEV, False),
+    "noexec": (MS_NOEXEC, True),
+    "exec": (MS_NOEXEC, False),
+    "sync": (MS_SYNCHRONOUS, True),
+    "async": (MS_SYNCHRONOUS, False),
+    "dirsync": (MS_DIRSYNC, True),
+    "noatime": (MS_NOATIME, True),
+    "atime": (MS_NOATIME, False),
+    "nodiratime": (MS_NODIRATIME, True),
+    "diratime": (MS_NODIRATIME, False),
+    "relatime": (MS_RELATIME, True),
+    "norelatime": (MS_RELATIME, False),
+    "strictatime": (MS_STRICTATIME, True),
+    "lazytime": (MS_LAZYTIME, True),
+    "nolazytime": (MS_LAZYTIME, False),
+    "defaults": (0, True),
+}
+# Options a user may not pass through a StorageClass: they would change what we mount.
+FORBIDDEN_OPTIONS = frozenset({"bind", "rbind", "remount", "move", "loop"})
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    flags: int
+    data: str
+
+    @classmethod
+    def parse(cls, options: list[str] | tuple[str, ...]) -> MountOptions:
+        """Split option words (each may hold commas) into flags and filesystem data.
+
+        Raises ValueError for an option that must not be passed.
+        """
+        flags = 0
+        data: list[str] = []
+        for word in (w.strip() for opt in options for w in opt.split(",")):
+            if not word:
+                continue
+            if word in FORBIDDEN_OPTIONS:
+                raise ValueError(f"mount option {word!r} is not allowed")
+            if word in _FLAG_OPTIONS:
+                flag, on = _FLAG_OPTIONS[word]
+                flags = flags | flag if on else flags & ~flag
+            else:
+                data.append(word)
+        return cls(flags, ",".join(data))
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    lib.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_char_p,
+    ]
+    lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return lib
+
+
+def _raise(action: str, path: str | os.PathLike[str]) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{action} failed: {os.strerror(err)}", os.fspath(path))
+
+
+def mount(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    fstype: str | None,
+    flags: int = 0,
+    data: str = "",
+) -> None:
+    """mount(2). Blocks while the filesystem reads its superblock and replays its journal."""
+    result = _libc().mount(
+        os.fsencode(source),
+        os.fsencode(target),
+        fstype.encode() if fstype else None,
+        flags,
+        data.encode() if data else None,
+    )
+    if result != 0:
+        _raise(f"mount {os.fspath(source)} ({fstype or 'bind'})", target)
+
+
+def bind_mount(
+    source: str | os.PathLike[str], target: str | os.PathLike[str], readonly: bool
+) -> None:
+    """Bind ``source`` onto ``target``; read-only binds need a second, remounting call."""
+    mount(source, target, None, MS_BIND)
+    if readonly:
+        try:
+            mount("none", target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        except OSError:
+            umount(target)
+            raise
+
+
+def umount(target: str | os.PathLike[str], flags: int = UMOUNT_NOFOLLOW) -> None:
+    """umount2(2). Blocks while the filesystem writes back. EBUSY when still in use."""
+    if _libc().umount2(os.fsencode(target), flags) != 0:
+        _raise("umount", target)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    major_minor: str
+    root: str
+    mountpoint: str
+    options: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo (fs/proc_namespace.c).
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """Parse the format of proc(5) /proc/PID/mountinfo."""
+    entries = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        sep = fields.index("-")
+        entries.append(
+            MountEntry(
+                mount_id=int(fields[0]),
+                major_minor=fields[2],
+                root=_unescape(fields[3]),
+                mountpoint=_unescape(fields[4]),
+                options=tuple(fields[5].split(",")),
+                fstype=fields[sep + 1],
+                source=_unescape(fields[sep + 2]),
+                super_options=tuple(fields[sep + 3].split(",")),
+            )
+        )
+    return entries
+
+
+def mountinfo() -> list[MountEntry]:
+    return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+
+
+def find_mount(target: str | os.PathLike[str]) -> MountEntry | None:
+    """The topmost mount on exactly ``target``, or None."""
+    path = os.path.realpath(target)
+    found = None
+    for entry in mountinfo():
+        if entry.mountpoint == path:
+            found = entry  # later lines are mounted on top of earlier ones
+    return found
+
+
+def mounts_of_device(major_minor: str) -> list[MountEntry]:
+    return [e for e in mountinfo() if e.major_minor == major_minor]
+
+
+def is_mountpoint(target: str | os.PathLike[str]) -> bool:
+    return find_mount(target) is not None
+
+
+# Bounds the loop in unmount_all; nobody stacks this many mounts on a CSI path.
+_MAX_STACKED = 32
+
+
+def unmount_all(target: str | os.PathLike[str]) -> int:
+    """Unmount every mount stacked on ``target``; returns how many were removed."""
+    count = 0
+    for _ in range(_MAX_STACKED):
+        if find_mount(target) is None:
+            return count
+        try:
+            umount(target)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: raced with another unmount
+                raise
+        else:
+            count += 1
+    raise OSError(errno.EBUSY, f"more than {_MAX_STACKED} mounts stacked", os.fspath(target))
