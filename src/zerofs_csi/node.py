@@ -1,17 +1,257 @@
-"""CSI Node service."""
+"""CSI Node service: stage once per node, publish by bind mount."""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import grpc
 
+from zerofs_csi import filesystems, publishing
+from zerofs_csi.capabilities import check_capability
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
+from zerofs_csi.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from zerofs_csi.locks import VolumeLocks
 from zerofs_csi.servicer import answer_unimplemented
+from zerofs_csi.stage_record import RecordStore, StageRecord
+from zerofs_csi.staging import Attacher, EnsureExport, Stager, StageRequest
+from zerofs_csi.volume_context import parse_volume_context
+from zerofs_csi.volume_id import validate_volume_id
+from zerofs_csi.volume_server import VolumeServerBackend
+from zerofs_csi.volume_settings import VolumeSecrets
+
+log = logging.getLogger(__name__)
+
+RPC = csi_pb2.NodeServiceCapability.RPC
+NODE_CAPABILITIES = (
+    RPC.STAGE_UNSTAGE_VOLUME,
+    RPC.GET_VOLUME_STATS,
+    RPC.EXPAND_VOLUME,
+    RPC.VOLUME_CONDITION,
+    RPC.SINGLE_NODE_MULTI_WRITER,
+)
+# From include/uapi/linux/fs.h: _IOWR('X', 119, int) and _IOWR('X', 120, int).
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+
+
+def _absolute(path: str, field: str) -> str:
+    if not path:
+        raise InvalidArgument(f"{field} is required")
+    if not os.path.isabs(path) or "\x00" in path:
+        raise InvalidArgument(f"{field} must be an absolute path, got {path!r}")
+    return os.path.normpath(path)
+
+
+@contextmanager
+def _frozen(mountpoint: str) -> Iterator[None]:
+    """Quiesce a mounted filesystem: I/O drains and new writes wait until thawed."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, FIFREEZE, 0)
+        try:
+            yield
+        finally:
+            fcntl.ioctl(fd, FITHAW, 0)
+    finally:
+        os.close(fd)
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
-    def __init__(self, node_id: str, max_volumes_per_node: int) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        max_volumes_per_node: int,
+        stager: Stager,
+        records: RecordStore,
+        backend: VolumeServerBackend,
+        attacher: Attacher,
+        ensure_export: EnsureExport,
+        link_dead: Callable[[str], bool],
+    ) -> None:
         self._node_id = node_id
         self._max_volumes = max_volumes_per_node
+        self._stager = stager
+        self._records = records
+        self._backend = backend
+        self._attacher = attacher
+        self._ensure_export = ensure_export
+        self._link_dead = link_dead
+        self._locks = VolumeLocks()
+
+    # -- stage -------------------------------------------------------------------
+
+    def NodeStageVolume(
+        self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeStageVolumeResponse:
+        vid = validate_volume_id(request.volume_id)
+        staging = _absolute(request.staging_target_path, "staging_target_path")
+        cap = check_capability(
+            request.volume_capability if request.HasField("volume_capability") else None,
+            "volume_capability",
+        )
+        settings, capacity = parse_volume_context(request.volume_context)
+        fs_type = cap.fs_type or settings.filesystem
+        secrets = VolumeSecrets.from_csi_secrets(request.secrets)
+        with self._locks.hold(vid, "NodeStageVolume"):
+            os.makedirs(staging, exist_ok=True)
+            self._stager.stage(
+                StageRequest(
+                    volume_id=vid,
+                    staging_path=staging,
+                    access_type=cap.access_type,
+                    fs_type=fs_type if cap.access_type == "mount" else "",
+                    mount_options=cap.mount_flags,
+                    readonly=cap.read_only,
+                    settings=settings,
+                    secrets=secrets,
+                    capacity_bytes=capacity,
+                )
+            )
+        return csi_pb2.NodeStageVolumeResponse()
+
+    def NodeUnstageVolume(
+        self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnstageVolumeResponse:
+        vid = validate_volume_id(request.volume_id)
+        staging = _absolute(request.staging_target_path, "staging_target_path")
+        with self._locks.hold(vid, "NodeUnstageVolume"):
+            self._stager.unstage(vid, staging)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    # -- publish -----------------------------------------------------------------
+
+    def _staged(self, vid: str, staging: str) -> StageRecord:
+        record = self._records.read(staging)
+        if record is None or record.volume_id != vid:
+            raise FailedPrecondition(f"volume {vid} is not staged at {staging}")
+        return record
+
+    def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodePublishVolumeResponse:
+        vid = validate_volume_id(request.volume_id)
+        staging = _absolute(request.staging_target_path, "staging_target_path")
+        target = _absolute(request.target_path, "target_path")
+        cap = check_capability(
+            request.volume_capability if request.HasField("volume_capability") else None,
+            "volume_capability",
+        )
+        with self._locks.hold(vid, "NodePublishVolume"):
+            record = self._staged(vid, staging)
+            if record.access_type != cap.access_type:
+                raise InvalidArgument(
+                    f"volume {vid} is staged as {record.access_type}, "
+                    f"publish asks for {cap.access_type}"
+                )
+            publishing.publish(record, target, readonly=request.readonly or cap.read_only)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
+        vid = validate_volume_id(request.volume_id)
+        target = _absolute(request.target_path, "target_path")
+        with self._locks.hold(vid, "NodeUnpublishVolume"):
+            publishing.unpublish(target)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # -- stats and expansion -------------------------------------------------------
+
+    def _record_of(self, vid: str, staging: str = "") -> StageRecord:
+        staging = staging or self._records.staging_path_of(vid) or ""
+        record = self._records.read(staging) if staging else None
+        if record is None or record.volume_id != vid:
+            raise NotFound(f"volume {vid} is not staged on node {self._node_id}")
+        return record
+
+    def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
+        vid = validate_volume_id(request.volume_id)
+        path = _absolute(request.volume_path, "volume_path")
+        if not os.path.lexists(path):
+            raise NotFound(f"volume path {path} does not exist")
+        record = self._record_of(vid, request.staging_target_path)
+        usage = []
+        Unit = csi_pb2.VolumeUsage.Unit
+        if stat.S_ISBLK(os.stat(path).st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                total = os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+            usage.append(csi_pb2.VolumeUsage(unit=Unit.BYTES, total=total))
+        else:
+            st = os.statvfs(path)
+            usage.append(
+                csi_pb2.VolumeUsage(
+                    unit=Unit.BYTES,
+                    total=st.f_blocks * st.f_frsize,
+                    available=st.f_bavail * st.f_frsize,
+                    used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+                )
+            )
+            usage.append(
+                csi_pb2.VolumeUsage(
+                    unit=Unit.INODES,
+                    total=st.f_files,
+                    available=st.f_favail,
+                    used=st.f_files - st.f_ffree,
+                )
+            )
+        return csi_pb2.NodeGetVolumeStatsResponse(
+            usage=usage, volume_condition=self._condition(record)
+        )
+
+    def _condition(self, record: StageRecord) -> csi_pb2.VolumeCondition:
+        if self._link_dead(record.volume_id):
+            return csi_pb2.VolumeCondition(
+                abnormal=True,
+                message=f"the NBD connection of {record.device} to its ZeroFS server is dead; "
+                "reconnecting",
+            )
+        device = self._attacher.find(record.backend_id)
+        if device is None or device.index != record.device_index:
+            return csi_pb2.VolumeCondition(
+                abnormal=True, message=f"{record.device} is no longer attached to this volume"
+            )
+        return csi_pb2.VolumeCondition(abnormal=False, message="attached and connected")
+
+    def NodeExpandVolume(
+        self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeExpandVolumeResponse:
+        vid = validate_volume_id(request.volume_id)
+        _absolute(request.volume_path, "volume_path")
+        required = request.capacity_range.required_bytes
+        limit = request.capacity_range.limit_bytes
+        if required <= 0:
+            raise InvalidArgument("capacity_range.required_bytes must be positive")
+        with self._locks.hold(vid, "NodeExpandVolume"):
+            record = self._record_of(vid, request.staging_target_path)
+            sockets = self._backend.sockets(vid)
+            size = self._ensure_export(str(sockets.ninep), vid, required)
+            if limit and size > limit:
+                raise OutOfRange(f"volume {vid} is already {size} bytes, above limit {limit}")
+            device = self._attacher.find(record.backend_id)
+            if device is None:
+                raise FailedPrecondition(f"volume {vid} is not attached on this node")
+            if device.size_bytes < size:
+                resize = self._attacher.resize
+                if record.access_type == "mount":
+                    with _frozen(record.mount_path):
+                        resize(device.index, record.backend_id, size)
+                else:
+                    resize(device.index, record.backend_id, size)
+            if record.access_type == "mount":
+                filesystems.grow_filesystem(record.fs_type, record.device, record.mount_path)
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    # -- info ----------------------------------------------------------------------
 
     def NodeGetInfo(
         self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
@@ -23,7 +263,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeGetCapabilities(
         self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetCapabilitiesResponse:
-        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[])
+        return csi_pb2.NodeGetCapabilitiesResponse(
+            capabilities=[
+                csi_pb2.NodeServiceCapability(rpc=RPC(type=kind)) for kind in NODE_CAPABILITIES
+            ]
+        )
 
 
 answer_unimplemented(NodeService, csi_pb2_grpc.NodeServicer, "Node")

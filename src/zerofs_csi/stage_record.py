@@ -1,0 +1,107 @@
+"""The record of a staged volume, kept beside its staging path and indexed in the state dir.
+
+``<staging path>/zerofs-volume.json`` says which device, server and NBD backend id
+belong to the volume; it is the source of truth for unstage and for recovery after a
+plugin restart. ``<state dir>/staged/<volume id>.json`` points at the staging path, so
+that recovery can find every record without scanning kubelet's directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RECORD_NAME = "zerofs-volume.json"
+MOUNT_DIR_NAME = "mount"
+VERSION = 1
+# Devices this driver attaches carry this prefix in their NBD backend identifier, which
+# is how recovery tells our devices from anybody else's.
+BACKEND_PREFIX = "zerofs-csi:"
+
+
+def backend_id_for(volume_id: str) -> str:
+    return f"{BACKEND_PREFIX}{volume_id}"
+
+
+def volume_of_backend(backend_id: str) -> str | None:
+    """The volume id of one of our devices, or None for a device that is not ours."""
+    if backend_id.startswith(BACKEND_PREFIX):
+        return backend_id[len(BACKEND_PREFIX) :] or None
+    return None
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    volume_id: str
+    backend_id: str
+    device_index: int
+    size_bytes: int
+    access_type: str  # "mount" or "block"
+    fs_type: str  # empty for block volumes
+    server_backend: str  # "process" or "kubernetes"
+    nbd_socket: str
+    staging_path: str
+    version: int = VERSION
+
+    @property
+    def device(self) -> str:
+        return f"/dev/nbd{self.device_index}"
+
+    @property
+    def mount_path(self) -> str:
+        return os.path.join(self.staging_path, MOUNT_DIR_NAME)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class RecordStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.index_dir = state_dir / "staged"
+
+    def _index(self, volume_id: str) -> Path:
+        return self.index_dir / f"{volume_id}.json"
+
+    def write(self, record: StageRecord) -> None:
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps(asdict(record), indent=1, sort_keys=True).encode()
+        _atomic_write(Path(record.staging_path) / RECORD_NAME, payload)
+        index = json.dumps({"staging_path": record.staging_path, "version": VERSION})
+        _atomic_write(self._index(record.volume_id), index.encode())
+
+    def read(self, staging_path: str) -> StageRecord | None:
+        """The record in ``staging_path``; None when absent. ValueError when unreadable."""
+        try:
+            raw = (Path(staging_path) / RECORD_NAME).read_bytes()
+        except FileNotFoundError:
+            return None
+        data = json.loads(raw)
+        if data.get("version") != VERSION:
+            raise ValueError(f"stage record version {data.get('version')!r} is not {VERSION}")
+        return StageRecord(**data)
+
+    def staging_path_of(self, volume_id: str) -> str | None:
+        try:
+            data = json.loads(self._index(volume_id).read_bytes())
+        except FileNotFoundError:
+            return None
+        return str(data["staging_path"])
+
+    def indexed_volumes(self) -> list[str]:
+        if not self.index_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.index_dir.glob("*.json"))
+
+    def remove(self, volume_id: str, staging_path: str) -> None:
+        (Path(staging_path) / RECORD_NAME).unlink(missing_ok=True)
+        self._index(volume_id).unlink(missing_ok=True)

@@ -1,0 +1,220 @@
+"""Staging a volume on this node, as a transaction with undo; and unstaging it.
+
+Stage: ensure the volume's ZeroFS server, ensure its NBD export file over 9P, attach it
+as /dev/nbdX, then for a mount volume probe it, make a filesystem only when it is fresh
+and mount it at ``<staging path>/mount``. Every step registers its undo, so a failure
+leaves nothing behind. The stage record is written once the device is attached, so that
+unstage and recovery can find the device even when a later step or the plugin dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from zerofs_csi import filesystems, fsprobe, mounts
+from zerofs_csi.errors import AlreadyExists, FailedPrecondition, Internal
+from zerofs_csi.metrics import Metrics
+from zerofs_csi.stage_record import RecordStore, StageRecord, backend_id_for
+from zerofs_csi.transaction import Transaction
+from zerofs_csi.volume_server import VolumeServerBackend
+from zerofs_csi.volume_settings import VolumeSecrets, VolumeSettings
+
+log = logging.getLogger(__name__)
+
+MOUNT = "mount"
+BLOCK = "block"
+
+
+@dataclass(frozen=True)
+class AttachedDevice:
+    index: int
+    size_bytes: int
+
+    @property
+    def path(self) -> str:
+        return f"/dev/nbd{self.index}"
+
+
+class Attacher(Protocol):
+    """The attach path (``zerofs_csi.nbd``) as staging uses it."""
+
+    def attach(self, nbd_socket: str, export: str, backend_id: str) -> AttachedDevice: ...
+
+    def detach(self, index: int, backend_id: str) -> None: ...
+
+    def find(self, backend_id: str) -> AttachedDevice | None: ...
+
+    def resize(self, index: int, backend_id: str, size_bytes: int) -> None: ...
+
+
+EnsureExport = Callable[[str, str, int], int]
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    volume_id: str
+    staging_path: str
+    access_type: str  # MOUNT or BLOCK
+    fs_type: str  # for MOUNT
+    mount_options: tuple[str, ...]
+    readonly: bool
+    settings: VolumeSettings
+    secrets: VolumeSecrets = field(repr=False)
+    capacity_bytes: int
+
+
+def _compatible(record: StageRecord, request: StageRequest) -> bool:
+    return record.access_type == request.access_type and (
+        request.access_type == BLOCK or record.fs_type == request.fs_type
+    )
+
+
+class Stager:
+    def __init__(
+        self,
+        backend: VolumeServerBackend,
+        attacher: Attacher,
+        ensure_export: EnsureExport,
+        records: RecordStore,
+        metrics: Metrics,
+    ) -> None:
+        self._backend = backend
+        self._attacher = attacher
+        self._ensure_export = ensure_export
+        self._records = records
+        self._metrics = metrics
+
+    def _is_intact(self, record: StageRecord) -> bool:
+        """The record's device is attached to its volume, and mounted where it should be."""
+        device = self._attacher.find(record.backend_id)
+        if device is None or device.index != record.device_index:
+            return False
+        if record.access_type == BLOCK:
+            return True
+        entry = mounts.find_mount(record.mount_path)
+        return entry is not None and entry.source == record.device
+
+    def stage(self, request: StageRequest) -> StageRecord:
+        vid = request.volume_id
+        existing = self._records.read(request.staging_path)
+        if existing is not None:
+            if existing.volume_id != vid:
+                raise AlreadyExists(
+                    f"staging path {request.staging_path} holds volume {existing.volume_id}"
+                )
+            if not _compatible(existing, request):
+                raise AlreadyExists(
+                    f"volume {vid} is staged as {existing.access_type} {existing.fs_type}".rstrip()
+                    + f"; this request asks for {request.access_type} {request.fs_type}".rstrip()
+                )
+            if self._is_intact(existing):
+                return existing
+            log.info("restaging an incomplete stage", extra={"volume_id": vid})
+            self.teardown(existing, operation="stage")
+
+        stage = self._metrics.stage
+        backend_id = backend_id_for(vid)
+        with Transaction("stage", volume_id=vid) as tx:
+            with stage("stage", "ensure_server", vid):
+                sockets = self._backend.ensure(vid, request.settings, request.secrets)
+            tx.on_undo("stop server", lambda: self._backend.stop(vid))
+
+            with stage("stage", "create_export", vid):
+                self._ensure_export(str(sockets.ninep), vid, request.capacity_bytes)
+
+            with stage("stage", "connect_nbd", vid):
+                device = self._attacher.attach(str(sockets.nbd), vid, backend_id)
+            tx.on_undo("detach", lambda: self._attacher.detach(device.index, backend_id))
+
+            record = StageRecord(
+                volume_id=vid,
+                backend_id=backend_id,
+                device_index=device.index,
+                size_bytes=device.size_bytes,
+                access_type=request.access_type,
+                fs_type=request.fs_type if request.access_type == MOUNT else "",
+                server_backend=self._backend.name,
+                nbd_socket=str(sockets.nbd),
+                staging_path=request.staging_path,
+            )
+            self._records.write(record)
+            tx.on_undo("remove record", lambda: self._records.remove(vid, request.staging_path))
+
+            if request.access_type == MOUNT:
+                self._format_if_fresh(record, request)
+                Path(record.mount_path).mkdir(exist_ok=True)
+                options = mounts.MountOptions.parse(
+                    [*request.mount_options, *(["ro"] if request.readonly else [])]
+                )
+                with stage("stage", "mount", vid):
+                    mounts.mount(
+                        record.device,
+                        record.mount_path,
+                        record.fs_type,
+                        options.flags,
+                        options.data,
+                    )
+                tx.on_undo("unmount", lambda: mounts.unmount_all(record.mount_path))
+            tx.commit()
+        return record
+
+    def _format_if_fresh(self, record: StageRecord, request: StageRequest) -> None:
+        vid = record.volume_id
+        with self._metrics.stage("stage", "probe", vid):
+            contents = fsprobe.probe(record.device)
+        if contents.fs_type == record.fs_type:
+            return
+        if not contents.fresh:
+            raise FailedPrecondition(
+                f"volume {vid} ({record.device}) holds {contents.describe()}, but the "
+                f"StorageClass asks for {record.fs_type}; refusing to format a device "
+                "that holds data"
+            )
+        if request.readonly:
+            raise FailedPrecondition(
+                f"volume {vid} has no filesystem yet and is staged read-only; "
+                "publish it read-write once to create one"
+            )
+        with self._metrics.stage("stage", "mkfs", vid):
+            filesystems.make_filesystem(record.fs_type, record.device)
+
+    def unstage(self, volume_id: str, staging_path: str) -> None:
+        record = self._records.read(staging_path)
+        if record is None:
+            # Nothing recorded: a stage that failed before attaching, or done already.
+            leftover = os.path.join(staging_path, "mount")
+            if os.path.isdir(leftover):
+                mounts.unmount_all(leftover)
+            self._backend.stop(volume_id)
+            return
+        if record.volume_id != volume_id:
+            raise FailedPrecondition(
+                f"staging path {staging_path} holds volume {record.volume_id}, not {volume_id}"
+            )
+        self.teardown(record, operation="unstage")
+
+    def teardown(self, record: StageRecord, operation: str) -> None:
+        """Unmount, detach (only our own device), stop the server, drop the record."""
+        vid = record.volume_id
+        stage = self._metrics.stage
+        if record.access_type == MOUNT:
+            with stage(operation, "umount", vid):
+                mounts.unmount_all(record.mount_path)
+        with stage(operation, "disconnect_nbd", vid):
+            device = self._attacher.find(record.backend_id)
+            if device is not None:
+                self._attacher.detach(device.index, record.backend_id)
+        with stage(operation, "remove_server", vid):
+            self._backend.stop(vid)
+        try:
+            os.rmdir(record.mount_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise Internal(f"cannot remove {record.mount_path}: {exc.strerror}") from None
+        self._records.remove(vid, record.staging_path)
