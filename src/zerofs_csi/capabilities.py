@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from zerofs_csi.csi import csi_pb2
 from zerofs_csi.errors import InvalidArgument
 from zerofs_csi.filesystems import SUPPORTED as SUPPORTED_FILESYSTEMS
+from zerofs_csi.mounts import MountOptions
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 SUPPORTED_MODES = frozenset(
@@ -51,6 +52,10 @@ def unsupported_reason(cap: csi_pb2.VolumeCapability) -> str | None:
             )
         if cap.mount.volume_mount_group:
             return "volume_mount_group is not supported"
+        try:
+            MountOptions.parse(tuple(cap.mount.mount_flags))
+        except ValueError as exc:
+            return str(exc)
     return None
 
 

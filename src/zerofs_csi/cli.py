@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from zerofs_csi import DRIVER_NAME, __version__
-from zerofs_csi.config import Config, Endpoint, LogFormat, Role
+from zerofs_csi.config import Backend, Config, Endpoint, LogFormat, Role
 
 # CSI plugin names are reverse domain names of at most 63 characters (CSI spec, GetPluginInfo).
 _DRIVER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
@@ -144,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="volumes the scheduler may place on one node; 0 means no limit",
     )
+    parser.add_argument(
+        "--backend",
+        type=Backend,
+        choices=list(Backend),
+        default=Backend.KUBERNETES,
+        help="kubernetes: per-volume ZeroFS pods and metadata in the API; local: ZeroFS "
+        "child processes and metadata files under --state-dir (tests, non-Kubernetes hosts)",
+    )
+    parser.add_argument(
+        "--zerofs-command",
+        default="zerofs",
+        help="ZeroFS executable run by the local backend (`CMD run -c CONFIG`)",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG", ""),
+        help="kubeconfig for the kubernetes backend; empty uses the in-cluster service account",
+    )
     parser.add_argument("--workers", type=_positive_int, default=16, help="gRPC worker threads")
     parser.add_argument(
         "--shutdown-grace",
@@ -174,6 +192,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         max_volumes_per_node=args.max_volumes_per_node,
         workers=args.workers,
         shutdown_grace_seconds=args.shutdown_grace,
+        backend=args.backend,
+        zerofs_command=args.zerofs_command,
+        kubeconfig=args.kubeconfig,
     )
 
 

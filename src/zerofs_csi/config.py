@@ -21,6 +21,13 @@ class Role(enum.StrEnum):
         return self in (Role.NODE, Role.ALL)
 
 
+class Backend(enum.StrEnum):
+    """Where per-volume servers run and volume metadata lives."""
+
+    KUBERNETES = "kubernetes"  # server pods + Secrets, metadata in ConfigMaps
+    LOCAL = "local"  # server child processes, metadata in files under the state dir
+
+
 class LogFormat(enum.StrEnum):
     JSON = "json"
     TEXT = "text"
@@ -75,3 +82,11 @@ class Config:
     max_volumes_per_node: int  # 0: no limit reported to the scheduler
     workers: int  # gRPC worker threads
     shutdown_grace_seconds: float
+    backend: Backend
+    zerofs_command: str  # the ZeroFS executable the local backend runs
+    kubeconfig: str  # empty: in-cluster configuration
+
+    @property
+    def socket_root(self) -> Path:
+        """Host directory holding each volume server's NBD and 9P sockets."""
+        return self.state_dir / "sockets"

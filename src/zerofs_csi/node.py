@@ -215,7 +215,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 message=f"the NBD connection of {record.device} to its ZeroFS server is dead; "
                 "reconnecting",
             )
-        device = self._attacher.find(record.backend_id)
+        device = self._attacher.find_device(record.backend_id)
         if device is None or device.index != record.device_index:
             return csi_pb2.VolumeCondition(
                 abnormal=True, message=f"{record.device} is no longer attached to this volume"
@@ -237,7 +237,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             size = self._ensure_export(str(sockets.ninep), vid, required)
             if limit and size > limit:
                 raise OutOfRange(f"volume {vid} is already {size} bytes, above limit {limit}")
-            device = self._attacher.find(record.backend_id)
+            device = self._attacher.find_device(record.backend_id)
             if device is None:
                 raise FailedPrecondition(f"volume {vid} is not attached on this node")
             if device.size_bytes < size:

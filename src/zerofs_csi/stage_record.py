@@ -43,6 +43,8 @@ class StageRecord:
     server_backend: str  # "process" or "kubernetes"
     nbd_socket: str
     staging_path: str
+    mount_options: tuple[str, ...] = ()
+    readonly: bool = False
     version: int = VERSION
 
     @property
@@ -88,6 +90,7 @@ class RecordStore:
         data = json.loads(raw)
         if data.get("version") != VERSION:
             raise ValueError(f"stage record version {data.get('version')!r} is not {VERSION}")
+        data["mount_options"] = tuple(data.get("mount_options", ()))
         return StageRecord(**data)
 
     def staging_path_of(self, volume_id: str) -> str | None:
@@ -104,4 +107,7 @@ class RecordStore:
 
     def remove(self, volume_id: str, staging_path: str) -> None:
         (Path(staging_path) / RECORD_NAME).unlink(missing_ok=True)
+        self.remove_index(volume_id)
+
+    def remove_index(self, volume_id: str) -> None:
         self._index(volume_id).unlink(missing_ok=True)

@@ -30,24 +30,25 @@ MOUNT = "mount"
 BLOCK = "block"
 
 
-@dataclass(frozen=True)
-class AttachedDevice:
-    index: int
-    size_bytes: int
+class AttachedDevice(Protocol):
+    @property
+    def index(self) -> int: ...
 
     @property
-    def path(self) -> str:
-        return f"/dev/nbd{self.index}"
+    def path(self) -> str: ...
+
+    @property
+    def size_bytes(self) -> int: ...
 
 
 class Attacher(Protocol):
-    """The attach path (``zerofs_csi.nbd``) as staging uses it."""
+    """The attach path (``zerofs_csi.nbd``) as staging and the node service use it."""
 
     def attach(self, nbd_socket: str, export: str, backend_id: str) -> AttachedDevice: ...
 
     def detach(self, index: int, backend_id: str) -> None: ...
 
-    def find(self, backend_id: str) -> AttachedDevice | None: ...
+    def find_device(self, backend_id: str) -> AttachedDevice | None: ...
 
     def resize(self, index: int, backend_id: str, size_bytes: int) -> None: ...
 
@@ -66,6 +67,15 @@ class StageRequest:
     settings: VolumeSettings
     secrets: VolumeSecrets = field(repr=False)
     capacity_bytes: int
+
+
+def mount_staged(record: StageRecord) -> None:
+    """Mount a staged volume's device at its mount path with the recorded options."""
+    Path(record.mount_path).mkdir(exist_ok=True)
+    options = mounts.MountOptions.parse(
+        [*record.mount_options, *(["ro"] if record.readonly else [])]
+    )
+    mounts.mount(record.device, record.mount_path, record.fs_type, options.flags, options.data)
 
 
 def _compatible(record: StageRecord, request: StageRequest) -> bool:
@@ -91,7 +101,7 @@ class Stager:
 
     def _is_intact(self, record: StageRecord) -> bool:
         """The record's device is attached to its volume, and mounted where it should be."""
-        device = self._attacher.find(record.backend_id)
+        device = self._attacher.find_device(record.backend_id)
         if device is None or device.index != record.device_index:
             return False
         if record.access_type == BLOCK:
@@ -141,6 +151,8 @@ class Stager:
                 server_backend=self._backend.name,
                 nbd_socket=str(sockets.nbd),
                 staging_path=request.staging_path,
+                mount_options=request.mount_options,
+                readonly=request.readonly,
             )
             self._records.write(record)
             tx.on_undo("remove record", lambda: self._records.remove(vid, request.staging_path))
@@ -206,7 +218,7 @@ class Stager:
             with stage(operation, "umount", vid):
                 mounts.unmount_all(record.mount_path)
         with stage(operation, "disconnect_nbd", vid):
-            device = self._attacher.find(record.backend_id)
+            device = self._attacher.find_device(record.backend_id)
             if device is not None:
                 self._attacher.detach(device.index, record.backend_id)
         with stage(operation, "remove_server", vid):

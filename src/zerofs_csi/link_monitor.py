@@ -1,0 +1,133 @@
+"""Reconnects NBD devices whose connection died, before the kernel gives up on them.
+
+The kernel reports a dead connection with a LINK_DEAD multicast message; queued I/O then
+waits up to the device's dead-connection timeout for RECONFIGURE with fresh sockets. When
+a volume's ZeroFS server restarts, this monitor waits for its NBD socket to answer again,
+negotiates new sockets and reconfigures the device, so the workload sees a pause and no
+I/O error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from zerofs_csi.errors import CsiError
+from zerofs_csi.metrics import Metrics
+from zerofs_csi.nbd import DEFAULT_DEAD_CONN_TIMEOUT_S
+from zerofs_csi.node_attach import NodeAttacher
+from zerofs_csi.stage_record import StageRecord, volume_of_backend
+
+log = logging.getLogger(__name__)
+
+FIRST_RETRY_S = 0.05
+MAX_RETRY_S = 2.0
+
+
+class LinkMonitor:
+    def __init__(
+        self,
+        attacher: NodeAttacher,
+        staged: Callable[[], dict[str, StageRecord]],
+        metrics: Metrics,
+        give_up_after_s: float = DEFAULT_DEAD_CONN_TIMEOUT_S,
+    ) -> None:
+        self._attacher = attacher
+        self._staged = staged
+        self._metrics = metrics
+        self._give_up_after_s = give_up_after_s
+        self._lock = threading.Lock()
+        self._dead: dict[str, float] = {}  # volume id -> when its link was reported dead
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def is_dead(self, volume_id: str) -> bool:
+        with self._lock:
+            return volume_id in self._dead
+
+    def start(self) -> None:
+        listener = self._attacher.nbd.link_dead_listener()
+        self._thread = threading.Thread(
+            target=self._listen, args=(listener,), name="link-monitor", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _listen(self, listener: object) -> None:
+        receive = listener.receive  # type: ignore[attr-defined]
+        try:
+            while not self._stop.is_set():
+                for index, backend_id in receive(0.5):
+                    self._on_dead(index, backend_id)
+        finally:
+            listener.close()  # type: ignore[attr-defined]
+
+    def _on_dead(self, index: int, backend_id: str | None) -> None:
+        staged = self._staged()
+        if index < 0:
+            # Notifications were lost: try every staged volume; RECONFIGURE is ignored by
+            # the kernel for devices whose connections are all alive.
+            targets = list(staged.values())
+        else:
+            vid = volume_of_backend(backend_id or "")
+            record = staged.get(vid) if vid else None
+            if record is None or record.device_index != index:
+                return  # not a device of a volume staged here
+            targets = [record]
+        for record in targets:
+            with self._lock:
+                if record.volume_id in self._dead:
+                    continue
+                self._dead[record.volume_id] = time.monotonic()
+                self._metrics.nbd_dead_links.labels(self._metrics.node).set(len(self._dead))
+            threading.Thread(
+                target=self._reconnect,
+                args=(record,),
+                name=f"reconnect-{record.volume_id}",
+                daemon=True,
+            ).start()
+
+    def _reconnect(self, record: StageRecord) -> None:
+        vid = record.volume_id
+        node = self._metrics.node
+        started = time.monotonic()
+        delay = FIRST_RETRY_S
+        result = "failed"
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._attacher.reconnect(
+                        record.device_index, record.backend_id, record.nbd_socket, vid
+                    )
+                except CsiError as exc:
+                    if time.monotonic() - started > self._give_up_after_s:
+                        log.error(
+                            "reconnect gave up",
+                            extra={"volume_id": vid, "error": exc.message},
+                        )
+                        return
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, MAX_RETRY_S)
+                    continue
+                result = "ok"
+                log.info(
+                    "reconnected",
+                    extra={
+                        "volume_id": vid,
+                        "device": record.device,
+                        "seconds": round(time.monotonic() - started, 3),
+                    },
+                )
+                return
+        finally:
+            self._metrics.reconnects.labels(node, result).inc()
+            if result == "ok":  # a link we gave up on stays reported dead
+                with self._lock:
+                    self._dead.pop(vid, None)
+                    self._metrics.nbd_dead_links.labels(node).set(len(self._dead))

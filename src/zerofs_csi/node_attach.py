@@ -1,0 +1,76 @@
+"""The attach path as the node service uses it: NbdAttacher with gRPC-coded errors."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from zerofs_csi import nbd
+from zerofs_csi.errors import (
+    CsiError,
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    Unavailable,
+)
+
+DEFAULT_CONNECTIONS = nbd.DEFAULT_CONNECTIONS
+
+
+@contextmanager
+def attach_errors(what: str) -> Iterator[None]:
+    """Turn attach-path OSErrors into CSI errors whose code tells the CO what to do."""
+    try:
+        yield
+    except CsiError:
+        raise
+    except nbd.NbdModuleNotLoaded as exc:
+        raise FailedPrecondition(f"{what}: {exc.strerror}", reason="ENOENT") from None
+    except nbd.NbdPermissionError as exc:
+        raise FailedPrecondition(f"{what}: {exc.strerror}", reason="EPERM") from None
+    except nbd.NotOwner as exc:
+        raise FailedPrecondition(f"{what}: {exc.strerror}", reason="EPERM") from None
+    except nbd.ExportNotFound as exc:
+        raise NotFound(f"{what}: {exc.strerror}", reason="ENOENT") from None
+    except (nbd.HandshakeError, ConnectionError, TimeoutError) as exc:
+        reason = errno.errorcode.get(exc.errno or 0, "ECONNREFUSED")
+        raise Unavailable(f"{what}: {exc.strerror or exc}", reason=reason) from None
+    except nbd.DeviceBusy as exc:
+        raise Unavailable(f"{what}: {exc.strerror}", reason="EBUSY") from None
+    except OSError as exc:
+        reason = errno.errorcode.get(exc.errno or 0, "EIO")
+        raise Internal(f"{what}: {exc.strerror or exc}", reason=reason) from None
+
+
+class NodeAttacher:
+    """Attaches with several connections when the server allows it, one otherwise."""
+
+    def __init__(self, attacher: nbd.NbdAttacher, connections: int = DEFAULT_CONNECTIONS) -> None:
+        self.nbd = attacher
+        self._connections = connections
+
+    def attach(self, nbd_socket: str, export: str, backend_id: str) -> nbd.Device:
+        with attach_errors(f"attaching export {export} from {nbd_socket}"):
+            try:
+                return self.nbd.attach(
+                    nbd_socket, export, backend_id, connections=self._connections
+                )
+            except nbd.MultiConnUnsupported:
+                return self.nbd.attach(nbd_socket, export, backend_id, connections=1)
+
+    def detach(self, index: int, backend_id: str) -> None:
+        with attach_errors(f"detaching nbd{index}"):
+            self.nbd.detach(index, backend_id)
+
+    def find_device(self, backend_id: str) -> nbd.Device | None:
+        with attach_errors(f"looking up the device of {backend_id}"):
+            return self.nbd.find_device(backend_id)
+
+    def resize(self, index: int, backend_id: str, size_bytes: int) -> None:
+        with attach_errors(f"resizing nbd{index}"):
+            self.nbd.resize(index, backend_id, size_bytes)
+
+    def reconnect(self, index: int, backend_id: str, nbd_socket: str, export: str) -> None:
+        with attach_errors(f"reconnecting nbd{index}"):
+            self.nbd.reconnect(index, backend_id, nbd_socket, export)

@@ -1,0 +1,141 @@
+"""Node-plugin start-up: bring the node back to what the stage records say.
+
+The records in the staging directories are the source of truth. Devices whose NBD
+backend id belongs to a staged volume are kept (re-attached and re-mounted if needed);
+devices whose backend id marks them as ours but whose volume is not staged are
+detached; devices of other owners are never touched. Servers of volumes that are not
+staged are stopped, and index entries without a record are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from zerofs_csi import mounts
+from zerofs_csi.errors import Aborted, CsiError
+from zerofs_csi.locks import VolumeLocks
+from zerofs_csi.metrics import Metrics
+from zerofs_csi.node_attach import NodeAttacher
+from zerofs_csi.stage_record import RecordStore, StageRecord, volume_of_backend
+from zerofs_csi.staging import mount_staged
+from zerofs_csi.volume_server import VolumeServerBackend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryReport:
+    kept: list[str] = field(default_factory=list)
+    reattached: list[str] = field(default_factory=list)
+    remounted: list[str] = field(default_factory=list)
+    orphans_detached: list[int] = field(default_factory=list)
+    servers_stopped: list[str] = field(default_factory=list)
+    stale_index_entries: list[str] = field(default_factory=list)
+    unrecoverable: dict[str, str] = field(default_factory=dict)
+
+
+class Recovery:
+    def __init__(
+        self,
+        records: RecordStore,
+        attacher: NodeAttacher,
+        backend: VolumeServerBackend,
+        locks: VolumeLocks,
+        metrics: Metrics,
+    ) -> None:
+        self._records = records
+        self._attacher = attacher
+        self._backend = backend
+        self._locks = locks
+        self._metrics = metrics
+
+    def staged_records(self, report: RecoveryReport | None = None) -> dict[str, StageRecord]:
+        staged: dict[str, StageRecord] = {}
+        for vid in self._records.indexed_volumes():
+            path = self._records.staging_path_of(vid)
+            try:
+                record = self._records.read(path) if path else None
+            except (ValueError, TypeError, OSError) as exc:
+                log.warning("unreadable stage record", extra={"volume_id": vid, "error": str(exc)})
+                record = None
+            if record is None or record.volume_id != vid:
+                self._records.remove_index(vid)
+                if report is not None:
+                    report.stale_index_entries.append(vid)
+                continue
+            staged[vid] = record
+        return staged
+
+    def run(self) -> RecoveryReport:
+        report = RecoveryReport()
+        staged = self.staged_records(report)
+
+        for info in self._attacher.nbd.devices():
+            vid = volume_of_backend(info.backend_id or "")
+            if vid is None or vid in staged:
+                continue  # somebody else's device, or one we keep
+            try:
+                with self._locks.hold(vid, "recovery"):
+                    self._attacher.detach(info.index, info.backend_id or "")
+            except Aborted:
+                continue  # a stage of that volume is running right now and owns it
+            report.orphans_detached.append(info.index)
+            self._metrics.orphans_detached.labels(self._metrics.node).inc()
+            log.info("detached orphan", extra={"volume_id": vid, "device": f"nbd{info.index}"})
+
+        for vid, record in staged.items():
+            try:
+                with self._locks.hold(vid, "recovery"):
+                    self._restore(record, report)
+            except Aborted:
+                continue
+            except CsiError as exc:
+                report.unrecoverable[vid] = exc.message
+                log.warning(
+                    "staged volume not restored; the next NodeStageVolume will retry",
+                    extra={"volume_id": vid, "error": exc.message},
+                )
+
+        for vid in self._backend.running():
+            if vid in staged:
+                continue
+            try:
+                with self._locks.hold(vid, "recovery"):
+                    self._backend.stop(vid)
+            except Aborted:
+                continue
+            report.servers_stopped.append(vid)
+
+        self.refresh_gauges()
+        log.info("recovery done", extra={"report": dataclasses.asdict(report)})
+        return report
+
+    def _restore(self, record: StageRecord, report: RecoveryReport) -> None:
+        vid = record.volume_id
+        device = self._attacher.find_device(record.backend_id)
+        if device is None:
+            device = self._attacher.attach(record.nbd_socket, vid, record.backend_id)
+            report.reattached.append(vid)
+        if device.index != record.device_index or device.size_bytes != record.size_bytes:
+            record = dataclasses.replace(
+                record, device_index=device.index, size_bytes=device.size_bytes
+            )
+            self._records.write(record)
+        if record.access_type == "mount":
+            entry = mounts.find_mount(record.mount_path)
+            if entry is None or entry.source != record.device:
+                if entry is not None:
+                    mounts.unmount_all(record.mount_path)
+                mount_staged(record)
+                report.remounted.append(vid)
+        report.kept.append(vid)
+
+    def refresh_gauges(self) -> None:
+        node = self._metrics.node
+        staged = self.staged_records()
+        ours = [d for d in self._attacher.nbd.devices() if volume_of_backend(d.backend_id or "")]
+        self._metrics.volumes_staged.labels(node).set(len(staged))
+        self._metrics.nbd_devices.labels(node).set(len(ours))
+        self._metrics.servers_running.labels(node).set(len(self._backend.running()))
