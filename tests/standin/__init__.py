@@ -1,0 +1,1 @@
+"""Real servers for tests: diod, nbdkit and the ZeroFS stand-in (tools/zerofs-standin)."""
