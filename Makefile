@@ -41,7 +41,7 @@ test-vm: build
 test: lint test-unit test-vm
 
 demo: build
-	$(VM) --timeout $(VM_TIMEOUT) -- $(PYTEST) -m privileged -v -s -p no:cacheprovider tests/privileged/test_vm_runner.py
+	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/demo.py
 
 bench: build
 	@mkdir -p build
