@@ -1,0 +1,455 @@
+"""deleteDataOnPVCDelete against a real S3 server (Ceph radosgw), plus its guardrails."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import botocore.awsrequest
+import grpc
+import pytest
+from radosgw import RadosGateway, free_port
+
+from zerofs_csi import errors
+from zerofs_csi.s3cleanup import (
+    DELETE_BATCH_MAX,
+    RetryPolicy,
+    check_prefix,
+    delete_volume_data,
+    make_s3_client,
+)
+from zerofs_csi.volume_settings import StorageUrl, VolumeSecrets, VolumeSettings
+
+VOLUME = "pvc-1"
+# Fast retries so that the tests of retry exhaustion stay short.
+FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.02)
+
+# Objects that must survive deleting pvc-1 under base path "base": a sibling volume
+# whose id extends ours, an object named exactly like the prefix without its '/',
+# the same id under another base path, and objects at the bucket root.
+BYSTANDERS = [
+    "base/pvc-10/data/000001.sst",
+    "base/pvc-10/manifest",
+    "base/pvc-1",
+    "base/pvc-1x/manifest",
+    "base/pvc-2/manifest",
+    "other/pvc-1/manifest",
+    "pvc-1/manifest",
+    "root-object",
+    "base/manifest",
+]
+
+
+def secrets_for(gateway: RadosGateway) -> VolumeSecrets:
+    return VolumeSecrets(
+        encryption_password="unused-here",
+        access_key_id=gateway.access_key,
+        secret_access_key=gateway.secret_key,
+    )
+
+
+def settings_for(gateway: RadosGateway, bucket: str, path: str = "base") -> VolumeSettings:
+    return VolumeSettings(
+        storage_url=StorageUrl("s3", bucket, path),
+        s3_endpoint=gateway.endpoint,
+        s3_allow_http=True,
+        s3_region=gateway.region,
+        delete_data_on_pvc_delete=True,
+    )
+
+
+def put_all(s3: Any, bucket: str, keys: list[str]) -> None:
+    def put(key: str) -> None:
+        s3.put_object(Bucket=bucket, Key=key, Body=key.encode())
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(put, keys))
+
+
+def all_keys(s3: Any, bucket: str) -> set[str]:
+    keys: set[str] = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys.update(entry["Key"] for entry in page.get("Contents", []))
+    return keys
+
+
+def volume_keys(count: int, prefix: str = "base/pvc-1/") -> list[str]:
+    return [f"{prefix}segments/{n:06d}" for n in range(count - 2)] + [
+        f"{prefix}manifest",
+        f"{prefix}.nbd/disk",
+    ]
+
+
+class CallLog:
+    """Counts S3 operations a client sends, and DeleteObjects batch sizes."""
+
+    def __init__(self, client: Any) -> None:
+        self.operations: list[str] = []
+        self.batch_sizes: list[int] = []
+        client.meta.events.register("before-send.s3", self._on_send)
+        client.meta.events.register("before-parameter-build.s3.DeleteObjects", self._on_delete)
+
+    def _on_send(self, request: Any, **kwargs: Any) -> None:
+        self.operations.append(kwargs["event_name"].rsplit(".", 1)[-1])
+
+    def _on_delete(self, params: dict[str, Any], **kwargs: Any) -> None:
+        self.batch_sizes.append(len(params["Delete"]["Objects"]))
+
+
+def slow_down_response(request: Any) -> botocore.awsrequest.AWSResponse:
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+        b"<Message>Please reduce your request rate.</Message></Error>"
+    )
+
+    class Raw:
+        def stream(self, **kwargs: Any) -> Any:
+            yield body
+
+    return botocore.awsrequest.AWSResponse(
+        request.url, 503, {"Content-Type": "application/xml"}, Raw()
+    )
+
+
+# --------------------------------------------------------------------- happy paths
+
+
+@pytest.mark.s3
+def test_deletes_only_the_volume_objects_across_pages_and_batches(
+    radosgw: RadosGateway, s3: Any, bucket: str
+) -> None:
+    mine = volume_keys(DELETE_BATCH_MAX + 50)
+    put_all(s3, bucket, mine + BYSTANDERS)
+    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    calls = CallLog(client)
+
+    deleted = delete_volume_data(
+        settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), client=client
+    )
+
+    assert deleted == len(mine)
+    assert all_keys(s3, bucket) == set(BYSTANDERS)
+    assert calls.batch_sizes == [DELETE_BATCH_MAX, 50]
+    # Two listing pages, two delete batches, one final check that nothing remains.
+    assert calls.operations == [
+        "ListObjectsV2",
+        "ListObjectsV2",
+        "DeleteObjects",
+        "DeleteObjects",
+        "ListObjectsV2",
+    ]
+
+
+@pytest.mark.s3
+def test_storage_url_at_the_bucket_root(radosgw: RadosGateway, s3: Any, bucket: str) -> None:
+    put_all(s3, bucket, volume_keys(5, "pvc-1/") + BYSTANDERS)
+    settings = settings_for(radosgw, bucket, path="")
+    deleted = delete_volume_data(settings, VOLUME, secrets_for(radosgw))
+    # "pvc-1/manifest" is both a bystander of the "base" layout and one of ours here.
+    assert deleted == 5
+    assert all_keys(s3, bucket) == set(BYSTANDERS) - {"pvc-1/manifest"}
+
+
+@pytest.mark.s3
+def test_second_delete_finds_nothing(radosgw: RadosGateway, s3: Any, bucket: str) -> None:
+    put_all(s3, bucket, volume_keys(3) + BYSTANDERS)
+    settings = settings_for(radosgw, bucket)
+    assert delete_volume_data(settings, VOLUME, secrets_for(radosgw)) == 3
+    assert delete_volume_data(settings, VOLUME, secrets_for(radosgw)) == 0
+    assert all_keys(s3, bucket) == set(BYSTANDERS)
+
+
+@pytest.mark.s3
+def test_missing_bucket_means_nothing_to_delete(radosgw: RadosGateway) -> None:
+    settings = settings_for(radosgw, "no-such-bucket-zerofs")
+    assert delete_volume_data(settings, VOLUME, secrets_for(radosgw)) == 0
+
+
+# --------------------------------------------------------------------- guardrails
+
+
+@pytest.mark.parametrize(
+    ("prefix", "volume_id", "reason"),
+    [
+        ("", "pvc-1", "empty or the bucket root"),
+        ("/", "pvc-1", "empty or the bucket root"),
+        ("//", "pvc-1", "empty or the bucket root"),
+        ("base/pvc-1", "pvc-1", "must end with '/'"),
+        ("base/pvc-10/", "pvc-1", "does not end with the volume id"),
+        ("base/xpvc-1/", "pvc-1", "does not end with the volume id"),
+        ("base/", "pvc-1", "does not end with the volume id"),
+        ("base/*/pvc-1/", "pvc-1", "wildcard"),
+        ("base?/pvc-1/", "pvc-1", "wildcard"),
+        ("base//pvc-1/", "pvc-1", "empty segment"),
+        ("/pvc-1/", "pvc-1", "empty segment"),
+        ("../pvc-1/", "pvc-1", "'..'"),
+        ("a/../pvc-1/", "pvc-1", "'..'"),
+        ("a/./pvc-1/", "pvc-1", "'..'"),
+        ("a\n/pvc-1/", "pvc-1", "control character"),
+    ],
+)
+def test_check_prefix_refusals(prefix: str, volume_id: str, reason: str) -> None:
+    with pytest.raises(errors.FailedPrecondition) as info:
+        check_prefix(prefix, volume_id)
+    assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert reason in info.value.message
+
+
+@pytest.mark.parametrize(("prefix", "volume_id"), [("pvc-1/", "pvc-1"), ("a/b/pvc-1/", "pvc-1")])
+def test_check_prefix_accepts(prefix: str, volume_id: str) -> None:
+    check_prefix(prefix, volume_id)
+
+
+def _bad_path(path: str) -> Callable[[VolumeSettings], VolumeSettings]:
+    return lambda s: dataclasses.replace(
+        s, storage_url=StorageUrl("s3", s.storage_url.bucket, path)
+    )
+
+
+# Settings built directly (bypassing parsing), each of which a guardrail must refuse.
+REFUSALS: list[tuple[str, Callable[[VolumeSettings], VolumeSettings], str, type]] = [
+    ("dotdot", _bad_path("base/../base"), VOLUME, errors.FailedPrecondition),
+    ("dot", _bad_path("./base"), VOLUME, errors.FailedPrecondition),
+    ("star", _bad_path("base/*"), VOLUME, errors.FailedPrecondition),
+    ("empty-segment", _bad_path("base//x"), VOLUME, errors.FailedPrecondition),
+    ("leading-slash", _bad_path("/base"), VOLUME, errors.FailedPrecondition),
+    ("trailing-slash", _bad_path("base/"), VOLUME, errors.FailedPrecondition),
+    (
+        "bad-bucket",
+        lambda s: dataclasses.replace(s, storage_url=StorageUrl("s3", "", "base")),
+        VOLUME,
+        errors.FailedPrecondition,
+    ),
+    (
+        "memory-store",
+        lambda s: dataclasses.replace(s, storage_url=StorageUrl("memory", "", "")),
+        VOLUME,
+        errors.FailedPrecondition,
+    ),
+    ("plain-http", lambda s: dataclasses.replace(s, s3_allow_http=False), VOLUME,
+     errors.FailedPrecondition),
+    ("volume-id-traversal", lambda s: s, "../pvc-1", errors.InvalidArgument),
+    ("volume-id-empty", lambda s: s, "", errors.InvalidArgument),
+    ("volume-id-slash", lambda s: s, "pvc-1/..", errors.InvalidArgument),
+    ("volume-id-star", lambda s: s, "*", errors.InvalidArgument),
+]  # fmt: skip
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(
+    ("case", "mutate", "volume_id", "error"), REFUSALS, ids=[r[0] for r in REFUSALS]
+)
+def test_every_refusal_deletes_nothing_and_sends_nothing(
+    radosgw: RadosGateway,
+    s3: Any,
+    bucket: str,
+    case: str,
+    mutate: Callable[[VolumeSettings], VolumeSettings],
+    volume_id: str,
+    error: type,
+) -> None:
+    everything = volume_keys(4) + ["base/base/pvc-1/x", "base/x/pvc-1/y"] + BYSTANDERS
+    put_all(s3, bucket, everything)
+    settings = mutate(settings_for(radosgw, bucket))
+    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    calls = CallLog(client)
+    with pytest.raises(error) as info:
+        delete_volume_data(settings, volume_id, secrets_for(radosgw), client=client)
+    assert info.value.message
+    assert calls.operations == []
+    assert all_keys(s3, bucket) == set(everything)
+
+
+@pytest.mark.s3
+def test_plain_http_is_refused_unless_allowed(radosgw: RadosGateway, s3: Any, bucket: str) -> None:
+    put_all(s3, bucket, volume_keys(3))
+    refused = dataclasses.replace(settings_for(radosgw, bucket), s3_allow_http=False)
+    with pytest.raises(errors.FailedPrecondition, match="plain http"):
+        delete_volume_data(refused, VOLUME, secrets_for(radosgw))
+    with pytest.raises(errors.FailedPrecondition, match="plain http"):
+        make_s3_client(refused, secrets_for(radosgw))
+    assert len(all_keys(s3, bucket)) == 3
+    allowed = settings_for(radosgw, bucket)
+    assert delete_volume_data(allowed, VOLUME, secrets_for(radosgw)) == 3
+
+
+@pytest.mark.s3
+def test_a_listed_key_outside_the_prefix_aborts_before_any_delete(
+    radosgw: RadosGateway, s3: Any, bucket: str
+) -> None:
+    mine = volume_keys(DELETE_BATCH_MAX + 10)
+    put_all(s3, bucket, mine + BYSTANDERS)
+    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    calls = CallLog(client)
+    pages = 0
+
+    def inject_foreign_key(parsed: dict[str, Any], **kwargs: Any) -> None:
+        # On the second page, so the first page's keys were already collected.
+        nonlocal pages
+        pages += 1
+        if pages == 2:
+            parsed.setdefault("Contents", []).append({"Key": "base/pvc-10/manifest"})
+
+    client.meta.events.register("after-call.s3.ListObjectsV2", inject_foreign_key)
+    with pytest.raises(errors.FailedPrecondition, match="outside the prefix"):
+        delete_volume_data(
+            settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), client=client
+        )
+    assert "DeleteObjects" not in calls.operations
+    assert all_keys(s3, bucket) == set(mine + BYSTANDERS)
+
+
+# --------------------------------------------------------------------- failures and retries
+
+
+@pytest.mark.s3
+def test_throttled_deletes_are_retried_with_backoff(
+    radosgw: RadosGateway, s3: Any, bucket: str
+) -> None:
+    mine = volume_keys(20)
+    put_all(s3, bucket, mine + BYSTANDERS)
+    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    throttled = 0
+
+    def slow_down_twice(request: Any, **kwargs: Any) -> Any:
+        nonlocal throttled
+        if throttled < 2:
+            throttled += 1
+            return slow_down_response(request)
+        return None
+
+    client.meta.events.register("before-send.s3.DeleteObjects", slow_down_twice)
+    sleeps: list[float] = []
+    deleted = delete_volume_data(
+        settings_for(radosgw, bucket),
+        VOLUME,
+        secrets_for(radosgw),
+        client=client,
+        retry=RetryPolicy(attempts=5, base_delay=0.5, max_delay=4.0),
+        sleep=sleeps.append,
+    )
+    assert deleted == len(mine)
+    assert throttled == 2
+    assert len(sleeps) == 2
+    assert 0 <= sleeps[0] <= 0.5 and 0 <= sleeps[1] <= 1.0  # capped exponential backoff
+    assert all_keys(s3, bucket) == set(BYSTANDERS)
+
+
+@pytest.mark.s3
+def test_endless_throttling_fails_retryably_and_deletes_nothing(
+    radosgw: RadosGateway, s3: Any, bucket: str
+) -> None:
+    mine = volume_keys(10)
+    put_all(s3, bucket, mine)
+    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    client.meta.events.register(
+        "before-send.s3.DeleteObjects", lambda request, **kwargs: slow_down_response(request)
+    )
+    sleeps: list[float] = []
+    with pytest.raises(errors.Unavailable) as info:
+        delete_volume_data(
+            settings_for(radosgw, bucket),
+            VOLUME,
+            secrets_for(radosgw),
+            client=client,
+            retry=FAST,
+            sleep=sleeps.append,
+        )
+    assert info.value.code is grpc.StatusCode.UNAVAILABLE
+    assert "SlowDown" in info.value.message and "4 attempts" in info.value.message
+    assert len(sleeps) == FAST.attempts - 1
+    assert all_keys(s3, bucket) == set(mine)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(
+    ("code", "times", "outcome"),
+    [
+        ("InternalError", 1, None),  # transient per-key failure: retried, then success
+        ("SlowDown", FAST.attempts, errors.Unavailable),  # never clears: retryable failure
+        ("AccessDenied", 1, errors.Internal),  # not transient: fails at once
+    ],
+)
+def test_per_key_errors_are_failures(
+    radosgw: RadosGateway,
+    s3: Any,
+    bucket: str,
+    code: str,
+    times: int,
+    outcome: type | None,
+) -> None:
+    mine = volume_keys(8)
+    put_all(s3, bucket, mine)
+    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    injected = 0
+    retried_batches: list[int] = []
+
+    def report_one_key_failed(parsed: dict[str, Any], **kwargs: Any) -> None:
+        nonlocal injected
+        if injected < times:
+            injected += 1
+            parsed["Errors"] = [{"Key": "base/pvc-1/manifest", "Code": code, "Message": "x"}]
+
+    def record_batch(params: dict[str, Any], **kwargs: Any) -> None:
+        retried_batches.append(len(params["Delete"]["Objects"]))
+
+    client.meta.events.register("after-call.s3.DeleteObjects", report_one_key_failed)
+    client.meta.events.register("before-parameter-build.s3.DeleteObjects", record_batch)
+    call = dict(client=client, retry=FAST, sleep=lambda seconds: None)
+    if outcome is None:
+        assert delete_volume_data(
+            settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), **call
+        ) == len(mine)
+        assert retried_batches == [len(mine), 1]  # only the failed key is sent again
+        assert all_keys(s3, bucket) == set()
+    else:
+        with pytest.raises(outcome) as info:
+            delete_volume_data(settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), **call)
+        assert code in info.value.message
+
+
+@pytest.mark.s3
+def test_objects_written_during_deletion_keep_delete_failing(
+    radosgw: RadosGateway, s3: Any, bucket: str
+) -> None:
+    put_all(s3, bucket, volume_keys(5))
+    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+
+    def late_writer(**kwargs: Any) -> None:
+        s3.put_object(Bucket=bucket, Key="base/pvc-1/segments/late", Body=b"late")
+
+    client.meta.events.register("after-call.s3.DeleteObjects", late_writer)
+    with pytest.raises(errors.Unavailable, match="objects remain"):
+        delete_volume_data(
+            settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), client=client
+        )
+
+
+@pytest.mark.s3
+def test_unreachable_endpoint_is_unavailable(radosgw: RadosGateway) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    settings = dataclasses.replace(settings_for(radosgw, "any-bucket"), s3_endpoint=closed)
+    sleeps: list[float] = []
+    with pytest.raises(errors.Unavailable, match="EndpointConnectionError"):
+        delete_volume_data(settings, VOLUME, secrets_for(radosgw), retry=FAST, sleep=sleeps.append)
+    assert len(sleeps) == FAST.attempts - 1
+
+
+@pytest.mark.s3
+def test_rejected_credentials_fail_without_showing_them(
+    radosgw: RadosGateway, s3: Any, bucket: str
+) -> None:
+    put_all(s3, bucket, volume_keys(3))
+    wrong = VolumeSecrets(
+        encryption_password="pw",
+        access_key_id=radosgw.access_key,
+        secret_access_key="wrong-secret-value-" + radosgw.secret_key[:4],
+    )
+    with pytest.raises(errors.Internal) as info:
+        delete_volume_data(settings_for(radosgw, bucket), VOLUME, wrong, retry=FAST)
+    assert "SignatureDoesNotMatch" in info.value.message or "403" in info.value.message
+    assert wrong.secret_access_key not in info.value.message
+    assert radosgw.access_key not in info.value.message
+    assert len(all_keys(s3, bucket)) == 3
