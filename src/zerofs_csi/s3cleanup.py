@@ -52,7 +52,6 @@ RETRYABLE_CODES = frozenset(
         "RequestLimitExceeded",
         "TooManyRequests",
         "RequestTimeout",
-        "RequestTimeTooSkewed",
         "InternalError",
         "ServiceUnavailable",
         "OperationAborted",
@@ -219,7 +218,12 @@ def retry_call(
 def _list_keys(
     client: Any, target: CleanupTarget, retry: RetryPolicy, sleep: Callable[[float], None]
 ) -> list[str]:
-    """Every key under the prefix; FailedPrecondition if any key lies outside it."""
+    """Every key under the prefix; FailedPrecondition if any key lies outside it.
+
+    The whole listing is held before anything is deleted, so that a bad key on any
+    page stops the call with nothing deleted. ZeroFS packs data into segment objects,
+    so a volume lists to far fewer keys than it has blocks.
+    """
     keys: list[str] = []
     token: str | None = None
     seen_tokens: set[str] = set()
