@@ -72,6 +72,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         attacher: Attacher,
         ensure_export: EnsureExport,
         link_dead: Callable[[str], bool],
+        locks: VolumeLocks,
     ) -> None:
         self._node_id = node_id
         self._max_volumes = max_volumes_per_node
@@ -81,7 +82,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._attacher = attacher
         self._ensure_export = ensure_export
         self._link_dead = link_dead
-        self._locks = VolumeLocks()
+        self._locks = locks
 
     # -- stage -------------------------------------------------------------------
 

@@ -18,15 +18,14 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from zerofs_csi import logsetup
 from zerofs_csi.config import Config
-from zerofs_csi.controller import ControllerService
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.identity import IdentityService, service_capability
 from zerofs_csi.interceptor import CsiInterceptor
 from zerofs_csi.metrics import Metrics
 from zerofs_csi.metrics_http import MetricsServer
-from zerofs_csi.node import NodeService
 from zerofs_csi.node_checks import node_checks
 from zerofs_csi.readiness import Check, Readiness
+from zerofs_csi.runtime import NodeRuntime, build_controller, build_node
 from zerofs_csi.sanitize import REDACTOR
 
 log = logging.getLogger(__name__)
@@ -69,13 +68,19 @@ class Plugin:
     port: int
     metrics: Metrics
     registry: CollectorRegistry
+    node: NodeRuntime | None = None
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.close()
 
 
 def build(config: Config, checks: list[Check] | None = None) -> Plugin:
-    """Wire the services for ``config.role``; ``checks`` replaces the default start-up checks."""
-    if checks is None:
-        checks = node_checks() if config.role.serves_node else []
-    readiness = Readiness(checks)
+    """Wire the services for ``config.role``.
+
+    ``checks`` replaces the default start-up checks (host checks, then recovery and the
+    LINK_DEAD monitor for the node role); Probe is not ready until they passed.
+    """
     capabilities = []
     if config.role.serves_controller:
         capabilities.append(service_capability(csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE))
@@ -85,6 +90,10 @@ def build(config: Config, checks: list[Check] | None = None) -> Plugin:
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
         collector(registry=registry)
     metrics = Metrics(config.node_id, registry)
+    node = build_node(config, metrics) if config.role.serves_node else None
+    if checks is None:
+        checks = [*node_checks(), *node.start_checks()] if node is not None else []
+    readiness = Readiness(checks)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="csi"),
@@ -94,18 +103,16 @@ def build(config: Config, checks: list[Check] | None = None) -> Plugin:
         IdentityService(config.driver_name, readiness, capabilities), server
     )
     if config.role.serves_controller:
-        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(), server)
-    if config.role.serves_node:
-        csi_pb2_grpc.add_NodeServicer_to_server(
-            NodeService(config.node_id, config.max_volumes_per_node), server
-        )
+        csi_pb2_grpc.add_ControllerServicer_to_server(build_controller(config, metrics), server)
+    if node is not None:
+        csi_pb2_grpc.add_NodeServicer_to_server(node.service, server)
 
     socket_path = None
     if config.endpoint.scheme == "unix":
         socket_path = Path(config.endpoint.address)
         prepare_unix_socket(socket_path)
     port = server.add_insecure_port(config.endpoint.grpc_target)
-    return Plugin(server, readiness, socket_path, port, metrics, registry)
+    return Plugin(server, readiness, socket_path, port, metrics, registry, node)
 
 
 def run(config: Config) -> int:
@@ -149,6 +156,7 @@ def run(config: Config) -> int:
     plugin.server.stop(grace=config.shutdown_grace_seconds).wait()
     if metrics is not None:
         metrics.stop()
+    plugin.close()
     if plugin.socket_path is not None:
         plugin.socket_path.unlink(missing_ok=True)
     log.info("stopped")

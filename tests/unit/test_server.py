@@ -40,6 +40,10 @@ def start(tmp_path: Path, role: str, checks: list[Check] | None = None) -> Plugi
             "",
             "--max-volumes-per-node",
             "7",
+            "--backend",
+            "local",
+            "--state-dir",
+            str(tmp_path / "state"),
         ]
     )
     plugin = build(config, checks=checks)
@@ -53,6 +57,7 @@ def plugin(tmp_path: Path) -> Iterator[Plugin]:
     plugin.readiness.run_checks()
     yield plugin
     plugin.server.stop(grace=None).wait()
+    plugin.close()
 
 
 @pytest.fixture
@@ -236,7 +241,7 @@ def test_secrets_never_reach_the_log(tmp_path: Path, capfd: pytest.CaptureFixtur
     finally:
         logging.getLogger().handlers.clear()
     err = capfd.readouterr().err
-    assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "secretAccessKey" in err  # the request was dumped ...
     assert "pvc-1" in err
     assert SECRET not in err  # ... without the secret
@@ -310,6 +315,10 @@ def test_sigterm_stops_and_removes_socket(tmp_path: Path) -> None:
             f"unix://{sock}",
             "--metrics-address",
             "",
+            "--backend",
+            "local",
+            "--state-dir",
+            str(tmp_path / "state"),
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -324,7 +333,8 @@ def test_sigterm_stops_and_removes_socket(tmp_path: Path) -> None:
         # A second server on the same socket refuses to start and leaves the first alone.
         second = subprocess.run(
             [sys.executable, "-m", "zerofs_csi", "--role", "controller", "--endpoint",
-             f"unix://{sock}", "--metrics-address", ""],
+             f"unix://{sock}", "--metrics-address", "", "--backend", "local",
+             "--state-dir", str(tmp_path / "state")],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert second.returncode == 1

@@ -1,0 +1,113 @@
+"""Builds each role's service from the frozen config: the one place backends are chosen."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zerofs_csi import nbd, ninep
+from zerofs_csi.config import Backend, Config
+from zerofs_csi.controller import ControllerService
+from zerofs_csi.link_monitor import LinkMonitor
+from zerofs_csi.locks import VolumeLocks
+from zerofs_csi.metrics import Metrics
+from zerofs_csi.node import NodeService
+from zerofs_csi.node_attach import NodeAttacher
+from zerofs_csi.process_backend import ProcessBackend
+from zerofs_csi.readiness import Check
+from zerofs_csi.recovery import Recovery
+from zerofs_csi.stage_record import RecordStore
+from zerofs_csi.staging import Stager
+from zerofs_csi.volume_server import VolumeServerBackend
+from zerofs_csi.volume_store import FileVolumeStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeRuntime:
+    service: NodeService
+    recovery: Recovery
+    link_monitor: LinkMonitor
+    backend: VolumeServerBackend
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def start_checks(self) -> list[Check]:
+        """Checks that Probe waits for: recovery first, then the LINK_DEAD monitor."""
+
+        def recover() -> str | None:
+            report = self.recovery.run()
+            if report.unrecoverable:
+                log.warning("volumes left for restaging", extra={"volumes": report.unrecoverable})
+            return None
+
+        def monitor() -> str | None:
+            self.link_monitor.start()
+            self.closers.append(self.link_monitor.stop)
+            return None
+
+        return [Check("recovery", recover), Check("link_monitor", monitor)]
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            close()
+
+
+def _volume_server_backend(config: Config, metrics: Metrics) -> VolumeServerBackend:
+    if config.backend is Backend.LOCAL:
+        return ProcessBackend(
+            config.state_dir, socket_root=config.socket_root, command=config.zerofs_command
+        )
+    from zerofs_csi.kube.api import make_api_client
+    from zerofs_csi.kube.backend import KubernetesBackend
+    from zerofs_csi.kube.owner import resolve_daemonset_owner
+
+    api = make_api_client(Path(config.kubeconfig) if config.kubeconfig else None)
+    owner = resolve_daemonset_owner(api, config.namespace)
+    return KubernetesBackend(
+        api=api,
+        namespace=config.namespace,
+        node_name=config.node_id,
+        socket_root=config.socket_root,
+        owner=owner,
+        metrics=metrics,
+    )
+
+
+def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
+    backend = _volume_server_backend(config, metrics)
+    attacher = NodeAttacher(nbd.NbdAttacher())
+    records = RecordStore(config.state_dir)
+    locks = VolumeLocks()
+    stager = Stager(backend, attacher, ninep.ensure_export, records, metrics)
+    recovery = Recovery(records, attacher, backend, locks, metrics)
+    monitor = LinkMonitor(attacher, recovery.staged_records, metrics)
+    service = NodeService(
+        config.node_id,
+        config.max_volumes_per_node,
+        stager,
+        records,
+        backend,
+        attacher,
+        ninep.ensure_export,
+        monitor.is_dead,
+        locks,
+    )
+    runtime = NodeRuntime(service, recovery, monitor, backend)
+    runtime.closers.append(attacher.nbd.close)
+    close_backend = getattr(backend, "close", None)
+    if close_backend is not None:  # stops supervising; the servers keep running
+        runtime.closers.append(close_backend)
+    return runtime
+
+
+def build_controller(config: Config, metrics: Metrics) -> ControllerService:
+    if config.backend is Backend.LOCAL:
+        return ControllerService(FileVolumeStore(config.state_dir / "volumes"), metrics)
+    from zerofs_csi.kube.api import make_api_client
+    from zerofs_csi.volume_store import KubernetesVolumeStore
+
+    api = make_api_client(Path(config.kubeconfig) if config.kubeconfig else None)
+    return ControllerService(KubernetesVolumeStore(api, config.namespace), metrics)
