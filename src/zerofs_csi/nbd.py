@@ -1,0 +1,546 @@
+"""Attach ZeroFS NBD exports as /dev/nbdX in-process, and detach them again.
+
+The node service builds one :class:`NbdAttacher` and calls it from any thread. The work
+happens in :mod:`zerofs_csi._nbd` (Cython, GIL released around every blocking call);
+this module adds what needs Python state: a pool of resolved netlink sockets, one
+attach at a time per backend id, ownership checks before disconnect, and the threads
+that the ioctl fallback needs.
+
+Timeouts (the defaults, and why):
+
+* ``io_timeout_s = 0`` (NBD_ATTR_TIMEOUT): a request is never aborted for being slow.
+  ZeroFS answers a FLUSH only after the object store has the data, and a slow or briefly
+  unavailable store must not turn into EIO and a read-only filesystem (ceph-csi saw
+  exactly that with a finite io-timeout and settled on 0, ceph-csi#2204/#2394). A
+  server that dies closes its socket, which the kernel notices at once regardless of
+  this timeout. With several connections the kernel still applies the block layer's
+  30 s default to mark a connection dead and resend its requests on another one, which
+  is harmless: the requests are requeued, not failed.
+* ``dead_conn_timeout_s = 300`` (NBD_ATTR_DEAD_CONN_TIMEOUT): after a connection dies,
+  I/O waits this long for RECONFIGURE with fresh sockets before failing. It covers a
+  ZeroFS restart (pod rescheduled on the node, image pulled, cache warmed) and a node
+  plugin restart in between; 300 s is the reattach window ceph-csi chose. The LINK_DEAD
+  listener normally reconnects within a second or two of the server coming back.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from zerofs_csi import _nbd
+from zerofs_csi._nbd import (
+    DeviceBusy,
+    DeviceNotReady,
+    ExportNotFound,
+    HandshakeError,
+    LinkDeadListener,
+    NbdError,
+    NbdModuleNotLoaded,
+    NbdPermissionError,
+    NetlinkError,
+    NotOwner,
+    list_exports,
+)
+
+__all__ = [
+    "DEFAULT_CONNECTIONS",
+    "DEFAULT_DEAD_CONN_TIMEOUT_S",
+    "DEFAULT_IO_TIMEOUT_S",
+    "Device",
+    "DeviceBusy",
+    "DeviceInfo",
+    "DeviceNotReady",
+    "DiskLock",
+    "ExportNotFound",
+    "HandshakeError",
+    "LinkDeadListener",
+    "MultiConnUnsupported",
+    "NbdAttacher",
+    "NbdError",
+    "NbdModuleNotLoaded",
+    "NbdPermissionError",
+    "NetlinkError",
+    "NotOwner",
+    "ServerAddress",
+    "list_exports",
+]
+
+DEFAULT_IO_TIMEOUT_S = 0
+DEFAULT_DEAD_CONN_TIMEOUT_S = 300
+DEFAULT_CONNECTIONS = 4
+DEFAULT_BLOCK_SIZE = 4096
+DEFAULT_READY_TIMEOUT_S = 10.0
+DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
+# The kernel accepts powers of two from 512 to PAGE_SIZE (4096 on x86-64 and arm64).
+_BLOCK_SIZES = (512, 1024, 2048, 4096)
+
+ServerAddress = str | tuple[str, int]
+"""A unix socket path, or ``(host, port)`` for TCP."""
+
+
+class MultiConnUnsupported(NbdError):
+    """Several connections were asked for but the server does not advertise
+    CAN_MULTI_CONN (errno EINVAL)."""
+
+
+class DiskLock:
+    """An open read-only descriptor of the whole disk holding LOCK_EX: udev postpones its
+    probe until it is released. Hold it across mkfs and mount."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> DiskLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class Device:
+    """A connected NBD device serving ``backend_id``."""
+
+    index: int
+    path: str
+    size_bytes: int
+    backend_id: str
+    lock: DiskLock | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What sysfs says about a configured NBD device."""
+
+    index: int
+    backend_id: str | None
+    size_bytes: int
+    pid: int | None
+
+
+@dataclass
+class _IoctlSession:
+    device: _nbd.IoctlDevice
+    backend_id: str
+    size_bytes: int
+    thread: threading.Thread
+    error: BaseException | None = None
+
+
+def _validate_attach(
+    backend_id: str, connections: int, block_size: int, io_timeout_s: int, dead: int
+) -> None:
+    if not backend_id or "\0" in backend_id or "\n" in backend_id:
+        raise ValueError(f"invalid backend id {backend_id!r}")
+    if not 1 <= connections <= _nbd.MAX_SOCKETS:
+        raise ValueError(f"connections must be 1..{_nbd.MAX_SOCKETS}, got {connections}")
+    if block_size not in _BLOCK_SIZES:
+        raise ValueError(f"block size must be one of {_BLOCK_SIZES}, got {block_size}")
+    if io_timeout_s < 0 or dead < 0:
+        raise ValueError("timeouts must not be negative")
+
+
+def _block_size_for(requested: int, negotiated: _nbd.Negotiated) -> int:
+    """The requested block size, raised to the server's minimum when it states one."""
+    minimum = negotiated.min_block_size
+    if minimum <= requested:
+        return requested
+    for size in _BLOCK_SIZES:
+        if size >= minimum:
+            return size
+    raise NbdError(
+        errno.EINVAL,
+        f"the server's minimum block size {minimum} exceeds what the kernel supports",
+    )
+
+
+class NbdAttacher:
+    """Attach, detach, reconnect and list NBD devices.
+
+    Thread-safe. Owns a small pool of netlink sockets (the nbd family is resolved once,
+    on first use) and, in ioctl mode, the threads blocked in NBD_DO_IT.
+    ``use_ioctl`` selects the legacy ioctl interface for kernels without nbd netlink.
+    """
+
+    def __init__(self, *, use_ioctl: bool = False, dev_dir: str = "/dev") -> None:
+        self.use_ioctl = use_ioctl
+        self.dev_dir = dev_dir
+        self._lock = threading.Lock()
+        self._prototype: _nbd.NbdNetlink | None = None
+        self._pool: list[_nbd.NbdNetlink] = []
+        self._backend_locks: dict[str, threading.Lock] = {}
+        self._ioctl_sessions: dict[int, _IoctlSession] = {}
+
+    # -- plumbing -------------------------------------------------------------------
+
+    @contextmanager
+    def _netlink(self) -> Iterator[_nbd.NbdNetlink]:
+        with self._lock:
+            if self._pool:
+                sock = self._pool.pop()
+            elif self._prototype is None:
+                sock = self._prototype = _nbd.NbdNetlink()
+            else:
+                sock = self._prototype.clone()
+        try:
+            yield sock
+        finally:
+            with self._lock:
+                self._pool.append(sock)
+
+    @contextmanager
+    def _backend_lock(self, backend_id: str) -> Iterator[None]:
+        with self._lock:
+            lock = self._backend_locks.setdefault(backend_id, threading.Lock())
+        with lock:
+            yield
+
+    def close(self) -> None:
+        """Close the pooled netlink sockets (devices stay attached)."""
+        with self._lock:
+            for sock in self._pool:
+                sock.close()
+            self._pool.clear()
+            self._prototype = None
+
+    def _path(self, index: int) -> str:
+        return f"{self.dev_dir}/nbd{index}"
+
+    # -- device facts ---------------------------------------------------------------
+
+    def device_info(self, index: int) -> DeviceInfo | None:
+        """Facts of ``nbd<index>`` while it is connected, else None."""
+        pid = _nbd.read_sysfs(index, "pid")
+        if pid is None:
+            return None
+        sectors = _nbd.read_sysfs(index, "size")
+        backend = _nbd.read_sysfs(index, "backend")
+        if backend is None and index in self._ioctl_sessions:
+            backend = self._ioctl_sessions[index].backend_id
+        return DeviceInfo(
+            index=index,
+            backend_id=backend or None,
+            size_bytes=int(sectors or 0) * 512,
+            pid=int(pid),
+        )
+
+    def _candidate_indexes(self) -> list[int]:
+        if not self.use_ioctl:
+            with self._netlink() as nl:
+                return [index for index, configured in nl.status() if configured]
+        return sorted(
+            int(name[3:])
+            for name in os.listdir("/sys/block")
+            if name.startswith("nbd") and name[3:].isdigit()
+        )
+
+    def devices(self) -> list[DeviceInfo]:
+        """Every connected NBD device with its backend id (None when it has none)."""
+        found = []
+        for index in self._candidate_indexes():
+            info = self.device_info(index)
+            if info is not None:
+                found.append(info)
+        return found
+
+    def find_device(self, backend_id: str) -> Device | None:
+        """The connected device serving ``backend_id``, or None."""
+        for info in self.devices():
+            if info.backend_id == backend_id:
+                return Device(info.index, self._path(info.index), info.size_bytes, backend_id)
+        return None
+
+    # -- attach ---------------------------------------------------------------------
+
+    def attach(
+        self,
+        server: ServerAddress,
+        export_name: str,
+        backend_id: str,
+        *,
+        connections: int = DEFAULT_CONNECTIONS,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        io_timeout_s: int = DEFAULT_IO_TIMEOUT_S,
+        dead_conn_timeout_s: int = DEFAULT_DEAD_CONN_TIMEOUT_S,
+        index: int | None = None,
+        ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+        handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+        keep_lock: bool = False,
+    ) -> Device:
+        """Negotiate ``export_name`` on ``connections`` sockets to ``server`` and connect
+        them as an NBD device tagged with ``backend_id``; return it ready for use.
+
+        Idempotent per backend id: when a device already serves ``backend_id`` it is
+        returned and nothing new is connected (one attach per backend id runs at a time
+        in this object). With ``keep_lock`` the returned device carries a
+        :class:`DiskLock` that keeps udev from probing until released.
+
+        Raises ExportNotFound, HandshakeError, MultiConnUnsupported (server lacks
+        CAN_MULTI_CONN), NbdModuleNotLoaded, NbdPermissionError, DeviceBusy (explicit
+        ``index`` in use), DeviceNotReady.
+        """
+        _validate_attach(backend_id, connections, block_size, io_timeout_s, dead_conn_timeout_s)
+        with self._backend_lock(backend_id):
+            existing = self._existing(backend_id)
+            if existing is not None:
+                return self._ready(existing, ready_timeout_s, None, keep_lock)
+            negotiated = _nbd.negotiate(server, export_name, connections, handshake_timeout_s)
+            with negotiated:
+                if connections > 1 and not negotiated.can_multi_conn:
+                    raise MultiConnUnsupported(
+                        errno.EINVAL,
+                        f"NBD server {server!r} does not advertise CAN_MULTI_CONN for "
+                        f"export {export_name!r}: attach it with connections=1",
+                    )
+                size = negotiated.size_bytes
+                bsize = _block_size_for(block_size, negotiated)
+                watch = _nbd.UeventWatch()
+                try:
+                    if self.use_ioctl:
+                        new_index = self._ioctl_connect(
+                            negotiated, bsize, io_timeout_s, backend_id, index
+                        )
+                    else:
+                        with self._netlink() as nl:
+                            new_index = nl.connect(
+                                negotiated.socket_fds,
+                                size,
+                                block_size=bsize,
+                                server_flags=negotiated.transmission_flags,
+                                timeout_s=io_timeout_s,
+                                dead_conn_timeout_s=dead_conn_timeout_s,
+                                backend_id=backend_id,
+                                index=index,
+                            )
+                    negotiated.close()
+                    device = Device(new_index, self._path(new_index), size, backend_id)
+                    try:
+                        return self._ready(device, ready_timeout_s, watch, keep_lock)
+                    except BaseException:
+                        self._disconnect(new_index)
+                        raise
+                finally:
+                    watch.close()
+
+    def _existing(self, backend_id: str) -> Device | None:
+        if self.use_ioctl:
+            for index, session in self._ioctl_sessions.items():
+                if session.backend_id == backend_id and session.thread.is_alive():
+                    return Device(index, self._path(index), session.size_bytes, backend_id)
+            return None
+        return self.find_device(backend_id)
+
+    def _ready(
+        self,
+        device: Device,
+        timeout_s: float,
+        watch: _nbd.UeventWatch | None,
+        keep_lock: bool,
+    ) -> Device:
+        fd = _nbd.wait_ready(
+            device.index,
+            device.size_bytes,
+            timeout_s,
+            watch=watch,
+            keep_lock=keep_lock,
+            dev_dir=self.dev_dir,
+        )
+        if fd is None:
+            return device
+        return Device(device.index, device.path, device.size_bytes, device.backend_id, DiskLock(fd))
+
+    def _ioctl_connect(
+        self,
+        negotiated: _nbd.Negotiated,
+        block_size: int,
+        io_timeout_s: int,
+        backend_id: str,
+        index: int | None,
+    ) -> int:
+        candidates = [index] if index is not None else self._free_ioctl_indexes()
+        for candidate in candidates:
+            try:
+                device = _nbd.IoctlDevice(candidate, self.dev_dir)
+            except DeviceBusy:
+                continue
+            try:
+                device.configure(
+                    negotiated.socket_fds,
+                    negotiated.size_bytes,
+                    block_size=block_size,
+                    flags=negotiated.transmission_flags,
+                    timeout_s=io_timeout_s,
+                )
+            except DeviceBusy:
+                device.close()
+                if index is not None:
+                    raise
+                continue
+            except BaseException:
+                device.clear_sock()
+                device.close()
+                raise
+            session = _IoctlSession(device, backend_id, negotiated.size_bytes, threading.Thread())
+            session.thread = threading.Thread(
+                target=self._ioctl_run, args=(session,), name=f"nbd{candidate}-do-it", daemon=True
+            )
+            with self._lock:
+                self._ioctl_sessions[candidate] = session
+            session.thread.start()
+            return candidate
+        raise DeviceBusy(errno.EBUSY, "no free NBD device for the ioctl interface")
+
+    def _free_ioctl_indexes(self) -> list[int]:
+        return [
+            index
+            for index in self._candidate_indexes()
+            if index not in self._ioctl_sessions and _nbd.read_sysfs(index, "pid") is None
+        ]
+
+    def _ioctl_run(self, session: _IoctlSession) -> None:
+        try:
+            session.device.run()
+        except BaseException as exc:  # reported through detach and device_info
+            session.error = exc
+
+    # -- detach ---------------------------------------------------------------------
+
+    def _owner_check(self, index: int, backend_id: str) -> bool:
+        """True when ``nbd<index>`` serves ``backend_id``; False when it is not connected;
+        NotOwner when it serves something else."""
+        if self.use_ioctl:
+            session = self._ioctl_sessions.get(index)
+            if session is not None and session.thread.is_alive():
+                if session.backend_id == backend_id:
+                    return True
+                raise NotOwner(
+                    errno.EPERM,
+                    f"refusing to touch nbd{index}: it serves backend "
+                    f"{session.backend_id!r}, not {backend_id!r}",
+                )
+            backend = None
+        else:
+            backend = _nbd.read_sysfs(index, "backend")
+        if backend is None:
+            if _nbd.read_sysfs(index, "pid") is None:
+                return False
+            raise NotOwner(
+                errno.EPERM,
+                f"refusing to touch nbd{index}: it is connected without a backend id we "
+                f"know, so it is not {backend_id!r}",
+            )
+        if backend != backend_id:
+            raise NotOwner(
+                errno.EPERM,
+                f"refusing to touch nbd{index}: it serves backend {backend!r}, not {backend_id!r}",
+            )
+        return True
+
+    def detach(self, index: int, backend_id: str) -> None:
+        """Disconnect ``nbd<index>`` after checking that it serves ``backend_id``
+        (the kernel's DISCONNECT checks nothing). Succeeds when it is not connected;
+        raises NotOwner when it serves another backend."""
+        with self._backend_lock(backend_id):
+            if self._owner_check(index, backend_id):
+                self._disconnect(index)
+
+    def _disconnect(self, index: int) -> None:
+        session = self._ioctl_sessions.get(index) if self.use_ioctl else None
+        if session is None:
+            with self._netlink() as nl:
+                nl.disconnect(index)
+            return
+        session.device.disconnect()
+        session.device.clear_sock()
+        session.thread.join(timeout=DEFAULT_READY_TIMEOUT_S)
+        session.device.close()
+        with self._lock:
+            self._ioctl_sessions.pop(index, None)
+
+    # -- reconnect ------------------------------------------------------------------
+
+    def reconnect(
+        self,
+        index: int,
+        backend_id: str,
+        server: ServerAddress,
+        export_name: str,
+        *,
+        connections: int | None = None,
+        handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+    ) -> None:
+        """Negotiate fresh sockets and RECONFIGURE ``nbd<index>`` with them, replacing
+        its dead connections (the kernel ignores them when none is dead). ``connections``
+        defaults to the device's connection count. Raises NotOwner, NbdError(ENODEV)
+        when the device is not connected, and the handshake errors."""
+        if self.use_ioctl:
+            raise NbdError(errno.EOPNOTSUPP, "reconnect needs the netlink interface")
+        with self._backend_lock(backend_id):
+            if not self._owner_check(index, backend_id):
+                raise NbdError(errno.ENODEV, f"nbd{index} is not connected")
+            count = connections or self.connection_count(index)
+            with (
+                _nbd.negotiate(server, export_name, count, handshake_timeout_s) as negotiated,
+                self._netlink() as nl,
+            ):
+                nl.reconfigure(index, negotiated.socket_fds, backend_id=backend_id)
+
+    def resize(
+        self,
+        index: int,
+        backend_id: str,
+        size_bytes: int,
+        *,
+        ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+    ) -> None:
+        """Set the capacity of ``nbd<index>`` to ``size_bytes`` (RECONFIGURE with
+        NBD_ATTR_SIZE_BYTES) and wait until the block layer reports it.
+
+        The kernel freezes the request queue for this: call it with no I/O in flight
+        (freeze the filesystem first), or it can deadlock. The server must accept I/O up
+        to the new size on the device's connections: a ZeroFS connection keeps the size
+        it negotiated, so grow the export before connecting, or reconnect after.
+        Raises NotOwner, NbdError(ENODEV) when the device is not connected."""
+        if self.use_ioctl:
+            raise NbdError(errno.EOPNOTSUPP, "resize needs the netlink interface")
+        if size_bytes <= 0 or size_bytes % 512:
+            raise ValueError(f"size must be a positive multiple of 512, got {size_bytes}")
+        with self._backend_lock(backend_id):
+            if not self._owner_check(index, backend_id):
+                raise NbdError(errno.ENODEV, f"nbd{index} is not connected")
+            with self._netlink() as nl:
+                nl.reconfigure(index, backend_id=backend_id, size_bytes=size_bytes)
+            _nbd.wait_ready(index, size_bytes, ready_timeout_s, dev_dir=self.dev_dir)
+
+    @staticmethod
+    def connection_count(index: int) -> int:
+        """Connections of ``nbd<index>``: the kernel gives each its own hardware queue."""
+        try:
+            return max(1, len(os.listdir(f"/sys/block/nbd{index}/mq")))
+        except FileNotFoundError:
+            return 1
+
+    # -- LINK_DEAD ------------------------------------------------------------------
+
+    def link_dead_listener(self) -> LinkDeadListener:
+        """A new listener for LINK_DEAD notifications (``receive()`` yields
+        ``(index, backend_id)``); the caller owns and closes it."""
+        with self._netlink() as nl:
+            return LinkDeadListener(nl.family_id, nl.mcast_group_id)
