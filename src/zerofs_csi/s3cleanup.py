@@ -122,7 +122,7 @@ def cleanup_target(settings: VolumeSettings, volume_id: str) -> CleanupTarget:
             f"refusing to delete S3 data for volume {volume_id!r}: "
             f"bucket name {url.bucket!r} is not valid"
         )
-    prefix = f"{url.path}/{volume_id}/" if url.path else f"{volume_id}/"
+    prefix = url.volume_prefix(volume_id)
     check_prefix(prefix, volume_id)
     return CleanupTarget(bucket=url.bucket, prefix=prefix)
 
