@@ -101,6 +101,9 @@ P9_TATTACH = 104
 # A 9P frame larger than this is not a 9P client talking.
 P9_MAX_FRAME = 16 << 20
 
+# The servers get only these variables: never the secrets the config's ${VAR}s name.
+CHILD_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+
 # prctl(2): PR_SET_PDEATHSIG (include/uapi/linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 
@@ -451,6 +454,7 @@ def serve(config: StandinConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    child_env = {name: os.environ[name] for name in CHILD_ENVIRONMENT if name in os.environ}
     private_dir = Path(tempfile.mkdtemp(prefix="zerofs-standin-"))
     children: dict[str, subprocess.Popen[bytes]] = {}
     relay: NinePRelay | None = None
@@ -462,7 +466,7 @@ def serve(config: StandinConfig) -> int:
         if os.geteuid() != 0:
             argv.append("-S")  # a non-root diod serves every user as itself
         children["diod"] = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            argv, stdin=subprocess.DEVNULL, env=child_env, preexec_fn=_die_with_parent
         )
         _wait_for_socket(private_socket, children["diod"], 10.0)
         relay = NinePRelay(config.ninep_socket, private_socket, config.storage_dir)
@@ -480,6 +484,7 @@ def serve(config: StandinConfig) -> int:
                 f"dir={nbd_dir}",
             ],
             stdin=subprocess.DEVNULL,
+            env=child_env,
         )
         say(
             f"serving file://{config.storage_dir}: NBD on {config.nbd_socket} "

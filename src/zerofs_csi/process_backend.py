@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zerofs_csi import errors
-from zerofs_csi.sanitize import REDACTOR
+from zerofs_csi.sanitize import MASK, REDACTOR
 from zerofs_csi.volume_id import validate_volume_id
 from zerofs_csi.volume_server import ServerSockets
 from zerofs_csi.volume_settings import VolumeSecrets, VolumeSettings
@@ -494,7 +494,7 @@ class ProcessBackend:
             return f" (no log at {path})"
         for value in sorted(secret_env.values(), key=len, reverse=True):
             if value:
-                text = text.replace(value, "***")
+                text = text.replace(value, MASK)
         lines = REDACTOR.redact(text).splitlines()[-LOG_TAIL_LINES:]
         return f"; last lines of {path}:\n" + "\n".join(lines)
 
