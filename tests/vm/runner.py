@@ -84,6 +84,9 @@ GUEST_BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUEST_TMPFS_DIRS = ("/tmp", "/var/tmp", "/run", "/var/log", "/proc", "/sys", "/dev")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
+# Seconds QEMU gets to exit after the guest reported the command's status.
+POWER_OFF_GRACE = 30.0
+
 # Linux prctl(2): PR_SET_PDEATHSIG = 1 (include/uapi/linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 
@@ -715,6 +718,7 @@ class Control:
         self.started = threading.Event()
         self.boot_seconds: float | None = None
         self.exit_status: int | None = None
+        self.exit_clock = 0.0
 
     def read(self, fd: int) -> None:
         with open(fd, "rb", buffering=0) as source:
@@ -736,6 +740,7 @@ class Control:
             log(f"booted in {self.boot_seconds:.1f} s")
             self.started.set()
         else:
+            self.exit_clock = time.monotonic()
             self.exit_status = status
 
 
@@ -820,7 +825,12 @@ def watch(
     try:
         while process.poll() is None:
             now = time.monotonic()
-            if now - clock > limits.timeout:
+            if control.exit_status is not None:
+                if now - control.exit_clock > POWER_OFF_GRACE:
+                    log(f"the VM did not power off {POWER_OFF_GRACE:g} s after the command ended")
+                    break
+                # The command is done: the whole-run limit no longer applies.
+            elif now - clock > limits.timeout:
                 outcome = "timeout"
                 break
             if not control.started.is_set() and now - clock > limits.boot_timeout:
