@@ -88,7 +88,8 @@ _S3_SCHEMES = ("s3", "s3a")
 
 @dataclass(frozen=True)
 class StorageUrl:
-    """The base storage URL of a StorageClass: ``s3://bucket[/path]`` or ``memory://``.
+    """The base storage URL of a StorageClass: ``s3://bucket[/path]``, ``file:///dir``
+    (a local directory as the object store, for the local backend) or ``memory://``.
 
     ``path`` has no leading or trailing '/', no empty, '.' or '..' segment, and only
     ``[A-Za-z0-9._-]`` in its segments, so it can be joined with a volume id into an
@@ -109,8 +110,20 @@ class StorageUrl:
             if rest not in ("", "/"):
                 raise _BadValue("memory:// with no bucket or path")
             return cls(scheme="memory", bucket="", path="")
+        if scheme == "file":
+            # A directory on the server's host used as the object store (local backend).
+            if not rest.startswith("/") or rest.rstrip("/") == "":
+                raise _BadValue("file:///absolute/directory (not the root directory)")
+            path = rest.strip("/")
+            for segment in path.split("/"):
+                if not _KEY_SEGMENT.fullmatch(segment) or segment in (".", ".."):
+                    raise _BadValue(
+                        "file:///absolute/directory made of letters, digits, '.', '_' and '-' "
+                        "segments (no '..', '//' or other characters)"
+                    )
+            return cls(scheme="file", bucket="", path=path)
         if scheme not in _S3_SCHEMES:
-            raise _BadValue("an s3:// (or s3a://, memory://) URL")
+            raise _BadValue("an s3:// (or s3a://, file://, memory://) URL")
         bucket, _, path = rest.partition("/")
         if not _BUCKET.fullmatch(bucket) or ".." in bucket:
             raise _BadValue(
@@ -136,6 +149,8 @@ class StorageUrl:
     def __str__(self) -> str:
         if self.scheme == "memory":
             return "memory:///"
+        if self.scheme == "file":
+            return f"file:///{self.path}"
         return (
             f"{self.scheme}://{self.bucket}/{self.path}"
             if self.path

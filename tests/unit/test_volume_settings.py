@@ -209,6 +209,11 @@ def test_unknown_parameter_names_it_and_lists_the_known_ones() -> None:
         ("storageUrl", "s3://bucket/${HOME}", "segments"),
         ("storageUrl", "bucket/path", "URL"),
         ("storageUrl", "memory:///x", "memory://"),
+        ("storageUrl", "file://relative/dir", "file:///absolute"),
+        ("storageUrl", "file:///", "not the root"),
+        ("storageUrl", "file:///srv/../etc", "'..'"),
+        ("storageUrl", "file:///srv//x", "'//'"),
+        ("storageUrl", "file:///srv/${HOME}", "segments"),
         ("s3Endpoint", "minio:9000", "http://"),
         ("s3Endpoint", "ftp://minio", "http://"),
         ("s3Endpoint", "https://user:pw@minio", "no path, user"),
@@ -271,6 +276,7 @@ def test_redis_url_with_password_is_refused_without_echoing_it() -> None:
         ({"storageUrl": "memory://", "s3Region": "x"}, "'s3Region' applies only"),
         ({"storageUrl": "memory://", "s3AllowHttp": "true"}, "'s3AllowHttp' applies only"),
         ({"storageUrl": "memory://", "deleteDataOnPVCDelete": "true"}, "deleteDataOnPVCDelete"),
+        ({"storageUrl": "file:///srv", "s3Endpoint": "https://s3"}, "'s3Endpoint' applies only"),
         ({"cpuRequest": "2", "cpuLimit": "1500m"}, "'cpuRequest' (2) is greater"),
         ({"memoryRequest": "2Gi", "memoryLimit": "2G"}, "'memoryRequest' (2Gi) is greater"),
     ],
@@ -492,6 +498,9 @@ def test_volume_url_and_prefix() -> None:
     assert root.volume_url("pvc-1") == "s3://bucket/pvc-1"
     assert root.volume_prefix("pvc-1") == "pvc-1/"
     assert StorageUrl.parse("memory://").volume_url("pvc-1") == "memory:///pvc-1"
+    local = StorageUrl.parse("file:///srv/zerofs/")
+    assert (str(local), local.is_s3) == ("file:///srv/zerofs", False)
+    assert local.volume_url("pvc-1") == "file:///srv/zerofs/pvc-1"
     with pytest.raises(errors.InvalidArgument):
         url.volume_prefix("../pvc-1")
 
