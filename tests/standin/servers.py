@@ -157,3 +157,111 @@ def cmdline(pid: int) -> list[str]:
 def environ(pid: int) -> dict[str, str]:
     entries = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
     return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
+# NBD transmission phase (NBD's doc/proto.md).
+NBD_OPT_GO = 7
+NBD_REP_INFO = 3
+NBD_INFO_EXPORT = 0
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+NBD_CMD_READ = 0
+NBD_CMD_WRITE = 1
+NBD_CMD_DISC = 2
+NBD_CMD_FLUSH = 3
+NBD_CMD_FLAG_FUA = 1 << 0
+NBD_FLAG_HAS_FLAGS = 1 << 0
+NBD_FLAG_SEND_FLUSH = 1 << 2
+NBD_FLAG_SEND_FUA = 1 << 3
+NBD_FLAG_CAN_MULTI_CONN = 1 << 8
+
+
+class NbdClient:
+    """A minimal fixed-newstyle NBD client: NBD_OPT_GO, then read/write/flush."""
+
+    def __init__(self, socket_path: Path, export: str, timeout: float = 10.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._sock.connect(str(socket_path))
+        self._handle = 0
+        magic, opt_magic, _flags = struct.unpack(">8sQH", _recv_exact(self._sock, 18))
+        assert magic == NBD_MAGIC and opt_magic == NBD_IHAVEOPT
+        self._sock.sendall(struct.pack(">I", NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
+        name = export.encode()
+        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        self._sock.sendall(struct.pack(">QII", NBD_IHAVEOPT, NBD_OPT_GO, len(data)) + data)
+        self.size = -1
+        self.flags = 0
+        while True:
+            reply_magic, option, reply, length = struct.unpack(">QIII", _recv_exact(self._sock, 20))
+            assert reply_magic == NBD_OPT_REPLY_MAGIC and option == NBD_OPT_GO
+            payload = _recv_exact(self._sock, length)
+            if reply == NBD_REP_ACK:
+                break
+            if reply != NBD_REP_INFO:
+                raise ConnectionError(f"NBD_OPT_GO refused: reply {reply:#x} {payload!r}")
+            (info_type,) = struct.unpack(">H", payload[:2])
+            if info_type == NBD_INFO_EXPORT:
+                self.size, self.flags = struct.unpack(">QH", payload[2:12])
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._request(NBD_CMD_DISC, 0, 0, 0)
+        self._sock.close()
+
+    def __enter__(self) -> NbdClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _request(
+        self, command: int, flags: int, offset: int, length: int, data: bytes = b""
+    ) -> int:
+        self._handle += 1
+        header = struct.pack(
+            ">IHHQQI", NBD_REQUEST_MAGIC, flags, command, self._handle, offset, length
+        )
+        self._sock.sendall(header + data)
+        return self._handle
+
+    def _reply(self, handle: int, length: int = 0) -> bytes:
+        magic, error, got = struct.unpack(">IIQ", _recv_exact(self._sock, 16))
+        assert magic == NBD_SIMPLE_REPLY_MAGIC and got == handle
+        if error:
+            raise OSError(error, f"NBD request failed with error {error}")
+        return _recv_exact(self._sock, length) if length else b""
+
+    def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        flags = NBD_CMD_FLAG_FUA if fua else 0
+        self._reply(self._request(NBD_CMD_WRITE, flags, offset, len(data), data))
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._reply(self._request(NBD_CMD_READ, 0, offset, length), length)
+
+    def flush(self) -> None:
+        self._reply(self._request(NBD_CMD_FLUSH, 0, 0, 0))
+
+
+def write_standin_config(
+    path: Path,
+    *,
+    storage_dir: Path,
+    nbd_socket: Path,
+    ninep_socket: Path,
+    cache_dir: Path,
+    password: str = "${STANDIN_TEST_PASSWORD}",
+) -> Path:
+    path.write_text(
+        "[cache]\n"
+        f'dir = "{cache_dir}"\n'
+        "disk_size_gb = 1.0\n\n"
+        "[storage]\n"
+        f'url = "file://{storage_dir}"\n'
+        f'encryption_password = "{password}"\n\n'
+        "[servers.nbd]\n"
+        f'unix_socket = "{nbd_socket}"\n\n'
+        "[servers.ninep]\n"
+        f'unix_socket = "{ninep_socket}"\n'
+    )
+    return path

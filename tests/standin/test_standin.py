@@ -1,0 +1,316 @@
+"""The ZeroFS stand-in (tools/zerofs-standin): config checks, serving, durability."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from standin.servers import (
+    NBD_FLAG_CAN_MULTI_CONN,
+    NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_FUA,
+    REPO,
+    STANDIN,
+    NbdClient,
+    alive,
+    cmdline,
+    nbd_list_exports,
+    session_members,
+    wait_for_socket,
+    write_standin_config,
+)
+from zerofs_csi import ninep
+from zerofs_csi.volume_settings import StorageUrl, VolumeSecrets, VolumeSettings
+from zerofs_csi.zerofs_config import ENV_ENCRYPTION_PASSWORD, render_zerofs_config
+
+
+def load_standin() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "zerofs_standin", REPO / "tools" / "zerofs_standin.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is built.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+standin = load_standin()
+
+
+# ---------------------------------------------------------------------------------
+# Config
+
+
+def test_loads_the_config_the_driver_renders(tmp_path: Path) -> None:
+    settings = VolumeSettings(
+        storage_url=StorageUrl(scheme="file", bucket="", path=str(tmp_path / "data").strip("/")),
+        compression="lz4",
+        l0_max_ssts=8,
+    )
+    rendered = render_zerofs_config(
+        settings,
+        "pvc-1",
+        VolumeSecrets(encryption_password="s3cret-pw"),
+        cache_dir=str(tmp_path / "cache"),
+        nbd_socket=str(tmp_path / "nbd.sock"),
+        ninep_socket=str(tmp_path / "9p.sock"),
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(rendered.toml_text)
+
+    config = standin.load_config(path, dict(rendered.secret_env))
+
+    assert config == standin.StandinConfig(
+        storage_dir=tmp_path / "data" / "pvc-1",
+        cache_dir=tmp_path / "cache",
+        nbd_socket=tmp_path / "nbd.sock",
+        ninep_socket=tmp_path / "9p.sock",
+    )
+
+
+VALID = {
+    "cache": '[cache]\ndir = "/tmp/c"\ndisk_size_gb = 1\n',
+    "storage": '[storage]\nurl = "file:///tmp/d"\nencryption_password = "${PW}"\n',
+    "nbd": '[servers.nbd]\nunix_socket = "/tmp/n.sock"\n',
+    "ninep": '[servers.ninep]\nunix_socket = "/tmp/9.sock"\n',
+}
+
+
+def config_text(**replace: str) -> str:
+    return "\n".join(replace.get(name, text) for name, text in VALID.items())
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (config_text() + "[bogus]\nx = 1\n", "unknown field `bogus`"),
+        (config_text(nbd="", ninep=""), "missing field `servers`"),
+        (config_text(cache='[cache]\ndir = "/c"\n'), "missing field `disk_size_gb` in [cache]"),
+        (config_text(cache='[cache]\ndir = "/c"\ndisk_size_gb = 1\nsize = 2\n'), "`size`"),
+        (config_text(cache='[cache]\ndir = "/c"\ndisk_size_gb = "1"\n'), "must be a number"),
+        (
+            config_text(storage='[storage]\nurl = "s3://b/p"\nencryption_password = "x"\n'),
+            "only serves file:// storage (got s3://)",
+        ),
+        (
+            config_text(storage='[storage]\nurl = "file://host/p"\nencryption_password = "x"\n'),
+            "file:///absolute/path",
+        ),
+        (config_text() + '[servers.nfs]\naddresses = ["127.0.0.1:2049"]\n[servers.ftp]\n', "ftp"),
+        (
+            config_text(nbd='[servers.nbd]\naddresses = ["127.0.0.1:10809"]\n'),
+            "serves only unix sockets",
+        ),
+        (config_text(ninep=""), "servers.ninep.unix_socket is required"),
+        (config_text() + "[aws]\nallow_http = true\n", "[aws] values must all be strings"),
+        (config_text() + '[aws]\nsecret_access_key = "${NOT_SET_ANYWHERE}"\n', "NOT_SET_ANYWHERE"),
+        ("[cache\n", "Failed to parse config file"),
+    ],
+)
+def test_refuses_what_zerofs_would_or_the_standin_cannot_serve(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(standin.ConfigError) as caught:
+        standin.load_config(path, {"PW": "pw"})
+    assert message in str(caught.value)
+
+
+def test_unset_password_variable_is_an_error_that_names_it_not_its_value(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(config_text())
+    with pytest.raises(standin.ConfigError) as caught:
+        standin.load_config(path, {})
+    assert "storage.encryption_password: environment variable PW is not set" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("${A}/x", "1/x"),
+        ("$A/x", "1/x"),
+        ("${UNSET:-fallback}", "fallback"),
+        ("${A:-fallback}", "1"),
+        ("no variables", "no variables"),
+        ("cost: 5$", "cost: 5$"),
+    ],
+)
+def test_expands_variables_like_zerofs(value: str, expected: str) -> None:
+    assert standin.expand_variables(value, {"A": "1"}, "key") == expected
+
+
+def test_attach_name_rewrite_keeps_everything_else() -> None:
+    frame = ninep.tattach(3, 0, "root", "", 0)
+    rewritten = standin.rewrite_aname(frame, b"/srv/data")
+    assert rewritten == ninep.tattach(3, 0, "root", "/srv/data", 0)
+    assert struct.unpack_from("<I", rewritten)[0] == len(rewritten)
+    walk = ninep.twalk(4, 0, 1, (".nbd",))
+    assert standin.rewrite_aname(walk, b"/srv/data") == walk
+
+
+# ---------------------------------------------------------------------------------
+# Serving
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[bytes]
+    config: Path
+    storage: Path
+    nbd: Path
+    ninep: Path
+    log: Path
+
+    def children(self) -> dict[str, int]:
+        """The stand-in's servers by program name (it runs in a session of its own)."""
+        pids = [pid for pid in session_members(self.process.pid) if pid != self.process.pid]
+        return {Path(cmdline(pid)[0]).name: pid for pid in pids}
+
+
+def start_standin(tmp_path: Path, *, env: dict[str, str] | None = None) -> Running:
+    storage = tmp_path / "data" / "pvc-1"
+    config = write_standin_config(
+        tmp_path / "config.toml",
+        storage_dir=storage,
+        nbd_socket=tmp_path / "run" / "nbd.sock",
+        ninep_socket=tmp_path / "run" / "9p.sock",
+        cache_dir=tmp_path / "cache",
+    )
+    log = tmp_path / "standin.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [str(STANDIN), "run", "--config", str(config)],
+            stdout=out,
+            stderr=out,
+            env=env if env is not None else {**os.environ, "STANDIN_TEST_PASSWORD": "pw"},
+            start_new_session=True,
+        )
+    running = Running(
+        process, config, storage, tmp_path / "run" / "nbd.sock", tmp_path / "run" / "9p.sock", log
+    )
+    wait_for_socket(running.nbd)
+    return running
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Running]:
+    running = start_standin(tmp_path)
+    yield running
+    if running.process.poll() is None:
+        running.process.terminate()
+        running.process.wait(10)
+
+
+def test_serves_the_same_directory_over_9p_and_nbd(server: Running) -> None:
+    # The node's call exactly: aname "" (ZeroFS ignores it; the relay rewrites it).
+    assert ninep.ensure_export(server.ninep, "pvc-1", 8 << 20) == 8 << 20
+    assert (server.storage / ".nbd" / "pvc-1").stat().st_size == 8 << 20
+
+    assert nbd_list_exports(server.nbd)[1] == ["pvc-1"]
+    with NbdClient(server.nbd, "pvc-1") as nbd:
+        assert nbd.size == 8 << 20
+        # What the attach path relies on: 4 connections when CAN_MULTI_CONN.
+        wanted = NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_CAN_MULTI_CONN
+        assert nbd.flags & wanted == wanted
+
+    # A grown export is seen by the next connection, as with ZeroFS.
+    ninep.ensure_export(server.ninep, "pvc-1", 16 << 20)
+    with NbdClient(server.nbd, "pvc-1") as nbd:
+        assert nbd.size == 16 << 20
+
+
+def test_connections_see_each_others_flushed_writes(server: Running) -> None:
+    ninep.ensure_export(server.ninep, "pvc-1", 1 << 20)
+    with NbdClient(server.nbd, "pvc-1") as first, NbdClient(server.nbd, "pvc-1") as second:
+        first.write(4096, b"multi-conn" * 100)
+        first.flush()
+        assert second.read(4096, 1000) == b"multi-conn" * 100
+
+
+def test_flushed_data_survives_kill_9_and_restart(tmp_path: Path) -> None:
+    running = start_standin(tmp_path)
+    try:
+        ninep.ensure_export(running.ninep, "pvc-1", 4 << 20)
+        data = os.urandom(256 << 10)
+        with NbdClient(running.nbd, "pvc-1") as nbd:
+            nbd.write(1 << 20, data[: 128 << 10])
+            nbd.flush()
+            nbd.write((1 << 20) + (128 << 10), data[128 << 10 :], fua=True)
+        children = list(running.children().values())
+        assert len(children) == 2
+
+        running.process.kill()
+        running.process.wait(10)
+        # Its servers die with it (PR_SET_PDEATHSIG, nbdkit --exit-with-parent).
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in children):
+            assert time.monotonic() < deadline, "the stand-in's servers outlived it"
+            time.sleep(0.05)
+        assert running.nbd.exists()  # a kill -9 leaves the socket; the next start clears it
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+
+    again = start_standin(tmp_path)
+    try:
+        with NbdClient(again.nbd, "pvc-1") as nbd:
+            assert nbd.read(1 << 20, 256 << 10) == data
+    finally:
+        again.process.terminate()
+        again.process.wait(10)
+
+
+def test_sigterm_stops_both_servers_and_removes_the_sockets(server: Running) -> None:
+    children = list(server.children().values())
+    assert len(children) == 2
+
+    server.process.send_signal(signal.SIGTERM)
+
+    assert server.process.wait(10) == 0
+    assert not any(alive(pid) for pid in children)
+    assert not server.nbd.exists() and not server.ninep.exists()
+    assert "SIGTERM: stopping" in server.log.read_text()
+
+
+@pytest.mark.parametrize("which", ["diod", "nbdkit"])
+def test_a_dead_server_makes_the_standin_exit_non_zero(server: Running, which: str) -> None:
+    children = server.children()
+    assert sorted(children) == ["diod", "nbdkit"]
+    os.kill(children[which], signal.SIGKILL)
+
+    assert server.process.wait(10) == 1
+    assert not any(alive(pid) for pid in children.values())
+    assert not server.nbd.exists() and not server.ninep.exists()
+    assert "exited unexpectedly" in server.log.read_text()
+
+
+def test_config_error_exits_1_without_showing_the_password(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        config_text(storage='[storage]\nurl = "s3://b/p"\nencryption_password = "${PW}"\n')
+    )
+    result = subprocess.run(
+        [str(STANDIN), "run", "-c", str(config)],
+        env={**os.environ, "PW": "pw-visible-nowhere", ENV_ENCRYPTION_PASSWORD: "x"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "config error: storage.url: the stand-in only serves file:// storage" in result.stderr
+    assert "pw-visible-nowhere" not in result.stderr + result.stdout
