@@ -1043,6 +1043,7 @@ def test_delete_volume_deletes_only_the_volumes_objects_in_real_s3(
         ),
         grpc.StatusCode.UNAVAILABLE,
         "volume is kept",
+        "HTTP 403",
     )
     assert "not-the-right-secret-key" not in details and radosgw.secret_key not in details
     assert controller.store.get("pvc-1") is not None
