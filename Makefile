@@ -6,7 +6,7 @@ VM_TIMEOUT ?= 1800
 ITERATIONS ?= 20
 DURATION  ?= 600
 
-.PHONY: all bootstrap build proto lint test test-unit test-vm demo bench wheel clean
+.PHONY: all bootstrap build proto lint test test-unit test-s3 test-vm demo bench wheel clean
 
 all: build
 
@@ -26,9 +26,13 @@ lint: bootstrap
 	.venv/bin/mypy
 	$(PY) tools/gen_proto.py --check
 
-# Host tests: everything not needing the kernel's NBD driver.
+# Host tests: everything not needing the kernel's NBD driver or an S3 server.
 test-unit: build
-	$(PYTEST) -m "not privileged" -q
+	$(PYTEST) -m "not privileged and not s3" -q
+
+# Against a real S3 server: a single-node Ceph radosgw on loopback, started by the fixture.
+test-s3: build
+	$(PYTEST) -m s3 -q tests/s3
 
 # Privileged tests: directly where this host has NBD and root, otherwise in the microVM.
 test-vm: build
@@ -38,7 +42,7 @@ test-vm: build
 		$(VM) --timeout $(VM_TIMEOUT) -- $(PYTEST) -m privileged -q -p no:cacheprovider tests/privileged; \
 	fi
 
-test: lint test-unit test-vm
+test: lint test-unit test-s3 test-vm
 
 demo: build
 	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/demo.py
