@@ -304,9 +304,12 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     append = argv[argv.index("-append") + 1].split()
     assert "console=ttyS0" in append and "panic=-1" in append and "quiet" in append
     assert f"zerofs_vm.run={tmp_path}" in append
+    assert f"zerofs_vm.init={runner.REPO_ROOT}/tests/vm/guest_init.sh" in append
     assert append[-1] == "initcall_debug"
     with_venv = runner.qemu_command(spec(tmp_path, share_venv=True), fds)
     assert f"local,path={runner.REPO_ROOT / '.venv'},mount_tag=venv" in " ".join(with_venv)
+    assert "zerofs_vm.venv=venv" not in append
+    assert "zerofs_vm.venv=venv" in with_venv[with_venv.index("-append") + 1].split()
 
 
 def test_arguments_split_at_the_double_dash() -> None:

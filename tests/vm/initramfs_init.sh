@@ -22,12 +22,17 @@ read -r uptime _ </proc/uptime
 echo "zerofs-vm: $uptime s stage 1" >/dev/console
 
 repo=
+stage2=
+venv=
 for word in $(cat /proc/cmdline); do
     case "$word" in
         zerofs_vm.repo=*) repo="${word#zerofs_vm.repo=}" ;;
+        zerofs_vm.init=*) stage2="${word#zerofs_vm.init=}" ;;
+        zerofs_vm.venv=*) venv="${word#zerofs_vm.venv=}" ;;
     esac
 done
 [ -n "$repo" ] || fail "zerofs_vm.repo= missing from the kernel command line"
+[ -n "$stage2" ] || fail "zerofs_vm.init= missing from the kernel command line"
 
 # One "path [params]" per line, in dependency order as computed on the host by
 # kmod (modprobe --show-depends against a depmod'ed copy of the kernel's tree).
@@ -45,15 +50,16 @@ mount -t 9p -o "$ninep,ro,cache=loose" hostroot /newroot || fail "cannot mount t
 [ -d "/newroot$repo" ] || fail "$repo is not a directory in the host root"
 # The work tree stays uncached so that host and guest see each other's writes.
 mount -t 9p -o "$ninep,rw" worktree "/newroot$repo" || fail "cannot mount the work tree at $repo"
-# The repo's virtualenv, when the runner shares it, is read-only and cached:
-# Python imports (thousands of stat and open calls) are the slowest part of
-# starting pytest over 9p.
-if grep -qx venv /sys/bus/virtio/drivers/9pnet_virtio/*/mount_tag; then
-    mount -t 9p -o "$ninep,ro,cache=loose" venv "/newroot$repo/.venv" || fail "cannot mount the venv"
+# The repo's virtualenv, when the runner shares it (zerofs_vm.venv=TAG), is
+# read-only and cached: Python imports (thousands of stat and open calls) are
+# the slowest part of starting pytest over 9p.
+if [ -n "$venv" ]; then
+    mount -t 9p -o "$ninep,ro,cache=loose" "$venv" "/newroot$repo/.venv" || fail "cannot mount the venv"
 fi
 
 for fs in proc sys dev; do
     mount --move "/$fs" "/newroot/$fs" || fail "cannot move /$fs into the new root"
 done
 
-exec switch_root /newroot /bin/sh "$repo/tests/vm/guest_init.sh"
+[ -f "/newroot$stage2" ] || fail "$stage2 not found in the new root"
+exec switch_root /newroot /bin/sh "$stage2"

@@ -11,7 +11,7 @@ live over virtio-serial ports; the kernel console goes to a log file.
 
 Exit status: the command's own status, 124 when --timeout expires, 125 when the
 VM cannot be prepared, does not boot, or stops before reporting the command's
-status. Python standard library only: this runs before the venv is trusted.
+status. Standard library only: it must run on a fresh machine, before any venv.
 """
 
 from __future__ import annotations
@@ -640,7 +640,14 @@ def kernel_command_line(spec: VmSpec) -> str:
     words = ["console=ttyS0", "panic=-1"]
     if spec.kernel_console_quiet:
         words.append("quiet")
-    words += [f"zerofs_vm.repo={REPO_ROOT}", f"zerofs_vm.run={spec.run_dir}", *spec.extra_append]
+    words += [
+        f"zerofs_vm.repo={REPO_ROOT}",
+        f"zerofs_vm.init={STAGE2_INIT}",
+        f"zerofs_vm.run={spec.run_dir}",
+    ]
+    if spec.share_venv:
+        words.append(f"zerofs_vm.venv={VENV_TAG}")
+    words += spec.extra_append
     return " ".join(words)
 
 
