@@ -95,7 +95,8 @@ READINESS_TIMEOUT_SECONDS = 5
 READINESS_SCRIPT = r"""
 use strict;
 use IO::Socket::UNIX;
-$SIG{ALRM} = sub { die "no answer in time\n" };
+my $stage = "NBD";
+$SIG{ALRM} = sub { die "$stage server: no answer in time\n" };
 alarm 4;
 sub take { my ($s, $n, $what) = @_; my $b = "";
   while (length($b) < $n) { sysread($s, $b, $n - length($b), length($b)) or die "$what closed\n"; }
@@ -104,6 +105,7 @@ my $nbd = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die "NBD socket $ARGV[0]: $
 take($nbd, 18, "NBD") =~ /^NBDMAGICIHAVEOPT/ or die "NBD greeting expected\n";
 syswrite($nbd, pack("N", 3) . "IHAVEOPT" . pack("NN", 2, 0));
 close($nbd);
+$stage = "9P";
 my $p9 = IO::Socket::UNIX->new(Peer => $ARGV[1]) or die "9P socket $ARGV[1]: $!\n";
 my $msg = pack("CvVv", 100, 0xFFFF, 8192, 8) . "9P2000.L";
 syswrite($p9, pack("V", 4 + length($msg)) . $msg);

@@ -1,7 +1,8 @@
 """The node DaemonSet that owns the per-volume objects.
 
 Its name comes from ``--daemonset-name`` when given, otherwise from the node plugin's
-own pod (``POD_NAME`` from the downward API): the DaemonSet controller reference in that
+own pod (``pod_name``, by default the ``POD_NAME`` environment variable that the
+chart sets from the downward API's metadata.name): the DaemonSet reference in that
 pod's ownerReferences. Either way the DaemonSet is then read from the API, so the owner
 reference carries its real uid: a wrong uid would let the garbage collector delete the
 per-volume pods at once, as their owner would not exist.
@@ -9,6 +10,7 @@ per-volume pods at once, as their owner would not exist.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from kubernetes import client
@@ -16,6 +18,8 @@ from kubernetes import client
 from zerofs_csi import errors
 from zerofs_csi.kube import objects
 from zerofs_csi.kube.api import api_failure, call_json
+
+POD_NAME_ENV = "POD_NAME"
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ def resolve_daemonset_owner(
     delete them as surplus).
     """
     if not daemonset_name:
+        pod_name = pod_name or os.environ.get(POD_NAME_ENV)
         if not pod_name:
             raise errors.FailedPrecondition(
                 "cannot tell which DaemonSet owns the volume server pods: set "
