@@ -502,8 +502,11 @@ def ensure_export(
             fids.append(_FILE_FID)
             _check_regular(existing, path)
 
-        qid, size = conn.getattr_size(file_fid, path)
-        _check_regular(qid, path)
+        if file_fid == _DIR_FID:
+            size = 0  # just created, empty
+        else:
+            qid, size = conn.getattr_size(file_fid, path)
+            _check_regular(qid, path)
         if size < size_bytes:
             conn.setattr_size(file_fid, size_bytes, path)
             _, size = conn.getattr_size(file_fid, path)

@@ -335,3 +335,68 @@ def test_server_closing_mid_conversation_is_unavailable(tmp_path: Path) -> None:
         ninep.ensure_export(sock, "pvc-a", 4096, timeout=5)
     assert "closed the connection" in caught.value.message
     thread.join(5)
+
+
+class CountingProxy:
+    """Passes 9P between clients and diod, counting connections and client messages."""
+
+    def __init__(self, public: Path, private: Path) -> None:
+        self.private = str(private)
+        self.connections = 0
+        self.message_types: list[int] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(public))
+        self.listener.listen(4)
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.connect(self.private)
+            threading.Thread(target=self.replies, args=(server, client), daemon=True).start()
+            threading.Thread(target=self.requests, args=(client, server), daemon=True).start()
+
+    def requests(self, client: socket.socket, server: socket.socket) -> None:
+        with client, server:
+            while header := client.recv(4, socket.MSG_WAITALL):
+                rest = client.recv(struct.unpack("<I", header)[0] - 4, socket.MSG_WAITALL)
+                self.message_types.append(rest[0])
+                server.sendall(header + rest)
+
+    @staticmethod
+    def replies(server: socket.socket, client: socket.socket) -> None:
+        try:
+            while chunk := server.recv(65536):
+                client.sendall(chunk)
+        except OSError:
+            pass
+
+
+def test_one_connection_and_few_messages(export: Export, tmp_path: Path) -> None:
+    counted = tmp_path / "counted.sock"
+    proxy = CountingProxy(counted, export.sock)
+    try:
+        ninep.ensure_export(counted, "pvc-a", GiB, aname=str(export.root))
+        fresh = list(proxy.message_types)
+        proxy.message_types.clear()
+        ninep.ensure_export(counted, "pvc-a", GiB, aname=str(export.root))
+        existing = list(proxy.message_types)
+    finally:
+        proxy.listener.close()
+    assert proxy.connections == 2  # one per call
+    t = ninep
+    # Fresh: version, attach, walk .nbd (ENOENT), mkdir, walk .nbd, walk name (ENOENT),
+    # lcreate, setattr, getattr to confirm, then the clunks in one round trip.
+    assert fresh == [
+        t.TVERSION, t.TATTACH, t.TWALK, t.TMKDIR, t.TWALK, t.TWALK, t.TLCREATE,
+        t.TSETATTR, t.TGETATTR, t.TCLUNK, t.TCLUNK,
+    ]  # fmt: skip
+    # Existing and big enough: nothing is written.
+    assert existing == [
+        t.TVERSION, t.TATTACH, t.TWALK, t.TWALK, t.TGETATTR, t.TCLUNK, t.TCLUNK, t.TCLUNK,
+    ]  # fmt: skip
