@@ -14,7 +14,15 @@ import grpc
 from zerofs_csi import filesystems, publishing
 from zerofs_csi.capabilities import check_capability
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
-from zerofs_csi.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from zerofs_csi.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+)
+from zerofs_csi.events import EventRecorder
 from zerofs_csi.locks import VolumeLocks
 from zerofs_csi.servicer import answer_unimplemented
 from zerofs_csi.stage_record import RecordStore, StageRecord
@@ -73,6 +81,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         ensure_export: EnsureExport,
         link_dead: Callable[[str], bool],
         locks: VolumeLocks,
+        events: EventRecorder,
     ) -> None:
         self._node_id = node_id
         self._max_volumes = max_volumes_per_node
@@ -83,6 +92,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._ensure_export = ensure_export
         self._link_dead = link_dead
         self._locks = locks
+        self._events = events
 
     # -- stage -------------------------------------------------------------------
 
@@ -98,7 +108,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         settings, capacity = parse_volume_context(request.volume_context)
         fs_type = cap.fs_type or settings.filesystem
         secrets = VolumeSecrets.from_csi_secrets(request.secrets)
-        with self._locks.hold(vid, "NodeStageVolume"):
+        with self._locks.hold(vid, "NodeStageVolume"), self._event_on_failure(vid, request):
             os.makedirs(staging, exist_ok=True)
             self._stager.stage(
                 StageRequest(
@@ -114,6 +124,20 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 )
             )
         return csi_pb2.NodeStageVolumeResponse()
+
+    @contextmanager
+    def _event_on_failure(
+        self, vid: str, request: csi_pb2.NodeStageVolumeRequest
+    ) -> Iterator[None]:
+        """Failures a user must act on also become an Event on the claim."""
+        try:
+            yield
+        except FailedPrecondition as exc:
+            self._events.warning(vid, "StageRefused", exc.message, request.volume_context)
+            raise
+        except (DeadlineExceeded, Unavailable) as exc:
+            self._events.warning(vid, "VolumeServerNotReady", exc.message, request.volume_context)
+            raise
 
     def NodeUnstageVolume(
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext

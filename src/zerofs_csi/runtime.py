@@ -10,6 +10,7 @@ from pathlib import Path
 from zerofs_csi import nbd, ninep
 from zerofs_csi.config import Backend, Config
 from zerofs_csi.controller import ControllerService
+from zerofs_csi.events import EventRecorder, KubernetesEventRecorder, LogEventRecorder
 from zerofs_csi.link_monitor import LinkMonitor
 from zerofs_csi.locks import VolumeLocks
 from zerofs_csi.metrics import Metrics
@@ -76,6 +77,17 @@ def _volume_server_backend(config: Config, metrics: Metrics) -> VolumeServerBack
     )
 
 
+def _event_recorder(config: Config) -> EventRecorder:
+    if config.backend is Backend.LOCAL:
+        return LogEventRecorder()
+    from kubernetes import client
+
+    from zerofs_csi.kube.api import make_api_client
+
+    api = make_api_client(Path(config.kubeconfig) if config.kubeconfig else None)
+    return KubernetesEventRecorder(client.CoreV1Api(api), "zerofs-csi-node", config.node_id)
+
+
 def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
     backend = _volume_server_backend(config, metrics)
     attacher = NodeAttacher(nbd.NbdAttacher())
@@ -94,6 +106,7 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
         ninep.ensure_export,
         monitor.is_dead,
         locks,
+        _event_recorder(config),
     )
     runtime = NodeRuntime(service, recovery, monitor, backend)
     runtime.closers.append(attacher.nbd.close)
