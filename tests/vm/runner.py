@@ -974,7 +974,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str]) -> int:
     args, command = parse_args(argv)
-    cwd = args.cwd or os.getcwd()
+    cwd = os.path.abspath(args.cwd) if args.cwd else os.getcwd()
     try:
         check_guest_cwd(cwd)
         venv_bin = REPO_ROOT / ".venv" / "bin"
