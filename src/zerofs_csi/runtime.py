@@ -120,7 +120,11 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
     if config.backend is Backend.LOCAL:
         return ControllerService(FileVolumeStore(config.state_dir / "volumes"), metrics)
     from zerofs_csi.kube.api import make_api_client
-    from zerofs_csi.volume_store import KubernetesVolumeStore
+    from zerofs_csi.volume_store_kube import KubernetesConfigMapReader, KubernetesVolumeStore
 
     api = make_api_client(Path(config.kubeconfig) if config.kubeconfig else None)
-    return ControllerService(KubernetesVolumeStore(api, config.namespace), metrics)
+    return ControllerService(
+        KubernetesVolumeStore(api, config.namespace),
+        metrics,
+        read_config_map=KubernetesConfigMapReader(api, config.namespace),
+    )
