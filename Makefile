@@ -32,7 +32,7 @@ test-unit: build
 
 # Against a real S3 server: a single-node Ceph radosgw on loopback, started by the fixture.
 test-s3: build
-	$(PYTEST) -m s3 -q tests/s3
+	$(PYTEST) -m s3 -q tests
 
 # Privileged tests: directly where this host has NBD and root, otherwise in the microVM.
 test-vm: build
