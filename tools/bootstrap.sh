@@ -26,7 +26,10 @@ if [[ ! -x .venv/bin/python ]]; then
     "$python" -m venv .venv
 fi
 if [[ ! -f $stamp || $(cat "$stamp") != "$inputs" ]]; then
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[dev]'
+    # pip warns about every index location of the machine's pip config it cannot use.
+    quiet_pip() { .venv/bin/pip "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
+    quiet_pip install -q --upgrade pip
+    quiet_pip install -q -e '.[dev]'
+    .venv/bin/python -c 'import zerofs_csi._nbd, Cython' # fail here, not later, if it did not
     echo "$inputs" >"$stamp"
 fi
