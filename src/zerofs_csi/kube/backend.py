@@ -37,7 +37,7 @@ from pathlib import Path
 
 import urllib3
 from kubernetes import client, watch
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from zerofs_csi import errors
 from zerofs_csi.kube import objects
@@ -112,6 +112,8 @@ class KubernetesBackend:
     ``socket_root`` must be the same path on the host and in the node plugin's
     container: the pods mount ``<socket_root>/<volume>`` from the host at that path.
     ``core`` replaces the CoreV1Api built from ``api`` (to instrument calls in tests).
+    ``registry`` is where the removal counter is exported: the plugin's registry (the
+    one ``metrics`` was built with); without it the counter is kept but not exported.
     """
 
     name = "kubernetes"
@@ -125,7 +127,7 @@ class KubernetesBackend:
         socket_root: Path,
         owner: DaemonSetOwner | None,
         metrics: Metrics,
-        registry: CollectorRegistry = REGISTRY,
+        registry: CollectorRegistry | None = None,
         removal_timeout: float = DEFAULT_REMOVAL_TIMEOUT,
         forced_removal_timeout: float = DEFAULT_FORCED_REMOVAL_TIMEOUT,
         conflict_retries: int = DEFAULT_CONFLICT_RETRIES,
