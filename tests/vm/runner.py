@@ -84,6 +84,9 @@ GUEST_BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUEST_TMPFS_DIRS = ("/tmp", "/var/tmp", "/run", "/var/log", "/proc", "/sys", "/dev")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
+# A kernel tree not used for this long is removed once a newer one is cached.
+KERNEL_TREE_KEEP_SECONDS = 86400.0
+
 # Seconds QEMU gets to exit after the guest reported the command's status.
 POWER_OFF_GRACE = 30.0
 
@@ -300,9 +303,12 @@ def prepare_kernel(apt: Apt, package: KernelPackage) -> Kernel:
         extracted.rename(tree)
         shutil.rmtree(staging)
         complete_marker.write_text(f"{package.name} {package.version}\n")
-        for other in kernels_dir.iterdir():
-            if other != tree:
-                shutil.rmtree(other, ignore_errors=True)
+    # The marker's mtime says when a tree was last used. A VM still running
+    # from an older tree loads modules from it: only trees unused for a day go.
+    os.utime(complete_marker)
+    for other in kernels_dir.iterdir():
+        if other != tree and unused_for(other / ".complete", KERNEL_TREE_KEEP_SECONDS):
+            shutil.rmtree(other, ignore_errors=True)
     kernel = Kernel(tree, single_release(tree))
     if not kernel.vmlinuz.is_file():
         raise VmError(f"{kernel.vmlinuz} missing from {package.name}")
@@ -363,6 +369,13 @@ def boot_image(kernel: Kernel) -> Path:
     partial.write_bytes(elf)
     partial.rename(kernel.vmlinux)
     return kernel.vmlinux
+
+
+def unused_for(marker: Path, seconds: float) -> bool:
+    try:
+        return time.time() - marker.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return True
 
 
 def single_release(tree: Path) -> str:
