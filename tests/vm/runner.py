@@ -498,7 +498,7 @@ def newc_archive(entries: Iterable[ArchiveEntry]) -> bytes:
 
 
 def initramfs_entries(
-    init_script: bytes, busybox: bytes, module_lines: Sequence[str], modules_base: Path
+    init_script: bytes, busybox: bytes, module_lines: Sequence[str], kernel_tree: Path
 ) -> list[ArchiveEntry]:
     module_list = "".join(f"{line}\n" for line in module_lines).encode()
     entries = [
@@ -524,7 +524,7 @@ def initramfs_entries(
                 directories.add(str(parent))
                 entries.append(ArchiveEntry(str(parent), S_IFDIR | 0o755))
         entries.append(
-            ArchiveEntry(relative, S_IFREG | 0o644, (modules_base / relative).read_bytes())
+            ArchiveEntry(relative, S_IFREG | 0o644, (kernel_tree / relative).read_bytes())
         )
     return entries
 
@@ -549,8 +549,7 @@ def build_initramfs(kernel: Kernel) -> Path:
     if image.is_file() and key_file.is_file() and key_file.read_text().strip() == digest:
         return image
     log("building initramfs")
-    modules_base = kernel.modules_dir.parent.parent.parent
-    archive = newc_archive(initramfs_entries(init_script, busybox, module_lines, modules_base))
+    archive = newc_archive(initramfs_entries(init_script, busybox, module_lines, kernel.tree))
     partial = image.with_suffix(".partial")
     partial.write_bytes(archive)
     partial.rename(image)
