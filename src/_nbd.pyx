@@ -1143,6 +1143,7 @@ cdef enum HsKind:
     HS_TIMEOUT = 4
     HS_REPLY = 5        # server answered with an error reply
     HS_UNSUPPORTED = 6  # server lacks something we need
+    HS_SPECULATION = 7  # flags sent ahead did not match the server's greeting
 
 
 cdef struct HsError:
@@ -1435,15 +1436,29 @@ cdef int _hs_go_replies(HsConn *h, HsError *e) noexcept nogil:
         # Other information types (name, description) are ignored, as the protocol asks.
 
 
-cdef int _hs_negotiate_many(HsConn **conns, int count, const char *name, size_t name_len,
-                            HsError *errors) noexcept nogil:
+cdef int _hs_after_greeting(HsConn *h, int assumed_flags, const char *name, size_t name_len,
+                            HsError *e) noexcept nogil:
+    """Read the greeting; then send the client flags and GO, unless they were sent ahead
+    on the strength of ``assumed_flags``, which must then match what the server offers."""
+    if _hs_greeting(h, e) < 0:
+        return -1
+    if assumed_flags < 0:
+        return _hs_send_flags_and_go(h, name, name_len, e)
+    if h.handshake_flags != <uint16_t>assumed_flags:
+        _hs_fail(e, HS_SPECULATION, c.EAGAIN,
+                 "the server's handshake flags changed since the last connection")
+        return -1
+    return 0
+
+
+cdef int _hs_finish_many(HsConn **conns, int count, int assumed_flags, const char *name,
+                         size_t name_len, HsError *errors) noexcept nogil:
     """Negotiate every connection, pipelined: each phase is sent on all sockets before
     any answer is awaited, so N connections cost about one round trip set, not N."""
     cdef int i, rc
     cdef int failed = 0
     for i in range(count):
-        if _hs_greeting(conns[i], &errors[i]) < 0 or \
-                _hs_send_flags_and_go(conns[i], name, name_len, &errors[i]) < 0:
+        if _hs_after_greeting(conns[i], assumed_flags, name, name_len, &errors[i]) < 0:
             failed = 1
     if failed:
         return -1
@@ -1618,7 +1633,176 @@ cdef class Negotiated:
                 f"flags=0x{self.transmission_flags:x}, sockets={len(self._fds)})")
 
 
-def negotiate(address, export_name, int connections=1, double timeout_s=10.0):
+cdef class Handshake:
+    """An NBD handshake in two steps, so that the caller can do its own work while the
+    server accepts: the constructor connects the sockets (and, given the server's
+    handshake flags from an earlier connection, already sends the client flags and
+    NBD_OPT_GO, saving a round trip); :meth:`finish` completes the negotiation.
+
+    Both steps block with the GIL released, each socket operation bounded by
+    ``timeout_s``; errors are those of :func:`negotiate`. A handshake whose early flags
+    turn out wrong fails with HandshakeError(EAGAIN): retry without them.
+    """
+
+    cdef HsConn **conns
+    cdef HsError *errors
+    cdef int n
+    cdef int assumed_flags
+    cdef bytes name
+    cdef object address
+    cdef object export_name
+    cdef bint finished
+
+    def __cinit__(self, address, export_name, int connections=1, double timeout_s=10.0,
+                  int assume_handshake_flags=-1):
+        cdef bytes path_b = b""
+        cdef bytes host_b = b""
+        cdef bytes port_b = b""
+        cdef const char *cpath
+        cdef const char *chost
+        cdef const char *cport
+        cdef const char *cname
+        cdef size_t name_len
+        cdef bint is_tcp
+        cdef int i, rc = 0, n = connections
+        cdef int assumed = assume_handshake_flags
+        self.conns = NULL
+        self.errors = NULL
+        self.n = 0
+        if not 1 <= connections <= MAX_CONNECTIONS:
+            raise ValueError(f"connections must be 1..{MAX_CONNECTIONS}, got {connections}")
+        self.name = export_name.encode()
+        if len(self.name) > 4096:
+            raise ValueError("export name longer than 4096 bytes")
+        if assumed >= 0 and not (assumed & HS_FLAG_FIXED_NEWSTYLE):
+            assumed = -1  # only a fixed-newstyle server may be sent options ahead
+        self.assumed_flags = assumed
+        self.address = address
+        self.export_name = export_name
+        is_tcp = isinstance(address, tuple)
+        if is_tcp:
+            host_b = str(address[0]).encode()
+            port_b = str(int(address[1])).encode()
+        else:
+            path_b = _os.fsencode(address)
+        cpath = path_b
+        chost = host_b
+        cport = port_b
+        cname = self.name
+        name_len = len(self.name)
+        self.conns = <HsConn **>malloc(n * sizeof(HsConn *))
+        self.errors = <HsError *>malloc(n * sizeof(HsError))
+        if self.conns == NULL or self.errors == NULL:
+            raise MemoryError()
+        c.memset(self.conns, 0, n * sizeof(HsConn *))
+        c.memset(self.errors, 0, n * sizeof(HsError))
+        self.n = n
+        for i in range(n):
+            self.conns[i] = <HsConn *>malloc(sizeof(HsConn))
+            if self.conns[i] == NULL:
+                raise MemoryError()
+            c.memset(self.conns[i], 0, sizeof(HsConn) - HS_BUFFER)
+            self.conns[i].fd = -1
+        with nogil:
+            for i in range(n):
+                if is_tcp:
+                    self.conns[i].fd = _open_tcp(chost, cport, timeout_s, &self.errors[i])
+                else:
+                    self.conns[i].fd = _open_unix(cpath, timeout_s, &self.errors[i])
+                if self.conns[i].fd < 0:
+                    rc = -1
+                    break
+                if assumed >= 0:
+                    self.conns[i].handshake_flags = <uint16_t>assumed
+                    if _hs_send_flags_and_go(self.conns[i], cname, name_len,
+                                             &self.errors[i]) < 0:
+                        rc = -1
+                        break
+        if rc < 0:
+            self._raise_first()
+
+    cdef int _raise_first(self) except -1:
+        cdef int i
+        for i in range(self.n):
+            if self.errors[i].kind != HS_OK:
+                exc = _handshake_exception(&self.errors[i], self.address, self.export_name)
+                self.close()
+                raise exc
+        self.close()
+        raise HandshakeError(c.EPROTO, f"NBD handshake with {self.address!r} failed")
+
+    def finish(self):
+        """Complete the negotiation; returns :class:`Negotiated`, which then owns the
+        sockets. Blocks with the GIL released."""
+        cdef int i, rc = 0, n = self.n
+        cdef const char *cname
+        cdef size_t name_len
+        cdef c.timeval zero
+        if self.finished or self.conns == NULL:
+            raise ValueError("handshake already finished or closed")
+        self.finished = True
+        cname = self.name
+        name_len = len(self.name)
+        zero.tv_sec = 0
+        zero.tv_usec = 0
+        with nogil:
+            rc = _hs_finish_many(self.conns, n, self.assumed_flags, cname, name_len,
+                                 self.errors)
+            if rc == 0:
+                # The kernel's receive thread must block indefinitely on these sockets.
+                for i in range(n):
+                    if (c.setsockopt(self.conns[i].fd, c.SOL_SOCKET, c.SO_RCVTIMEO, &zero,
+                                     sizeof(zero)) < 0
+                            or c.setsockopt(self.conns[i].fd, c.SOL_SOCKET, c.SO_SNDTIMEO,
+                                            &zero, sizeof(zero)) < 0):
+                        _hs_fail(&self.errors[i], HS_SYSTEM, c.errno,
+                                 "clearing socket timeouts")
+                        rc = -1
+                        break
+        if rc < 0:
+            self._raise_first()
+        for i in range(1, n):
+            if (self.conns[i].size_bytes != self.conns[0].size_bytes
+                    or self.conns[i].transmission_flags != self.conns[0].transmission_flags):
+                address = self.address
+                self.close()
+                raise HandshakeError(c.EPROTO, f"NBD server {address!r} reported different "
+                                               "sizes or flags on its connections")
+        result = Negotiated()
+        result.size_bytes = self.conns[0].size_bytes
+        result.transmission_flags = self.conns[0].transmission_flags
+        result.handshake_flags = self.conns[0].handshake_flags
+        result.min_block_size = self.conns[0].min_block
+        result.preferred_block_size = self.conns[0].preferred_block
+        result.max_block_size = self.conns[0].max_block
+        result.used_go = self.conns[0].used_go
+        result.export_name = self.export_name
+        for i in range(n):
+            result._fds.append(self.conns[i].fd)
+            self.conns[i].fd = -1
+        self.close()
+        return result
+
+    def close(self):
+        """Abandon the handshake and close its sockets (idempotent)."""
+        cdef int i
+        if self.conns != NULL:
+            for i in range(self.n):
+                if self.conns[i] != NULL:
+                    if self.conns[i].fd >= 0:
+                        c.close(self.conns[i].fd)
+                    free(self.conns[i])
+            free(self.conns)
+            self.conns = NULL
+        free(self.errors)
+        self.errors = NULL
+
+    def __dealloc__(self):
+        self.close()
+
+
+def negotiate(address, export_name, int connections=1, double timeout_s=10.0,
+              int assume_handshake_flags=-1):
     """Open ``connections`` sockets to ``address`` (a unix socket path, or a
     ``(host, port)`` tuple for TCP with TCP_NODELAY) and negotiate ``export_name`` on
     each: fixed newstyle, NO_ZEROES when offered, NBD_OPT_GO asking for INFO_EXPORT and
@@ -1628,106 +1812,11 @@ def negotiate(address, export_name, int connections=1, double timeout_s=10.0):
     Blocks with the GIL released, each socket operation bounded by ``timeout_s``.
     Raises ExportNotFound (ENOENT) for an unknown export, HandshakeError with EACCES
     (policy), EOPNOTSUPP (TLS required), EPROTO (bad magic, protocol violation),
-    ECONNRESET (short read), ETIMEDOUT, or the errno of connect (ENOENT, ECONNREFUSED).
+    ECONNRESET (short read), ETIMEDOUT, EAGAIN (``assume_handshake_flags`` was wrong),
+    or the errno of connect (ENOENT, ECONNREFUSED).
     """
-    cdef bytes name = export_name.encode()
-    cdef bytes path_b = b""
-    cdef bytes host_b = b""
-    cdef bytes port_b = b""
-    cdef bint is_tcp
-    cdef HsConn **conns
-    cdef HsError *errors
-    cdef int i, rc = 0, n = connections
-    cdef const char *cname
-    cdef size_t name_len = len(name)
-    cdef const char *cpath
-    cdef const char *chost
-    cdef const char *cport
-    cdef c.timeval zero
-    if not 1 <= connections <= MAX_CONNECTIONS:
-        raise ValueError(f"connections must be 1..{MAX_CONNECTIONS}, got {connections}")
-    if name_len > 4096:
-        raise ValueError("export name longer than 4096 bytes")
-    if isinstance(address, tuple):
-        is_tcp = True
-        host_b = str(address[0]).encode()
-        port_b = str(int(address[1])).encode()
-    else:
-        is_tcp = False
-        path_b = _os.fsencode(address)
-    conns = <HsConn **>malloc(n * sizeof(HsConn *))
-    errors = <HsError *>malloc(n * sizeof(HsError))
-    if conns == NULL or errors == NULL:
-        free(conns)
-        free(errors)
-        raise MemoryError()
-    c.memset(conns, 0, n * sizeof(HsConn *))
-    c.memset(errors, 0, n * sizeof(HsError))
-    cname = name
-    cpath = path_b
-    chost = host_b
-    cport = port_b
-    zero.tv_sec = 0
-    zero.tv_usec = 0
-    try:
-        for i in range(n):
-            conns[i] = <HsConn *>malloc(sizeof(HsConn))
-            if conns[i] == NULL:
-                raise MemoryError()
-            c.memset(conns[i], 0, sizeof(HsConn) - HS_BUFFER)
-            conns[i].fd = -1
-        with nogil:
-            for i in range(n):
-                if is_tcp:
-                    conns[i].fd = _open_tcp(chost, cport, timeout_s, &errors[i])
-                else:
-                    conns[i].fd = _open_unix(cpath, timeout_s, &errors[i])
-                if conns[i].fd < 0:
-                    rc = -1
-                    break
-            if rc == 0:
-                rc = _hs_negotiate_many(conns, n, cname, name_len, errors)
-            if rc == 0:
-                # The kernel's receive thread must block indefinitely on these sockets.
-                for i in range(n):
-                    if (c.setsockopt(conns[i].fd, c.SOL_SOCKET, c.SO_RCVTIMEO, &zero,
-                                     sizeof(zero)) < 0
-                            or c.setsockopt(conns[i].fd, c.SOL_SOCKET, c.SO_SNDTIMEO,
-                                            &zero, sizeof(zero)) < 0):
-                        _hs_fail(&errors[i], HS_SYSTEM, c.errno, "clearing socket timeouts")
-                        rc = -1
-                        break
-        if rc < 0:
-            for i in range(n):
-                if errors[i].kind != HS_OK:
-                    raise _handshake_exception(&errors[i], address, export_name)
-            raise HandshakeError(c.EPROTO, f"NBD handshake with {address!r} failed")
-        for i in range(1, n):
-            if (conns[i].size_bytes != conns[0].size_bytes
-                    or conns[i].transmission_flags != conns[0].transmission_flags):
-                raise HandshakeError(c.EPROTO, f"NBD server {address!r} reported different "
-                                               "sizes or flags on its connections")
-        result = Negotiated()
-        result.size_bytes = conns[0].size_bytes
-        result.transmission_flags = conns[0].transmission_flags
-        result.handshake_flags = conns[0].handshake_flags
-        result.min_block_size = conns[0].min_block
-        result.preferred_block_size = conns[0].preferred_block
-        result.max_block_size = conns[0].max_block
-        result.used_go = conns[0].used_go
-        result.export_name = export_name
-        for i in range(n):
-            result._fds.append(conns[i].fd)
-            conns[i].fd = -1
-        return result
-    finally:
-        for i in range(n):
-            if conns[i] != NULL:
-                if conns[i].fd >= 0:
-                    c.close(conns[i].fd)
-                free(conns[i])
-        free(conns)
-        free(errors)
+    return Handshake(address, export_name, connections, timeout_s,
+                     assume_handshake_flags).finish()
 
 
 def list_exports(address, double timeout_s=10.0):

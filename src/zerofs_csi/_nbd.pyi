@@ -187,15 +187,43 @@ class Negotiated:
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc_info: object) -> None: ...
 
+class Handshake:
+    """An NBD handshake in two steps, so the caller can work while the server accepts.
+
+    The constructor connects ``connections`` sockets (blocking, GIL released); given the
+    server's handshake flags from an earlier connection (``assume_handshake_flags``,
+    fixed-newstyle servers only) it also sends the client flags and NBD_OPT_GO at once,
+    saving a round trip. Errors as for :func:`negotiate`; early flags that turn out
+    wrong fail :meth:`finish` with HandshakeError(EAGAIN): negotiate again without."""
+
+    def __init__(
+        self,
+        address: ServerAddress,
+        export_name: str,
+        connections: int = 1,
+        timeout_s: float = 10.0,
+        assume_handshake_flags: int = -1,
+    ) -> None: ...
+    def finish(self) -> Negotiated:
+        """Complete the negotiation (blocking, GIL released); the result owns the
+        sockets. ValueError when called twice."""
+    def close(self) -> None:
+        """Abandon the handshake and close its sockets (idempotent)."""
+
 def negotiate(
-    address: ServerAddress, export_name: str, connections: int = 1, timeout_s: float = 10.0
+    address: ServerAddress,
+    export_name: str,
+    connections: int = 1,
+    timeout_s: float = 10.0,
+    assume_handshake_flags: int = -1,
 ) -> Negotiated:
     """Open ``connections`` sockets to ``address`` (unix path, or ``(host, port)`` for
     TCP with TCP_NODELAY) and negotiate ``export_name`` on each, pipelined across the
     sockets: fixed newstyle, NO_ZEROES when offered, NBD_OPT_GO with INFO_EXPORT and
     INFO_BLOCK_SIZE, NBD_OPT_EXPORT_NAME only on ERR_UNSUP or a non-fixed server; never
     structured replies. Blocks (GIL released), each step bounded by ``timeout_s``.
-    Raises ExportNotFound or HandshakeError (see its errno list)."""
+    Raises ExportNotFound or HandshakeError (see its errno list; EAGAIN when
+    ``assume_handshake_flags`` did not match the server)."""
 
 def list_exports(address: ServerAddress, timeout_s: float = 10.0) -> list[tuple[str, str]]:
     """NBD_OPT_LIST for diagnostics: ``[(name, description)]``. Blocks (GIL released)."""

@@ -8,19 +8,24 @@ that the ioctl fallback needs.
 
 Timeouts (the defaults, and why):
 
-* ``io_timeout_s = 0`` (NBD_ATTR_TIMEOUT): a request is never aborted for being slow.
-  ZeroFS answers a FLUSH only after the object store has the data, and a slow or briefly
-  unavailable store must not turn into EIO and a read-only filesystem (ceph-csi saw
-  exactly that with a finite io-timeout and settled on 0, ceph-csi#2204/#2394). A
-  server that dies closes its socket, which the kernel notices at once regardless of
-  this timeout. With several connections the kernel still applies the block layer's
-  30 s default to mark a connection dead and resend its requests on another one, which
-  is harmless: the requests are requeued, not failed.
-* ``dead_conn_timeout_s = 300`` (NBD_ATTR_DEAD_CONN_TIMEOUT): after a connection dies,
-  I/O waits this long for RECONFIGURE with fresh sockets before failing. It covers a
-  ZeroFS restart (pod rescheduled on the node, image pulled, cache warmed) and a node
-  plugin restart in between; 300 s is the reattach window ceph-csi chose. The LINK_DEAD
-  listener normally reconnects within a second or two of the server coming back.
+* ``dead_conn_timeout_s = 300`` (NBD_ATTR_DEAD_CONN_TIMEOUT): once no connection of a
+  device is alive, I/O waits this long for RECONFIGURE with fresh sockets before failing
+  with EIO. It must cover a ZeroFS restart (process or pod, cache warm-up) and a node
+  plugin restart in between: 300 s is the reattach window ceph-csi settled on
+  (ceph-csi#2204, #2394). The LINK_DEAD listener normally reconnects within a second or
+  two of the server accepting connections again.
+* ``io_timeout_s = 120`` (NBD_ATTR_TIMEOUT): when a request has had no answer for this
+  long its connection is marked dead, LINK_DEAD is sent and the request is requeued,
+  not failed: it is resent once a reconnect brings a live socket, and fails only after
+  the dead-connection window. A server that dies closes its sockets and is noticed at
+  once, but the requests it had in flight are resent only at their timeout, so this
+  bounds how long a restart stalls them. 0 would leave a hung (alive but silent) server
+  undetected forever on a single connection, with writers in D state and nothing for
+  the listener to act on; with several connections the kernel applies the block
+  layer's 30 s default anyway. 120 s lets a ZeroFS FLUSH wait on a slow object store
+  without being cut off, and one that is cut off is resent after a reconnect, never
+  failed. ceph-csi's EIO came from a finite timeout with nobody reconnecting in time;
+  here the listener reconnects.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ __all__ = [
     "list_exports",
 ]
 
-DEFAULT_IO_TIMEOUT_S = 0
+DEFAULT_IO_TIMEOUT_S = 120
 DEFAULT_DEAD_CONN_TIMEOUT_S = 300
 DEFAULT_CONNECTIONS = 4
 DEFAULT_BLOCK_SIZE = 4096
@@ -187,6 +192,10 @@ class NbdAttacher:
         self._pool: list[_nbd.NbdNetlink] = []
         self._backend_locks: dict[str, threading.Lock] = {}
         self._ioctl_sessions: dict[int, _IoctlSession] = {}
+        self._connections: dict[int, int] = {}
+        # Handshake flags each server offered last time: the next handshake sends its
+        # client flags and NBD_OPT_GO without waiting for the greeting.
+        self._handshake_flags: dict[ServerAddress, int] = {}
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -298,46 +307,118 @@ class NbdAttacher:
         """
         _validate_attach(backend_id, connections, block_size, io_timeout_s, dead_conn_timeout_s)
         with self._backend_lock(backend_id):
-            existing = self._existing(backend_id)
-            if existing is not None:
+            try:
+                # Connect first: the server accepts and greets while we look for an
+                # existing device and open the uevent socket.
+                handshake = self._begin_handshake(
+                    server, export_name, connections, handshake_timeout_s
+                )
+            except HandshakeError:
+                existing = self._existing(backend_id)
+                if existing is None:
+                    raise
                 return self._ready(existing, ready_timeout_s, None, keep_lock)
-            negotiated = _nbd.negotiate(server, export_name, connections, handshake_timeout_s)
-            with negotiated:
-                if connections > 1 and not negotiated.can_multi_conn:
-                    raise MultiConnUnsupported(
-                        errno.EINVAL,
-                        f"NBD server {server!r} does not advertise CAN_MULTI_CONN for "
-                        f"export {export_name!r}: attach it with connections=1",
-                    )
-                size = negotiated.size_bytes
-                bsize = _block_size_for(block_size, negotiated)
+            watch: _nbd.UeventWatch | None = None
+            try:
+                existing = self._existing(backend_id)
+                if existing is not None:
+                    handshake.close()
+                    return self._ready(existing, ready_timeout_s, None, keep_lock)
                 watch = _nbd.UeventWatch()
-                try:
-                    if self.use_ioctl:
-                        new_index = self._ioctl_connect(
-                            negotiated, bsize, io_timeout_s, backend_id, index
-                        )
-                    else:
-                        with self._netlink() as nl:
-                            new_index = nl.connect(
-                                negotiated.socket_fds,
-                                size,
-                                block_size=bsize,
-                                server_flags=negotiated.transmission_flags,
-                                timeout_s=io_timeout_s,
-                                dead_conn_timeout_s=dead_conn_timeout_s,
-                                backend_id=backend_id,
-                                index=index,
-                            )
-                    negotiated.close()
-                    device = Device(new_index, self._path(new_index), size, backend_id)
-                    try:
-                        return self._ready(device, ready_timeout_s, watch, keep_lock)
-                    except BaseException:
-                        self._disconnect(new_index)
-                        raise
-                finally:
+                with self._finish_handshake(
+                    handshake, server, export_name, connections, handshake_timeout_s
+                ) as negotiated:
+                    return self._connect(
+                        negotiated,
+                        server,
+                        export_name,
+                        backend_id,
+                        connections=connections,
+                        block_size=block_size,
+                        io_timeout_s=io_timeout_s,
+                        dead_conn_timeout_s=dead_conn_timeout_s,
+                        index=index,
+                        ready_timeout_s=ready_timeout_s,
+                        keep_lock=keep_lock,
+                        watch=watch,
+                    )
+            finally:
+                handshake.close()
+                if watch is not None:
                     watch.close()
+
+    def _begin_handshake(
+        self, server: ServerAddress, export_name: str, connections: int, timeout_s: float
+    ) -> _nbd.Handshake:
+        assumed = self._handshake_flags.get(server, -1)
+        return _nbd.Handshake(server, export_name, connections, timeout_s, assumed)
+
+    def _finish_handshake(
+        self,
+        handshake: _nbd.Handshake,
+        server: ServerAddress,
+        export_name: str,
+        connections: int,
+        timeout_s: float,
+    ) -> _nbd.Negotiated:
+        try:
+            negotiated = handshake.finish()
+        except HandshakeError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+            # The server at this address changed: negotiate again without sending ahead.
+            self._handshake_flags.pop(server, None)
+            negotiated = _nbd.negotiate(server, export_name, connections, timeout_s)
+        self._handshake_flags[server] = negotiated.handshake_flags
+        return negotiated
+
+    def _connect(
+        self,
+        negotiated: _nbd.Negotiated,
+        server: ServerAddress,
+        export_name: str,
+        backend_id: str,
+        *,
+        connections: int,
+        block_size: int,
+        io_timeout_s: int,
+        dead_conn_timeout_s: int,
+        index: int | None,
+        ready_timeout_s: float,
+        keep_lock: bool,
+        watch: _nbd.UeventWatch,
+    ) -> Device:
+        if connections > 1 and not negotiated.can_multi_conn:
+            raise MultiConnUnsupported(
+                errno.EINVAL,
+                f"NBD server {server!r} does not advertise CAN_MULTI_CONN for "
+                f"export {export_name!r}: attach it with connections=1",
+            )
+        size = negotiated.size_bytes
+        bsize = _block_size_for(block_size, negotiated)
+        if self.use_ioctl:
+            new_index = self._ioctl_connect(negotiated, bsize, io_timeout_s, backend_id, index)
+        else:
+            with self._netlink() as nl:
+                new_index = nl.connect(
+                    negotiated.socket_fds,
+                    size,
+                    block_size=bsize,
+                    server_flags=negotiated.transmission_flags,
+                    timeout_s=io_timeout_s,
+                    dead_conn_timeout_s=dead_conn_timeout_s,
+                    backend_id=backend_id,
+                    index=index,
+                )
+        # The kernel holds its own references to the sockets now.
+        negotiated.close()
+        self._connections[new_index] = connections
+        device = Device(new_index, self._path(new_index), size, backend_id)
+        try:
+            return self._ready(device, ready_timeout_s, watch, keep_lock)
+        except BaseException:
+            self._disconnect(new_index)
+            raise
 
     def _existing(self, backend_id: str) -> Device | None:
         if self.use_ioctl:
@@ -488,18 +569,24 @@ class NbdAttacher:
     ) -> None:
         """Negotiate fresh sockets and RECONFIGURE ``nbd<index>`` with them, replacing
         its dead connections (the kernel ignores them when none is dead). ``connections``
-        defaults to the device's connection count. Raises NotOwner, NbdError(ENODEV)
-        when the device is not connected, and the handshake errors."""
+        defaults to the count this object attached it with, else DEFAULT_CONNECTIONS; the
+        kernel uses as many as it has dead connections and closes the rest. Raises
+        NotOwner, NbdError(ENODEV) when the device is not connected, and the handshake
+        errors."""
         if self.use_ioctl:
             raise NbdError(errno.EOPNOTSUPP, "reconnect needs the netlink interface")
         with self._backend_lock(backend_id):
             if not self._owner_check(index, backend_id):
                 raise NbdError(errno.ENODEV, f"nbd{index} is not connected")
-            count = connections or self.connection_count(index)
-            with (
-                _nbd.negotiate(server, export_name, count, handshake_timeout_s) as negotiated,
-                self._netlink() as nl,
-            ):
+            count = connections or self._connections.get(index, DEFAULT_CONNECTIONS)
+            handshake = self._begin_handshake(server, export_name, count, handshake_timeout_s)
+            try:
+                negotiated = self._finish_handshake(
+                    handshake, server, export_name, count, handshake_timeout_s
+                )
+            finally:
+                handshake.close()
+            with negotiated, self._netlink() as nl:
                 nl.reconfigure(index, negotiated.socket_fds, backend_id=backend_id)
 
     def resize(
@@ -528,14 +615,6 @@ class NbdAttacher:
             with self._netlink() as nl:
                 nl.reconfigure(index, backend_id=backend_id, size_bytes=size_bytes)
             _nbd.wait_ready(index, size_bytes, ready_timeout_s, dev_dir=self.dev_dir)
-
-    @staticmethod
-    def connection_count(index: int) -> int:
-        """Connections of ``nbd<index>``: the kernel gives each its own hardware queue."""
-        try:
-            return max(1, len(os.listdir(f"/sys/block/nbd{index}/mq")))
-        except FileNotFoundError:
-            return 1
 
     # -- LINK_DEAD ------------------------------------------------------------------
 

@@ -383,6 +383,40 @@ def test_go_without_no_zeroes(start_nbdkit: StartNbdkit) -> None:
 
 
 @needs_nbdkit
+def test_flags_sent_ahead_save_a_round_trip(start_nbdkit: StartNbdkit) -> None:
+    server = start_nbdkit()
+    offered = _nbd.negotiate(server.sock, "disk1").handshake_flags
+    handshake = _nbd.Handshake(server.sock, "disk1", 2, 5.0, offered)
+    with handshake.finish() as neg:
+        assert neg.used_go and neg.size_bytes == 4 << 20
+        for fd in neg.socket_fds:
+            assert nbd_read(fd, 0, 512) == b"\0" * 512
+    with pytest.raises(ValueError):
+        handshake.finish()
+
+
+@needs_nbdkit
+def test_flags_sent_ahead_that_do_not_match_fail_with_eagain(start_nbdkit: StartNbdkit) -> None:
+    server = start_nbdkit("--mask-handshake=1")  # fixed newstyle only, no NO_ZEROES
+    with pytest.raises(_nbd.HandshakeError) as info:
+        _nbd.negotiate(server.sock, "disk1", assume_handshake_flags=0b11)
+    assert info.value.errno == errno.EAGAIN
+    with _nbd.negotiate(server.sock, "disk1") as neg:
+        assert neg.handshake_flags == 1
+
+
+@needs_nbdkit
+def test_an_abandoned_handshake_closes_its_sockets(start_nbdkit: StartNbdkit) -> None:
+    server = start_nbdkit()
+    before = len(os.listdir("/proc/self/fd"))
+    handshake = _nbd.Handshake(server.sock, "disk1", 3)
+    assert len(os.listdir("/proc/self/fd")) == before + 3
+    handshake.close()
+    handshake.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+@needs_nbdkit
 def test_unknown_export(start_nbdkit: StartNbdkit) -> None:
     server = start_nbdkit()
     with pytest.raises(_nbd.ExportNotFound) as info:
