@@ -56,7 +56,7 @@ standin = load_standin()
 
 def test_loads_the_config_the_driver_renders(tmp_path: Path) -> None:
     settings = VolumeSettings(
-        storage_url=StorageUrl(scheme="file", bucket="", path=str(tmp_path / "data").strip("/")),
+        storage_url=StorageUrl.parse(f"file://{tmp_path}/data"),
         compression="lz4",
         l0_max_ssts=8,
     )

@@ -45,7 +45,7 @@ if shutil.which("zerofs"):
 
 def file_storage(directory: Path) -> StorageUrl:
     """``file:///<directory>``: ZeroFS's local filesystem store, served by both."""
-    return StorageUrl(scheme="file", bucket="", path=str(directory).strip("/"))
+    return StorageUrl.parse(f"file://{directory}")
 
 
 def settings_for(tmp_path: Path, **overrides: object) -> VolumeSettings:
@@ -219,7 +219,7 @@ PLUGIN = textwrap.dedent(
     state, data, command, volume = sys.argv[1:5]
     backend = ProcessBackend(Path(state), command=[command])
     settings = VolumeSettings(
-        storage_url=StorageUrl(scheme="file", bucket="", path=data.strip("/")),
+        storage_url=StorageUrl.parse("file://" + data),
         pod_ready_timeout_seconds=20,
     )
     backend.ensure(volume, settings, VolumeSecrets(encryption_password=sys.argv[5]))
