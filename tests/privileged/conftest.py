@@ -1,0 +1,412 @@
+"""Fixtures for the node tests: the plugin as a subprocess, a CSI client, leftover checks.
+
+The plugin runs exactly as a user runs it (``python -m zerofs_csi --role all --backend
+local``) with the ZeroFS stand-in as its server command, so every test goes through the
+real gRPC API, the real process backend, the real kernel NBD driver and real mounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from zerofs_csi import mounts
+from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+STANDIN = REPO / "tools" / "zerofs-standin"
+MiB = 1 << 20
+NODE_ID = "test-node"
+SECRETS = {"ZEROFS_ENCRYPTION_PASSWORD": "node-test-encryption-password"}
+# Plugin start (imports over 9p under TCG) and recovery can take a while in the VM.
+READY_TIMEOUT_S = 120.0
+RPC_TIMEOUT_S = 300.0
+LOG_TAIL_LINES = 60
+
+Mode = csi_pb2.VolumeCapability.AccessMode
+
+
+def mount_capability(
+    fs_type: str = "",
+    flags: tuple[str, ...] = (),
+    mode: int = Mode.SINGLE_NODE_WRITER,
+) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
+        access_mode=Mode(mode=mode),
+    )
+
+
+def block_capability(mode: int = Mode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=mode)
+    )
+
+
+# -- what the node looks like from outside -------------------------------------------
+
+
+def connected_nbd_devices() -> set[int]:
+    """Indexes of NBD devices the kernel has connected (``/sys/block/nbdN/pid`` exists)."""
+    found = set()
+    for entry in Path("/sys/block").glob("nbd*"):
+        if entry.name[3:].isdigit() and (entry / "pid").exists():
+            found.add(int(entry.name[3:]))
+    return found
+
+
+def mounts_under(directory: Path) -> list[str]:
+    root = os.path.realpath(directory)
+    return [
+        e.mountpoint
+        for e in mounts.mountinfo()
+        if e.mountpoint == root or e.mountpoint.startswith(root + "/")
+    ]
+
+
+def processes_mentioning(*needles: str) -> list[tuple[int, str]]:
+    """Processes (other than this one) whose command line contains one of ``needles``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(needle in argv for needle in needles):
+            found.append((int(entry.name), argv.strip()))
+    return found
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def filesystem_uuid(device: str) -> str:
+    return subprocess.run(
+        ["blkid", "-p", "-s", "UUID", "-o", "value", device],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+
+
+# -- the plugin ---------------------------------------------------------------------------
+
+
+@dataclass
+class PluginProcess:
+    """``python -m zerofs_csi`` with the local backend under ``workdir``."""
+
+    workdir: Path
+    metrics_address: str = ""
+    extra_args: tuple[str, ...] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    channel: grpc.Channel | None = field(default=None, repr=False)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.workdir / "csi.sock"
+
+    @property
+    def store(self) -> Path:
+        return self.workdir / "store"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "plugin.log"
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "zerofs_csi",
+            "--role", "all", "--backend", "local",
+            "--zerofs-command", str(STANDIN),
+            "--state-dir", str(self.state_dir),
+            "--endpoint", f"unix://{self.socket_path}",
+            "--node-id", NODE_ID,
+            "--metrics-address", self.metrics_address,
+            "--log-format", "text", "--log-level", "debug",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, wait_ready: bool = True) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "plugin already running"
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        with open(self.log_path, "ab") as log:
+            log.write(f"==== plugin start {self.starts} ====\n".encode())
+            self.proc = subprocess.Popen(
+                self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
+        self._connect()
+        if wait_ready:
+            self.wait_ready()
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self._listening():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"plugin exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"plugin did not listen in time:\n{self.log_tail()}")
+            time.sleep(0.05)
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = grpc.insecure_channel(f"unix://{self.socket_path}")
+
+    def _listening(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket_path))
+            except OSError:
+                return False
+        return True
+
+    def ready(self) -> bool:
+        reply = self.identity.Probe(csi_pb2.ProbeRequest(), timeout=30)
+        return bool(reply.ready.value)
+
+    def wait_ready(self) -> None:
+        wait_for(self.ready, READY_TIMEOUT_S, "the plugin's Probe to report ready")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill9(self) -> None:
+        """SIGKILL: no shutdown code runs, as when the node plugin container dies."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no plugin log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    @property
+    def identity(self) -> csi_pb2_grpc.IdentityStub:
+        return csi_pb2_grpc.IdentityStub(self.channel)
+
+    @property
+    def controller(self) -> csi_pb2_grpc.ControllerStub:
+        return csi_pb2_grpc.ControllerStub(self.channel)
+
+    @property
+    def node(self) -> csi_pb2_grpc.NodeStub:
+        return csi_pb2_grpc.NodeStub(self.channel)
+
+    def server_processes(self) -> list[tuple[int, str]]:
+        """Volume server processes (the stand-in and its nbdkit/diod) of this plugin."""
+        return processes_mentioning(str(self.state_dir / "servers"), str(self.store))
+
+
+# -- volumes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Volume:
+    plugin: PluginProcess
+    volume_id: str
+    context: dict[str, str]
+    fs_type: str
+    staging: str
+    capability: csi_pb2.VolumeCapability
+    targets: list[str] = field(default_factory=list)
+
+    @property
+    def node(self) -> csi_pb2_grpc.NodeStub:
+        return self.plugin.node
+
+    def stage(
+        self, capability: csi_pb2.VolumeCapability | None = None, timeout: float = RPC_TIMEOUT_S
+    ) -> csi_pb2.NodeStageVolumeResponse:
+        return self.node.NodeStageVolume(
+            csi_pb2.NodeStageVolumeRequest(
+                volume_id=self.volume_id,
+                staging_target_path=self.staging,
+                volume_capability=capability or self.capability,
+                volume_context=self.context,
+                secrets=SECRETS,
+            ),
+            timeout=timeout,
+        )
+
+    def unstage(self) -> csi_pb2.NodeUnstageVolumeResponse:
+        return self.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(
+                volume_id=self.volume_id, staging_target_path=self.staging
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+
+    def publish(
+        self,
+        target: str,
+        readonly: bool = False,
+        capability: csi_pb2.VolumeCapability | None = None,
+    ) -> csi_pb2.NodePublishVolumeResponse:
+        if target not in self.targets:
+            self.targets.append(target)
+        return self.node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=self.volume_id,
+                staging_target_path=self.staging,
+                target_path=target,
+                volume_capability=capability or self.capability,
+                volume_context=self.context,
+                readonly=readonly,
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+
+    def unpublish(self, target: str) -> csi_pb2.NodeUnpublishVolumeResponse:
+        return self.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=self.volume_id, target_path=target),
+            timeout=RPC_TIMEOUT_S,
+        )
+
+    def stats(self, path: str) -> csi_pb2.NodeGetVolumeStatsResponse:
+        return self.node.NodeGetVolumeStats(
+            csi_pb2.NodeGetVolumeStatsRequest(
+                volume_id=self.volume_id, volume_path=path, staging_target_path=self.staging
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+
+    def record(self) -> dict[str, object]:
+        import json
+
+        return dict(json.loads((Path(self.staging) / "zerofs-volume.json").read_text()))
+
+    def device(self) -> str:
+        return f"/dev/nbd{self.record()['device_index']}"
+
+    def cleanup(self) -> None:
+        """Unpublish, unstage and delete, ignoring what is already gone."""
+        for target in self.targets:
+            with contextlib.suppress(grpc.RpcError):
+                self.unpublish(target)
+        with contextlib.suppress(grpc.RpcError):
+            self.unstage()
+        with contextlib.suppress(grpc.RpcError):
+            self.plugin.controller.DeleteVolume(
+                csi_pb2.DeleteVolumeRequest(volume_id=self.volume_id, secrets=SECRETS),
+                timeout=RPC_TIMEOUT_S,
+            )
+
+
+_names = itertools.count(1)
+
+VolumeFactory = Callable[..., Volume]
+
+
+def create_volume(
+    plugin: PluginProcess,
+    workdir: Path,
+    fs_type: str = "ext4",
+    size: int = 256 * MiB,
+    block: bool = False,
+    name: str = "",
+) -> Volume:
+    name = name or f"pvc-{os.getpid()}-{next(_names)}"
+    capability = block_capability() if block else mount_capability(fs_type)
+    created = plugin.controller.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name=name,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+            volume_capabilities=[capability],
+            parameters={"storageUrl": f"file://{plugin.store}", "filesystem": fs_type},
+            secrets=SECRETS,
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    vid = created.volume.volume_id
+    return Volume(
+        plugin=plugin,
+        volume_id=vid,
+        context=dict(created.volume.volume_context),
+        fs_type="" if block else fs_type,
+        staging=str(workdir / "kubelet" / "staging" / vid),
+        capability=capability,
+    )
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginProcess]:
+    """One plugin for a test module (starting one costs seconds under TCG)."""
+    process = PluginProcess(tmp_path_factory.mktemp("node"))
+    process.start()
+    yield process
+    process.stop()
+    for pid, _ in process.server_processes():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def volumes(plugin: PluginProcess) -> Iterator[VolumeFactory]:
+    """Creates volumes on the module's plugin; unpublishes, unstages and deletes them after."""
+    made: list[Volume] = []
+
+    def make(**kwargs: object) -> Volume:
+        volume = create_volume(plugin, plugin.workdir, **kwargs)  # type: ignore[arg-type]
+        made.append(volume)
+        return volume
+
+    yield make
+    for volume in reversed(made):
+        volume.cleanup()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing node test shows the end of the plugin's log."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        funcargs = getattr(item, "funcargs", {})
+        for value in funcargs.values():
+            if isinstance(value, PluginProcess):
+                report.sections.append(("plugin log", value.log_tail()))

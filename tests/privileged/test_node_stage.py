@@ -1,0 +1,344 @@
+"""The Node service through its gRPC API against the real kernel: stage, publish, stats.
+
+python3 tests/vm/runner.py --timeout 900 -- .venv/bin/pytest -m privileged -x -q \
+    tests/privileged/test_node_stage.py
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import (
+    NODE_ID,
+    MiB,
+    Mode,
+    PluginProcess,
+    Volume,
+    VolumeFactory,
+    block_capability,
+    connected_nbd_devices,
+    filesystem_uuid,
+    mount_capability,
+    mounts_under,
+)
+
+from zerofs_csi import mounts
+from zerofs_csi.csi import csi_pb2
+
+pytestmark = pytest.mark.privileged
+
+# xfsprogs refuses filesystems under 300 MiB; the exports are sparse files either way.
+SIZES = {"ext4": 128 * MiB, "xfs": 320 * MiB, "btrfs": 256 * MiB}
+DATA_MIB = 4
+
+
+def write_file(path: Path, mib: int, seed: bytes) -> str:
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for i in range(mib):
+            chunk = hashlib.sha256(seed + i.to_bytes(4, "little")).digest() * (MiB // 32)
+            digest.update(chunk)
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def digest_of(path: Path, limit: int | None = None) -> str:
+    digest = hashlib.sha256()
+    remaining = limit
+    with open(path, "rb") as f:
+        while remaining is None or remaining > 0:
+            chunk = f.read(MiB if remaining is None else min(MiB, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def assert_code(call: object, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    assert info.value.code() == code, info.value.details()
+    return str(info.value.details())
+
+
+def assert_unstaged(volume: Volume) -> None:
+    plugin = volume.plugin
+    assert not (Path(volume.staging) / "zerofs-volume.json").exists()
+    assert not (plugin.state_dir / "staged" / f"{volume.volume_id}.json").exists()
+    assert not mounts_under(Path(volume.staging))
+    assert not [p for p in plugin.server_processes() if volume.volume_id in p[1]]
+    for index in connected_nbd_devices():
+        backend = Path(f"/sys/block/nbd{index}/backend")
+        if backend.exists():
+            assert volume.volume_id not in backend.read_text(), f"nbd{index} still attached"
+
+
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs", "btrfs"])
+def test_filesystem_life(volumes: VolumeFactory, fs_type: str) -> None:
+    volume = volumes(fs_type=fs_type, size=SIZES[fs_type])
+    volume.stage()
+    device = volume.device()
+    mount = mounts.find_mount(Path(volume.staging) / "mount")
+    assert mount is not None and mount.fstype == fs_type and mount.source == device
+    uuid = filesystem_uuid(device)
+    assert uuid
+
+    volume.stage()  # idempotent: same device, nothing remade
+    assert volume.device() == device and filesystem_uuid(device) == uuid
+    assert len(mounts_under(Path(volume.staging))) == 1
+
+    target = volume.plugin.workdir / "pods" / volume.volume_id / "volume"
+    volume.publish(str(target))
+    volume.publish(str(target))  # idempotent
+    assert len(mounts_under(target)) == 1
+    assert_code(lambda: volume.publish(str(target), readonly=True), grpc.StatusCode.ALREADY_EXISTS)
+
+    digest = write_file(target / "data.bin", DATA_MIB, fs_type.encode())
+    (target / "dir").mkdir()
+
+    readonly_target = volume.plugin.workdir / "pods" / volume.volume_id / "readonly"
+    volume.publish(str(readonly_target), readonly=True)
+    volume.publish(str(readonly_target), readonly=True)
+    assert digest_of(readonly_target / "data.bin") == digest
+    with pytest.raises(OSError) as denied:
+        (readonly_target / "new").write_bytes(b"x")
+    assert denied.value.errno == errno.EROFS
+    assert_code(
+        lambda: volume.publish(str(readonly_target), readonly=False),
+        grpc.StatusCode.ALREADY_EXISTS,
+    )
+
+    stats = volume.stats(str(target))
+    units = {u.unit: u for u in stats.usage}
+    Unit = csi_pb2.VolumeUsage.Unit
+    assert set(units) == {Unit.BYTES, Unit.INODES}
+    size_bytes = units[Unit.BYTES]
+    assert 0.5 * SIZES[fs_type] < size_bytes.total <= SIZES[fs_type]
+    assert size_bytes.used >= DATA_MIB * MiB
+    assert 0 < size_bytes.available < size_bytes.total
+    if fs_type != "btrfs":  # btrfs allocates inodes dynamically and reports 0 total
+        inodes = units[Unit.INODES]
+        assert inodes.total > 0 and 2 <= inodes.used < inodes.total
+    assert not stats.volume_condition.abnormal, stats.volume_condition.message
+
+    for path in (readonly_target, target):
+        volume.unpublish(str(path))
+        volume.unpublish(str(path))  # idempotent
+        assert not path.exists()
+    volume.unstage()
+    volume.unstage()  # idempotent
+    assert_unstaged(volume)
+
+    volume.stage()  # existing filesystem: no mkfs
+    assert filesystem_uuid(volume.device()) == uuid
+    volume.publish(str(target))
+    assert digest_of(target / "data.bin") == digest
+    assert (target / "dir").is_dir()
+
+
+def test_block_life(volumes: VolumeFactory) -> None:
+    size = 64 * MiB
+    volume = volumes(block=True, size=size)
+    volume.stage()
+    volume.stage()
+    device = volume.device()
+    assert not (Path(volume.staging) / "mount").exists()
+
+    target = volume.plugin.workdir / "pods" / volume.volume_id / "dev"
+    volume.publish(str(target))
+    volume.publish(str(target))
+    assert stat.S_ISBLK(target.stat().st_mode)
+    assert os.stat(target).st_rdev == os.stat(device).st_rdev
+
+    offset = 3 * MiB
+    payload = os.urandom(2 * MiB)
+    fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_END) == size
+        os.pwrite(fd, payload, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+    stats = volume.stats(str(target))
+    assert [u.total for u in stats.usage] == [size]
+    assert not stats.volume_condition.abnormal
+
+    volume.unpublish(str(target))
+    volume.unpublish(str(target))
+    assert not target.exists()
+    volume.unstage()
+    volume.unstage()
+    assert_unstaged(volume)
+
+    volume.stage()
+    volume.publish(str(target))
+    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert os.pread(fd, len(payload), offset) == payload
+    finally:
+        os.close(fd)
+
+
+def test_publish_needs_a_staged_volume_of_the_same_kind(volumes: VolumeFactory) -> None:
+    volume = volumes(fs_type="ext4", size=SIZES["ext4"])
+    target = str(volume.plugin.workdir / "pods" / volume.volume_id / "volume")
+    assert_code(lambda: volume.publish(target), grpc.StatusCode.FAILED_PRECONDITION)
+    volume.stage()
+    assert_code(
+        lambda: volume.publish(target, capability=block_capability()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert_code(lambda: volume.stage(block_capability()), grpc.StatusCode.ALREADY_EXISTS)
+    assert not Path(target).exists()
+
+
+def test_stage_over_a_different_filesystem_fails_and_undoes(volumes: VolumeFactory) -> None:
+    volume = volumes(fs_type="ext4", size=SIZES["ext4"])
+    volume.stage()
+    target = volume.plugin.workdir / "pods" / volume.volume_id / "volume"
+    volume.publish(str(target))
+    digest = write_file(target / "data.bin", 1, b"keep")
+    volume.unpublish(str(target))
+    uuid = filesystem_uuid(volume.device())
+    volume.unstage()
+    devices = connected_nbd_devices()
+
+    details = assert_code(
+        lambda: volume.stage(mount_capability("xfs")), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert "ext4" in details
+    assert connected_nbd_devices() == devices
+    assert_unstaged(volume)
+
+    volume.stage()
+    assert filesystem_uuid(volume.device()) == uuid
+    volume.publish(str(target))
+    assert digest_of(target / "data.bin") == digest
+
+
+def _bad_requests(volume: Volume, staging: str) -> dict[str, csi_pb2.NodeStageVolumeRequest]:
+    def request(**changes: object) -> csi_pb2.NodeStageVolumeRequest:
+        fields: dict[str, object] = {
+            "volume_id": volume.volume_id,
+            "staging_target_path": staging,
+            "volume_capability": mount_capability("ext4"),
+            "volume_context": volume.context,
+            "secrets": {"ZEROFS_ENCRYPTION_PASSWORD": "x"},
+        }
+        fields.update(changes)
+        return csi_pb2.NodeStageVolumeRequest(**fields)  # type: ignore[arg-type]
+
+    return {
+        "parent id": request(volume_id="../x"),
+        "slash id": request(volume_id="a/b"),
+        "empty id": request(volume_id=""),
+        "multi-node writer": request(
+            volume_capability=mount_capability("ext4", mode=Mode.MULTI_NODE_MULTI_WRITER)
+        ),
+        "no capability": request(volume_capability=None),
+        "no staging path": request(staging_target_path=""),
+        "relative staging path": request(staging_target_path="kubelet/staging"),
+        "unknown filesystem": request(volume_capability=mount_capability("ntfs")),
+        "unknown filesystem in context": request(
+            volume_context={**volume.context, "filesystem": "zfs"}
+        ),
+        "no capacity in context": request(
+            volume_context={k: v for k, v in volume.context.items() if k != "capacityBytes"}
+        ),
+        "no secrets": request(secrets={}),
+        "forbidden mount option": request(
+            volume_capability=mount_capability("ext4", flags=("remount",))
+        ),
+    }
+
+
+def test_bad_stage_requests_leave_nothing_behind(
+    plugin: PluginProcess, volumes: VolumeFactory
+) -> None:
+    volume = volumes(fs_type="ext4", size=SIZES["ext4"])
+    staging = str(plugin.workdir / "kubelet" / "bad-staging")
+    devices = connected_nbd_devices()
+    servers = plugin.server_processes()
+    for name, request in _bad_requests(volume, staging).items():
+        with pytest.raises(grpc.RpcError) as info:
+            plugin.node.NodeStageVolume(request, timeout=120)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, info.value.details())
+        assert "node-test" not in str(info.value.details())
+    assert connected_nbd_devices() == devices
+    assert plugin.server_processes() == servers
+    assert not mounts_under(plugin.workdir)
+    assert not Path(staging).exists()
+    assert not list((plugin.state_dir / "staged").glob("*.json"))
+
+
+def test_other_rpcs_reject_bad_input(plugin: PluginProcess) -> None:
+    node = plugin.node
+    target = str(plugin.workdir / "pods" / "x" / "volume")
+    cases = {
+        "unstage unsafe id": lambda: node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id="../x", staging_target_path=target)
+        ),
+        "unstage no path": lambda: node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id="pvc-x")
+        ),
+        "publish no target": lambda: node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id="pvc-x",
+                staging_target_path=target,
+                volume_capability=mount_capability("ext4"),
+            )
+        ),
+        "publish multi-node": lambda: node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id="pvc-x",
+                staging_target_path=target,
+                target_path=target,
+                volume_capability=mount_capability("ext4", mode=Mode.MULTI_NODE_MULTI_WRITER),
+            )
+        ),
+        "unpublish unsafe id": lambda: node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id="../x", target_path=target)
+        ),
+        "stats no path": lambda: node.NodeGetVolumeStats(
+            csi_pb2.NodeGetVolumeStatsRequest(volume_id="pvc-x")
+        ),
+    }
+    for name, call in cases.items():
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, info.value.details())
+    # Unpublishing and unstaging what is not there succeed.
+    node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id="pvc-x", target_path=target)
+    )
+    node.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(volume_id="pvc-x", staging_target_path=target)
+    )
+    missing = csi_pb2.NodeGetVolumeStatsRequest(volume_id="pvc-x", volume_path=target)
+    assert_code(lambda: node.NodeGetVolumeStats(missing), grpc.StatusCode.NOT_FOUND)
+
+
+def test_info_and_capabilities(plugin: PluginProcess) -> None:
+    info = plugin.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
+    assert info.node_id == NODE_ID
+    assert info.max_volumes_per_node == 0
+    reply = plugin.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest())
+    RPC = csi_pb2.NodeServiceCapability.RPC
+    kinds = {c.rpc.type for c in reply.capabilities}
+    assert {
+        RPC.STAGE_UNSTAGE_VOLUME,
+        RPC.GET_VOLUME_STATS,
+        RPC.EXPAND_VOLUME,
+        RPC.VOLUME_CONDITION,
+    } <= kinds
