@@ -1,0 +1,28 @@
+"""The Kubernetes API access the controller plugin needs, as RBAC rules.
+
+The controller role (``--role controller``) keeps one ConfigMap per volume,
+``zerofs-meta-<volume id>``, in the driver's namespace (volume_store_kube): it reads
+one by name, lists them by label for ListVolumes, creates, updates and deletes them
+with resourceVersion preconditions. A StorageClass's ``configMapName`` is read with a
+get in the same namespace. Nothing else: S3 credentials arrive in the CSI calls'
+secrets, which the external-provisioner fetches.
+
+The Helm chart's controller Role renders exactly these rules; tests/chart checks it,
+and runs the controller as ``runtime.build_controller`` wires it against an API server
+that records every request, so a call the rules do not grant fails there. Like the
+node plugin's rules (``rbac.NODE_PLUGIN_RULES``), they are namespaced: bind them with a
+Role in the driver's namespace.
+"""
+
+from __future__ import annotations
+
+from zerofs_csi.kube.rbac import Rule
+
+CONTROLLER_PLUGIN_RULES: tuple[Rule, ...] = (
+    # Volume records (zerofs-meta-<volume>) and configMapName ConfigMaps.
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "verbs": ["get", "list", "create", "update", "delete"],
+    },
+)
