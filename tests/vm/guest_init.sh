@@ -43,9 +43,11 @@ done
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts || die "cannot mount /dev/pts"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm || die "cannot mount /dev/shm"
-# The host root is read-only: give commands the usual writable places.
+# The host root is read-only: give commands the usual writable places. /tmp
+# and /var/tmp allow device nodes, as on Debian 12 where they live on the root
+# filesystem: tests create nbd nodes in their temporary directories.
 for dir in /tmp /var/tmp; do
-    mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$dir" || die "cannot mount $dir"
+    mount -t tmpfs -o mode=1777 tmpfs "$dir" || die "cannot mount $dir"
 done
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run || die "cannot mount /run"
 mkdir -p /run/lock /run/mount
