@@ -46,6 +46,7 @@ class Demo:
         self.socket = workdir / "csi.sock"
         self.plugin: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "plugin.log"
+        self.zerofs = shutil.which("zerofs") or str(REPO / "tools" / "zerofs-standin")
 
     def step(self, name: str, action: Callable[[], Any], detail: str = "") -> Any:
         start = time.monotonic()
@@ -61,19 +62,17 @@ class Demo:
         return result
 
     def start_plugin(self) -> None:
-        zerofs = shutil.which("zerofs") or str(REPO / "tools" / "zerofs-standin")
         args = [
             sys.executable, "-m", "zerofs_csi",
             "--role", "all", "--backend", "local", "--node-id", NODE,
             "--endpoint", f"unix://{self.socket}",
             "--state-dir", str(self.workdir / "state"),
-            "--zerofs-command", zerofs,
+            "--zerofs-command", self.zerofs,
             "--metrics-address", "",
             "--log-format", "text",
         ]  # fmt: skip
         self.log = open(self.log_path, "wb")  # noqa: SIM115 (lives as long as the plugin)
         self.plugin = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        self.server_name = Path(zerofs).name
         deadline = time.monotonic() + 60
         while not self.socket.exists():
             if self.plugin.poll() is not None or time.monotonic() > deadline:
@@ -111,7 +110,9 @@ class Demo:
         target = str(self.workdir / "kubelet" / "pods" / "demo-pod" / "volume")
         data_file = Path(target) / "data.bin"
 
-        self.step("start plugin (both roles)", self.start_plugin, f"server: {self.server_name}")
+        self.step(
+            "start plugin (both roles)", self.start_plugin, f"server: {Path(self.zerofs).name}"
+        )
         created = self.step(
             "CreateVolume 1 GiB",
             lambda: self.controller.CreateVolume(
