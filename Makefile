@@ -6,7 +6,7 @@ VM_TIMEOUT ?= 1800
 ITERATIONS ?= 20
 DURATION  ?= 600
 
-.PHONY: all bootstrap build proto lint test test-unit test-s3 test-vm demo bench wheel clean
+.PHONY: all bootstrap build proto lint test test-unit test-s3 test-vm vm-prepare demo bench wheel clean
 
 all: build
 
@@ -33,6 +33,10 @@ test-unit: build
 # Against a real S3 server: a single-node Ceph radosgw on loopback, started by the fixture.
 test-s3: build
 	$(PYTEST) -m s3 -q tests
+
+# Installs QEMU and the guest tools, downloads the Debian kernel, builds the initramfs.
+vm-prepare:
+	$(VM) --prepare-only
 
 # Privileged tests: directly where this host has NBD and root, otherwise in the microVM.
 test-vm: build
