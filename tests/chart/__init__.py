@@ -1,0 +1,1 @@
+"""Tests of the Helm charts, the Dockerfile and the RBAC rules they carry."""
