@@ -1,7 +1,9 @@
 """Node-plugin start-up: bring the node back to what the stage records say.
 
-The records in the staging directories are the source of truth. Devices whose NBD
-backend id belongs to a staged volume are kept (re-attached and re-mounted if needed);
+The records in the staging directories are the source of truth. A record whose stage
+never finished (the plugin died during it) is rolled back: its mount, device and server
+go, so the CO's retry stages from scratch. Devices whose NBD backend id belongs to a
+staged volume are kept (re-attached and re-mounted if needed);
 devices whose backend id marks them as ours but whose volume is not staged are
 detached; devices of other owners are never touched. Servers of volumes that are not
 staged are stopped, and index entries without a record are dropped.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zerofs_csi import mounts
@@ -18,7 +21,7 @@ from zerofs_csi.errors import Aborted, CsiError
 from zerofs_csi.locks import VolumeLocks
 from zerofs_csi.metrics import Metrics
 from zerofs_csi.node_attach import NodeAttacher
-from zerofs_csi.stage_record import RecordStore, StageRecord, volume_of_backend
+from zerofs_csi.stage_record import STAGED, RecordStore, StageRecord, volume_of_backend
 from zerofs_csi.staging import mount_staged
 from zerofs_csi.volume_server import VolumeServerBackend
 
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 class RecoveryReport:
     kept: list[str] = field(default_factory=list)
     reattached: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)
     remounted: list[str] = field(default_factory=list)
     orphans_detached: list[int] = field(default_factory=list)
     servers_stopped: list[str] = field(default_factory=list)
@@ -44,8 +48,11 @@ class Recovery:
         backend: VolumeServerBackend,
         locks: VolumeLocks,
         metrics: Metrics,
+        teardown: Callable[[StageRecord], None],
     ) -> None:
+        """``teardown`` unmounts, detaches, stops the server and removes the record."""
         self._records = records
+        self._teardown = teardown
         self._attacher = attacher
         self._backend = backend
         self._locks = locks
@@ -88,14 +95,19 @@ class Recovery:
         for vid, record in staged.items():
             try:
                 with self._locks.hold(vid, "recovery"):
-                    self._restore(record, report)
+                    if record.phase == STAGED:
+                        self._restore(record, report)
+                    else:
+                        self._teardown(record)
+                        report.rolled_back.append(vid)
             except Aborted:
                 continue
-            except CsiError as exc:
-                report.unrecoverable[vid] = exc.message
+            except (CsiError, OSError) as exc:
+                message = exc.message if isinstance(exc, CsiError) else str(exc)
+                report.unrecoverable[vid] = message
                 log.warning(
                     "staged volume not restored; the next NodeStageVolume will retry",
-                    extra={"volume_id": vid, "error": exc.message},
+                    extra={"volume_id": vid, "error": message},
                 )
 
         for vid in self._backend.running():
@@ -134,7 +146,7 @@ class Recovery:
 
     def refresh_gauges(self) -> None:
         node = self._metrics.node
-        staged = self.staged_records()
+        staged = [r for r in self.staged_records().values() if r.phase == STAGED]
         ours = [d for d in self._attacher.nbd.devices() if volume_of_backend(d.backend_id or "")]
         self._metrics.volumes_staged.labels(node).set(len(staged))
         self._metrics.nbd_devices.labels(node).set(len(ours))

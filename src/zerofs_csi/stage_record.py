@@ -19,6 +19,11 @@ VERSION = 1
 # Devices this driver attaches carry this prefix in their NBD backend identifier, which
 # is how recovery tells our devices from anybody else's.
 BACKEND_PREFIX = "zerofs-csi:"
+# How far a stage got. The record is first written right after the device is attached
+# (ATTACHED) and rewritten as STAGED once everything is done: a record still ATTACHED
+# after a plugin restart belongs to a stage that died half way and is rolled back.
+ATTACHED = "attached"
+STAGED = "staged"
 
 
 def backend_id_for(volume_id: str) -> str:
@@ -45,6 +50,7 @@ class StageRecord:
     staging_path: str
     mount_options: tuple[str, ...] = ()
     readonly: bool = False
+    phase: str = STAGED
     version: int = VERSION
 
     @property
@@ -70,6 +76,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class RecordStore:
     def __init__(self, state_dir: Path) -> None:
         self.index_dir = state_dir / "staged"
+        self.formatting_dir = state_dir / "formatting"
 
     def _index(self, volume_id: str) -> Path:
         return self.index_dir / f"{volume_id}.json"
@@ -111,3 +118,21 @@ class RecordStore:
 
     def remove_index(self, volume_id: str) -> None:
         self._index(volume_id).unlink(missing_ok=True)
+
+    # A mkfs that was started and has not finished leaves a device that is neither fresh
+    # nor a filesystem. This marker, set before mkfs and cleared after it succeeded,
+    # says that the partial contents are ours (the device was fresh when mkfs began and
+    # nothing has mounted it since), so the next stage may format it again.
+
+    def _formatting(self, volume_id: str) -> Path:
+        return self.formatting_dir / volume_id
+
+    def mark_formatting(self, volume_id: str) -> None:
+        self.formatting_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self._formatting(volume_id), b"")
+
+    def formatting_interrupted(self, volume_id: str) -> bool:
+        return self._formatting(volume_id).exists()
+
+    def clear_formatting(self, volume_id: str) -> None:
+        self._formatting(volume_id).unlink(missing_ok=True)

@@ -4,11 +4,13 @@ Stage: ensure the volume's ZeroFS server, ensure its NBD export file over 9P, at
 as /dev/nbdX, then for a mount volume probe it, make a filesystem only when it is fresh
 and mount it at ``<staging path>/mount``. Every step registers its undo, so a failure
 leaves nothing behind. The stage record is written once the device is attached, so that
-unstage and recovery can find the device even when a later step or the plugin dies.
+unstage and recovery can find the device even when a later step or the plugin dies; it
+says ``staged`` only once every step is done.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -19,7 +21,13 @@ from typing import Protocol
 from zerofs_csi import filesystems, fsprobe, mounts
 from zerofs_csi.errors import AlreadyExists, FailedPrecondition, Internal
 from zerofs_csi.metrics import Metrics
-from zerofs_csi.stage_record import RecordStore, StageRecord, backend_id_for
+from zerofs_csi.stage_record import (
+    ATTACHED,
+    STAGED,
+    RecordStore,
+    StageRecord,
+    backend_id_for,
+)
 from zerofs_csi.transaction import Transaction
 from zerofs_csi.volume_server import VolumeServerBackend
 from zerofs_csi.volume_settings import VolumeSecrets, VolumeSettings
@@ -122,7 +130,7 @@ class Stager:
                     f"volume {vid} is staged as {existing.access_type} {existing.fs_type}".rstrip()
                     + f"; this request asks for {request.access_type} {request.fs_type}".rstrip()
                 )
-            if self._is_intact(existing):
+            if existing.phase == STAGED and self._is_intact(existing):
                 return existing
             log.info("restaging an incomplete stage", extra={"volume_id": vid})
             self.teardown(existing, operation="stage")
@@ -153,6 +161,7 @@ class Stager:
                 staging_path=request.staging_path,
                 mount_options=request.mount_options,
                 readonly=request.readonly,
+                phase=ATTACHED,
             )
             self._records.write(record)
             tx.on_undo("remove record", lambda: self._records.remove(vid, request.staging_path))
@@ -172,11 +181,22 @@ class Stager:
                         options.data,
                     )
                 tx.on_undo("unmount", lambda: mounts.unmount_all(record.mount_path))
+            record = dataclasses.replace(record, phase=STAGED)
+            self._records.write(record)
             tx.commit()
         return record
 
     def _format_if_fresh(self, record: StageRecord, request: StageRequest) -> None:
         vid = record.volume_id
+        if self._records.formatting_interrupted(vid):
+            if request.readonly:
+                raise FailedPrecondition(
+                    f"volume {vid} has no complete filesystem yet (an earlier mkfs was "
+                    "interrupted) and is staged read-only; stage it read-write once"
+                )
+            log.info("formatting again after an interrupted mkfs", extra={"volume_id": vid})
+            self._make_filesystem(record)
+            return
         with self._metrics.stage("stage", "probe", vid):
             contents = fsprobe.probe(record.device)
         if contents.fs_type == record.fs_type:
@@ -192,8 +212,13 @@ class Stager:
                 f"volume {vid} has no filesystem yet and is staged read-only; "
                 "publish it read-write once to create one"
             )
-        with self._metrics.stage("stage", "mkfs", vid):
+        self._make_filesystem(record)
+
+    def _make_filesystem(self, record: StageRecord) -> None:
+        self._records.mark_formatting(record.volume_id)
+        with self._metrics.stage("stage", "mkfs", record.volume_id):
             filesystems.make_filesystem(record.fs_type, record.device)
+        self._records.clear_formatting(record.volume_id)
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         record = self._records.read(staging_path)
