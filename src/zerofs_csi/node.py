@@ -25,7 +25,7 @@ from zerofs_csi.errors import (
 from zerofs_csi.events import EventRecorder
 from zerofs_csi.locks import VolumeLocks
 from zerofs_csi.servicer import answer_unimplemented
-from zerofs_csi.stage_record import RecordStore, StageRecord
+from zerofs_csi.stage_record import STAGED, RecordStore, StageRecord
 from zerofs_csi.staging import Attacher, EnsureExport, Stager, StageRequest
 from zerofs_csi.volume_context import parse_volume_context
 from zerofs_csi.volume_id import validate_volume_id
@@ -82,7 +82,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         link_dead: Callable[[str], bool],
         locks: VolumeLocks,
         events: EventRecorder,
+        *,
+        on_change: Callable[[], None],
     ) -> None:
+        """``on_change`` runs after every stage and unstage (refreshes the state gauges)."""
         self._node_id = node_id
         self._max_volumes = max_volumes_per_node
         self._stager = stager
@@ -93,6 +96,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._link_dead = link_dead
         self._locks = locks
         self._events = events
+        self._on_change = on_change
 
     # -- stage -------------------------------------------------------------------
 
@@ -108,7 +112,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         settings, capacity = parse_volume_context(request.volume_context)
         fs_type = cap.fs_type or settings.filesystem
         secrets = VolumeSecrets.from_csi_secrets(request.secrets)
-        with self._locks.hold(vid, "NodeStageVolume"), self._event_on_failure(vid, request):
+        with (
+            self._locks.hold(vid, "NodeStageVolume"),
+            self._changing(),
+            self._event_on_failure(vid, request),
+        ):
             os.makedirs(staging, exist_ok=True)
             self._stager.stage(
                 StageRequest(
@@ -124,6 +132,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 )
             )
         return csi_pb2.NodeStageVolumeResponse()
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            try:
+                self._on_change()
+            except Exception:  # a gauge refresh must not fail the RPC
+                log.exception("refreshing the node's state gauges failed")
 
     @contextmanager
     def _event_on_failure(
@@ -144,7 +162,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeUnstageVolumeResponse:
         vid = validate_volume_id(request.volume_id)
         staging = _absolute(request.staging_target_path, "staging_target_path")
-        with self._locks.hold(vid, "NodeUnstageVolume"):
+        with self._locks.hold(vid, "NodeUnstageVolume"), self._changing():
             self._stager.unstage(vid, staging)
         return csi_pb2.NodeUnstageVolumeResponse()
 
@@ -152,7 +170,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _staged(self, vid: str, staging: str) -> StageRecord:
         record = self._records.read(staging)
-        if record is None or record.volume_id != vid:
+        if record is None or record.volume_id != vid or record.phase != STAGED:
             raise FailedPrecondition(f"volume {vid} is not staged at {staging}")
         return record
 

@@ -94,7 +94,14 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
     records = RecordStore(config.state_dir)
     locks = VolumeLocks()
     stager = Stager(backend, attacher, ninep.ensure_export, records, metrics)
-    recovery = Recovery(records, attacher, backend, locks, metrics)
+    recovery = Recovery(
+        records,
+        attacher,
+        backend,
+        locks,
+        metrics,
+        teardown=lambda record: stager.teardown(record, operation="recovery"),
+    )
     monitor = LinkMonitor(attacher, recovery.staged_records, metrics)
     service = NodeService(
         config.node_id,
@@ -107,6 +114,7 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
         monitor.is_dead,
         locks,
         _event_recorder(config),
+        on_change=recovery.refresh_gauges,
     )
     runtime = NodeRuntime(service, recovery, monitor, backend)
     runtime.closers.append(attacher.nbd.close)
