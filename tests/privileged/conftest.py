@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import signal
 import socket
@@ -125,6 +126,7 @@ class PluginProcess:
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     channel: grpc.Channel | None = field(default=None, repr=False)
+    volumes: list[Volume] = field(default_factory=list)
 
     @property
     def state_dir(self) -> Path:
@@ -200,10 +202,16 @@ class PluginProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def kill9(self) -> None:
-        """SIGKILL: no shutdown code runs, as when the node plugin container dies."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+        """SIGKILL to the plugin's process group (the plugin and a mkfs it runs), as when
+        the node plugin's container dies. Volume servers run in their own sessions."""
+        if self.running:
+            assert self.proc is not None
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
@@ -259,19 +267,21 @@ class Volume:
     def node(self) -> csi_pb2_grpc.NodeStub:
         return self.plugin.node
 
+    def stage_request(
+        self, capability: csi_pb2.VolumeCapability | None = None
+    ) -> csi_pb2.NodeStageVolumeRequest:
+        return csi_pb2.NodeStageVolumeRequest(
+            volume_id=self.volume_id,
+            staging_target_path=self.staging,
+            volume_capability=capability or self.capability,
+            volume_context=self.context,
+            secrets=SECRETS,
+        )
+
     def stage(
         self, capability: csi_pb2.VolumeCapability | None = None, timeout: float = RPC_TIMEOUT_S
     ) -> csi_pb2.NodeStageVolumeResponse:
-        return self.node.NodeStageVolume(
-            csi_pb2.NodeStageVolumeRequest(
-                volume_id=self.volume_id,
-                staging_target_path=self.staging,
-                volume_capability=capability or self.capability,
-                volume_context=self.context,
-                secrets=SECRETS,
-            ),
-            timeout=timeout,
-        )
+        return self.node.NodeStageVolume(self.stage_request(capability), timeout=timeout)
 
     def unstage(self) -> csi_pb2.NodeUnstageVolumeResponse:
         return self.node.NodeUnstageVolume(
@@ -316,9 +326,17 @@ class Volume:
         )
 
     def record(self) -> dict[str, object]:
-        import json
-
         return dict(json.loads((Path(self.staging) / "zerofs-volume.json").read_text()))
+
+    def record_or_none(self) -> dict[str, object] | None:
+        try:
+            return self.record()
+        except FileNotFoundError:
+            return None
+
+    def server_processes(self) -> list[tuple[int, str]]:
+        """The volume's server: the stand-in, whose command line names its config."""
+        return processes_mentioning(str(self.plugin.state_dir / "servers" / self.volume_id) + "/")
 
     def device(self) -> str:
         return f"/dev/nbd{self.record()['device_index']}"
@@ -363,7 +381,7 @@ def create_volume(
         timeout=RPC_TIMEOUT_S,
     )
     vid = created.volume.volume_id
-    return Volume(
+    volume = Volume(
         plugin=plugin,
         volume_id=vid,
         context=dict(created.volume.volume_context),
@@ -371,6 +389,28 @@ def create_volume(
         staging=str(workdir / "kubelet" / "staging" / vid),
         capability=capability,
     )
+    plugin.volumes.append(volume)
+    return volume
+
+
+def clean_up_volumes(plugin: PluginProcess) -> None:
+    """Unpublish, unstage and delete every volume the tests made on ``plugin``."""
+    if not plugin.volumes:
+        return
+    if not plugin.running:
+        plugin.start()
+    while plugin.volumes:
+        plugin.volumes.pop().cleanup()
+
+
+def stop_plugin(plugin: PluginProcess) -> None:
+    try:
+        clean_up_volumes(plugin)
+    finally:
+        plugin.stop()
+        for pid, _ in plugin.server_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -379,25 +419,27 @@ def plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginProcess]:
     process = PluginProcess(tmp_path_factory.mktemp("node"))
     process.start()
     yield process
-    process.stop()
-    for pid, _ in process.server_processes():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    stop_plugin(process)
+
+
+@pytest.fixture
+def own_plugin(tmp_path: Path) -> Iterator[PluginProcess]:
+    """A plugin of the test's own, for tests that kill and restart it."""
+    process = PluginProcess(tmp_path)
+    process.start()
+    yield process
+    stop_plugin(process)
 
 
 @pytest.fixture
 def volumes(plugin: PluginProcess) -> Iterator[VolumeFactory]:
     """Creates volumes on the module's plugin; unpublishes, unstages and deletes them after."""
-    made: list[Volume] = []
 
     def make(**kwargs: object) -> Volume:
-        volume = create_volume(plugin, plugin.workdir, **kwargs)  # type: ignore[arg-type]
-        made.append(volume)
-        return volume
+        return create_volume(plugin, plugin.workdir, **kwargs)  # type: ignore[arg-type]
 
     yield make
-    for volume in reversed(made):
-        volume.cleanup()
+    clean_up_volumes(plugin)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,0 +1,102 @@
+"""The plugin's real /metrics endpoint after staging a volume, and after unstaging it.
+
+python3 tests/vm/runner.py --timeout 900 -- .venv/bin/pytest -m privileged -x -q \
+    tests/privileged/test_node_metrics.py
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import (
+    NODE_ID,
+    MiB,
+    PluginProcess,
+    create_volume,
+    mount_capability,
+    stop_plugin,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.privileged
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def metrics_plugin(tmp_path: Path) -> Iterator[PluginProcess]:
+    process = PluginProcess(tmp_path, metrics_address=f"127.0.0.1:{free_port()}")
+    process.start()
+    yield process
+    stop_plugin(process)
+
+
+def scrape(plugin: PluginProcess) -> Samples:
+    with urllib.request.urlopen(f"http://{plugin.metrics_address}/metrics", timeout=30) as reply:
+        assert reply.status == 200
+        text = reply.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in samples, f"no sample {name}{labels}; have " + ", ".join(
+        sorted({f"{n}{dict(lbl)}" for n, lbl in samples if n == name})
+    )
+    return samples[key]
+
+
+def test_metrics_of_a_staged_volume(metrics_plugin: PluginProcess) -> None:
+    plugin = metrics_plugin
+    with urllib.request.urlopen(f"http://{plugin.metrics_address}/healthz", timeout=30) as reply:
+        assert reply.status == 200
+
+    volume = create_volume(plugin, plugin.workdir, fs_type="ext4", size=128 * MiB)
+    volume.stage()
+    samples = scrape(plugin)
+    vid = volume.volume_id
+    for stage in ("ensure_server", "create_export", "connect_nbd", "probe", "mkfs", "mount"):
+        labels = {"operation": "stage", "stage": stage, "volume_id": vid, "node": NODE_ID}
+        assert value(samples, "zerofs_csi_stage_duration_seconds_count", **labels) == 1
+        assert value(samples, "zerofs_csi_stage_duration_seconds_sum", **labels) > 0
+    for name in ("nbd_connect", "mkfs", "mount"):
+        labels = {"volume_id": vid, "node": NODE_ID}
+        assert value(samples, f"zerofs_csi_{name}_duration_seconds_count", **labels) == 1
+    assert value(samples, "zerofs_csi_volumes_staged", node=NODE_ID) == 1
+    assert value(samples, "zerofs_csi_nbd_devices_attached", node=NODE_ID) == 1
+    assert value(samples, "zerofs_csi_volume_servers_running", node=NODE_ID) == 1
+    call = {"operation": "stage", "volume_id": vid, "node": NODE_ID, "code": "OK"}
+    assert value(samples, "zerofs_csi_operation_duration_seconds_count", **call) == 1
+
+    volume.unstage()
+    samples = scrape(plugin)
+    assert value(samples, "zerofs_csi_volumes_staged", node=NODE_ID) == 0
+    assert value(samples, "zerofs_csi_nbd_devices_attached", node=NODE_ID) == 0
+    assert value(samples, "zerofs_csi_volume_servers_running", node=NODE_ID) == 0
+    for stage in ("umount", "disconnect_nbd", "remove_server"):
+        labels = {"operation": "unstage", "stage": stage, "volume_id": vid, "node": NODE_ID}
+        assert value(samples, "zerofs_csi_stage_duration_seconds_count", **labels) == 1
+
+    with pytest.raises(grpc.RpcError) as refused:
+        volume.stage(mount_capability("xfs"))  # the device holds ext4
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    samples = scrape(plugin)
+    call["code"] = "FAILED_PRECONDITION"
+    assert value(samples, "zerofs_csi_operation_duration_seconds_count", **call) == 1
+    assert value(samples, "zerofs_csi_volumes_staged", node=NODE_ID) == 0
+    assert value(samples, "zerofs_csi_nbd_devices_attached", node=NODE_ID) == 0
