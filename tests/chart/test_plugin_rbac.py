@@ -1,0 +1,236 @@
+"""The chart's plugin RBAC covers every API call the plugin makes, and grants nothing unused.
+
+The controller is built the way the plugin builds it (server.build with --role
+controller and --backend kubernetes, a kubeconfig pointing at the in-process API server
+of tests/kube) and driven through its gRPC socket over a volume's whole life. The API
+server records each request as RBAC sees it (verb, group, resource); the chart's
+controller Role must grant all of them and nothing else. Whatever the controller is
+wired to call in the future shows up here the same way.
+
+The node plugin's namespaced calls are checked by tests/kube/test_rbac.py against
+zerofs_csi.kube.rbac, which the chart's node Role equals (test_chart.py); its Events
+on claims in other namespaces are checked here against the chart's node ClusterRole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from kube.cluster import Cluster, fake_cluster
+from kubernetes import client
+
+from chart.conftest import CHART, Helm, Manifest, find
+from zerofs_csi.config import Backend, Config, Endpoint, LogFormat, Role
+from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
+from zerofs_csi.events import PVC_NAME_KEY, PVC_NAMESPACE_KEY, KubernetesEventRecorder
+from zerofs_csi.kube.api import call_json, make_api_client
+from zerofs_csi.server import build
+
+ADMIN_AGENT = "chart-test-admin"
+SECRETS = {"ZEROFS_ENCRYPTION_PASSWORD": "pw-chart-rbac-test"}
+Call = tuple[str, str, str]
+
+
+def _granted(role: Manifest) -> set[Call]:
+    return {
+        (verb, group, resource)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def _served(cluster: Cluster, since: int) -> set[Call]:
+    """The requests after the first ``since``, except the test's own."""
+    assert cluster.fake is not None
+    return {
+        (call.verb, call.api_group, call.resource)
+        for call in cluster.fake.calls[since:]
+        if call.user_agent != ADMIN_AGENT
+    }
+
+
+def _calls_so_far(cluster: Cluster) -> int:
+    assert cluster.fake is not None
+    return len(cluster.fake.calls)
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    with fake_cluster() as fake:
+        yield fake
+
+
+def _admin(cluster: Cluster) -> client.ApiClient:
+    admin = cluster.api_client()
+    admin.user_agent = ADMIN_AGENT
+    return admin
+
+
+def _kubeconfig(cluster: Cluster, directory: Path) -> Path:
+    path = directory / "kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "test", "cluster": {"server": cluster.url}}],
+                "users": [{"name": "controller", "user": {}}],
+                "contexts": [
+                    {"name": "test", "context": {"cluster": "test", "user": "controller"}}
+                ],
+                "current-context": "test",
+            }
+        )
+    )
+    return path
+
+
+@contextlib.contextmanager
+def _controller(cluster: Cluster, tmp_path: Path) -> Iterator[csi_pb2_grpc.ControllerStub]:
+    socket = tmp_path / "csi.sock"
+    config = Config(
+        endpoint=Endpoint("unix", str(socket)),
+        node_id="",
+        role=Role.CONTROLLER,
+        driver_name="zerofs.csi.driver",
+        metrics_address="",
+        log_level="info",
+        log_format=LogFormat.TEXT,
+        state_dir=tmp_path / "state",
+        namespace=cluster.namespace,
+        max_volumes_per_node=0,
+        workers=4,
+        shutdown_grace_seconds=1.0,
+        backend=Backend.KUBERNETES,
+        zerofs_command="zerofs",
+        kubeconfig=str(_kubeconfig(cluster, tmp_path)),
+    )
+    plugin = build(config, checks=[])
+    plugin.server.start()
+    channel = grpc.insecure_channel(config.endpoint.grpc_target)
+    try:
+        yield csi_pb2_grpc.ControllerStub(channel)
+    finally:
+        channel.close()
+        plugin.server.stop(grace=None).wait()
+        plugin.close()
+
+
+def _mount_capability() -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(
+            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+        ),
+    )
+
+
+def _volume_life(controller: csi_pb2_grpc.ControllerStub, name: str, **parameters: str) -> None:
+    capability = _mount_capability()
+    request = csi_pb2.CreateVolumeRequest(
+        name=name,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 30),
+        volume_capabilities=[capability],
+        parameters={
+            "storageUrl": "s3://zerofs-chart-test/volumes",
+            "csi.storage.k8s.io/pvc/name": "data",
+            "csi.storage.k8s.io/pvc/namespace": "team-a",
+            **parameters,
+        },
+        secrets=SECRETS,
+    )
+    volume = controller.CreateVolume(request).volume
+    assert controller.CreateVolume(request).volume.volume_id == volume.volume_id
+    controller.ValidateVolumeCapabilities(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id=volume.volume_id, volume_capabilities=[capability]
+        )
+    )
+    controller.ControllerPublishVolume(
+        csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=volume.volume_id,
+            node_id="node-a",
+            volume_capability=capability,
+            volume_context=volume.volume_context,
+        )
+    )
+    listed = controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=10))
+    assert [e.volume.volume_id for e in listed.entries] == [volume.volume_id]
+    controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=volume.volume_id))
+    controller.ControllerUnpublishVolume(
+        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume.volume_id, node_id="node-a")
+    )
+    expanded = controller.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=2 << 30),
+        )
+    )
+    assert expanded.capacity_bytes == 2 << 30
+    controller.DeleteVolume(
+        csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=SECRETS)
+    )
+    assert not controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
+
+
+def test_controller_calls_are_exactly_the_chart_controller_role(
+    helm: Helm, cluster: Cluster, tmp_path: Path
+) -> None:
+    since = _calls_so_far(cluster)
+    admin = _admin(cluster)
+    # A ConfigMap of the Go driver's kind, for configMapName.
+    call_json(
+        client.CoreV1Api(admin).create_namespaced_config_map,
+        cluster.namespace,
+        {"metadata": {"name": "zerofs-settings"}, "data": {"zerofsImage": ""}},
+    )
+    with _controller(cluster, tmp_path) as controller:
+        _volume_life(controller, "pvc-5d1c9a64-0f1e-4c55-9b7e-2d1f3c4b5a69")
+        # Whether configMapName is resolved depends on how the controller is wired; any
+        # API call it makes for it must be covered all the same.
+        with contextlib.suppress(grpc.RpcError):
+            _volume_life(
+                controller,
+                "pvc-8e2f0b75-1a2b-4c3d-8e9f-0a1b2c3d4e5f",
+                configMapName="zerofs-settings",
+            )
+
+    role = find(helm.render(CHART), "Role", "-controller")
+    served = _served(cluster, since)
+    granted = _granted(role)
+    assert served - granted == set(), "calls the chart's controller Role does not grant"
+    assert granted - served == set(), "rules the controller never needed"
+
+
+def test_node_events_on_claims_are_granted_by_the_node_cluster_role(
+    helm: Helm, cluster: Cluster
+) -> None:
+    since = _calls_so_far(cluster)
+    admin = _admin(cluster)
+    for namespace in ("team-a", "default"):
+        client.CoreV1Api(admin).create_namespace({"metadata": {"name": namespace}})
+    recorder = KubernetesEventRecorder(
+        client.CoreV1Api(make_api_client(host=cluster.url)), "zerofs-csi-node", "node-a"
+    )
+    recorder.warning(
+        "pvc-1", "StageRefused", "refused", {PVC_NAME_KEY: "data", PVC_NAMESPACE_KEY: "team-a"}
+    )
+    recorder.warning("pvc-2", "VolumeServerNotReady", "not ready", {})
+    events = call_json(client.CoreV1Api(admin).list_event_for_all_namespaces)["items"]
+    assert sorted(e["metadata"]["namespace"] for e in events) == ["default", "team-a"]
+
+    manifests = helm.render(CHART)
+    cluster_role = find(manifests, "ClusterRole", "-node")
+    served = _served(cluster, since)
+    assert served == {("create", "", "events")}
+    assert _granted(cluster_role) == served
+    # Cluster-wide because claims live in any namespace; bound to the node plugin only.
+    binding = find(manifests, "ClusterRoleBinding", "-node")
+    assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
