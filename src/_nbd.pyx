@@ -2167,7 +2167,7 @@ def wait_ready(int index, uint64_t size_bytes, double timeout_s=10.0, *,
                 err = -rc
     if err == 0 and actual != expected:
         c.close(fd)
-        raise DeviceNotReady(c.EIO, f"/dev/nbd{index} has {actual} bytes, expected "
+        raise DeviceNotReady(c.EIO, f"{path_b.decode()} has {actual} bytes, expected "
                                     f"{expected}", path_b.decode())
     if err:
         if fd >= 0:
@@ -2175,9 +2175,9 @@ def wait_ready(int index, uint64_t size_bytes, double timeout_s=10.0, *,
         if err == c.ETIMEDOUT:
             what = ("the kernel's change event did not arrive" if stage == 1
                     else "udev is still probing the device")
-            raise DeviceNotReady(err, f"/dev/nbd{index} not ready after {timeout_s} s: "
+            raise DeviceNotReady(err, f"{path_b.decode()} not ready after {timeout_s} s: "
                                       f"{what}", path_b.decode())
-        raise _os_error(err, f"/dev/nbd{index} not usable", path_b.decode())
+        raise _os_error(err, f"{path_b.decode()} not usable", path_b.decode())
     if keep_lock:
         return fd
     c.close(fd)

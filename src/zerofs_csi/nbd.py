@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -83,6 +84,10 @@ DEFAULT_READY_TIMEOUT_S = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
 # The kernel accepts powers of two from 512 to PAGE_SIZE (4096 on x86-64 and arm64).
 _BLOCK_SIZES = (512, 1024, 2048, 4096)
+# How long after a detach its index is avoided (udev's probe of the teardown event),
+# and how many named free indexes to try before letting the kernel pick.
+_COOLDOWN_S = 2.0
+_NAMED_INDEX_TRIES = 3
 
 ServerAddress = str | tuple[str, int]
 """A unix socket path, or ``(host, port)`` for TCP."""
@@ -193,6 +198,11 @@ class NbdAttacher:
         self._backend_locks: dict[str, threading.Lock] = {}
         self._ioctl_sessions: dict[int, _IoctlSession] = {}
         self._connections: dict[int, int] = {}
+        self._detached_at: dict[int, float] = {}
+        # Devices disconnected while something still held them open: (pid, backend) as
+        # sysfs showed them, until the kernel releases the configuration.
+        self._disconnecting: dict[int, tuple[str, str | None]] = {}
+        self._claimed: set[int | None] = set()  # named indexes of attaches in flight
         # Handshake flags each server offered last time: the next handshake sends its
         # client flags and NBD_OPT_GO without waiting for the greeting.
         self._handshake_flags: dict[ServerAddress, int] = {}
@@ -241,6 +251,10 @@ class NbdAttacher:
             return None
         sectors = _nbd.read_sysfs(index, "size")
         backend = _nbd.read_sysfs(index, "backend")
+        if self._disconnecting.get(index) == (pid, backend):
+            # Disconnected by us; the kernel keeps pid and backend until the last opener
+            # (udev's probe, typically) closes the device.
+            return None
         if backend is None and index in self._ioctl_sessions:
             backend = self._ioctl_sessions[index].backend_id
         return DeviceInfo(
@@ -250,10 +264,15 @@ class NbdAttacher:
             pid=int(pid),
         )
 
-    def _candidate_indexes(self) -> list[int]:
+    def _status(self) -> list[tuple[int, bool]]:
+        with self._netlink() as nl:
+            return nl.status()
+
+    def _candidate_indexes(self, status: list[tuple[int, bool]] | None = None) -> list[int]:
         if not self.use_ioctl:
-            with self._netlink() as nl:
-                return [index for index, configured in nl.status() if configured]
+            if status is None:
+                status = self._status()
+            return [index for index, configured in status if configured]
         return sorted(
             int(name[3:])
             for name in os.listdir("/sys/block")
@@ -271,9 +290,19 @@ class NbdAttacher:
 
     def find_device(self, backend_id: str) -> Device | None:
         """The connected device serving ``backend_id``, or None."""
-        for info in self.devices():
-            if info.backend_id == backend_id:
-                return Device(info.index, self._path(info.index), info.size_bytes, backend_id)
+        return self._find(backend_id, None)
+
+    def _find(self, backend_id: str, status: list[tuple[int, bool]] | None) -> Device | None:
+        for index in self._candidate_indexes(status):
+            if self.use_ioctl:
+                session = self._ioctl_sessions.get(index)
+                if session is None or session.backend_id != backend_id:
+                    continue
+            elif _nbd.read_sysfs(index, "backend") != backend_id:
+                continue  # the cheap test first: most devices serve someone else
+            info = self.device_info(index)
+            if info is not None and info.backend_id == backend_id:
+                return Device(index, self._path(index), info.size_bytes, backend_id)
         return None
 
     # -- attach ---------------------------------------------------------------------
@@ -314,13 +343,13 @@ class NbdAttacher:
                     server, export_name, connections, handshake_timeout_s
                 )
             except HandshakeError:
-                existing = self._existing(backend_id)
+                existing, _status = self._existing(backend_id)
                 if existing is None:
                     raise
                 return self._ready(existing, ready_timeout_s, None, keep_lock)
             watch: _nbd.UeventWatch | None = None
             try:
-                existing = self._existing(backend_id)
+                existing, status = self._existing(backend_id)
                 if existing is not None:
                     handshake.close()
                     return self._ready(existing, ready_timeout_s, None, keep_lock)
@@ -341,6 +370,7 @@ class NbdAttacher:
                         ready_timeout_s=ready_timeout_s,
                         keep_lock=keep_lock,
                         watch=watch,
+                        status=status,
                     )
             finally:
                 handshake.close()
@@ -387,6 +417,7 @@ class NbdAttacher:
         ready_timeout_s: float,
         keep_lock: bool,
         watch: _nbd.UeventWatch,
+        status: list[tuple[int, bool]] | None,
     ) -> Device:
         if connections > 1 and not negotiated.can_multi_conn:
             raise MultiConnUnsupported(
@@ -400,18 +431,33 @@ class NbdAttacher:
             new_index = self._ioctl_connect(negotiated, bsize, io_timeout_s, backend_id, index)
         else:
             with self._netlink() as nl:
-                new_index = nl.connect(
-                    negotiated.socket_fds,
-                    size,
-                    block_size=bsize,
-                    server_flags=negotiated.transmission_flags,
-                    timeout_s=io_timeout_s,
-                    dead_conn_timeout_s=dead_conn_timeout_s,
-                    backend_id=backend_id,
-                    index=index,
-                )
+                new_index = -1
+                candidates = self._index_candidates(nl, index, status)
+                try:
+                    for candidate in candidates:
+                        try:
+                            new_index = nl.connect(
+                                negotiated.socket_fds,
+                                size,
+                                block_size=bsize,
+                                server_flags=negotiated.transmission_flags,
+                                timeout_s=io_timeout_s,
+                                dead_conn_timeout_s=dead_conn_timeout_s,
+                                backend_id=backend_id,
+                                index=candidate,
+                            )
+                            break
+                        except DeviceBusy:
+                            if candidate is None or candidate == index:
+                                raise
+                finally:
+                    if index is None:
+                        with self._lock:
+                            self._claimed.difference_update(candidates)
         # The kernel holds its own references to the sockets now.
         negotiated.close()
+        with self._lock:
+            self._disconnecting.pop(new_index, None)
         self._connections[new_index] = connections
         device = Device(new_index, self._path(new_index), size, backend_id)
         try:
@@ -420,13 +466,43 @@ class NbdAttacher:
             self._disconnect(new_index)
             raise
 
-    def _existing(self, backend_id: str) -> Device | None:
+    def _index_candidates(
+        self, nl: _nbd.NbdNetlink, index: int | None, status: list[tuple[int, bool]] | None
+    ) -> list[int | None]:
+        """Which index to ask CONNECT for. Normally none: the kernel picks a free one.
+        Right after a detach, though, the kernel would pick the index just freed, which
+        udev is about to open for the teardown's change event; its probe would then run
+        on the new device, holding the disk lock readiness waits for (or make a named
+        index EBUSY). So while such a cooldown runs, name a free index that is not
+        cooling, falling back to the kernel's choice when they are busy. ``status`` is a
+        STATUS answer the caller already has (a stale one only costs an EBUSY retry)."""
+        if index is not None:
+            return [index]
+        now = time.monotonic()
+        with self._lock:
+            for cooled in [i for i, t in self._detached_at.items() if now - t > _COOLDOWN_S]:
+                del self._detached_at[cooled]
+            avoid = set(self._detached_at) | self._claimed
+        if not avoid:
+            return [None]
+        if status is None:
+            status = nl.status()
+        free = [i for i, configured in status if not configured and i not in avoid]
+        with self._lock:
+            picked = [i for i in free if i not in self._claimed][:_NAMED_INDEX_TRIES]
+            self._claimed.update(picked)
+        return [*picked, None]
+
+    def _existing(self, backend_id: str) -> tuple[Device | None, list[tuple[int, bool]] | None]:
+        """The device already serving ``backend_id``, and the STATUS answer used."""
         if self.use_ioctl:
             for index, session in self._ioctl_sessions.items():
                 if session.backend_id == backend_id and session.thread.is_alive():
-                    return Device(index, self._path(index), session.size_bytes, backend_id)
-            return None
-        return self.find_device(backend_id)
+                    device = Device(index, self._path(index), session.size_bytes, backend_id)
+                    return device, None
+            return None, None
+        status = self._status()
+        return self._find(backend_id, status), status
 
     def _ready(
         self,
@@ -503,14 +579,15 @@ class NbdAttacher:
 
     # -- detach ---------------------------------------------------------------------
 
-    def _owner_check(self, index: int, backend_id: str) -> bool:
-        """True when ``nbd<index>`` serves ``backend_id``; False when it is not connected;
-        NotOwner when it serves something else."""
+    def _owner_check(self, index: int, backend_id: str) -> tuple[str, str] | None:
+        """``(pid, backend)`` from sysfs when ``nbd<index>`` serves ``backend_id``; None
+        when it is not connected (or already disconnected by us); NotOwner when it
+        serves something else."""
         if self.use_ioctl:
             session = self._ioctl_sessions.get(index)
             if session is not None and session.thread.is_alive():
                 if session.backend_id == backend_id:
-                    return True
+                    return ("", backend_id)
                 raise NotOwner(
                     errno.EPERM,
                     f"refusing to touch nbd{index}: it serves backend "
@@ -519,9 +596,10 @@ class NbdAttacher:
             backend = None
         else:
             backend = _nbd.read_sysfs(index, "backend")
+        pid = _nbd.read_sysfs(index, "pid")
+        if pid is None or self._disconnecting.get(index) == (pid, backend):
+            return None
         if backend is None:
-            if _nbd.read_sysfs(index, "pid") is None:
-                return False
             raise NotOwner(
                 errno.EPERM,
                 f"refusing to touch nbd{index}: it is connected without a backend id we "
@@ -532,21 +610,32 @@ class NbdAttacher:
                 errno.EPERM,
                 f"refusing to touch nbd{index}: it serves backend {backend!r}, not {backend_id!r}",
             )
-        return True
+        return (pid, backend)
 
     def detach(self, index: int, backend_id: str) -> None:
         """Disconnect ``nbd<index>`` after checking that it serves ``backend_id``
         (the kernel's DISCONNECT checks nothing). Succeeds when it is not connected;
-        raises NotOwner when it serves another backend."""
+        raises NotOwner when it serves another backend. Returns once the kernel has shut
+        the connections down; sysfs keeps ``pid`` and ``backend`` until the last opener
+        (usually udev's probe of the teardown) closes the device, and this object
+        reports such a device as gone."""
         with self._backend_lock(backend_id):
-            if self._owner_check(index, backend_id):
-                self._disconnect(index)
+            owned = self._owner_check(index, backend_id)
+            if owned is not None:
+                self._disconnect(index, owned)
 
-    def _disconnect(self, index: int) -> None:
+    def _disconnect(self, index: int, owned: tuple[str, str | None] | None = None) -> None:
         session = self._ioctl_sessions.get(index) if self.use_ioctl else None
         if session is None:
+            if owned is None:
+                pid = _nbd.read_sysfs(index, "pid")
+                owned = None if pid is None else (pid, _nbd.read_sysfs(index, "backend"))
             with self._netlink() as nl:
                 nl.disconnect(index)
+            with self._lock:
+                self._detached_at[index] = time.monotonic()
+                if owned is not None:
+                    self._disconnecting[index] = owned
             return
         session.device.disconnect()
         session.device.clear_sock()
@@ -576,7 +665,7 @@ class NbdAttacher:
         if self.use_ioctl:
             raise NbdError(errno.EOPNOTSUPP, "reconnect needs the netlink interface")
         with self._backend_lock(backend_id):
-            if not self._owner_check(index, backend_id):
+            if self._owner_check(index, backend_id) is None:
                 raise NbdError(errno.ENODEV, f"nbd{index} is not connected")
             count = connections or self._connections.get(index, DEFAULT_CONNECTIONS)
             handshake = self._begin_handshake(server, export_name, count, handshake_timeout_s)
@@ -610,7 +699,7 @@ class NbdAttacher:
         if size_bytes <= 0 or size_bytes % 512:
             raise ValueError(f"size must be a positive multiple of 512, got {size_bytes}")
         with self._backend_lock(backend_id):
-            if not self._owner_check(index, backend_id):
+            if self._owner_check(index, backend_id) is None:
                 raise NbdError(errno.ENODEV, f"nbd{index} is not connected")
             with self._netlink() as nl:
                 nl.reconfigure(index, backend_id=backend_id, size_bytes=size_bytes)
