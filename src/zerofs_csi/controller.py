@@ -278,7 +278,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     capacity_bytes=capacity,
                     parameters=settings.to_parameters(),
                     request_parameters=wanted,
-                    volume_context=build_volume_context(settings, capacity),
+                    volume_context=build_volume_context(settings, capacity, request.parameters),
                 )
             )
         log.info("volume created", extra={"volume_id": vid, "capacity_bytes": capacity})

@@ -17,13 +17,10 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from zerofs_csi.sanitize import REDACTOR
+from zerofs_csi.volume_context import PVC_NAME_KEY, PVC_NAMESPACE_KEY
 
 log = logging.getLogger(__name__)
 
-# Volume context keys the controller copies from external-provisioner's
-# --extra-create-metadata parameters, so that the node can name the claim.
-PVC_NAME_KEY = "csi.storage.k8s.io/pvc/name"
-PVC_NAMESPACE_KEY = "csi.storage.k8s.io/pvc/namespace"
 REPEAT_WINDOW_S = 60.0
 # Event messages are limited to 1 KiB by the API server's validation.
 MAX_MESSAGE = 1024

@@ -12,10 +12,21 @@ from zerofs_csi.errors import InvalidArgument
 from zerofs_csi.volume_settings import VolumeSettings, parse_volume_settings
 
 CAPACITY_KEY = "capacityBytes"
+# What external-provisioner's --extra-create-metadata adds to CreateVolume parameters; the
+# claim's name and namespace are kept so that the node can post Events on the claim.
+PVC_NAME_KEY = "csi.storage.k8s.io/pvc/name"
+PVC_NAMESPACE_KEY = "csi.storage.k8s.io/pvc/namespace"
 
 
-def build_volume_context(settings: VolumeSettings, capacity_bytes: int) -> dict[str, str]:
-    return {**settings.to_parameters(), CAPACITY_KEY: str(capacity_bytes)}
+def build_volume_context(
+    settings: VolumeSettings, capacity_bytes: int, parameters: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The context for a new volume; ``parameters`` are CreateVolume's, for the claim."""
+    context = {**settings.to_parameters(), CAPACITY_KEY: str(capacity_bytes)}
+    for key in (PVC_NAME_KEY, PVC_NAMESPACE_KEY):
+        if parameters and parameters.get(key):
+            context[key] = parameters[key]
+    return context
 
 
 def parse_volume_context(context: Mapping[str, str]) -> tuple[VolumeSettings, int]:

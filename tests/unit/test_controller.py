@@ -315,7 +315,11 @@ def test_create_volume_returns_the_context_the_node_needs(controller: Controller
     volume = controller.stub.CreateVolume(request).volume
     assert volume.volume_id == "pvc-1"
     settings = parse_volume_settings({k: v for k, v in parameters.items() if "/" not in k})
-    assert dict(volume.volume_context) == build_volume_context(settings, 2 * GiB)
+    context = dict(volume.volume_context)
+    assert context == build_volume_context(settings, 2 * GiB, parameters)
+    # The claim is named so that the node can post Events on it.
+    assert context["csi.storage.k8s.io/pvc/name"] == "data"
+    assert context["csi.storage.k8s.io/pvc/namespace"] == "default"
     assert parse_volume_context(volume.volume_context) == (settings, 2 * GiB)
     assert not volume.accessible_topology
     assert not volume.HasField("content_source")
