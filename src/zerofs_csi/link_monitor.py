@@ -69,6 +69,7 @@ class LinkMonitor:
             listener.close()  # type: ignore[attr-defined]
 
     def _on_dead(self, index: int, backend_id: str | None) -> None:
+        log.info("NBD link dead", extra={"device": f"nbd{index}", "backend_id": backend_id})
         staged = self._staged()
         if index < 0:
             # Notifications were lost: try every staged volume; RECONFIGURE is ignored by
