@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import stat
@@ -17,6 +16,7 @@ from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.errors import (
     DeadlineExceeded,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -42,9 +42,6 @@ NODE_CAPABILITIES = (
     RPC.VOLUME_CONDITION,
     RPC.SINGLE_NODE_MULTI_WRITER,
 )
-# From include/uapi/linux/fs.h: _IOWR('X', 119, int) and _IOWR('X', 120, int).
-FIFREEZE = 0xC0045877
-FITHAW = 0xC0045878
 
 
 def _absolute(path: str, field: str) -> str:
@@ -53,20 +50,6 @@ def _absolute(path: str, field: str) -> str:
     if not os.path.isabs(path) or "\x00" in path:
         raise InvalidArgument(f"{field} must be an absolute path, got {path!r}")
     return os.path.normpath(path)
-
-
-@contextmanager
-def _frozen(mountpoint: str) -> Iterator[None]:
-    """Quiesce a mounted filesystem: I/O drains and new writes wait until thawed."""
-    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, FIFREEZE, 0)
-        try:
-            yield
-        finally:
-            fcntl.ioctl(fd, FITHAW, 0)
-    finally:
-        os.close(fd)
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
@@ -284,12 +267,21 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if device is None:
                 raise FailedPrecondition(f"volume {vid} is not attached on this node")
             if device.size_bytes < size:
-                resize = self._attacher.resize
-                if record.access_type == "mount":
-                    with _frozen(record.mount_path):
-                        resize(device.index, record.backend_id, size)
-                else:
-                    resize(device.index, record.backend_id, size)
+                # The server gives a connection the export size it had at negotiation,
+                # and the kernel replaces only dead connections: the device grows by
+                # attaching it again, which the workload must not see. Hence offline.
+                targets = publishing.publications(record)
+                if targets:
+                    raise FailedPrecondition(
+                        f"volume {vid} is published at {', '.join(targets)}; this driver "
+                        "expands volumes offline: stop the pods using it, then retry"
+                    )
+                record = self._stager.reattach(record)
+                if record.size_bytes < size:
+                    raise Internal(
+                        f"{record.device} came back with {record.size_bytes} bytes after the "
+                        f"export of volume {vid} grew to {size}"
+                    )
             if record.access_type == "mount":
                 filesystems.grow_filesystem(record.fs_type, record.device, record.mount_path)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)

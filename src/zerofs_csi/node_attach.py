@@ -67,10 +67,6 @@ class NodeAttacher:
         with attach_errors(f"looking up the device of {backend_id}"):
             return self.nbd.find_device(backend_id)
 
-    def resize(self, index: int, backend_id: str, size_bytes: int) -> None:
-        with attach_errors(f"resizing nbd{index}"):
-            self.nbd.resize(index, backend_id, size_bytes)
-
     def reconnect(self, index: int, backend_id: str, nbd_socket: str, export: str) -> None:
         with attach_errors(f"reconnecting nbd{index}"):
             self.nbd.reconnect(index, backend_id, nbd_socket, export)

@@ -18,6 +18,20 @@ def _same_source(entry: mounts.MountEntry, record: StageRecord) -> bool:
     return entry.source == record.device and entry.root == "/"
 
 
+def publications(record: StageRecord) -> list[str]:
+    """Where the staged volume is published now (its bind mounts, not the staging mount)."""
+    if record.access_type == "block":
+        return [e.mountpoint for e in mounts.mountinfo() if _same_source(e, record)]
+    staged = mounts.find_mount(record.mount_path)
+    if staged is None:
+        return []
+    return [
+        e.mountpoint
+        for e in mounts.mounts_of_device(staged.major_minor)
+        if e.mountpoint != staged.mountpoint
+    ]
+
+
 def publish(record: StageRecord, target: str, readonly: bool) -> None:
     """Bind the staged filesystem (or device) onto ``target``. Idempotent.
 

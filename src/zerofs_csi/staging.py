@@ -58,8 +58,6 @@ class Attacher(Protocol):
 
     def find_device(self, backend_id: str) -> AttachedDevice | None: ...
 
-    def resize(self, index: int, backend_id: str, size_bytes: int) -> None: ...
-
 
 EnsureExport = Callable[[str, str, int], int]
 
@@ -219,6 +217,28 @@ class Stager:
         with self._metrics.stage("stage", "mkfs", record.volume_id):
             filesystems.make_filesystem(record.fs_type, record.device)
         self._records.clear_formatting(record.volume_id)
+
+    def reattach(self, record: StageRecord) -> StageRecord:
+        """Detach the staged volume's device and attach it again, unmounting meanwhile, so
+        that fresh connections negotiate the export's current size. Only for a volume
+        that is not published. Returns the updated record."""
+        vid = record.volume_id
+        stage = self._metrics.stage
+        if record.access_type == MOUNT:
+            with stage("expand", "umount", vid):
+                mounts.unmount_all(record.mount_path)
+        with stage("expand", "disconnect_nbd", vid):
+            self._attacher.detach(record.device_index, record.backend_id)
+        with stage("expand", "connect_nbd", vid):
+            device = self._attacher.attach(record.nbd_socket, vid, record.backend_id)
+        record = dataclasses.replace(
+            record, device_index=device.index, size_bytes=device.size_bytes
+        )
+        self._records.write(record)
+        if record.access_type == MOUNT:
+            with stage("expand", "mount", vid):
+                mount_staged(record)
+        return record
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         record = self._records.read(staging_path)
