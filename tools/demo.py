@@ -3,8 +3,9 @@
 Starts the plugin (both roles, local backend) with a real ZeroFS when `zerofs` is on
 PATH, else the stand-in (nbdkit + diod over the same config), then: CreateVolume,
 ControllerPublish, NodeStage (fresh: mkfs), NodePublish, write and checksum data,
-unpublish, unstage, stage again, verify the checksum, expand, and delete. Prints a
-table of every step's time; a failing step stops the run with its error.
+unpublish, unstage, stage again, verify the checksum, expand (offline: unpublished,
+still staged), and delete. Prints a table of every step's time; a failing step stops
+the run with its error.
 
 Needs the kernel's NBD driver and root: run it through `make demo` (the microVM).
 """
@@ -205,12 +206,20 @@ class Demo:
                 timeout=60,
             ),
         )
+        # Expansion is offline: the pod stops using the volume, the node grows it staged.
         self.step(
-            "NodeExpand (online)",
+            "NodeUnpublish (for expansion)",
+            lambda: self.node.NodeUnpublishVolume(
+                csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target),
+                timeout=60,
+            ),
+        )
+        self.step(
+            "NodeExpand (offline)",
             lambda: self.node.NodeExpandVolume(
                 csi_pb2.NodeExpandVolumeRequest(
                     volume_id=vid,
-                    volume_path=target,
+                    volume_path=staging,
                     staging_target_path=staging,
                     capacity_range=csi_pb2.CapacityRange(required_bytes=expanded.capacity_bytes),
                     volume_capability=capability,
@@ -218,6 +227,7 @@ class Demo:
                 timeout=300,
             ),
         )
+        self.step("NodePublish after expansion", publish)
         size = self.step("filesystem grew", lambda: filesystem_size(target, 1.5 * GiB))
         self.rows[-1] = (self.rows[-1][0], self.rows[-1][1], f"{size / GiB:.2f} GiB")
         self.step("verify after expansion", lambda: verify_data(data_file, digest))
