@@ -92,7 +92,9 @@ def processes_mentioning(*needles: str) -> list[tuple[int, str]]:
     return found
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05
+) -> object:
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -100,7 +102,7 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> obje
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def filesystem_uuid(device: str) -> str:

@@ -6,56 +6,55 @@ python3 tests/vm/runner.py --timeout 900 -- .venv/bin/pytest -m privileged -x -q
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import time
+from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import pytest
 from conftest import (
     RPC_TIMEOUT_S,
     MiB,
     PluginProcess,
+    Volume,
     connected_nbd_devices,
     create_volume,
     filesystem_uuid,
     mounts_under,
+    wait_for,
 )
 
 pytestmark = pytest.mark.privileged
 
 SIZE = 128 * MiB
-# When the kill lands, as fractions of a whole fresh stage measured first: early ones
-# hit the server start and the export creation, later ones the attach, mkfs and mount.
-KILL_AT = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def index_of(device: str) -> int:
-    return int(device.removeprefix("/dev/nbd"))
+def kill_points(plugin: PluginProcess) -> dict[str, Callable[[Volume], bool]]:
+    """When to kill the plugin during a fresh stage, from the outside: each condition
+    becomes true at the start of one step and is polled until it does."""
+    return {
+        "server starting": lambda v: bool(v.server_processes()),
+        "attached, probing": lambda v: (Path(v.staging) / "zerofs-volume.json").exists(),
+        "mkfs running": lambda v: (plugin.state_dir / "formatting" / v.volume_id).exists(),
+        "mounted": lambda v: bool(mounts_under(Path(v.staging))),
+    }
 
 
 def test_plugin_killed_while_staging(own_plugin: PluginProcess) -> None:
     plugin = own_plugin
     baseline = connected_nbd_devices()
-    timing = create_volume(plugin, plugin.workdir, fs_type="ext4", size=SIZE)
-    started = time.monotonic()
-    timing.stage()
-    whole_stage = time.monotonic() - started
-    timing.unstage()
-    assert connected_nbd_devices() == baseline
-
     outcomes = []
-    for fraction in KILL_AT:
+    for name, reached in kill_points(plugin).items():
         volume = create_volume(plugin, plugin.workdir, fs_type="ext4", size=SIZE)
         call = plugin.node.NodeStageVolume.future(volume.stage_request(), timeout=RPC_TIMEOUT_S)
-        time.sleep(whole_stage * fraction)
+        wait_for(lambda: reached(volume) or call.done(), RPC_TIMEOUT_S, name, 0.002)  # noqa: B023
+        finished = call.done()
         plugin.kill9()
-        with contextlib.suppress(grpc.RpcError):
-            call.result()
+        assert not finished or call.exception() is None, (name, call.exception())
         record = volume.record_or_none()
-        phase_at_kill = record["phase"] if record else "no record"
+        at_kill = f"{'finished' if finished else 'running'}, record " + (
+            str(record["phase"]) if record else "none"
+        )
 
         plugin.start()  # returns once Probe is ready: recovery has run
         record = volume.record_or_none()
@@ -67,12 +66,13 @@ def test_plugin_killed_while_staging(own_plugin: PluginProcess) -> None:
             assert record is None, f"an unfinished stage left its record: {record}"
             assert not volume.server_processes()
             assert not mounts_under(Path(volume.staging))
-        assert connected_nbd_devices() == expected, (fraction, phase_at_kill)
-        outcomes.append((fraction, phase_at_kill, record["phase"] if record else "rolled back"))
+        assert connected_nbd_devices() == expected, (name, at_kill)
+        outcomes.append((name, at_kill, str(record["phase"]) if record else "rolled back"))
 
         volume.stage()
-        device = volume.device()
-        uuid = filesystem_uuid(device)
+        if name == "mkfs running":  # the half-made filesystem is ours: made again, not refused
+            assert "formatting again after an interrupted mkfs" in plugin.log_tail(400)
+        uuid = filesystem_uuid(volume.device())
         target = plugin.workdir / "pods" / volume.volume_id
         volume.publish(str(target))
         payload = hashlib.sha256(volume.volume_id.encode()).digest() * (MiB // 32)
@@ -90,7 +90,7 @@ def test_plugin_killed_while_staging(own_plugin: PluginProcess) -> None:
         volume.unstage()
         assert connected_nbd_devices() == baseline
 
-    print(f"whole stage {whole_stage:.2f} s; (kill at, record at kill, after recovery):")
+    print("(killed when, state at kill, after recovery):")
     for outcome in outcomes:
         print("   ", outcome)
 
@@ -115,4 +115,4 @@ def test_restart_keeps_a_staged_volume(own_plugin: PluginProcess) -> None:
     assert (target / "before").read_bytes() == b"kept"
     stats = volume.stats(str(target))
     assert not stats.volume_condition.abnormal, stats.volume_condition.message
-    assert index_of(device) in connected_nbd_devices()
+    assert int(device.removeprefix("/dev/nbd")) in connected_nbd_devices()
