@@ -369,9 +369,10 @@ def create_volume(
     size: int = 256 * MiB,
     block: bool = False,
     name: str = "",
+    mount_flags: tuple[str, ...] = (),
 ) -> Volume:
     name = name or f"pvc-{os.getpid()}-{next(_names)}"
-    capability = block_capability() if block else mount_capability(fs_type)
+    capability = block_capability() if block else mount_capability(fs_type, mount_flags)
     created = plugin.controller.CreateVolume(
         csi_pb2.CreateVolumeRequest(
             name=name,

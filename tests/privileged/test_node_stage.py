@@ -26,6 +26,7 @@ from conftest import (
     filesystem_uuid,
     mount_capability,
     mounts_under,
+    wait_for,
 )
 
 from zerofs_csi import mounts
@@ -85,11 +86,12 @@ def assert_unstaged(volume: Volume) -> None:
 
 @pytest.mark.parametrize("fs_type", ["ext4", "xfs", "btrfs"])
 def test_filesystem_life(volumes: VolumeFactory, fs_type: str) -> None:
-    volume = volumes(fs_type=fs_type, size=SIZES[fs_type])
+    volume = volumes(fs_type=fs_type, size=SIZES[fs_type], mount_flags=("noatime", "nodev"))
     volume.stage()
     device = volume.device()
     mount = mounts.find_mount(Path(volume.staging) / "mount")
     assert mount is not None and mount.fstype == fs_type and mount.source == device
+    assert {"noatime", "nodev", "rw"} <= set(mount.options)
     uuid = filesystem_uuid(device)
     assert uuid
 
@@ -342,3 +344,31 @@ def test_info_and_capabilities(plugin: PluginProcess) -> None:
         RPC.EXPAND_VOLUME,
         RPC.VOLUME_CONDITION,
     } <= kinds
+
+
+def test_concurrent_operations_on_one_volume_are_aborted(volumes: VolumeFactory) -> None:
+    volume = volumes(block=True, size=64 * MiB)
+    first = volume.node.NodeStageVolume.future(volume.stage_request(), timeout=300)
+    wait_for(
+        lambda: Path(volume.staging).exists() or first.done(),  # made under the volume's lock
+        120,
+        "the first stage to start",
+        0.01,
+    )
+    assert not first.done(), "the stage finished before a second call could overlap it"
+    assert_code(volume.stage, grpc.StatusCode.ABORTED)
+    assert_code(volume.unstage, grpc.StatusCode.ABORTED)
+    first.result()
+    volume.stage()
+
+
+def test_read_only_stage_of_a_fresh_volume_is_refused(volumes: VolumeFactory) -> None:
+    volume = volumes(fs_type="ext4", size=SIZES["ext4"])
+    devices = connected_nbd_devices()
+    details = assert_code(
+        lambda: volume.stage(mount_capability("ext4", mode=Mode.SINGLE_NODE_READER_ONLY)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert "read-only" in details
+    assert connected_nbd_devices() == devices
+    assert_unstaged(volume)
