@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from zerofs_csi import logsetup
 from zerofs_csi.config import Config
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
-from zerofs_csi.identity import IdentityService, service_capability
+from zerofs_csi.identity import IdentityService, expansion_capability, service_capability
 from zerofs_csi.interceptor import CsiInterceptor
 from zerofs_csi.metrics import Metrics
 from zerofs_csi.metrics_http import MetricsServer
@@ -81,7 +81,8 @@ def build(config: Config, checks: list[Check] | None = None) -> Plugin:
     ``checks`` replaces the default start-up checks (host checks, then recovery and the
     LINK_DEAD monitor for the node role); Probe is not ready until they passed.
     """
-    capabilities = []
+    # Expansion is offline: the node grows a staged, unpublished volume (see node.py).
+    capabilities = [expansion_capability(csi_pb2.PluginCapability.VolumeExpansion.OFFLINE)]
     if config.role.serves_controller:
         capabilities.append(service_capability(csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE))
 

@@ -87,9 +87,11 @@ def test_plugin_capabilities_follow_role(tmp_path: Path, role: str, services: li
             reply = csi_pb2_grpc.IdentityStub(channel).GetPluginCapabilities(
                 csi_pb2.GetPluginCapabilitiesRequest()
             )
-        assert [c.service.type for c in reply.capabilities] == services
-        # Nothing about expansion or topology until those are built.
-        assert not any(c.HasField("volume_expansion") for c in reply.capabilities)
+        assert [c.service.type for c in reply.capabilities if c.HasField("service")] == services
+        expansion = [
+            c.volume_expansion.type for c in reply.capabilities if c.HasField("volume_expansion")
+        ]
+        assert expansion == [csi_pb2.PluginCapability.VolumeExpansion.OFFLINE]
     finally:
         plugin.server.stop(grace=None).wait()
 
