@@ -135,6 +135,15 @@ def test_config_hash_follows_what_defines_the_server() -> None:
     assert digest(build(volume_settings(), secret_version="uid-1/18")) != base  # secrets
 
 
+def test_file_storage_is_mounted_from_the_host_at_its_own_path() -> None:
+    pod = build(volume_settings(storageUrl="file:///srv/zerofs-objects", s3Endpoint=""))
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["storage"]["hostPath"] == {"path": "/srv/zerofs-objects", "type": "Directory"}
+    mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["storage"] == "/srv/zerofs-objects"
+    assert "storage" not in {v["name"] for v in build(volume_settings())["spec"]["volumes"]}
+
+
 def test_envoy_profile_is_a_native_sidecar() -> None:
     pod = build(volume_settings(envoyEnabled="true", envoyConfigMapName="envoy-s3"))
     (sidecar,) = pod["spec"]["initContainers"]

@@ -31,6 +31,9 @@ Choices, and why:
   a plain owner reference keeps garbage collection on DaemonSet deletion and is
   ignored by the controller. The labels below must not match the DaemonSet's selector
   (checked by ``owner.resolve_daemonset_owner``).
+- ``file://`` storage (single-node and test setups): the directory is a hostPath of
+  type ``Directory`` mounted at the same path, so the pod's ZeroFS writes where the
+  local backend would. It must exist on the node and be writable by uid 1001.
 - Envoy (optional): a native sidecar (an init container with ``restartPolicy:
   Always``, Kubernetes 1.29+), started before ZeroFS and stopped after it. WARNING:
   retries by a proxy in front of the object store can replay a conditional put after
@@ -272,6 +275,10 @@ def volume_pod(
         },
         "securityContext": _security_context(),
     }
+    if settings.storage_url.scheme == "file":
+        storage_dir = "/" + settings.storage_url.path
+        volumes.append({"name": "storage", "hostPath": {"path": storage_dir, "type": "Directory"}})
+        container["volumeMounts"].append({"name": "storage", "mountPath": storage_dir})
     resources = settings.resources()
     if resources:
         container["resources"] = resources
