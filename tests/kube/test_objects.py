@@ -252,3 +252,34 @@ def test_readiness_probe_fails_on_a_socket_nobody_serves(served_volume: ServerSo
         assert _probe(missing).returncode != 0
     finally:
         shutil.rmtree(stale_dir, ignore_errors=True)
+
+
+# Native sidecars (init containers with restartPolicy Always) need Kubernetes 1.29.
+SCHEMA_VERSIONS = ("1.29.0", "1.33.0")
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_manifests_match_the_kubernetes_schema(version: str) -> None:
+    validation = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (a dev dependency) is not installed"
+    )
+    rendered = render_zerofs_config(
+        volume_settings(),
+        VOLUME,
+        SECRETS,
+        cache_dir=objects.CACHE_DIR,
+        nbd_socket=str(SOCKETS.nbd),
+        ninep_socket=str(SOCKETS.ninep),
+    )
+    manifests = [
+        build(volume_settings()),
+        build(volume_settings(envoyEnabled="true", cpuRequest="250m", memoryLimit="2Gi")),
+        build(volume_settings(storageUrl="file:///srv/zerofs-objects", s3Endpoint="")),
+        objects.config_secret(volume_id=VOLUME, namespace="zerofs", rendered=rendered, owner=OWNER),
+    ]
+    for manifest in manifests:
+        validation.validate(manifest, version, strict=True)
+    misspelled = build(volume_settings())
+    misspelled["spec"]["containers"][0]["securityContext"]["readOnlyRootFileSystem"] = True
+    with pytest.raises(validation.ValidationError):
+        validation.validate(misspelled, version, strict=True)
