@@ -266,6 +266,28 @@ def test_pod_on_another_node_is_replaced_only_after_it_is_gone(
     assert elsewhere.running() == [] and backend.running() == [volume]
 
 
+def test_pod_left_by_the_go_driver_is_replaced(
+    cluster: Cluster, admin: client.ApiClient, make_backend: MakeBackend, kubelets: StartKubelet
+) -> None:
+    kubelet = kubelets()
+    volume = new_volume_id()
+    # Same name, none of this driver's labels or annotations.
+    legacy = {
+        "metadata": {"name": objects.pod_name(volume), "labels": {"app": "zerofs-volume"}},
+        "spec": {"nodeName": NODE, "containers": [{"name": "zerofs", "image": "zerofs:0.16"}]},
+    }
+    old = call_json(client.CoreV1Api(admin).create_namespaced_pod, cluster.namespace, legacy)
+
+    make_backend().ensure(volume, volume_settings(), SECRETS)
+
+    new = read_pod(admin, cluster, objects.pod_name(volume))
+    assert new is not None and new["metadata"]["uid"] != old["metadata"]["uid"]
+    assert new["metadata"]["labels"][objects.LABEL_VOLUME] == volume
+    assert (NODE, "deleted", old["metadata"]["uid"]) in [
+        (node, action, uid) for _, node, action, _, uid in kubelet.journal
+    ]
+
+
 # ---------------------------------------------------------------- readiness timeout
 
 
