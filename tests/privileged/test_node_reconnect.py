@@ -86,6 +86,10 @@ def test_server_restart_under_fsyncing_writer(volumes: VolumeFactory) -> None:
     os.killpg(first_pid, signal.SIGKILL)
     killed_at = time.monotonic()
     killed_after = writer.synced
+    # While the link is down the volume reports an abnormal condition.
+    wait_for(
+        lambda: volume.stats(str(target)).volume_condition.abnormal, 60, "an abnormal condition"
+    )
     second_pid = wait_for(
         lambda: (pid := server_pid(volume)) not in (None, first_pid) and pid, 60, "a restart"
     )
@@ -108,7 +112,13 @@ def test_server_restart_under_fsyncing_writer(volumes: VolumeFactory) -> None:
     with open(target / "data", "rb") as f:
         for index in range(TOTAL_MIB):
             assert f.read(MiB) == chunk(index), f"MiB {index} differs"
+    reconnects = [
+        line
+        for line in volume.plugin.log_path.read_text(errors="replace").splitlines()
+        if "reconnected" in line
+    ]
     print(
         f"server {first_pid} killed after {killed_after} MiB, restarted as {second_pid} in "
-        f"{restarted_in:.2f} s; longest write+fsync {writer.longest_stall:.2f} s"
+        f"{restarted_in:.2f} s; longest write+fsync {writer.longest_stall:.2f} s; "
+        f"{reconnects[-1]}"
     )
