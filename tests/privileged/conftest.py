@@ -455,5 +455,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for value in funcargs.values():
             if isinstance(value, PluginProcess):
                 report.sections.append(("plugin log", value.log_tail()))
-        kernel = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30).stdout
+        try:
+            kernel = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            kernel = f"(dmesg failed: {exc})"
         report.sections.append(("kernel log", "\n".join(kernel.splitlines()[-40:])))
