@@ -1,0 +1,123 @@
+"""What the regression, chaos and soak harnesses share.
+
+The plugin, the CSI client and the node's outside view (connected NBD devices, server
+processes, mounts) come from the node tests' fixtures module
+(``tests/privileged/conftest.py``), loaded here under its own name so that the harness
+drives the plugin exactly as the privileged tests do, with or without pytest.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import TypeVar
+
+import grpc
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES_PATH = REPO / "tests" / "privileged" / "conftest.py"
+RESULTS_DIR = REPO / "build" / "harness"
+MiB = 1 << 20
+# Codes a CSI sidecar retries: the volume is busy (ABORTED) or the plugin is restarting
+# (UNAVAILABLE). Anything else ends the run.
+RETRYABLE = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)
+DEFAULT_RETRY_BOUND_S = 180.0
+
+T = TypeVar("T")
+
+
+def load_fixtures() -> ModuleType:
+    """The node tests' fixtures (PluginProcess, create_volume, connected_nbd_devices...)."""
+    name = "zerofs_node_fixtures"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, FIXTURES_PATH)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {FIXTURES_PATH}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def call_with_retry(
+    what: str,
+    rpc: Callable[[], T],
+    bound_s: float = DEFAULT_RETRY_BOUND_S,
+    retried: list[str] | None = None,
+) -> T:
+    """``rpc()``, retried on ABORTED and UNAVAILABLE for at most ``bound_s`` seconds, as
+    the CO would; any other error (or running out of time) propagates."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        try:
+            return rpc()
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            if code not in RETRYABLE or time.monotonic() > deadline:
+                raise HarnessFailure(
+                    f"{what}: {code.name}: {exc.details()}"  # type: ignore[attr-defined]
+                ) from None
+            if retried is not None:
+                retried.append(f"{what}: {code.name}")
+            time.sleep(0.5)
+
+
+class HarnessFailure(Exception):
+    """A check of the harness failed: the message says which and what was seen."""
+
+
+def check(condition: object, message: str) -> None:
+    if not condition:
+        raise HarnessFailure(message)
+
+
+def block(seed: int, name: str, index: int) -> bytes:
+    """The MiB number ``index`` of the data file ``name``: random bytes, reproducible
+    from the seed, so every written MiB can be checked without keeping a copy."""
+    return random.Random(f"{seed}/{name}/{index}").randbytes(MiB)
+
+
+def verify_file(path: Path, seed: int, name: str, mib: int) -> None:
+    """Compare the first ``mib`` MiB of ``path`` with what was written."""
+    with open(path, "rb") as f:
+        for index in range(mib):
+            got = f.read(MiB)
+            if got != block(seed, name, index):
+                raise HarnessFailure(
+                    f"{path}: MiB {index} of {mib} differs from what was written and fsync'd"
+                    + ("" if len(got) == MiB else f" (read {len(got)} bytes)")
+                )
+
+
+def server_pid(volume: object) -> int | None:
+    """The volume server's pid (the ZeroFS stand-in, a process group leader)."""
+    found = [pid for pid, argv in volume.server_processes() if "zerofs" in argv]  # type: ignore[attr-defined]
+    return found[0] if len(found) == 1 else None
+
+
+def kill_server(volume: object) -> int | None:
+    """kill -9 of the volume server's whole process group, as a crash of ZeroFS (one
+    process) drops every connection without a reply. Returns the killed pid."""
+    pid = server_pid(volume)
+    if pid is not None:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return None
+    return pid
+
+
+def write_results(name: str, results: dict[str, object], directory: Path = RESULTS_DIR) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
