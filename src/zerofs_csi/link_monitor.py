@@ -18,7 +18,7 @@ from zerofs_csi.errors import CsiError
 from zerofs_csi.metrics import Metrics
 from zerofs_csi.nbd import DEFAULT_DEAD_CONN_TIMEOUT_S
 from zerofs_csi.node_attach import NodeAttacher
-from zerofs_csi.stage_record import StageRecord, volume_of_backend
+from zerofs_csi.stage_record import STAGED, StageRecord, volume_of_backend
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,19 @@ class LinkMonitor:
             return volume_id in self._dead
 
     def start(self) -> None:
-        listener = self._attacher.nbd.link_dead_listener()
+        """Listen for LINK_DEAD, then reconnect every staged volume once.
+
+        A LINK_DEAD sent while no listener was subscribed (the plugin was down when the
+        server restarted) is lost, and the device would fail its I/O once the dead
+        connection timeout ran out. The kernel ignores RECONFIGURE for a device whose
+        connections are all alive, so the sweep costs a handshake per volume.
+        """
+        listener = self._attacher.nbd.link_dead_listener()  # subscribed from here on
         self._thread = threading.Thread(
             target=self._listen, args=(listener,), name="link-monitor", daemon=True
         )
         self._thread.start()
+        self._on_dead(-1, None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -69,8 +77,9 @@ class LinkMonitor:
             listener.close()  # type: ignore[attr-defined]
 
     def _on_dead(self, index: int, backend_id: str | None) -> None:
-        log.info("NBD link dead", extra={"device": f"nbd{index}", "backend_id": backend_id})
-        staged = self._staged()
+        if index >= 0:
+            log.info("NBD link dead", extra={"device": f"nbd{index}", "backend_id": backend_id})
+        staged = {vid: r for vid, r in self._staged().items() if r.phase == STAGED}
         if index < 0:
             # Notifications were lost: try every staged volume; RECONFIGURE is ignored by
             # the kernel for devices whose connections are all alive.
@@ -107,6 +116,15 @@ class LinkMonitor:
                         record.device_index, record.backend_id, record.nbd_socket, vid
                     )
                 except CsiError as exc:
+                    current = self._staged().get(vid)
+                    if current is None or current.device_index != record.device_index:
+                        # Unstaged (or staged again on another device) meanwhile.
+                        result = "abandoned"
+                        log.info(
+                            "reconnect abandoned: volume no longer staged there",
+                            extra={"volume_id": vid, "device": record.device},
+                        )
+                        return
                     if time.monotonic() - started > self._give_up_after_s:
                         log.error(
                             "reconnect gave up",
@@ -127,8 +145,9 @@ class LinkMonitor:
                 )
                 return
         finally:
-            self._metrics.reconnects.labels(node, result).inc()
-            if result == "ok":  # a link we gave up on stays reported dead
+            if result != "abandoned":
+                self._metrics.reconnects.labels(node, result).inc()
+            if result != "failed":  # a link we gave up on stays reported dead
                 with self._lock:
                     self._dead.pop(vid, None)
                     self._metrics.nbd_dead_links.labels(node).set(len(self._dead))
