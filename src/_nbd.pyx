@@ -2060,9 +2060,14 @@ cdef class UeventWatch:
 
 
 cdef int _wait_unlocked(int fd, const char *path, double deadline) noexcept nogil:
-    """Take LOCK_EX on the whole disk, waiting (event-driven, via inotify close events)
-    while udev's worker holds its shared lock. 0 locked, 1 timeout, -errno."""
-    cdef int ino, rc
+    """Take LOCK_EX on the whole disk, waiting while udev's worker holds its shared lock.
+
+    Woken by inotify close events on the node: udevd's worker drops the lock by closing
+    its descriptor. A holder that unlocks without a close (flock(LOCK_UN), or a
+    descriptor shared with a child) raises no event, so the wait also re-checks on a
+    backoff from 10 ms up to 250 ms. 0 locked, 1 timeout, -errno."""
+    cdef int ino, rc, wait_ms
+    cdef int backoff_ms = 10
     cdef c.pollfd pfd
     cdef unsigned char events[1024]
     if c.flock(fd, c.LOCK_EX | c.LOCK_NB) == 0:
@@ -2087,12 +2092,17 @@ cdef int _wait_unlocked(int fd, const char *path, double deadline) noexcept nogi
         if c.errno != c.EWOULDBLOCK:
             rc = -c.errno
             break
-        if _remaining_ms(deadline) == 0:
+        wait_ms = _remaining_ms(deadline)
+        if wait_ms == 0:
             rc = 1
             break
-        if c.poll(&pfd, 1, _remaining_ms(deadline)) > 0:
+        if wait_ms > backoff_ms:
+            wait_ms = backoff_ms
+        if c.poll(&pfd, 1, wait_ms) > 0:
             while c.read(ino, events, sizeof(events)) > 0:
                 pass
+        elif backoff_ms < 250:
+            backoff_ms *= 2
     c.close(ino)
     return rc
 

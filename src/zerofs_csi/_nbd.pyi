@@ -254,9 +254,10 @@ def wait_ready(
 ) -> int | None:
     """Ensure ``/dev/nbd<index>`` is usable: node present (mknod from sysfs when missing),
     change uevent seen (with ``watch``), capacity equal to ``size_bytes`` rounded down to
-    512, and LOCK_EX on the whole disk (waiting, event-driven, while udev's probe holds
-    its shared lock). Returns the locked read-only descriptor when ``keep_lock`` (udev
-    postpones its probe until it is closed), else None. Blocks (GIL released) at most
+    512, and LOCK_EX on the whole disk (waiting while udev's probe holds its shared
+    lock: woken by close events, re-checked on a 10-250 ms backoff). Returns the locked
+    read-only descriptor when ``keep_lock`` (udev postpones its probe until it is
+    closed), else None. Blocks (GIL released) at most
     ``timeout_s``: DeviceNotReady (ETIMEDOUT; EIO for a size mismatch), NbdError."""
 
 class IoctlDevice:

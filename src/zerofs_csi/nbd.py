@@ -34,8 +34,6 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from zerofs_csi import _nbd
@@ -181,6 +179,25 @@ def _block_size_for(requested: int, negotiated: _nbd.Negotiated) -> int:
     )
 
 
+class _PooledNetlink:
+    """Borrow a socket from an attacher's pool for the duration of a ``with`` block."""
+
+    __slots__ = ("_owner", "_sock")
+
+    def __init__(self, owner: NbdAttacher) -> None:
+        self._owner = owner
+        self._sock: _nbd.NbdNetlink | None = None
+
+    def __enter__(self) -> _nbd.NbdNetlink:
+        self._sock = self._owner._take_socket()
+        return self._sock
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._sock is not None:
+            self._owner._give_socket(self._sock)
+            self._sock = None
+
+
 class NbdAttacher:
     """Attach, detach, reconnect and list NBD devices.
 
@@ -209,27 +226,27 @@ class NbdAttacher:
 
     # -- plumbing -------------------------------------------------------------------
 
-    @contextmanager
-    def _netlink(self) -> Iterator[_nbd.NbdNetlink]:
+    def _netlink(self) -> _PooledNetlink:
+        """A pooled netlink socket for one request sequence (``with``)."""
+        return _PooledNetlink(self)
+
+    def _take_socket(self) -> _nbd.NbdNetlink:
         with self._lock:
             if self._pool:
-                sock = self._pool.pop()
-            elif self._prototype is None:
-                sock = self._prototype = _nbd.NbdNetlink()
-            else:
-                sock = self._prototype.clone()
-        try:
-            yield sock
-        finally:
-            with self._lock:
-                self._pool.append(sock)
+                return self._pool.pop()
+            if self._prototype is None:
+                self._prototype = _nbd.NbdNetlink()
+                return self._prototype
+            return self._prototype.clone()
 
-    @contextmanager
-    def _backend_lock(self, backend_id: str) -> Iterator[None]:
+    def _give_socket(self, sock: _nbd.NbdNetlink) -> None:
         with self._lock:
-            lock = self._backend_locks.setdefault(backend_id, threading.Lock())
-        with lock:
-            yield
+            self._pool.append(sock)
+
+    def _backend_lock(self, backend_id: str) -> threading.Lock:
+        """The lock that serializes attach, detach and reconnect of one backend id."""
+        with self._lock:
+            return self._backend_locks.setdefault(backend_id, threading.Lock())
 
     def close(self) -> None:
         """Close the pooled netlink sockets (devices stay attached)."""
@@ -353,7 +370,8 @@ class NbdAttacher:
                 if existing is not None:
                     handshake.close()
                     return self._ready(existing, ready_timeout_s, None, keep_lock)
-                watch = _nbd.UeventWatch()
+                if self.use_ioctl:
+                    watch = _nbd.UeventWatch()
                 with self._finish_handshake(
                     handshake, server, export_name, connections, handshake_timeout_s
                 ) as negotiated:
@@ -416,7 +434,7 @@ class NbdAttacher:
         index: int | None,
         ready_timeout_s: float,
         keep_lock: bool,
-        watch: _nbd.UeventWatch,
+        watch: _nbd.UeventWatch | None,
         status: list[tuple[int, bool]] | None,
     ) -> Device:
         if connections > 1 and not negotiated.can_multi_conn:
@@ -461,7 +479,12 @@ class NbdAttacher:
         self._connections[new_index] = connections
         device = Device(new_index, self._path(new_index), size, backend_id)
         try:
-            return self._ready(device, ready_timeout_s, watch, keep_lock)
+            # CONNECT answers only after the kernel started the device, which set the
+            # capacity and sent the change uevent in the same call: on that path the
+            # capacity check proves the event, and only DO_IT needs the watch.
+            return self._ready(
+                device, ready_timeout_s, watch if self.use_ioctl else None, keep_lock
+            )
         except BaseException:
             self._disconnect(new_index)
             raise
