@@ -210,7 +210,13 @@ def test_32_concurrent_attaches_get_distinct_devices(
     names = [server.add_export(f"vol{i}", 4 * MiB) for i in range(32)]
     with ThreadPoolExecutor(max_workers=32) as pool:
         devices = list(
-            pool.map(lambda n: attacher.attach(server.sock, n, prefix + n, connections=1), names)
+            # 32 udev probes at once on two emulated CPUs can hold the disks a while.
+            pool.map(
+                lambda n: attacher.attach(
+                    server.sock, n, prefix + n, connections=1, ready_timeout_s=120
+                ),
+                names,
+            )
         )
     assert len({d.index for d in devices}) == 32
     for name, device in zip(names, devices, strict=True):
