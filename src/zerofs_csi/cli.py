@@ -162,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("KUBECONFIG", ""),
         help="kubeconfig for the kubernetes backend; empty uses the in-cluster service account",
     )
+    parser.add_argument(
+        "--daemonset-name",
+        default=os.environ.get("DAEMONSET_NAME", ""),
+        help="the node DaemonSet that owns per-volume server pods; empty finds it through "
+        "this plugin's own pod (env POD_NAME) (env DAEMONSET_NAME)",
+    )
+    parser.add_argument(
+        "--server-removal-timeout",
+        type=_seconds,
+        default=75.0,
+        help="seconds a per-volume server pod gets to stop (it flushes to the object "
+        "store) before it is force-deleted",
+    )
     parser.add_argument("--workers", type=_positive_int, default=16, help="gRPC worker threads")
     parser.add_argument(
         "--shutdown-grace",
@@ -195,6 +208,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         backend=args.backend,
         zerofs_command=args.zerofs_command,
         kubeconfig=args.kubeconfig,
+        daemonset_name=args.daemonset_name,
+        server_removal_timeout_seconds=args.server_removal_timeout,
     )
 
 

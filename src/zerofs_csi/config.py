@@ -85,6 +85,8 @@ class Config:
     backend: Backend
     zerofs_command: str  # the ZeroFS executable the local backend runs
     kubeconfig: str  # empty: in-cluster configuration
+    daemonset_name: str  # empty: found through the plugin's own pod (env POD_NAME)
+    server_removal_timeout_seconds: float
 
     @property
     def socket_root(self) -> Path:

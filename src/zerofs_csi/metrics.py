@@ -123,6 +123,12 @@ class Metrics:
             ("node",),
             registry=registry,
         )
+        self.server_removals = Counter(
+            "zerofs_csi_server_removals_total",
+            "Removals of per-volume servers, by outcome (graceful, forced, absent, failed).",
+            ("node", "outcome"),
+            registry=registry,
+        )
         self.orphans_detached = Counter(
             "zerofs_csi_orphans_detached_total",
             "NBD devices of this driver detached at start because no volume was staged.",

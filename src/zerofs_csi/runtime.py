@@ -66,14 +66,17 @@ def _volume_server_backend(config: Config, metrics: Metrics) -> VolumeServerBack
     from zerofs_csi.kube.owner import resolve_daemonset_owner
 
     api = make_api_client(Path(config.kubeconfig) if config.kubeconfig else None)
-    owner = resolve_daemonset_owner(api, config.namespace)
+    owner = resolve_daemonset_owner(
+        api, config.namespace, daemonset_name=config.daemonset_name or None
+    )
     return KubernetesBackend(
-        api=api,
+        api,
         namespace=config.namespace,
         node_name=config.node_id,
         socket_root=config.socket_root,
         owner=owner,
         metrics=metrics,
+        removal_timeout=config.server_removal_timeout_seconds,
     )
 
 
@@ -128,11 +131,23 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
     if config.backend is Backend.LOCAL:
         return ControllerService(FileVolumeStore(config.state_dir / "volumes"), metrics)
     from zerofs_csi.kube.api import make_api_client
+    from zerofs_csi.kube.backend import KubernetesBackend
     from zerofs_csi.volume_store_kube import KubernetesConfigMapReader, KubernetesVolumeStore
 
     api = make_api_client(Path(config.kubeconfig) if config.kubeconfig else None)
+    # The controller only removes servers (on any node): no owner, no sockets of its own.
+    servers = KubernetesBackend(
+        api,
+        namespace=config.namespace,
+        node_name=config.node_id,
+        socket_root=config.socket_root,
+        owner=None,
+        metrics=metrics,
+        removal_timeout=config.server_removal_timeout_seconds,
+    )
     return ControllerService(
         KubernetesVolumeStore(api, config.namespace),
         metrics,
         read_config_map=KubernetesConfigMapReader(api, config.namespace),
+        remove_servers=servers.remove_everywhere,
     )

@@ -28,6 +28,7 @@ from chart.conftest import CHART, Helm, Manifest, find
 from zerofs_csi.config import Backend, Config, Endpoint, LogFormat, Role
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.events import PVC_NAME_KEY, PVC_NAMESPACE_KEY, KubernetesEventRecorder
+from zerofs_csi.kube import objects
 from zerofs_csi.kube.api import call_json, make_api_client
 from zerofs_csi.server import build
 
@@ -111,6 +112,8 @@ def _controller(cluster: Cluster, tmp_path: Path) -> Iterator[csi_pb2_grpc.Contr
         backend=Backend.KUBERNETES,
         zerofs_command="zerofs",
         kubeconfig=str(_kubeconfig(cluster, tmp_path)),
+        daemonset_name="",
+        server_removal_timeout_seconds=1.0,
     )
     plugin = build(config, checks=[])
     plugin.server.start()
@@ -132,7 +135,12 @@ def _mount_capability() -> csi_pb2.VolumeCapability:
     )
 
 
-def _volume_life(controller: csi_pb2_grpc.ControllerStub, name: str, **parameters: str) -> None:
+def _volume_life(
+    controller: csi_pb2_grpc.ControllerStub,
+    name: str,
+    leftover_server: tuple[client.ApiClient, str] | None = None,
+    **parameters: str,
+) -> None:
     capability = _mount_capability()
     request = csi_pb2.CreateVolumeRequest(
         name=name,
@@ -174,6 +182,22 @@ def _volume_life(controller: csi_pb2_grpc.ControllerStub, name: str, **parameter
         )
     )
     assert expanded.capacity_bytes == 2 << 30
+    if leftover_server is not None:
+        # A server pod left on a node that went away (no kubelet confirms its graceful
+        # deletion): DeleteVolume must remove it, by force after the removal timeout.
+        admin, namespace = leftover_server
+        pod = {
+            "metadata": {
+                "name": objects.pod_name(volume.volume_id),
+                "labels": objects.volume_labels(volume.volume_id, "node-gone"),
+            },
+            "spec": {
+                "nodeName": "node-gone",
+                "terminationGracePeriodSeconds": 30,
+                "containers": [{"name": "zerofs", "image": "ghcr.io/barre/zerofs:2.3.0"}],
+            },
+        }
+        call_json(client.CoreV1Api(admin).create_namespaced_pod, namespace, pod)
     controller.DeleteVolume(
         csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=SECRETS)
     )
@@ -192,7 +216,11 @@ def test_controller_calls_are_exactly_the_chart_controller_role(
         {"metadata": {"name": "zerofs-settings"}, "data": {"zerofsImage": ""}},
     )
     with _controller(cluster, tmp_path) as controller:
-        _volume_life(controller, "pvc-5d1c9a64-0f1e-4c55-9b7e-2d1f3c4b5a69")
+        _volume_life(
+            controller,
+            "pvc-5d1c9a64-0f1e-4c55-9b7e-2d1f3c4b5a69",
+            leftover_server=(admin, cluster.namespace),
+        )
         # Whether configMapName is resolved depends on how the controller is wired; any
         # API call it makes for it must be covered all the same.
         with contextlib.suppress(grpc.RpcError):

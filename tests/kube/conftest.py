@@ -142,7 +142,6 @@ def make_backend(
             "socket_root": socket_root,
             "owner": owner,
             "metrics": Metrics(NODE, registry),
-            "registry": registry,
             "removal_timeout": 10.0,
             "forced_removal_timeout": 10.0,
         }

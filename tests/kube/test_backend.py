@@ -390,6 +390,29 @@ def test_stop_leaves_the_servers_of_other_nodes_alone(
     assert read_secret(admin, cluster, objects.secret_name(volume)) is not None
 
 
+def test_remove_everywhere_removes_every_nodes_server_and_the_secret(
+    cluster: Cluster,
+    admin: client.ApiClient,
+    make_backend: MakeBackend,
+    kubelets: StartKubelet,
+    socket_root: Path,
+) -> None:
+    """What DeleteVolume calls: no server of a deleted volume may keep running anywhere."""
+    kubelets(OTHER_NODE, stop_delay=0.2)
+    volume = new_volume_id()
+    make_backend(node_name=OTHER_NODE, socket_root=socket_root / "b").ensure(
+        volume, volume_settings(), SECRETS
+    )
+    assert read_pod(admin, cluster, objects.pod_name(volume)) is not None
+
+    controller_side = make_backend()  # a different node name: the controller's view
+    controller_side.remove_everywhere(volume)
+
+    assert read_pod(admin, cluster, objects.pod_name(volume)) is None
+    assert read_secret(admin, cluster, objects.secret_name(volume)) is None
+    controller_side.remove_everywhere(volume)  # nothing left: still succeeds
+
+
 # ---------------------------------------------------------------- ownership
 
 

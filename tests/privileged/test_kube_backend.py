@@ -150,7 +150,6 @@ def test_volume_server_pod_serves_an_nbd_export(cluster: Cluster, scratch: Path)
         socket_root=scratch / "sockets",
         owner=resolve_daemonset_owner(admin, cluster.namespace, daemonset_name=DAEMONSET),
         metrics=Metrics(NODE, registry),
-        registry=registry,
         removal_timeout=60.0,
     )
     store = scratch / "objects"

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import urllib3
 from kubernetes import client, watch
-from prometheus_client import CollectorRegistry, Counter
 
 from zerofs_csi import errors
 from zerofs_csi.kube import objects
@@ -112,8 +111,6 @@ class KubernetesBackend:
     ``socket_root`` must be the same path on the host and in the node plugin's
     container: the pods mount ``<socket_root>/<volume>`` from the host at that path.
     ``core`` replaces the CoreV1Api built from ``api`` (to instrument calls in tests).
-    ``registry`` is where the removal counter is exported: the plugin's registry (the
-    one ``metrics`` was built with); without it the counter is kept but not exported.
     """
 
     name = "kubernetes"
@@ -127,7 +124,6 @@ class KubernetesBackend:
         socket_root: Path,
         owner: DaemonSetOwner | None,
         metrics: Metrics,
-        registry: CollectorRegistry | None = None,
         removal_timeout: float = DEFAULT_REMOVAL_TIMEOUT,
         forced_removal_timeout: float = DEFAULT_FORCED_REMOVAL_TIMEOUT,
         conflict_retries: int = DEFAULT_CONFLICT_RETRIES,
@@ -146,12 +142,7 @@ class KubernetesBackend:
         self._forced_removal_timeout = forced_removal_timeout
         self._conflict_retries = conflict_retries
         self._conflict_backoff = conflict_backoff
-        self._removals = Counter(
-            "zerofs_csi_server_removals_total",
-            "Removals of per-volume server pods, by outcome (graceful, forced, absent, failed).",
-            ("node", "outcome"),
-            registry=registry,
-        )
+        self._removals = metrics.server_removals
 
     # ------------------------------------------------------------ interface
 
@@ -267,6 +258,25 @@ class KubernetesBackend:
             else:
                 self._delete_secret(volume_id)
             self._clean_socket_directory(volume_id, sockets)
+        except errors.CsiError:
+            self._removals.labels(self._node, "failed").inc()
+            raise
+        outcome = next((o for o in ("forced", "graceful") if o in results), "absent")
+        self._removals.labels(self._node, outcome).inc()
+
+    def remove_everywhere(self, volume_id: str) -> None:
+        """Remove the volume's server pods on every node, then its config Secret.
+
+        For DeleteVolume in the controller: nothing of the volume may keep running or
+        writing once its data is gone. Bounded like ``stop``; succeeds when nothing is left.
+        """
+        validate_volume_id(volume_id)
+        try:
+            results = [
+                self._remove_pod(volume_id, pod, "volume deleted")
+                for pod in self._volume_pods(volume_id)
+            ]
+            self._delete_secret(volume_id)
         except errors.CsiError:
             self._removals.labels(self._node, "failed").inc()
             raise

@@ -4,8 +4,10 @@ The controller role (``--role controller``) keeps one ConfigMap per volume,
 ``zerofs-meta-<volume id>``, in the driver's namespace (volume_store_kube): it reads
 one by name, lists them by label for ListVolumes, creates, updates and deletes them
 with resourceVersion preconditions. A StorageClass's ``configMapName`` is read with a
-get in the same namespace. Nothing else: S3 credentials arrive in the CSI calls'
-secrets, which the external-provisioner fetches.
+get in the same namespace. DeleteVolume removes the volume's server pods on every node
+(list and watch them by label, delete) and its config Secret (delete): it never reads a
+Secret. S3 credentials arrive in the CSI calls' secrets, which the external-provisioner
+fetches.
 
 The Helm chart's controller Role renders exactly these rules; tests/chart checks it,
 and runs the controller as ``runtime.build_controller`` wires it against an API server
@@ -25,4 +27,8 @@ CONTROLLER_PLUGIN_RULES: tuple[Rule, ...] = (
         "resources": ["configmaps"],
         "verbs": ["get", "list", "create", "update", "delete"],
     },
+    # DeleteVolume: the volume's server pods, wherever they run, gone before its data.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "delete"]},
+    # ... and its zerofs-config-<volume> Secret.
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["delete"]},
 )
