@@ -365,6 +365,7 @@ class NbdAttacher:
                     raise
                 return self._ready(existing, ready_timeout_s, None, keep_lock)
             watch: _nbd.UeventWatch | None = None
+            candidates: list[int | None] = []
             try:
                 existing, status = self._existing(backend_id)
                 if existing is not None:
@@ -372,6 +373,8 @@ class NbdAttacher:
                     return self._ready(existing, ready_timeout_s, None, keep_lock)
                 if self.use_ioctl:
                     watch = _nbd.UeventWatch()
+                else:
+                    candidates = self._index_candidates(index, status)
                 with self._finish_handshake(
                     handshake, server, export_name, connections, handshake_timeout_s
                 ) as negotiated:
@@ -388,12 +391,15 @@ class NbdAttacher:
                         ready_timeout_s=ready_timeout_s,
                         keep_lock=keep_lock,
                         watch=watch,
-                        status=status,
+                        candidates=candidates,
                     )
             finally:
                 handshake.close()
                 if watch is not None:
                     watch.close()
+                if index is None and candidates:
+                    with self._lock:
+                        self._claimed.difference_update(candidates)
 
     def _begin_handshake(
         self, server: ServerAddress, export_name: str, connections: int, timeout_s: float
@@ -435,7 +441,7 @@ class NbdAttacher:
         ready_timeout_s: float,
         keep_lock: bool,
         watch: _nbd.UeventWatch | None,
-        status: list[tuple[int, bool]] | None,
+        candidates: list[int | None],
     ) -> Device:
         if connections > 1 and not negotiated.can_multi_conn:
             raise MultiConnUnsupported(
@@ -448,49 +454,70 @@ class NbdAttacher:
         if self.use_ioctl:
             new_index = self._ioctl_connect(negotiated, bsize, io_timeout_s, backend_id, index)
         else:
-            with self._netlink() as nl:
-                new_index = -1
-                candidates = self._index_candidates(nl, index, status)
-                try:
-                    for candidate in candidates:
-                        try:
-                            new_index = nl.connect(
-                                negotiated.socket_fds,
-                                size,
-                                block_size=bsize,
-                                server_flags=negotiated.transmission_flags,
-                                timeout_s=io_timeout_s,
-                                dead_conn_timeout_s=dead_conn_timeout_s,
-                                backend_id=backend_id,
-                                index=candidate,
-                            )
-                            break
-                        except DeviceBusy:
-                            if candidate is None or candidate == index:
-                                raise
-                finally:
-                    if index is None:
-                        with self._lock:
-                            self._claimed.difference_update(candidates)
+            new_index = self._netlink_connect(
+                negotiated, bsize, io_timeout_s, dead_conn_timeout_s, backend_id, index, candidates
+            )
+        try:
+            # Straight after CONNECT, before any bookkeeping: udevd got the change event
+            # during the call, and whoever locks the disk first makes the other wait.
+            # CONNECT answers only after the kernel started the device, which set the
+            # capacity and sent that event in the same call, so on this path the capacity
+            # check proves the event; only DO_IT needs the watch.
+            lock_fd = _nbd.wait_ready(
+                new_index,
+                size,
+                ready_timeout_s,
+                watch=watch if self.use_ioctl else None,
+                keep_lock=keep_lock,
+                dev_dir=self.dev_dir,
+            )
+        except BaseException:
+            negotiated.close()
+            self._disconnect(new_index)
+            raise
         # The kernel holds its own references to the sockets now.
         negotiated.close()
         with self._lock:
             self._disconnecting.pop(new_index, None)
-        self._connections[new_index] = connections
-        device = Device(new_index, self._path(new_index), size, backend_id)
-        try:
-            # CONNECT answers only after the kernel started the device, which set the
-            # capacity and sent the change uevent in the same call: on that path the
-            # capacity check proves the event, and only DO_IT needs the watch.
-            return self._ready(
-                device, ready_timeout_s, watch if self.use_ioctl else None, keep_lock
-            )
-        except BaseException:
-            self._disconnect(new_index)
-            raise
+            self._connections[new_index] = connections
+        return Device(
+            new_index,
+            self._path(new_index),
+            size,
+            backend_id,
+            None if lock_fd is None else DiskLock(lock_fd),
+        )
+
+    def _netlink_connect(
+        self,
+        negotiated: _nbd.Negotiated,
+        block_size: int,
+        io_timeout_s: int,
+        dead_conn_timeout_s: int,
+        backend_id: str,
+        index: int | None,
+        candidates: list[int | None],
+    ) -> int:
+        with self._netlink() as nl:
+            for candidate in candidates:
+                try:
+                    return nl.connect(
+                        negotiated.socket_fds,
+                        negotiated.size_bytes,
+                        block_size=block_size,
+                        server_flags=negotiated.transmission_flags,
+                        timeout_s=io_timeout_s,
+                        dead_conn_timeout_s=dead_conn_timeout_s,
+                        backend_id=backend_id,
+                        index=candidate,
+                    )
+                except DeviceBusy:
+                    if candidate is None or candidate == index:
+                        raise
+        raise DeviceBusy(errno.EBUSY, "no NBD device could be connected")
 
     def _index_candidates(
-        self, nl: _nbd.NbdNetlink, index: int | None, status: list[tuple[int, bool]] | None
+        self, index: int | None, status: list[tuple[int, bool]] | None
     ) -> list[int | None]:
         """Which index to ask CONNECT for. Normally none: the kernel picks a free one.
         Right after a detach, though, the kernel would pick the index just freed, which
@@ -498,7 +525,8 @@ class NbdAttacher:
         on the new device, holding the disk lock readiness waits for (or make a named
         index EBUSY). So while such a cooldown runs, name a free index that is not
         cooling, falling back to the kernel's choice when they are busy. ``status`` is a
-        STATUS answer the caller already has (a stale one only costs an EBUSY retry)."""
+        STATUS answer the caller already has (a stale one only costs an EBUSY retry).
+        Named indexes are claimed; the caller releases them from ``_claimed``."""
         if index is not None:
             return [index]
         now = time.monotonic()
@@ -509,7 +537,7 @@ class NbdAttacher:
         if not avoid:
             return [None]
         if status is None:
-            status = nl.status()
+            status = self._status()
         free = [i for i, configured in status if not configured and i not in avoid]
         with self._lock:
             picked = [i for i in free if i not in self._claimed][:_NAMED_INDEX_TRIES]
