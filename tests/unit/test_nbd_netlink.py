@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from zerofs_csi import _nbd
+from zerofs_csi import _nbd, nbd
 
 CAPTURE = json.loads(
     (Path(__file__).parents[1] / "privileged" / "data" / "kernel_replies.json").read_text()
@@ -579,3 +579,50 @@ def test_netlink_family_lookup_without_the_nbd_module() -> None:
         _nbd.NbdNetlink()
     assert info.value.errno == errno.ENOENT
     assert "modprobe nbd" in str(info.value)
+
+
+# ---- facade checks that need no kernel -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "connections", "block_size", "timeouts"),
+    [
+        ("", 1, 4096, (0, 0)),
+        ("a\nb", 1, 4096, (0, 0)),
+        ("ok", 0, 4096, (0, 0)),
+        ("ok", 17, 4096, (0, 0)),
+        ("ok", 1, 8192, (0, 0)),
+        ("ok", 1, 1000, (0, 0)),
+        ("ok", 1, 4096, (-1, 0)),
+    ],
+)
+def test_attach_rejects_bad_arguments_before_any_io(
+    backend: str, connections: int, block_size: int, timeouts: tuple[int, int]
+) -> None:
+    attacher = nbd.NbdAttacher()
+    with pytest.raises(ValueError):
+        attacher.attach(
+            "/nonexistent.sock",
+            "e",
+            backend,
+            connections=connections,
+            block_size=block_size,
+            io_timeout_s=timeouts[0],
+            dead_conn_timeout_s=timeouts[1],
+        )
+
+
+@needs_nbdkit
+def test_block_size_follows_the_server_minimum(start_nbdkit: StartNbdkit) -> None:
+    server = start_nbdkit("--filter=blocksize-policy", params=("blocksize-minimum=2048",))
+    with _nbd.negotiate(server.sock, "disk1") as neg:
+        assert neg.min_block_size == 2048
+        assert nbd._block_size_for(512, neg) == 2048
+        assert nbd._block_size_for(4096, neg) == 4096
+
+
+def test_timeout_defaults_suit_a_restarting_server() -> None:
+    # Long enough for a ZeroFS restart plus a node plugin restart; a finite I/O timeout
+    # so that a hung server is noticed and reconnected.
+    assert nbd.DEFAULT_DEAD_CONN_TIMEOUT_S >= 120
+    assert 0 < nbd.DEFAULT_IO_TIMEOUT_S <= nbd.DEFAULT_DEAD_CONN_TIMEOUT_S
