@@ -88,10 +88,14 @@ class Cycle:
 
 
 def draw_faults(rng: random.Random, iterations: int, count: int) -> list[Fault]:
+    """``count`` faults; every kind comes up once before any comes up again."""
+    kinds: list[str] = []
+    while len(kinds) < count:
+        kinds += rng.sample(ALL_FAULTS, len(ALL_FAULTS))
     faults = []
-    for _ in range(count):
-        point = rng.choice(sorted(POINTS))
-        faults.append(Fault(rng.randrange(iterations), point, rng.choice(POINTS[point])))
+    for kind in kinds[:count]:
+        point = rng.choice([p for p, allowed in POINTS.items() if kind in allowed])
+        faults.append(Fault(rng.randrange(iterations), point, kind))
     faults.sort(key=lambda f: (f.iteration, list(POINTS).index(f.point)))
     return faults
 

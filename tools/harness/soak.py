@@ -1,0 +1,312 @@
+"""Soak: fio with verification on a staged volume while its server is killed again and again.
+
+    python tools/harness/soak.py [--duration S] [--kill-every S]
+
+Needs the kernel's NBD driver and root: ``make soak`` runs it in the microVM. One plugin
+(local backend, ZeroFS stand-in), one ext4 volume staged and published. Two phases:
+
+1. For ``--duration`` seconds fio writes 4 KiB blocks at random offsets of a file in the
+   volume (direct I/O, fsync every 32 writes) and re-reads every block it wrote with its
+   crc32c header (``--verify_backlog``, ``--verify_fatal``), while the volume server is
+   killed with SIGKILL every ``--kill-every`` seconds; its supervisor restarts it and the
+   plugin reconnects the device (LINK_DEAD, RECONFIGURE).
+2. fio writes a second file sequentially (crc32c headers, fsync at the end) with one more
+   server kill on the way; the volume is then unpublished, unstaged and staged again, and
+   fio's ``--verify_only`` pass reads every block back through the fresh device.
+
+Passes with zero I/O errors and zero verification failures in both phases. Results go to
+``build/harness/soak.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    HarnessFailure,
+    MiB,
+    call_with_retry,
+    check,
+    kill_server,
+    load_fixtures,
+    server_pid,
+    write_results,
+)
+
+RANDOM_FILE_MIB = 64
+SEQUENTIAL_FILE_MIB = 32
+# fio blocks on a dead link until the plugin reconnects; requests that were in flight are
+# resent when their I/O timeout (zerofs_csi.nbd.DEFAULT_IO_TIMEOUT_S) expires.
+FIO_SLACK_S = 600.0
+
+
+@dataclass
+class Kill:
+    at_s: float
+    pid: int | None
+    restarted_in_s: float | None = None
+
+
+@dataclass
+class FioRun:
+    phase: str
+    returncode: int
+    seconds: float
+    io_errors: int
+    verify_errors: int
+    written_mib: float
+    read_mib: float
+    error_text: str = ""
+
+
+@dataclass
+class SoakResults:
+    duration_s: float
+    kill_every_s: float
+    kills: list[Kill] = field(default_factory=list)
+    fio: list[FioRun] = field(default_factory=list)
+
+
+def fio_job(name: str, path: Path, *options: str) -> list[str]:
+    return [
+        "fio",
+        f"--name={name}",
+        f"--filename={path}",
+        "--ioengine=psync",
+        "--direct=1",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--output-format=json",
+        *options,
+    ]
+
+
+def run_fio(phase: str, argv: list[str], timeout: float) -> FioRun:
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    seconds = time.monotonic() - started
+    io_errors = verify_errors = 0
+    written = read = 0.0
+    text = done.stdout
+    try:
+        report = json.loads(text[text.index("{") :])
+    except ValueError:
+        report = {"jobs": []}
+    for job in report.get("jobs", []):
+        # fio ends a job with EILSEQ when a block fails its check, with the errno of
+        # the failed call otherwise.
+        error = job.get("error", 0)
+        if error == errno.EILSEQ:
+            verify_errors += 1
+        elif error:
+            io_errors += 1
+        written += job.get("write", {}).get("io_kbytes", 0) / 1024
+        read += job.get("read", {}).get("io_kbytes", 0) / 1024
+    if done.returncode != 0 and not (io_errors or verify_errors):
+        io_errors = 1
+    return FioRun(
+        phase,
+        done.returncode,
+        round(seconds, 2),
+        io_errors,
+        verify_errors,
+        round(written, 1),
+        round(read, 1),
+        done.stderr.strip()[-2000:],
+    )
+
+
+class ServerKiller(threading.Thread):
+    """kill -9 of the volume server every ``interval`` seconds until stopped; records
+    how long the supervisor took to bring a new one up."""
+
+    def __init__(self, volume: Any, interval: float, results: SoakResults, t0: float) -> None:
+        super().__init__(name="server-killer", daemon=True)
+        self.volume, self.interval, self.results, self.t0 = volume, interval, results, t0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.kill_once()
+
+    def kill_once(self) -> None:
+        killed_at = time.monotonic()
+        pid = kill_server(self.volume)
+        kill = Kill(round(killed_at - self.t0, 2), pid)
+        self.results.kills.append(kill)
+        while time.monotonic() - killed_at < 120:
+            current = server_pid(self.volume)
+            if current is not None and current != pid:
+                kill.restarted_in_s = round(time.monotonic() - killed_at, 2)
+                break
+            time.sleep(0.05)
+
+
+def soak(
+    workdir: Path, duration: float, kill_every: float, log: Callable[[str], None]
+) -> SoakResults:
+    fx = load_fixtures()
+    results = SoakResults(duration, kill_every)
+    plugin = fx.PluginProcess(workdir)
+    try:
+        plugin.start()
+        baseline = fx.connected_nbd_devices()
+        volume = fx.create_volume(plugin, workdir, fs_type="ext4", size=512 * MiB)
+        target = workdir / "pods" / "soak" / "volume"
+        call_with_retry("NodeStage", volume.stage)
+        call_with_retry("NodePublish", lambda: volume.publish(str(target)))
+        t0 = time.monotonic()
+
+        killer = ServerKiller(volume, kill_every, results, t0)
+        killer.start()
+        log(
+            f"soak: phase 1, {duration:.0f} s of verified random writes, "
+            f"kill -9 every {kill_every:.0f} s"
+        )
+        random_run = run_fio(
+            "random writes, verified while running",
+            fio_job(
+                "soak-random",
+                target / "random.dat",
+                "--rw=randwrite",
+                "--bs=4k",
+                f"--size={RANDOM_FILE_MIB}M",
+                "--fsync=32",
+                "--verify_backlog=64",
+                "--time_based",
+                f"--runtime={int(duration)}",
+            ),
+            duration + FIO_SLACK_S,
+        )
+        killer.stopped.set()
+        killer.join(130)
+        results.fio.append(random_run)
+        log(f"  {random_run}")
+
+        log(
+            f"soak: phase 2, {SEQUENTIAL_FILE_MIB} MiB sequential with one kill, "
+            "verified after restage"
+        )
+        sequential = fio_job(
+            "soak-sequential",
+            target / "sequential.dat",
+            "--rw=write",
+            "--bs=64k",
+            f"--size={SEQUENTIAL_FILE_MIB}M",
+            "--end_fsync=1",
+        )
+        midway = threading.Timer(1.0, killer.kill_once)
+        midway.start()
+        write_run = run_fio("sequential write", [*sequential, "--do_verify=0"], FIO_SLACK_S)
+        midway.join()
+        results.fio.append(write_run)
+        log(f"  {write_run}")
+        call_with_retry("NodeUnpublish", lambda: volume.unpublish(str(target)))
+        volume.targets.remove(str(target))
+        call_with_retry("NodeUnstage", volume.unstage)
+        check(fx.connected_nbd_devices() == baseline, "a device stayed attached after unstage")
+        call_with_retry("NodeStage", volume.stage)
+        call_with_retry("NodePublish", lambda: volume.publish(str(target)))
+        verify_run = run_fio("verify after restage", [*sequential, "--verify_only"], FIO_SLACK_S)
+        results.fio.append(verify_run)
+        log(f"  {verify_run}")
+        check(
+            verify_run.read_mib >= SEQUENTIAL_FILE_MIB,
+            f"verify read only {verify_run.read_mib} MiB",
+        )
+        fx.clean_up_volumes(plugin)
+        check(fx.connected_nbd_devices() == baseline, "a device stayed attached at the end")
+    finally:
+        fx.stop_plugin(plugin)
+        if plugin.log_path.exists():
+            shutil.copy(plugin.log_path, workdir.parent / f"{workdir.name}.plugin.log")
+    return results
+
+
+def run(
+    duration: float,
+    kill_every: float,
+    workdir: Path | None = None,
+    results_name: str = "soak",
+    log: Callable[[str], None] = print,
+) -> dict[str, object]:
+    own_workdir = workdir is None
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="zerofs-soak-"))
+    failure: str | None = None
+    results: SoakResults | None = None
+    try:
+        results = soak(workdir, duration, kill_every, log)
+        for fio in results.fio:
+            if fio.io_errors or fio.verify_errors or fio.returncode:
+                failure = (
+                    f"fio {fio.phase}: exit {fio.returncode}, {fio.io_errors} I/O errors, "
+                    f"{fio.verify_errors} verification failures: {fio.error_text}"
+                )
+                break
+        if failure is None:
+            check(results.kills, "no server was killed: the soak was too short for --kill-every")
+            missing = [k for k in results.kills if k.pid is None or k.restarted_in_s is None]
+            check(not missing, f"kills without a server or a restart: {missing}")
+    except (HarnessFailure, subprocess.TimeoutExpired) as exc:
+        failure = str(exc)
+    except Exception as exc:  # any other error is a failed run too, reported the same way
+        failure = f"{type(exc).__name__}: {exc}"
+    summary: dict[str, Any] = {
+        "harness": "soak",
+        "passed": failure is None,
+        "failure": failure,
+        **(asdict(results) if results else {"duration_s": duration, "kill_every_s": kill_every}),
+    }
+    path = write_results(results_name, summary)
+    log_copy = workdir.parent / f"{workdir.name}.plugin.log"
+    if log_copy.exists():
+        shutil.move(str(log_copy), path.with_suffix(".plugin.log"))
+        summary["plugin_log"] = str(path.with_suffix(".plugin.log"))
+        write_results(results_name, summary)
+    if own_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if failure:
+        log(f"soak: FAILED: {failure}")
+    else:
+        kills = summary["kills"]
+        log(
+            f"soak: OK: {len(kills)} server kills, zero I/O errors, zero verification failures "
+            f"({sum(f['written_mib'] for f in summary['fio']):.0f} MiB written)"
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--duration", type=float, default=float(os.environ.get("DURATION", 600)), help="seconds"
+    )
+    parser.add_argument(
+        "--kill-every",
+        type=float,
+        default=float(os.environ.get("KILL_EVERY", 75)),
+        help="seconds between server kills",
+    )
+    args = parser.parse_args(argv)
+    if args.duration < 1 or args.kill_every <= 0:
+        parser.error("--duration must be at least 1 s and --kill-every positive")
+    return 0 if run(args.duration, args.kill_every)["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
