@@ -146,6 +146,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         vid = validate_volume_id(request.volume_id)
         staging = _absolute(request.staging_target_path, "staging_target_path")
         with self._locks.hold(vid, "NodeUnstageVolume"), self._changing():
+            record = self._records.read(staging)
+            if record is not None and record.volume_id == vid:
+                targets = publishing.publications(record)
+                if targets:
+                    # Detaching under a published filesystem would fail the pod's I/O.
+                    raise FailedPrecondition(
+                        f"volume {vid} is still published at {', '.join(targets)}; "
+                        "unpublish it first"
+                    )
             self._stager.unstage(vid, staging)
         return csi_pb2.NodeUnstageVolumeResponse()
 

@@ -117,6 +117,15 @@ class Stager:
 
     def stage(self, request: StageRequest) -> StageRecord:
         vid = request.volume_id
+        elsewhere = self._records.staging_path_of(vid)
+        if elsewhere is not None and elsewhere != request.staging_path:
+            other = self._records.read(elsewhere)
+            if other is not None and other.volume_id == vid:
+                # One device and one server per volume: a second staging would share
+                # them, and its undo would tear down the first.
+                raise FailedPrecondition(
+                    f"volume {vid} is already staged on this node at {elsewhere}"
+                )
         existing = self._records.read(request.staging_path)
         if existing is not None:
             if existing.volume_id != vid:

@@ -205,6 +205,36 @@ def test_publish_needs_a_staged_volume_of_the_same_kind(volumes: VolumeFactory) 
     assert not Path(target).exists()
 
 
+def test_unstage_while_published_and_a_second_staging_path_are_refused(
+    volumes: VolumeFactory,
+) -> None:
+    volume = volumes(fs_type="ext4", size=SIZES["ext4"])
+    volume.stage()
+    device = volume.device()
+    target = volume.plugin.workdir / "pods" / volume.volume_id / "volume"
+    volume.publish(str(target))
+    details = assert_code(volume.unstage, grpc.StatusCode.FAILED_PRECONDITION)
+    assert str(target) in details
+    (target / "still-here").write_bytes(b"ok")
+
+    other = Volume(
+        plugin=volume.plugin,
+        volume_id=volume.volume_id,
+        context=volume.context,
+        fs_type=volume.fs_type,
+        staging=volume.staging + "-other",
+        capability=volume.capability,
+    )
+    details = assert_code(other.stage, grpc.StatusCode.FAILED_PRECONDITION)
+    assert volume.staging in details
+    assert not Path(other.staging, "zerofs-volume.json").exists()
+    assert volume.device() == device
+    assert (target / "still-here").read_bytes() == b"ok"
+    volume.unpublish(str(target))
+    volume.unstage()
+    assert_unstaged(volume)
+
+
 def test_stage_over_a_different_filesystem_fails_and_undoes(volumes: VolumeFactory) -> None:
     volume = volumes(fs_type="ext4", size=SIZES["ext4"])
     volume.stage()
