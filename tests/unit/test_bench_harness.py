@@ -180,3 +180,10 @@ def test_validation_log_collects_verdicts_bench_and_plugin_logs(
     assert "FAIL  soak" in text and "failure: fio: 1 verification failures" in text
     assert "attach" in text and "nbd-client" in text and "0.067" in text
     assert "line 499" in text and "line 99\n" not in text  # only the tail of the log
+
+
+def test_excluded_pairs_are_never_drawn() -> None:
+    excluded = frozenset({regression.SERVER_KILL_UNDER_WRITER})
+    for seed in range(50):
+        for fault in regression.draw_faults(random.Random(seed), 3, 3, excluded):
+            assert (fault.point, fault.kind) not in excluded

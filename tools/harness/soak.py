@@ -8,8 +8,9 @@ Needs the kernel's NBD driver and root: ``make soak`` runs it in the microVM. On
 1. For ``--duration`` seconds fio writes 4 KiB blocks at random offsets of a file in the
    volume (direct I/O, fsync every 32 writes) and re-reads every block it wrote with its
    crc32c header (``--verify_backlog``, ``--verify_fatal``), while the volume server is
-   killed with SIGKILL every ``--kill-every`` seconds; its supervisor restarts it and the
-   plugin reconnects the device (LINK_DEAD, RECONFIGURE).
+   killed with SIGKILL every ``--kill-every`` seconds (counted from its last restart);
+   its supervisor restarts it and the plugin reconnects the device (LINK_DEAD,
+   RECONFIGURE). fio may run past ``--duration`` while its last I/O waits.
 2. fio writes a second file sequentially (crc32c headers, fsync at the end) with one more
    server kill on the way; the volume is then unpublished, unstaged and staged again, and
    fio's ``--verify_only`` pass reads every block back through the fresh device.
@@ -132,16 +133,23 @@ def run_fio(phase: str, argv: list[str], timeout: float) -> FioRun:
 
 
 class ServerKiller(threading.Thread):
-    """kill -9 of the volume server every ``interval`` seconds until stopped; records
-    how long the supervisor took to bring a new one up."""
+    """kill -9 of the volume server every ``interval`` seconds for ``window`` seconds
+    (counted from ``t0``); records how long the supervisor took to bring a new one up.
+    The interval runs from the restart, so kills never pile up on a server that is not
+    back yet."""
 
-    def __init__(self, volume: Any, interval: float, results: SoakResults, t0: float) -> None:
+    def __init__(
+        self, volume: Any, interval: float, window: float, results: SoakResults, t0: float
+    ) -> None:
         super().__init__(name="server-killer", daemon=True)
-        self.volume, self.interval, self.results, self.t0 = volume, interval, results, t0
+        self.volume, self.interval, self.window = volume, interval, window
+        self.results, self.t0 = results, t0
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
+            if time.monotonic() - self.t0 > self.window:
+                return
             self.kill_once()
 
     def kill_once(self) -> None:
@@ -172,7 +180,7 @@ def soak(
         call_with_retry("NodePublish", lambda: volume.publish(str(target)))
         t0 = time.monotonic()
 
-        killer = ServerKiller(volume, kill_every, results, t0)
+        killer = ServerKiller(volume, kill_every, duration, results, t0)
         killer.start()
         log(
             f"soak: phase 1, {duration:.0f} s of verified random writes, "
