@@ -68,6 +68,45 @@ def connected_nbd_devices() -> set[int]:
     return found
 
 
+# After DISCONNECT the kernel keeps a device's sysfs ``pid`` until its last opener (often
+# udev's probe of the teardown) closes it.
+DEVICE_SETTLE_S = 15.0
+
+
+def assert_nbd_devices(expected: set[int], what: str = "") -> None:
+    """The connected NBD devices become exactly ``expected`` (allowing the settle time)."""
+    deadline = time.monotonic() + DEVICE_SETTLE_S
+    while (found := connected_nbd_devices()) != expected:
+        assert time.monotonic() < deadline, f"{what}: connected {found}, expected {expected}"
+        time.sleep(0.05)
+
+
+def settled_nbd_devices() -> set[int]:
+    """The connected NBD devices once the set has stayed the same for a second."""
+    deadline = time.monotonic() + DEVICE_SETTLE_S
+    found = connected_nbd_devices()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        again = connected_nbd_devices()
+        if again == found:
+            break
+        found = again
+    return found
+
+
+def devices_of(volume_id: str) -> list[int]:
+    """Connected NBD devices whose backend id is the volume's."""
+    found = []
+    for index in connected_nbd_devices():
+        try:
+            backend = Path(f"/sys/block/nbd{index}/backend").read_text().strip()
+        except OSError:
+            continue
+        if backend == f"zerofs-csi:{volume_id}":
+            found.append(index)
+    return found
+
+
 def mounts_under(directory: Path) -> list[str]:
     root = os.path.realpath(directory)
     return [

@@ -6,9 +6,11 @@ python3 tests/vm/runner.py --timeout 900 -- .venv/bin/pytest -m privileged -x -q
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -20,12 +22,16 @@ from conftest import (
     MiB,
     PluginProcess,
     Volume,
+    assert_nbd_devices,
     connected_nbd_devices,
     create_volume,
     filesystem_uuid,
     mounts_under,
+    settled_nbd_devices,
     wait_for,
 )
+
+from zerofs_csi import nbd
 
 pytestmark = pytest.mark.privileged
 
@@ -45,7 +51,7 @@ def kill_points(plugin: PluginProcess) -> dict[str, Callable[[Volume], bool]]:
 
 def test_plugin_killed_while_staging(own_plugin: PluginProcess) -> None:
     plugin = own_plugin
-    baseline = connected_nbd_devices()
+    baseline = settled_nbd_devices()
     outcomes = []
     for name, reached in kill_points(plugin).items():
         volume = create_volume(plugin, plugin.workdir, fs_type="ext4", size=SIZE)
@@ -69,7 +75,7 @@ def test_plugin_killed_while_staging(own_plugin: PluginProcess) -> None:
             assert record is None, f"an unfinished stage left its record: {record}"
             assert not volume.server_processes()
             assert not mounts_under(Path(volume.staging))
-        assert connected_nbd_devices() == expected, (name, at_kill)
+        assert_nbd_devices(expected, f"{name} ({at_kill})")
         outcomes.append((name, at_kill, str(record["phase"]) if record else "rolled back"))
 
         volume.stage()
@@ -84,14 +90,14 @@ def test_plugin_killed_while_staging(own_plugin: PluginProcess) -> None:
             os.fsync(f.fileno())
         volume.unpublish(str(target))
         volume.unstage()
-        assert connected_nbd_devices() == baseline
+        assert_nbd_devices(baseline)
         volume.stage()
         assert filesystem_uuid(volume.device()) == uuid
         volume.publish(str(target))
         assert (target / "data").read_bytes() == payload
         volume.unpublish(str(target))
         volume.unstage()
-        assert connected_nbd_devices() == baseline
+        assert_nbd_devices(baseline)
 
     print("(killed when, state at kill, after recovery):")
     for outcome in outcomes:
@@ -106,11 +112,11 @@ def test_restart_keeps_a_staged_volume(own_plugin: PluginProcess) -> None:
     target = plugin.workdir / "pods" / volume.volume_id
     volume.publish(str(target))
     (target / "before").write_bytes(b"kept")
-    devices = connected_nbd_devices()
+    devices = settled_nbd_devices()
 
     plugin.kill9()
     plugin.start()
-    assert connected_nbd_devices() == devices
+    assert_nbd_devices(devices)
     assert volume.device() == device
     assert volume.record()["phase"] == "staged"
     volume.stage()  # still intact: answered from the record
@@ -170,3 +176,35 @@ def test_plugin_and_server_killed_together(own_plugin: PluginProcess) -> None:
     assert (target / "before").read_bytes() == b"before"
     assert (target / "after").read_bytes() == payload
     print(f"write after the restart of plugin and server took {took:.2f} s")
+
+
+def test_recovery_detaches_only_our_orphans(own_plugin: PluginProcess, tmp_path: Path) -> None:
+    """At start the plugin detaches devices tagged as ours whose volume is not staged,
+    and never touches a device somebody else attached."""
+    sock = str(tmp_path / "memory.sock")
+    server = subprocess.Popen(
+        ["nbdkit", "--foreground", "--unix", sock, "memory", "64M"], stderr=subprocess.DEVNULL
+    )
+    attacher = nbd.NbdAttacher()
+    foreign_id, orphan_id = "someone-else:disk", "zerofs-csi:pvc-ghost"
+    attached: list[tuple[int, str]] = []
+    try:
+        wait_for(lambda: os.path.exists(sock), 30, "nbdkit")
+        foreign = attacher.attach(sock, "", foreign_id, connections=1)
+        attached.append((foreign.index, foreign_id))
+        orphan = attacher.attach(sock, "", orphan_id, connections=1)
+        attached.append((orphan.index, orphan_id))
+        own_plugin.kill9()
+        own_plugin.start()
+        wait_for(lambda: orphan.index not in connected_nbd_devices(), 15, "the orphan to go")
+        assert foreign.index in connected_nbd_devices()
+        backend = Path(f"/sys/block/nbd{foreign.index}/backend").read_text().strip()
+        assert backend == foreign_id
+        assert f"nbd{orphan.index}" in own_plugin.log_tail(400)
+    finally:
+        for index, backend_id in attached:
+            with contextlib.suppress(OSError):
+                attacher.detach(index, backend_id)
+        attacher.close()
+        server.kill()
+        server.wait()

@@ -15,17 +15,20 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import (
+    DEVICE_SETTLE_S,
     NODE_ID,
     MiB,
     Mode,
     PluginProcess,
     Volume,
     VolumeFactory,
+    assert_nbd_devices,
     block_capability,
-    connected_nbd_devices,
+    devices_of,
     filesystem_uuid,
     mount_capability,
     mounts_under,
+    settled_nbd_devices,
     wait_for,
 )
 
@@ -78,10 +81,7 @@ def assert_unstaged(volume: Volume) -> None:
     assert not (plugin.state_dir / "staged" / f"{volume.volume_id}.json").exists()
     assert not mounts_under(Path(volume.staging))
     assert not [p for p in plugin.server_processes() if volume.volume_id in p[1]]
-    for index in connected_nbd_devices():
-        backend = Path(f"/sys/block/nbd{index}/backend")
-        if backend.exists():
-            assert volume.volume_id not in backend.read_text(), f"nbd{index} still attached"
+    wait_for(lambda: not devices_of(volume.volume_id), DEVICE_SETTLE_S, "the device to go")
 
 
 @pytest.mark.parametrize("fs_type", ["ext4", "xfs", "btrfs"])
@@ -244,13 +244,13 @@ def test_stage_over_a_different_filesystem_fails_and_undoes(volumes: VolumeFacto
     volume.unpublish(str(target))
     uuid = filesystem_uuid(volume.device())
     volume.unstage()
-    devices = connected_nbd_devices()
+    devices = settled_nbd_devices()
 
     details = assert_code(
         lambda: volume.stage(mount_capability("xfs")), grpc.StatusCode.FAILED_PRECONDITION
     )
     assert "ext4" in details
-    assert connected_nbd_devices() == devices
+    assert_nbd_devices(devices)
     assert_unstaged(volume)
 
     volume.stage()
@@ -300,14 +300,14 @@ def test_bad_stage_requests_leave_nothing_behind(
 ) -> None:
     volume = volumes(fs_type="ext4", size=SIZES["ext4"])
     staging = str(plugin.workdir / "kubelet" / "bad-staging")
-    devices = connected_nbd_devices()
+    devices = settled_nbd_devices()
     servers = plugin.server_processes()
     for name, request in _bad_requests(volume, staging).items():
         with pytest.raises(grpc.RpcError) as info:
             plugin.node.NodeStageVolume(request, timeout=120)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, info.value.details())
         assert "node-test" not in str(info.value.details())
-    assert connected_nbd_devices() == devices
+    assert_nbd_devices(devices)
     assert plugin.server_processes() == servers
     assert not mounts_under(plugin.workdir)
     assert not Path(staging).exists()
@@ -394,11 +394,11 @@ def test_concurrent_operations_on_one_volume_are_aborted(volumes: VolumeFactory)
 
 def test_read_only_stage_of_a_fresh_volume_is_refused(volumes: VolumeFactory) -> None:
     volume = volumes(fs_type="ext4", size=SIZES["ext4"])
-    devices = connected_nbd_devices()
+    devices = settled_nbd_devices()
     details = assert_code(
         lambda: volume.stage(mount_capability("ext4", mode=Mode.SINGLE_NODE_READER_ONLY)),
         grpc.StatusCode.FAILED_PRECONDITION,
     )
     assert "read-only" in details
-    assert connected_nbd_devices() == devices
+    assert_nbd_devices(devices)
     assert_unstaged(volume)
