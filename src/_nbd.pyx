@@ -738,6 +738,64 @@ def decode_device_list(payload):
     return out
 
 
+def split_device_list(bytes payload):
+    """A STATUS reply as ``(configured, free)`` index lists."""
+    cdef const unsigned char *base = <const unsigned char *>PyBytes_AS_STRING(payload)
+    cdef size_t n = len(payload)
+    cdef const unsigned char *a
+    cdef const unsigned char *item
+    cdef const unsigned char *v
+    cdef size_t alen, ilen, vlen, pos = 0
+    cdef uint16_t entry_len
+    cdef bint connected
+    configured = []
+    free_ = []
+    if n < 4 or _find_attr(base + 4, n - 4, ATTR_DEVICE_LIST, &a, &alen) != 1:
+        return configured, free_
+    while pos + 4 <= alen:
+        c.memcpy(&entry_len, a + pos, 2)
+        if entry_len < 4 or pos + entry_len > alen:
+            raise ValueError("malformed device list")
+        item = a + pos + 4
+        ilen = entry_len - 4
+        if _find_attr(item, ilen, DEVICE_INDEX, &v, &vlen) == 1 and vlen >= 4:
+            index = _attr_uint(v, 4)
+            connected = (_find_attr(item, ilen, DEVICE_CONNECTED, &v, &vlen) == 1
+                         and vlen >= 1 and v[0] != 0)
+            (configured if connected else free_).append(index)
+        pos += _align4(entry_len)
+    return configured, free_
+
+
+def find_backend(indexes, backend_id):
+    """The first of ``indexes`` whose ``/sys/block/nbdX/backend`` is ``backend_id``, or
+    -1. One call for the whole scan, reading sysfs with the GIL released."""
+    cdef bytes wanted = backend_id.encode()
+    cdef const char *cwanted = wanted
+    cdef size_t wanted_len = len(wanted)
+    cdef list items = list(indexes)
+    cdef int count = len(items)
+    cdef int *idx = <int *>malloc((count if count else 1) * sizeof(int))
+    cdef int i, n, found = -1
+    cdef char path[96]
+    cdef char value[512]
+    if idx == NULL:
+        raise MemoryError()
+    try:
+        for i in range(count):
+            idx[i] = items[i]
+        with nogil:
+            for i in range(count):
+                snprintf(path, sizeof(path), "/sys/block/nbd%d/backend", idx[i])
+                n = _read_small_file(path, value, sizeof(value))
+                if n == <int>wanted_len and c.memcmp(value, cwanted, wanted_len) == 0:
+                    found = idx[i]
+                    break
+        return found
+    finally:
+        free(idx)
+
+
 # ---------------------------------------------------------------------------------------
 # NbdNetlink: one generic netlink socket talking to the nbd family
 # ---------------------------------------------------------------------------------------
@@ -967,6 +1025,16 @@ cdef class NbdNetlink:
         if self.reply is None:
             return []
         return decode_device_list(self.reply)
+
+    def status_split(self):
+        """STATUS of all devices as two lists, ``(configured, free)`` indexes, built in C
+        (the attach path needs both on every call)."""
+        cdef NbdParams p
+        _fill_params(&p, CMD_STATUS, None, None, None, None, None, None, None, (), None)
+        self._request(&p, "STATUS")
+        if self.reply is None:
+            return [], []
+        return split_device_list(self.reply)
 
     def transact(self, message):
         """Send raw request bytes (their sequence number is used as is) and return the raw

@@ -98,6 +98,9 @@ def decode_index(payload: bytes) -> int:
 def decode_device_list(payload: bytes) -> list[tuple[int, bool]]:
     """A STATUS reply as ``[(index, connected), ...]``."""
 
+def split_device_list(payload: bytes) -> tuple[list[int], list[int]]:
+    """A STATUS reply as ``(configured, free)`` index lists."""
+
 class NbdNetlink:
     """A generic netlink socket bound to the ``nbd`` family, resolved once at
     construction (NbdModuleNotLoaded when the module is absent). One thread at a time:
@@ -150,6 +153,8 @@ class NbdNetlink:
     def status(self, index: int | None = None) -> list[tuple[int, bool]]:
         """STATUS of one device or all: ``[(index, configured)]``. No privilege needed.
         ``configured`` is true while anything holds the device (an udev open counts)."""
+    def status_split(self) -> tuple[list[int], list[int]]:
+        """STATUS of all devices as ``(configured, free)`` index lists."""
     def transact(self, message: bytes) -> list[bytes]:
         """Send raw request bytes; return every raw reply for their sequence number,
         the final ack or error included (kernel errors are returned, not raised)."""
@@ -231,6 +236,10 @@ def list_exports(address: ServerAddress, timeout_s: float = 10.0) -> list[tuple[
 def read_sysfs(index: int, name: str) -> str | None:
     """``/sys/block/nbd<index>/<name>`` without its newline; None when absent
     (``pid`` and ``backend`` exist only while connected)."""
+
+def find_backend(indexes: Iterable[int], backend_id: str) -> int:
+    """The first of ``indexes`` whose sysfs ``backend`` equals ``backend_id``, else -1
+    (one call, sysfs read with the GIL released)."""
 
 def block_device_size(path: str) -> int:
     """BLKGETSIZE64 of a block device node (opened read-only)."""

@@ -176,11 +176,17 @@ def bench_attach(cycles: int, warmup: int, server_threads: int) -> list[Comparis
                 client_detach.append(timer.ms)
 
         def bare(i: int, record: bool) -> None:
+            # The very CONNECT our attach sends (same attributes, a backend id included),
+            # on sockets negotiated beforehand: what the kernel itself takes.
             with _nbd.negotiate(sock, EXPORT) as negotiated, timer.measure():
                 index = netlink.connect(
                     negotiated.socket_fds,
                     negotiated.size_bytes,
+                    block_size=nbd.DEFAULT_BLOCK_SIZE,
                     server_flags=negotiated.transmission_flags,
+                    timeout_s=nbd.DEFAULT_IO_TIMEOUT_S,
+                    dead_conn_timeout_s=nbd.DEFAULT_DEAD_CONN_TIMEOUT_S,
+                    backend_id=f"bench-bare-{os.getpid()}-{i}",
                 )
             if record:
                 bare_connect.append(timer.ms)

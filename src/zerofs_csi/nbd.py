@@ -90,6 +90,8 @@ _NAMED_INDEX_TRIES = 3
 ServerAddress = str | tuple[str, int]
 """A unix socket path, or ``(host, port)`` for TCP."""
 
+_Status = tuple[list[int], list[int]]  # STATUS as (configured, free) device indexes
+
 
 class MultiConnUnsupported(NbdError):
     """Several connections were asked for but the server does not advertise
@@ -281,15 +283,15 @@ class NbdAttacher:
             pid=int(pid),
         )
 
-    def _status(self) -> list[tuple[int, bool]]:
+    def _status(self) -> _Status:
         with self._netlink() as nl:
-            return nl.status()
+            return nl.status_split()
 
-    def _candidate_indexes(self, status: list[tuple[int, bool]] | None = None) -> list[int]:
+    def _candidate_indexes(self, status: _Status | None = None) -> list[int]:
         if not self.use_ioctl:
             if status is None:
                 status = self._status()
-            return [index for index, configured in status if configured]
+            return status[0]
         return sorted(
             int(name[3:])
             for name in os.listdir("/sys/block")
@@ -309,17 +311,22 @@ class NbdAttacher:
         """The connected device serving ``backend_id``, or None."""
         return self._find(backend_id, None)
 
-    def _find(self, backend_id: str, status: list[tuple[int, bool]] | None) -> Device | None:
-        for index in self._candidate_indexes(status):
-            if self.use_ioctl:
-                session = self._ioctl_sessions.get(index)
-                if session is None or session.backend_id != backend_id:
-                    continue
-            elif _nbd.read_sysfs(index, "backend") != backend_id:
-                continue  # the cheap test first: most devices serve someone else
+    def _find(self, backend_id: str, status: _Status | None) -> Device | None:
+        if self.use_ioctl:
+            for index, session in self._ioctl_sessions.items():
+                if session.backend_id == backend_id and session.thread.is_alive():
+                    return Device(index, self._path(index), session.size_bytes, backend_id)
+            return None
+        remaining = self._candidate_indexes(status)
+        while remaining:
+            # The backend files of every configured device in one call.
+            index = _nbd.find_backend(remaining, backend_id)
+            if index < 0:
+                return None
             info = self.device_info(index)
             if info is not None and info.backend_id == backend_id:
                 return Device(index, self._path(index), info.size_bytes, backend_id)
+            remaining = remaining[remaining.index(index) + 1 :]
         return None
 
     # -- attach ---------------------------------------------------------------------
@@ -516,9 +523,7 @@ class NbdAttacher:
                         raise
         raise DeviceBusy(errno.EBUSY, "no NBD device could be connected")
 
-    def _index_candidates(
-        self, index: int | None, status: list[tuple[int, bool]] | None
-    ) -> list[int | None]:
+    def _index_candidates(self, index: int | None, status: _Status | None) -> list[int | None]:
         """Which index to ask CONNECT for. Normally none: the kernel picks a free one.
         Right after a detach, though, the kernel would pick the index just freed, which
         udev is about to open for the teardown's change event; its probe would then run
@@ -538,20 +543,21 @@ class NbdAttacher:
             return [None]
         if status is None:
             status = self._status()
-        free = [i for i, configured in status if not configured and i not in avoid]
+        picked: list[int | None] = []
         with self._lock:
-            picked = [i for i in free if i not in self._claimed][:_NAMED_INDEX_TRIES]
+            for free in status[1]:
+                if free not in avoid and free not in self._claimed:
+                    picked.append(free)
+                    if len(picked) == _NAMED_INDEX_TRIES:
+                        break
             self._claimed.update(picked)
-        return [*picked, None]
+        picked.append(None)
+        return picked
 
-    def _existing(self, backend_id: str) -> tuple[Device | None, list[tuple[int, bool]] | None]:
+    def _existing(self, backend_id: str) -> tuple[Device | None, _Status | None]:
         """The device already serving ``backend_id``, and the STATUS answer used."""
         if self.use_ioctl:
-            for index, session in self._ioctl_sessions.items():
-                if session.backend_id == backend_id and session.thread.is_alive():
-                    device = Device(index, self._path(index), session.size_bytes, backend_id)
-                    return device, None
-            return None, None
+            return self._find(backend_id, None), None
         status = self._status()
         return self._find(backend_id, status), status
 

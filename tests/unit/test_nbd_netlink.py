@@ -222,6 +222,20 @@ def test_status_replies() -> None:
     assert dict(everything)[CAPTURE["device_index"]] is True
 
 
+def test_status_split_matches_the_full_decode() -> None:
+    payload = replies("status_all")[0][3]
+    configured, free = _nbd.split_device_list(payload)
+    everything = _nbd.decode_device_list(payload)
+    assert configured == [i for i, c in everything if c]
+    assert free == [i for i, c in everything if not c]
+    assert CAPTURE["device_index"] in configured and len(configured) + len(free) == 128
+
+
+def test_find_backend_without_nbd_devices() -> None:
+    assert _nbd.find_backend([], "x") == -1
+    assert _nbd.find_backend([100000], "x") == -1  # no such sysfs entry
+
+
 def test_errors_and_extended_ack() -> None:
     ((_t, flags, _s, payload),) = replies("connect_without_sockets")
     assert _nbd.decode_error(payload, flags) == (errno.EINVAL, None)
