@@ -3,9 +3,9 @@
     python -m zerofs_csi.bench_chart [build/bench.json] [build/bench.png]
 
 One horizontal bar per entry: ``ratio_p50`` = ours / baseline on a log scale, drawn from
-the line at 1 (parity) to the ratio. For times (ms, s) a bar left of the line means ours is faster; for
-throughput (MiB/s) a bar right of it does. Bars are coloured by which side wins, each
-labelled with its ratio and the two p50 figures.
+the line at 1 (parity) to the ratio. For times (ms, s) a bar left of the line means ours
+is faster; for throughput (MiB/s) a bar right of it does. Bars are coloured by which
+side wins, each labelled with its ratio and the two p50 figures.
 """
 
 from __future__ import annotations

@@ -55,6 +55,9 @@ START_TIMEOUT_S = 120.0
 # The Go driver's export file and nbd-client flags (seed-driver.md, "Attach").
 GO_EXPORT = "disk"
 GO_NBD_CLIENT_FLAGS = ("-persist", "-timeout", "0", "-connections", "4")
+# The kernel's 9P client over the server's unix socket. It attaches as "nobody" unless
+# told otherwise, which the stand-in's diod cannot look up: attach as root.
+GO_9P_OPTIONS = "trans=unix,version=9p2000.L,uname=root,access=any"
 
 
 def zerofs_command() -> str:
@@ -91,14 +94,18 @@ def accepts(path: Path) -> bool:
 
 
 def run_quiet(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
+    """Run a tool; with ``check``, a failure raises RuntimeError with its stderr."""
+    done = subprocess.run(
         argv,
-        check=check,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         timeout=600,
     )
+    if check and done.returncode != 0:
+        stderr = done.stderr.decode(errors="replace").strip()
+        raise RuntimeError(f"{' '.join(argv)}: exit {done.returncode}: {stderr}")
+    return done
 
 
 # -- ours: the plugin over gRPC ---------------------------------------------------------
@@ -320,8 +327,7 @@ class GoStyleVolume:
         mountpoint = self.workdir / "9p" / self.volume_id
         mountpoint.mkdir(parents=True, exist_ok=True)
         run_quiet(
-            ["mount", "-t", "9p", "-o", "trans=unix,version=9p2000.L",
-             str(self.sockets.ninep), str(mountpoint)]
+            ["mount", "-t", "9p", "-o", GO_9P_OPTIONS, str(self.sockets.ninep), str(mountpoint)]
         )  # fmt: skip
         try:
             export = mountpoint / ".nbd" / GO_EXPORT
@@ -501,7 +507,8 @@ def run_all(actions: list[Callable[[], None]]) -> tuple[float, int]:
     return wall, failures
 
 
-BENCHMARKS: dict[str, Callable[[int, int], list[Comparison]]] = {
-    "stage": bench_stage,
-    "concurrent_stage": lambda cycles, warmup: bench_concurrent_stage(),
+# The node benchmarks run the ZeroFS stand-in, not the bench's nbdkit: no server threads.
+BENCHMARKS: dict[str, Callable[[int, int, int], list[Comparison]]] = {
+    "stage": lambda cycles, warmup, _threads: bench_stage(cycles, warmup),
+    "concurrent_stage": lambda _cycles, _warmup, _threads: bench_concurrent_stage(),
 }

@@ -60,7 +60,7 @@ def nbd_client_detach(device: str) -> None:
     )
 
 
-def bench_attach_scaling(cycles: int, warmup: int) -> list[Comparison]:
+def bench_attach_scaling(cycles: int, warmup: int, server_threads: int) -> list[Comparison]:
     attacher = nbd.NbdAttacher()
     netlink = _nbd.NbdNetlink()
     timer = Timer()
@@ -69,7 +69,7 @@ def bench_attach_scaling(cycles: int, warmup: int) -> list[Comparison]:
     client: dict[int, list[float]] = {}
     prefix = f"bench-scale-{os.getpid()}"
     try:
-        with tempfile.TemporaryDirectory() as tmp, nbdkit_memory(tmp) as sock:
+        with tempfile.TemporaryDirectory() as tmp, nbdkit_memory(tmp, server_threads) as sock:
             for count in ATTACHED_COUNTS:
                 while len(fillers) < count:
                     backend = f"{prefix}-fill-{len(fillers)}"
@@ -109,7 +109,7 @@ def bench_attach_scaling(cycles: int, warmup: int) -> list[Comparison]:
     return comparisons
 
 
-def bench_reconcile(cycles: int, warmup: int) -> list[Comparison]:
+def bench_reconcile(cycles: int, warmup: int, server_threads: int) -> list[Comparison]:
     """Each round attaches ``ORPHANS`` devices for each contender, then times the whole
     clean-up: one recovery pass for ours, the ``nbd-client -d`` loop for the baseline."""
     attacher = nbd.NbdAttacher()
@@ -119,7 +119,7 @@ def bench_reconcile(cycles: int, warmup: int) -> list[Comparison]:
     ours: list[float] = []
     baseline: list[float] = []
     rounds = max(1, cycles)
-    with tempfile.TemporaryDirectory() as tmp, nbdkit_memory(tmp) as sock:
+    with tempfile.TemporaryDirectory() as tmp, nbdkit_memory(tmp, server_threads) as sock:
         state = Path(tmp) / "state"
         backend = ProcessBackend(state, command="zerofs")
 
@@ -170,7 +170,7 @@ def bench_reconcile(cycles: int, warmup: int) -> list[Comparison]:
     ]
 
 
-BENCHMARKS: dict[str, Callable[[int, int], list[Comparison]]] = {
+BENCHMARKS: dict[str, Callable[[int, int, int], list[Comparison]]] = {
     "attach_scaling": bench_attach_scaling,
     "reconcile": bench_reconcile,
 }

@@ -63,7 +63,7 @@ def fio_mib_per_s(device: str, rw: str, block_size: str) -> float:
     return float(job["write"]["bw_bytes"]) / (1 << 20)
 
 
-def bench_throughput(cycles: int, warmup: int) -> list[Comparison]:
+def bench_throughput(cycles: int, warmup: int, server_threads: int) -> list[Comparison]:
     for tool in ("fio", "nbd-client", "nbdkit"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (apt-get install {tool})")
@@ -72,7 +72,7 @@ def bench_throughput(cycles: int, warmup: int) -> list[Comparison]:
     ours: dict[str, list[float]] = {name: [] for name in WORKLOADS}
     client: dict[str, list[float]] = {name: [] for name in WORKLOADS}
     backend = f"bench-throughput-{os.getpid()}"
-    with tempfile.TemporaryDirectory() as tmp, nbdkit_memory(tmp) as sock:
+    with tempfile.TemporaryDirectory() as tmp, nbdkit_memory(tmp, server_threads) as sock:
         device = NodeAttacher(attacher).attach(sock, EXPORT, backend)
         client_device = free_device(netlink)
         subprocess.run(
@@ -102,6 +102,6 @@ def bench_throughput(cycles: int, warmup: int) -> list[Comparison]:
     ]
 
 
-BENCHMARKS: dict[str, Callable[[int, int], list[Comparison]]] = {
+BENCHMARKS: dict[str, Callable[[int, int, int], list[Comparison]]] = {
     "throughput": bench_throughput,
 }
