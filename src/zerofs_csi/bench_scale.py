@@ -13,6 +13,7 @@ Same nbdkit memory server for every device, same VM, contenders interleaved.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -60,6 +61,13 @@ def nbd_client_detach(device: str) -> None:
     )
 
 
+def settle_udev() -> None:
+    """Wait for udev to finish the events of the devices just attached, so that neither
+    contender is measured against a backlog of probes left by the set-up."""
+    if shutil.which("udevadm"):
+        subprocess.run(["udevadm", "settle", "--timeout=120"], check=False)
+
+
 def bench_attach_scaling(cycles: int, warmup: int, server_threads: int) -> list[Comparison]:
     attacher = nbd.NbdAttacher()
     netlink = _nbd.NbdNetlink()
@@ -75,6 +83,7 @@ def bench_attach_scaling(cycles: int, warmup: int, server_threads: int) -> list[
                     backend = f"{prefix}-fill-{len(fillers)}"
                     device = attacher.attach(sock, EXPORT, backend, connections=1)
                     fillers.append((device.index, backend))
+                settle_udev()
                 ours[count], client[count] = [], []
                 for i in range(warmup + cycles):
                     record = i >= warmup

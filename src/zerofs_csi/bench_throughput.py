@@ -96,10 +96,7 @@ def bench_throughput(cycles: int, warmup: int, server_threads: int) -> list[Comp
             attacher.detach(device.index, backend)
             attacher.close()
             netlink.close()
-    return [
-        Comparison(name, "MiB/s", ours[name], "nbd-client defaults", client[name])
-        for name in WORKLOADS
-    ]
+    return [Comparison(name, "MiB/s", ours[name], "nbd-client", client[name]) for name in WORKLOADS]
 
 
 BENCHMARKS: dict[str, Callable[[int, int, int], list[Comparison]]] = {
