@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-# Real servers started by tests (diod, nbdkit, ...) inherit this: a server that crashes
-# while being stopped must not leave a core file of hundreds of MB in the work tree.
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def nbd_unavailable_reason() -> str | None:

@@ -465,8 +465,14 @@ def serve(config: StandinConfig) -> int:
         argv += ["-l", str(private_socket), "-L", "stderr"]
         if os.geteuid() != 0:
             argv.append("-S")  # a non-root diod serves every user as itself
+        # diod raises its own core limit: a crash must dump in the private dir, not
+        # in whatever directory the stand-in was started from.
         children["diod"] = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, env=child_env, preexec_fn=_die_with_parent
+            argv,
+            stdin=subprocess.DEVNULL,
+            env=child_env,
+            cwd=private_dir,
+            preexec_fn=_die_with_parent,
         )
         _wait_for_socket(private_socket, children["diod"], 10.0)
         relay = NinePRelay(config.ninep_socket, private_socket, config.storage_dir)

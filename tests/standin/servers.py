@@ -76,7 +76,10 @@ def diod_server(export_dir: Path, socket_path: Path) -> Iterator[subprocess.Pope
     argv += ["-L", "stderr"]
     if os.geteuid() != 0:
         argv.append("-S")
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # diod raises its own core limit: a crash dumps beside its socket, not in the work tree.
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=socket_path.parent
+    )
     try:
         wait_for_socket(socket_path)
         yield process
