@@ -58,6 +58,9 @@ MiB = 1 << 20
 STAGE_SIZE = GiB
 CONCURRENT_SIZE = 128 * MiB
 CONCURRENT_STAGES = 32
+# 32 servers starting at once on two TCG vCPUs take minutes: both sides wait this long
+# for a server (ours through the StorageClass parameter podReadyTimeoutSeconds).
+CONCURRENT_READY_TIMEOUT_S = 600
 RPC_TIMEOUT_S = 600.0
 START_TIMEOUT_S = 120.0
 # The Go driver's export file and nbd-client flags (seed-driver.md, "Attach").
@@ -216,7 +219,9 @@ class PluginVolume:
     staging: str
 
     @classmethod
-    def create(cls, plugin: Plugin, name: str, size: int, fs_type: str) -> PluginVolume:
+    def create(
+        cls, plugin: Plugin, name: str, size: int, fs_type: str, ready_timeout_s: int = 0
+    ) -> PluginVolume:
         capability = csi_pb2.VolumeCapability(
             mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type),
             access_mode=csi_pb2.VolumeCapability.AccessMode(
@@ -228,7 +233,11 @@ class PluginVolume:
                 name=name,
                 capacity_range=csi_pb2.CapacityRange(required_bytes=size),
                 volume_capabilities=[capability],
-                parameters={"storageUrl": f"file://{plugin.store}", "filesystem": fs_type},
+                parameters={
+                    "storageUrl": f"file://{plugin.store}",
+                    "filesystem": fs_type,
+                    **({"podReadyTimeoutSeconds": str(ready_timeout_s)} if ready_timeout_s else {}),
+                },
                 secrets=SECRETS,
             ),
             timeout=RPC_TIMEOUT_S,
@@ -301,6 +310,7 @@ class GoStyleVolume:
     reservations: DeviceReservations
     server: subprocess.Popen[bytes] | None = None
     device_index: int | None = None
+    ready_timeout_s: float = START_TIMEOUT_S
     # How long the last stage waited for the server, or the last unstage stopped it.
     server_seconds: float = 0.0
     sockets: ServerSockets = field(init=False)
@@ -342,7 +352,7 @@ class GoStyleVolume:
             )
         wait_until(
             lambda: accepts(self.sockets.ninep) or self.server_exited(),
-            START_TIMEOUT_S,
+            self.ready_timeout_s,
             "the 9P socket",
         )
         if self.server_exited():
@@ -522,24 +532,37 @@ def bench_concurrent_stage(
         workdir = Path(tmp)
         with running_plugin(workdir / "ours", workers=count) as plugin:
             volumes = [
-                PluginVolume.create(plugin, f"conc-{i}", CONCURRENT_SIZE, fs_type)
+                PluginVolume.create(
+                    plugin, f"conc-{i}", CONCURRENT_SIZE, fs_type, CONCURRENT_READY_TIMEOUT_S
+                )
                 for i in range(count)
             ]
-            ours_s, ours_failed = run_all([v.stage for v in volumes])
+            ours_s, ours_errors = run_all([v.stage for v in volumes])
             run_all([v.unstage for v in volumes])
             for volume in volumes:
                 volume.delete()
         reservations = DeviceReservations(workdir / "go" / "reservations")
         (workdir / "go" / "store").mkdir(parents=True)
         go_volumes = [
-            GoStyleVolume(workdir / "go", f"go-conc-{i}", CONCURRENT_SIZE, fs_type, reservations)
+            GoStyleVolume(
+                workdir / "go",
+                f"go-conc-{i}",
+                CONCURRENT_SIZE,
+                fs_type,
+                reservations,
+                ready_timeout_s=CONCURRENT_READY_TIMEOUT_S,
+            )
             for i in range(count)
         ]
-        go_s, go_failed = run_all([v.stage for v in go_volumes])
+        go_s, go_errors = run_all([v.stage for v in go_volumes])
         run_all([v.unstage for v in go_volumes])
     print(
-        f"stage_concurrent_{count}: ours {ours_failed} of {count} failed in {ours_s:.1f} s, "
-        f"go-driver sequences {go_failed} of {count} failed in {go_s:.1f} s"
+        f"stage_concurrent_{count}: ours {len(ours_errors)} of {count} failed in {ours_s:.1f} s"
+        + (f":\n{summarize(ours_errors)}" if ours_errors else "")
+    )
+    print(
+        f"stage_concurrent_{count}: go-driver sequences {len(go_errors)} of {count} failed "
+        f"in {go_s:.1f} s" + (f":\n{summarize(go_errors)}" if go_errors else "")
     )
     comparison = ConcurrentComparison(
         f"stage_concurrent_{count}",
@@ -547,26 +570,28 @@ def bench_concurrent_stage(
         [ours_s],
         f"{count} go sequences",
         [go_s],
-        ours_failures=ours_failed,
-        baseline_failures=go_failed,
+        ours_failures=len(ours_errors),
+        baseline_failures=len(go_errors),
     )
     return [comparison]
 
 
-def run_all(actions: list[Callable[[], None]]) -> tuple[float, int]:
-    """Start every action at once from its own thread; (wall seconds, failures)."""
-    failures = 0
+def run_all(actions: list[Callable[[], None]]) -> tuple[float, list[str]]:
+    """Start every action at once from its own thread; (wall seconds, error messages)."""
+    errors: list[str] = []
     lock = threading.Lock()
     start = threading.Barrier(len(actions) + 1)
 
     def one(action: Callable[[], None]) -> None:
-        nonlocal failures
         start.wait()
         try:
             action()
-        except (grpc.RpcError, OSError, RuntimeError, subprocess.SubprocessError):
+        except grpc.RpcError as exc:
             with lock:
-                failures += 1
+                errors.append(f"{exc.code().name}: {exc.details()}")
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            with lock:
+                errors.append(f"{type(exc).__name__}: {exc}")
 
     with ThreadPoolExecutor(max_workers=len(actions)) as pool:
         futures = [pool.submit(one, action) for action in actions]
@@ -575,7 +600,16 @@ def run_all(actions: list[Callable[[], None]]) -> tuple[float, int]:
         for future in futures:
             future.result()
         wall = time.perf_counter() - started
-    return wall, failures
+    return wall, errors
+
+
+def summarize(errors: list[str]) -> str:
+    """Distinct error messages with their counts, most frequent first."""
+    counts: dict[str, int] = {}
+    for message in errors:
+        counts[message[:300]] = counts.get(message[:300], 0) + 1
+    ordered = sorted(counts.items(), key=lambda item: -item[1])
+    return "\n".join(f"    {n}x {message}" for message, n in ordered[:5])
 
 
 # The node benchmarks run the ZeroFS stand-in, not the bench's nbdkit: no server threads.
