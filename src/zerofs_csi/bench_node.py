@@ -19,7 +19,7 @@ the same program on both sides and, under TCG, most of the time, so the entries
 it: for ours, the RPC's time less the plugin's own ``ensure_server`` / ``remove_server``
 stage durations (its ``zerofs_csi_stage_duration_seconds`` metrics); for the baseline,
 the steps after the 9P socket answered and before the server is stopped. The same
-entries with ``_with_server`` keep the server's start and stop on both sides.
+entries with ``_total`` keep the server's start and stop on both sides.
 """
 
 from __future__ import annotations
@@ -499,7 +499,7 @@ def bench_stage(cycles: int, warmup: int, fs_type: str = "ext4") -> list[Compari
         for sample, name in names.items():
             comparisons.append(
                 Comparison(
-                    name + ("_with_server" if whole else ""),
+                    name + ("_total" if whole else ""),
                     "ms",
                     samples[("ours", sample, whole)],
                     baseline,
