@@ -58,21 +58,32 @@ class Recovery:
         self._locks = locks
         self._metrics = metrics
 
+    def _indexed_record(self, vid: str) -> StageRecord | None:
+        path = self._records.staging_path_of(vid)
+        try:
+            record = self._records.read(path) if path else None
+        except (ValueError, TypeError, OSError) as exc:
+            log.warning("unreadable stage record", extra={"volume_id": vid, "error": str(exc)})
+            return None
+        return record if record is not None and record.volume_id == vid else None
+
     def staged_records(self, report: RecoveryReport | None = None) -> dict[str, StageRecord]:
+        """The records the index points at. With ``report`` (recovery at start), index
+        entries without a record are dropped, under the volume's lock: a stage running
+        meanwhile writes its index entry just before its record."""
         staged: dict[str, StageRecord] = {}
         for vid in self._records.indexed_volumes():
-            path = self._records.staging_path_of(vid)
-            try:
-                record = self._records.read(path) if path else None
-            except (ValueError, TypeError, OSError) as exc:
-                log.warning("unreadable stage record", extra={"volume_id": vid, "error": str(exc)})
-                record = None
-            if record is None or record.volume_id != vid:
-                self._records.remove_index(vid)
-                if report is not None:
-                    report.stale_index_entries.append(vid)
-                continue
-            staged[vid] = record
+            record = self._indexed_record(vid)
+            if record is not None:
+                staged[vid] = record
+            elif report is not None:
+                try:
+                    with self._locks.hold(vid, "recovery"):
+                        if self._indexed_record(vid) is None:
+                            self._records.remove_index(vid)
+                            report.stale_index_entries.append(vid)
+                except Aborted:
+                    continue
         return staged
 
     def run(self) -> RecoveryReport:

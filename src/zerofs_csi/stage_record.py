@@ -82,11 +82,14 @@ class RecordStore:
         return self.index_dir / f"{volume_id}.json"
 
     def write(self, record: StageRecord) -> None:
+        # Index first: recovery finds records through the index, and an index entry
+        # without a record (a crash in between) is dropped, while a record without one
+        # would be left behind in the staging path.
         self.index_dir.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps(asdict(record), indent=1, sort_keys=True).encode()
-        _atomic_write(Path(record.staging_path) / RECORD_NAME, payload)
         index = json.dumps({"staging_path": record.staging_path, "version": VERSION})
         _atomic_write(self._index(record.volume_id), index.encode())
+        payload = json.dumps(asdict(record), indent=1, sort_keys=True).encode()
+        _atomic_write(Path(record.staging_path) / RECORD_NAME, payload)
 
     def read(self, staging_path: str) -> StageRecord | None:
         """The record in ``staging_path``; None when absent. ValueError when unreadable."""
