@@ -23,6 +23,8 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from zerofs_csi.csi import csi_pb2
+
 pytestmark = pytest.mark.privileged
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -36,7 +38,11 @@ def free_port() -> int:
 
 @pytest.fixture
 def metrics_plugin(tmp_path: Path) -> Iterator[PluginProcess]:
-    process = PluginProcess(tmp_path, metrics_address=f"127.0.0.1:{free_port()}")
+    process = PluginProcess(
+        tmp_path,
+        metrics_address=f"127.0.0.1:{free_port()}",
+        extra_args=("--max-volumes-per-node", "7"),
+    )
     process.start()
     yield process
     stop_plugin(process)
@@ -65,6 +71,8 @@ def test_metrics_of_a_staged_volume(metrics_plugin: PluginProcess) -> None:
     plugin = metrics_plugin
     with urllib.request.urlopen(f"http://{plugin.metrics_address}/healthz", timeout=30) as reply:
         assert reply.status == 200
+    info = plugin.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=30)
+    assert (info.node_id, info.max_volumes_per_node) == (NODE_ID, 7)
 
     volume = create_volume(plugin, plugin.workdir, fs_type="ext4", size=128 * MiB)
     volume.stage()
