@@ -30,6 +30,7 @@ Timeouts (the defaults, and why):
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import threading
@@ -222,6 +223,7 @@ class NbdAttacher:
         # sysfs showed them, until the kernel releases the configuration.
         self._disconnecting: dict[int, tuple[str, str | None]] = {}
         self._claimed: set[int | None] = set()  # named indexes of attaches in flight
+        self._rotor = -1  # the index the last attach got: named candidates start after it
         # Handshake flags each server offered last time: the next handshake sends its
         # client flags and NBD_OPT_GO without waiting for the greeting.
         self._handshake_flags: dict[ServerAddress, int] = {}
@@ -487,6 +489,7 @@ class NbdAttacher:
         with self._lock:
             self._disconnecting.pop(new_index, None)
             self._connections[new_index] = connections
+            self._rotor = new_index
         return Device(
             new_index,
             self._path(new_index),
@@ -524,32 +527,35 @@ class NbdAttacher:
         raise DeviceBusy(errno.EBUSY, "no NBD device could be connected")
 
     def _index_candidates(self, index: int | None, status: _Status | None) -> list[int | None]:
-        """Which index to ask CONNECT for. Normally none: the kernel picks a free one.
-        Right after a detach, though, the kernel would pick the index just freed, which
-        udev is about to open for the teardown's change event; its probe would then run
-        on the new device, holding the disk lock readiness waits for (or make a named
-        index EBUSY). So while such a cooldown runs, name a free index that is not
-        cooling, falling back to the kernel's choice when they are busy. ``status`` is a
-        STATUS answer the caller already has (a stale one only costs an EBUSY retry).
+        """Which indexes to ask CONNECT for, in order; None lets the kernel pick.
+
+        The kernel would pick the lowest free index, which is usually the one freed last
+        (by us, nbd-client or anyone): udev is then about to open it for the teardown's
+        change event, and its probe would run on the new device, holding the disk lock
+        that readiness waits for, or make a named index EBUSY. So name free indexes in
+        rotation instead, starting after the last one this object used (the longest
+        idle come first), skipping what this object detached in the last seconds and
+        what concurrent attaches claimed; the kernel's choice comes last. ``status`` is
+        a STATUS answer the caller already has (a stale one only costs an EBUSY retry).
         Named indexes are claimed; the caller releases them from ``_claimed``."""
         if index is not None:
             return [index]
+        if status is None:
+            status = self._status()
+        free = status[1]
         now = time.monotonic()
+        picked: list[int | None] = []
         with self._lock:
             for cooled in [i for i, t in self._detached_at.items() if now - t > _COOLDOWN_S]:
                 del self._detached_at[cooled]
-            avoid = set(self._detached_at) | self._claimed
-        if not avoid:
-            return [None]
-        if status is None:
-            status = self._status()
-        picked: list[int | None] = []
-        with self._lock:
-            for free in status[1]:
-                if free not in avoid and free not in self._claimed:
-                    picked.append(free)
-                    if len(picked) == _NAMED_INDEX_TRIES:
-                        break
+            start = bisect.bisect_right(free, self._rotor)
+            for position in range(len(free)):
+                candidate = free[(start + position) % len(free)]
+                if candidate in self._detached_at or candidate in self._claimed:
+                    continue
+                picked.append(candidate)
+                if len(picked) == _NAMED_INDEX_TRIES:
+                    break
             self._claimed.update(picked)
         picked.append(None)
         return picked

@@ -140,6 +140,15 @@ def connected(index: int) -> bool:
     return _nbd.read_sysfs(index, "pid") is not None
 
 
+def wait_released(index: int) -> None:
+    """The kernel drops pid and backend once the last opener (udev's probe of the
+    teardown event, typically) closes a disconnected device."""
+    deadline = time.monotonic() + 30
+    while connected(index) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not connected(index)
+
+
 # ---- attach, read back, detach -------------------------------------------------------
 
 
@@ -178,12 +187,7 @@ def test_detach_leaves_nothing_connected(
     attacher.detach(device.index, prefix + "d")
     assert attacher.find_device(prefix + "d") is None
     assert all(info.backend_id != prefix + "d" for info in attacher.devices())
-    # The kernel drops pid and backend when the last opener (udev's probe of the
-    # teardown event) closes the device.
-    deadline = time.monotonic() + 30
-    while connected(device.index) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not connected(device.index)
+    wait_released(device.index)
     assert _nbd.read_sysfs(device.index, "backend") is None
     assert all(info.backend_id != prefix + "d" for info in nbd.NbdAttacher().devices())
     attacher.detach(device.index, prefix + "d")  # detaching again is a no-op
@@ -224,7 +228,9 @@ def test_32_concurrent_attaches_get_distinct_devices(
         assert _nbd.block_device_size(device.path) == 4 * MiB
     with ThreadPoolExecutor(max_workers=32) as pool:
         list(pool.map(lambda d: attacher.detach(d.index, d.backend_id), devices))
-    assert not any(connected(d.index) for d in devices)
+    assert all(attacher.find_device(d.backend_id) is None for d in devices)
+    for device in devices:
+        wait_released(device.index)
 
 
 def test_same_backend_twice_never_makes_two_devices(
@@ -531,7 +537,8 @@ def test_ioctl_attach_write_detach(server: NbdkitServer, prefix: str) -> None:
             legacy.detach(device.index, prefix + "other")
     finally:
         legacy.detach(device.index, prefix + "io")
-    assert not connected(device.index)
+    assert legacy.find_device(prefix + "io") is None
+    wait_released(device.index)
     netlinked = nbd.NbdAttacher()
     try:
         again = netlinked.attach(server.sock, "vol", prefix + "io2", connections=1)
