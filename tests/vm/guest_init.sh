@@ -29,9 +29,11 @@ halt_vm() {
 
 phase "stage 2"
 run_dir=
+repo=
 for word in $(cat /proc/cmdline); do
     case "$word" in
         zerofs_vm.run=*) run_dir="${word#zerofs_vm.run=}" ;;
+        zerofs_vm.repo=*) repo="${word#zerofs_vm.repo=}" ;;
     esac
 done
 [ -n "$run_dir" ] && [ -f "$run_dir/guest.conf" ] || die "no run directory on the kernel command line"
@@ -46,16 +48,31 @@ mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm || die "cannot mount /de
 # The host root is read-only: give commands the usual writable places. /tmp
 # and /var/tmp allow device nodes, as on Debian 12 where they live on the root
 # filesystem: tests create nbd nodes in their temporary directories.
+# A work tree inside one of them (a checkout under /tmp) would be hidden by the
+# tmpfs: its mounts are moved aside (devtmpfs is writable) and back on top.
+writable_tmpfs() {  # DIR OPTIONS
+    held=
+    case "$repo/" in
+        "$1"/*)
+            held=/dev/.zerofs-worktree
+            mkdir -p "$held" && mount -n --move "$repo" "$held" || die "cannot move $repo aside"
+            ;;
+    esac
+    mount -t tmpfs -o "$2" tmpfs "$1" || die "cannot mount $1"
+    if [ -n "$held" ]; then
+        mkdir -p "$repo" && mount -n --move "$held" "$repo" || die "cannot put $repo back"
+    fi
+}
 for dir in /tmp /var/tmp; do
-    mount -t tmpfs -o mode=1777 tmpfs "$dir" || die "cannot mount $dir"
+    writable_tmpfs "$dir" mode=1777
 done
-mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run || die "cannot mount /run"
+writable_tmpfs /run mode=755,nosuid,nodev
 mkdir -p /run/lock /run/mount
 # /var/run is a symlink to /run on Debian; an old-style directory gets its own tmpfs.
 if [ ! -L /var/run ]; then
-    mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /var/run || die "cannot mount /var/run"
+    writable_tmpfs /var/run mode=755,nosuid,nodev
 fi
-mount -t tmpfs -o mode=755 tmpfs /var/log || die "cannot mount /var/log"
+writable_tmpfs /var/log mode=755
 
 # Modules of the guest kernel live in the extracted package on the work-tree
 # share. The kernel's own module requests (filesystem types, crypto, ...) go
