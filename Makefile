@@ -53,7 +53,7 @@ demo: build
 
 bench: build
 	@mkdir -p build
-	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) -m zerofs_csi.bench --json build/bench.json
+	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) -m zerofs_csi.bench --output build/bench.json
 
 wheel: bootstrap
 	$(PY) -m build --wheel --outdir dist .
