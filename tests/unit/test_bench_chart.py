@@ -22,12 +22,13 @@ def entry(name: str, unit: str, ours: float, base: float) -> dict[str, object]:
 
 def test_concurrent_entry_keeps_the_format_and_adds_failures() -> None:
     result = ConcurrentComparison(
-        "stage_concurrent_32", "s", [40.0], "32 Go sequences", [80.0], 0, 3
+        "stage_concurrent_32", "s", [40.0], "32 Go sequences", [80.0], 0, 3, 0, 1
     ).result()
     assert set(result) >= ENTRY_KEYS
     assert result["ratio_p50"] == 0.5
     assert result["baseline"] == {"name": "32 Go sequences", "p50": 80.0, "p95": 80.0}
     assert result["failures"] == {"ours": 0, "baseline": 3}
+    assert result["unfinished"] == {"ours": 0, "baseline": 1}
 
 
 def test_node_entries_merge_into_an_existing_bench_file(tmp_path: Path) -> None:
