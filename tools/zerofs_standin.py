@@ -491,6 +491,9 @@ def serve(config: StandinConfig) -> int:
             ],
             stdin=subprocess.DEVNULL,
             env=child_env,
+            # SIGKILL with the stand-in, as one ZeroFS process dies: --exit-with-parent
+            # alone lets nbdkit shut down gracefully and fail in-flight requests (EIO).
+            preexec_fn=_die_with_parent,
         )
         say(
             f"serving file://{config.storage_dir}: NBD on {config.nbd_socket} "
