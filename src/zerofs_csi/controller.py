@@ -38,6 +38,7 @@ from zerofs_csi.errors import (
     OutOfRange,
     Unavailable,
 )
+from zerofs_csi.events import EventRecorder, LogEventRecorder
 from zerofs_csi.locks import VolumeLocks
 from zerofs_csi.metrics import Metrics
 from zerofs_csi.servicer import answer_unimplemented
@@ -201,8 +202,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         read_config_map: ConfigMapReader = config_maps_unavailable,
         remove_servers: ServerRemover = no_server_objects,
         delete_data: DataDeleter = _delete_volume_data,
+        events: EventRecorder | None = None,
     ) -> None:
         self._store = store
+        self._events: EventRecorder = events if events is not None else LogEventRecorder()
         self._metrics = metrics
         self._read_config_map = read_config_map
         self._remove_servers = remove_servers
@@ -327,14 +330,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 return csi_pb2.DeleteVolumeResponse()
             settings = parse_volume_settings(record.parameters)
             if settings.delete_data_on_pvc_delete:
-                self._delete_objects(vid, settings, request.secrets)
+                self._delete_objects(vid, settings, request.secrets, record.volume_context)
             with self._metrics.stage("delete", "delete_record", vid):
                 self._store.delete(record)
         log.info("volume deleted", extra={"volume_id": vid})
         return csi_pb2.DeleteVolumeResponse()
 
     def _delete_objects(
-        self, vid: str, settings: VolumeSettings, csi_secrets: Mapping[str, str]
+        self,
+        vid: str,
+        settings: VolumeSettings,
+        csi_secrets: Mapping[str, str],
+        volume_context: Mapping[str, str],
     ) -> None:
         try:
             secrets = VolumeSecrets.from_csi_secrets(csi_secrets)
@@ -347,6 +354,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             with self._metrics.stage("delete", "s3_cleanup", vid):
                 deleted = self._delete_data(settings, vid, secrets)
         except CsiError as exc:
+            if isinstance(exc, FailedPrecondition):  # a guardrail refused: a user must look
+                self._events.warning(vid, "DataCleanupRefused", exc.message, volume_context)
             # The record stays, so the CO's retry of DeleteVolume tries the cleanup again.
             raise Unavailable(
                 f"deleting the data of volume {vid} failed, the volume is kept and the "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +82,7 @@ def _volume_server_backend(config: Config, metrics: Metrics) -> VolumeServerBack
     )
 
 
-def _event_recorder(config: Config) -> EventRecorder:
+def _event_recorder(config: Config, component: str) -> EventRecorder:
     if config.backend is Backend.LOCAL:
         return LogEventRecorder()
     from kubernetes import client
@@ -88,7 +90,8 @@ def _event_recorder(config: Config) -> EventRecorder:
     from zerofs_csi.kube.api import make_api_client
 
     api = make_api_client(Path(config.kubeconfig) if config.kubeconfig else None)
-    return KubernetesEventRecorder(client.CoreV1Api(api), "zerofs-csi-node", config.node_id)
+    host = config.node_id or os.environ.get("POD_NAME", "") or socket.gethostname()
+    return KubernetesEventRecorder(client.CoreV1Api(api), component, host)
 
 
 def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
@@ -116,7 +119,7 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
         ninep.ensure_export,
         monitor.is_dead,
         locks,
-        _event_recorder(config),
+        _event_recorder(config, "zerofs-csi-node"),
         on_change=recovery.refresh_gauges,
     )
     runtime = NodeRuntime(service, recovery, monitor, backend)
@@ -150,4 +153,5 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
         metrics,
         read_config_map=KubernetesConfigMapReader(api, config.namespace),
         remove_servers=servers.remove_everywhere,
+        events=_event_recorder(config, "zerofs-csi-controller"),
     )

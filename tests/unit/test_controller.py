@@ -567,6 +567,21 @@ def test_a_failed_cleanup_keeps_the_volume_and_is_retryable(
     assert len(deleter.calls) == 2
 
 
+def test_a_cleanup_refused_by_a_guardrail_becomes_an_event(
+    make_controller: Callable[..., Controller], caplog: pytest.LogCaptureFixture
+) -> None:
+    refusal = errors.FailedPrecondition("refusing to delete: prefix does not end with the id")
+    controller = make_controller(delete_data=DataDeleterRecorder(result=refusal))
+    controller.stub.CreateVolume(
+        create_request(parameters={**STORAGE, "deleteDataOnPVCDelete": "true"}, secrets=SECRETS)
+    )
+    delete = csi_pb2.DeleteVolumeRequest(volume_id="pvc-1", secrets=SECRETS)
+    fails(lambda: controller.stub.DeleteVolume(delete), grpc.StatusCode.UNAVAILABLE)
+    events = [r for r in caplog.records if r.getMessage().startswith("event:")]
+    assert [(e.reason, e.volume_id) for e in events] == [("DataCleanupRefused", "pvc-1")]  # type: ignore[attr-defined]
+    assert refusal.message in events[0].getMessage()
+
+
 def test_delete_data_without_the_provisioner_secret_keeps_the_volume(
     make_controller: Callable[..., Controller],
 ) -> None:
