@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     comparisons: list[Comparison] = []
     for name in args.only or list(benchmarks):
         cycles, warmup = cycles_for(name, args.cycles, args.heavy_cycles, args.warmup)
-        print(f"bench: {name} ({cycles} cycles, {warmup} warm-up)", flush=True)
+        print(f"bench: {name}", flush=True)
         comparisons.extend(benchmarks[name](cycles, warmup, args.server_threads))
     bench.print_table(comparisons)
     bench.write_results(args.output, comparisons)
