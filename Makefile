@@ -5,8 +5,11 @@ VM        := python3 tests/vm/runner.py
 VM_TIMEOUT ?= 1800
 ITERATIONS ?= 20
 DURATION  ?= 600
+CHAOS     ?= 0
+SEED      ?=
 
-.PHONY: all bootstrap build proto lint test test-unit test-s3 test-vm vm-prepare demo bench wheel clean
+.PHONY: all bootstrap build proto lint test test-unit test-s3 test-vm vm-prepare demo bench \
+	nbd-regression soak logs wheel clean
 
 all: build
 
@@ -53,7 +56,19 @@ demo: build
 
 bench: build
 	@mkdir -p build
-	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) -m zerofs_csi.bench --output build/bench.json
+	$(VM) --timeout 3600 -- $(PY) -m zerofs_csi.bench --output build/bench.json --chart build/bench.png
+
+# Stage/publish/write/verify/unpublish/unstage cycles; CHAOS=1 adds seeded faults (SEED= replays).
+nbd-regression: build
+	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/harness/regression.py --iterations $(ITERATIONS) \
+		$(if $(filter-out 0,$(CHAOS)),--chaos) $(if $(SEED),--seed $(SEED))
+
+# fio with crc32c verification on a staged volume while its server is killed; DURATION seconds.
+soak: build
+	$(VM) --timeout $$(( $(DURATION) * 2 + 900 )) -- $(PY) tools/harness/soak.py --duration $(DURATION)
+
+logs:
+	$(PY) tools/harness/logs.py --output validation-logs.txt
 
 wheel: bootstrap
 	$(PY) -m build --wheel --outdir dist .
