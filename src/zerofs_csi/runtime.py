@@ -8,6 +8,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from zerofs_csi import nbd, ninep
 from zerofs_csi.config import Backend, Config
@@ -25,6 +26,9 @@ from zerofs_csi.stage_record import RecordStore
 from zerofs_csi.staging import Stager
 from zerofs_csi.volume_server import VolumeServerBackend
 from zerofs_csi.volume_store import FileVolumeStore
+
+if TYPE_CHECKING:  # the kubernetes client is imported only by the kubernetes backend
+    from kubernetes.client import ApiClient
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +62,22 @@ class NodeRuntime:
             close()
 
 
-def _volume_server_backend(config: Config, metrics: Metrics) -> VolumeServerBackend:
-    if config.backend is Backend.LOCAL:
+def _kube_api(config: Config) -> ApiClient:
+    from zerofs_csi.kube.api import make_api_client
+
+    return make_api_client(Path(config.kubeconfig) if config.kubeconfig else None)
+
+
+def _volume_server_backend(
+    config: Config, metrics: Metrics, api: ApiClient | None
+) -> VolumeServerBackend:
+    if api is None:
         return ProcessBackend(
             config.state_dir, socket_root=config.socket_root, command=config.zerofs_command
         )
-    from zerofs_csi.kube.api import make_api_client
     from zerofs_csi.kube.backend import KubernetesBackend
     from zerofs_csi.kube.owner import resolve_daemonset_owner
 
-    api = make_api_client(Path(config.kubeconfig) if config.kubeconfig else None)
     owner = resolve_daemonset_owner(
         api, config.namespace, daemonset_name=config.daemonset_name or None
     )
@@ -82,20 +92,19 @@ def _volume_server_backend(config: Config, metrics: Metrics) -> VolumeServerBack
     )
 
 
-def _event_recorder(config: Config, component: str) -> EventRecorder:
-    if config.backend is Backend.LOCAL:
+def _event_recorder(config: Config, api: ApiClient | None, component: str) -> EventRecorder:
+    if api is None:
         return LogEventRecorder()
     from kubernetes import client
 
-    from zerofs_csi.kube.api import make_api_client
-
-    api = make_api_client(Path(config.kubeconfig) if config.kubeconfig else None)
     host = config.node_id or os.environ.get("POD_NAME", "") or socket.gethostname()
     return KubernetesEventRecorder(client.CoreV1Api(api), component, host)
 
 
 def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
-    backend = _volume_server_backend(config, metrics)
+    # One API client (one connection pool) for everything the node role asks the API.
+    api = _kube_api(config) if config.backend is Backend.KUBERNETES else None
+    backend = _volume_server_backend(config, metrics, api)
     attacher = NodeAttacher(nbd.NbdAttacher())
     records = RecordStore(config.state_dir)
     locks = VolumeLocks()
@@ -119,7 +128,7 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
         ninep.ensure_export,
         monitor.is_dead,
         locks,
-        _event_recorder(config, "zerofs-csi-node"),
+        _event_recorder(config, api, "zerofs-csi-node"),
         on_change=recovery.refresh_gauges,
     )
     runtime = NodeRuntime(service, recovery, monitor, backend)
@@ -133,11 +142,10 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
 def build_controller(config: Config, metrics: Metrics) -> ControllerService:
     if config.backend is Backend.LOCAL:
         return ControllerService(FileVolumeStore(config.state_dir / "volumes"), metrics)
-    from zerofs_csi.kube.api import make_api_client
     from zerofs_csi.kube.backend import KubernetesBackend
     from zerofs_csi.volume_store_kube import KubernetesConfigMapReader, KubernetesVolumeStore
 
-    api = make_api_client(Path(config.kubeconfig) if config.kubeconfig else None)
+    api = _kube_api(config)
     # The controller only removes servers (on any node): no owner, no sockets of its own.
     servers = KubernetesBackend(
         api,
@@ -153,5 +161,5 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
         metrics,
         read_config_map=KubernetesConfigMapReader(api, config.namespace),
         remove_servers=servers.remove_everywhere,
-        events=_event_recorder(config, "zerofs-csi-controller"),
+        events=_event_recorder(config, api, "zerofs-csi-controller"),
     )
