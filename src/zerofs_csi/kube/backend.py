@@ -25,13 +25,14 @@ time left), so no CSI call waits forever on the API server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -236,13 +237,14 @@ class KubernetesBackend:
     def stop(self, volume_id: str) -> None:
         validate_volume_id(volume_id)
         sockets = self.sockets(volume_id)
-        try:
-            results = [
+        with self._counted_removal() as results:
+            pods = self._volume_pods(volume_id)
+            results += [
                 self._remove_pod(volume_id, pod, "volume server stopped")
-                for pod in self._volume_pods(volume_id)
+                for pod in pods
                 if _node_of(pod) == self._node
             ]
-            elsewhere = [p for p in self._volume_pods(volume_id) if _node_of(p) != self._node]
+            elsewhere = [p for p in pods if _node_of(p) != self._node]
             if elsewhere:
                 # Another node's server still mounts the Secret (a leftover that the
                 # next ensure there or here will remove); it goes with the last pod.
@@ -258,11 +260,6 @@ class KubernetesBackend:
             else:
                 self._delete_secret(volume_id)
             self._clean_socket_directory(volume_id, sockets)
-        except errors.CsiError:
-            self._removals.labels(self._node, "failed").inc()
-            raise
-        outcome = next((o for o in ("forced", "graceful") if o in results), "absent")
-        self._removals.labels(self._node, outcome).inc()
 
     def remove_everywhere(self, volume_id: str) -> None:
         """Remove the volume's server pods on every node, then its config Secret.
@@ -271,12 +268,19 @@ class KubernetesBackend:
         writing once its data is gone. Bounded like ``stop``; succeeds when nothing is left.
         """
         validate_volume_id(volume_id)
-        try:
-            results = [
+        with self._counted_removal() as results:
+            results += [
                 self._remove_pod(volume_id, pod, "volume deleted")
                 for pod in self._volume_pods(volume_id)
             ]
             self._delete_secret(volume_id)
+
+    @contextlib.contextmanager
+    def _counted_removal(self) -> Iterator[list[str]]:
+        """Counts one removal: failed, or the strongest pod outcome collected in the list."""
+        results: list[str] = []
+        try:
+            yield results
         except errors.CsiError:
             self._removals.labels(self._node, "failed").inc()
             raise
