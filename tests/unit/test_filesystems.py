@@ -97,6 +97,36 @@ def test_data_of_any_kind_is_not_fresh(
     assert contents.describe() == describes
 
 
+@pytest.mark.parametrize("made", filesystems.SUPPORTED)
+@pytest.mark.parametrize("expect", [None, *filesystems.SUPPORTED, "no-such-type"])
+def test_probe_with_an_expected_type_finds_what_is_there(
+    made: str, expect: str | None, tmp_path: Path
+) -> None:
+    image = tmp_path / "img"
+    with open(image, "wb") as f:
+        f.truncate(320 * MiB)
+    filesystems.make_filesystem(made, str(image))
+    contents = fsprobe.probe(str(image), expect=expect)
+    assert contents.fs_type == made
+    assert not contents.fresh
+
+
+@pytest.mark.parametrize("expect", [None, "ext4"])
+def test_probe_with_an_expected_type_still_sees_data_and_blanks(
+    expect: str | None, tmp_path: Path
+) -> None:
+    blank, damaged = tmp_path / "blank", tmp_path / "damaged"
+    for image in (blank, damaged):
+        with open(image, "wb") as f:
+            f.truncate(8 * MiB)
+    with open(damaged, "r+b") as f:
+        f.seek(510)
+        f.write(b"\x55\xaa")
+    assert fsprobe.probe(str(blank), expect=expect).fresh
+    contents = fsprobe.probe(str(damaged), expect=expect)
+    assert not contents.fresh and contents.describe() == "a dos partition table"
+
+
 def test_probe_missing_device_raises() -> None:
     with pytest.raises(OSError):
         fsprobe.probe("/dev/does-not-exist")
