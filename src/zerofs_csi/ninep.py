@@ -450,6 +450,12 @@ def _check_regular(qid: Qid, path: str) -> None:
         raise OSError(code, f"{os.strerror(code)} (the export must be a regular file)", path)
 
 
+@dataclass(frozen=True)
+class ExportFile:
+    size_bytes: int
+    created: bool  # by this call: the file is new, sparse and reads as zeroes
+
+
 def ensure_export(
     socket_path: Path | str,
     name: str,
@@ -459,6 +465,20 @@ def ensure_export(
     aname: str = "",
 ) -> int:
     """Make sure ``.nbd/<name>`` exists with at least ``size_bytes``; return its size.
+    As ``prepare_export``."""
+    return prepare_export(socket_path, name, size_bytes, timeout=timeout, aname=aname).size_bytes
+
+
+def prepare_export(
+    socket_path: Path | str,
+    name: str,
+    size_bytes: int,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    aname: str = "",
+) -> ExportFile:
+    """Make sure ``.nbd/<name>`` exists with at least ``size_bytes``; say its size and
+    whether this call created it.
 
     Creates ``.nbd`` and the file when missing and grows a smaller file. Never shrinks:
     a larger file keeps its size, which is returned so the caller can decide. Blocks for
@@ -513,7 +533,7 @@ def ensure_export(
             if size < size_bytes:
                 raise OSError(errno.EIO, f"size is {size} after setting {size_bytes}", path)
         conn.clunk_all(fids)
-        return size
+        return ExportFile(size, created=file_fid == _DIR_FID)
 
 
 def export_size(

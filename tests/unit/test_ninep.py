@@ -33,6 +33,9 @@ class Export:
     def ensure(self, name: str, size: int) -> int:
         return ninep.ensure_export(self.sock, name, size, aname=str(self.root), timeout=5)
 
+    def prepare(self, name: str, size: int) -> ninep.ExportFile:
+        return ninep.prepare_export(self.sock, name, size, aname=str(self.root), timeout=5)
+
     def size(self, name: str) -> int | None:
         return ninep.export_size(self.sock, name, aname=str(self.root), timeout=5)
 
@@ -148,6 +151,26 @@ def test_second_call_is_idempotent(export: Export) -> None:
         before.st_size,
         before.st_mtime_ns,
     )
+
+
+@pytest.mark.parametrize(
+    ("before", "asked", "expected"),
+    [
+        (None, 4096, ninep.ExportFile(4096, created=True)),
+        (b"", 4096, ninep.ExportFile(4096, created=False)),
+        (b"data", 4096, ninep.ExportFile(4096, created=False)),
+        (b"x" * 8192, 4096, ninep.ExportFile(8192, created=False)),
+    ],
+)
+def test_says_whether_it_created_the_export(
+    export: Export, before: bytes | None, asked: int, expected: ninep.ExportFile
+) -> None:
+    if before is not None:
+        export.host_path("pvc-a").parent.mkdir()
+        export.host_path("pvc-a").write_bytes(before)
+
+    assert export.prepare("pvc-a", asked) == expected
+    assert export.prepare("pvc-a", asked).created is False
 
 
 def test_grows_a_smaller_export_and_keeps_its_data(export: Export) -> None:
