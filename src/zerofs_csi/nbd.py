@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import functools
 import os
 import threading
 import time
@@ -72,6 +73,7 @@ __all__ = [
     "NetlinkError",
     "NotOwner",
     "ServerAddress",
+    "hardware_queues_for",
     "list_exports",
 ]
 
@@ -166,6 +168,23 @@ def _validate_attach(
         raise ValueError(f"block size must be one of {_BLOCK_SIZES}, got {block_size}")
     if io_timeout_s < 0 or dead < 0:
         raise ValueError("timeouts must not be negative")
+
+
+@functools.cache
+def _possible_cpus() -> int:
+    """nr_cpu_ids: the block layer gives a device at most this many hardware queues."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            ranges = f.read().strip()
+        return max(int(r.split("-")[-1]) for r in ranges.split(",")) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+def hardware_queues_for(connections: int) -> int:
+    """How many hardware queues the kernel gives a device connected with ``connections``
+    sockets (one per connection, capped at the number of possible CPUs)."""
+    return min(connections, _possible_cpus())
 
 
 def _block_size_for(requested: int, negotiated: _nbd.Negotiated) -> int:
@@ -383,7 +402,7 @@ class NbdAttacher:
                 if self.use_ioctl:
                     watch = _nbd.UeventWatch()
                 else:
-                    candidates = self._index_candidates(index, status)
+                    candidates = self._index_candidates(index, status, connections)
                 with self._finish_handshake(
                     handshake, server, export_name, connections, handshake_timeout_s
                 ) as negotiated:
@@ -526,7 +545,9 @@ class NbdAttacher:
                         raise
         raise DeviceBusy(errno.EBUSY, "no NBD device could be connected")
 
-    def _index_candidates(self, index: int | None, status: _Status | None) -> list[int | None]:
+    def _index_candidates(
+        self, index: int | None, status: _Status | None, connections: int = 1
+    ) -> list[int | None]:
         """Which indexes to ask CONNECT for, in order; None lets the kernel pick.
 
         The kernel would pick the lowest free index, which is usually the one freed last
@@ -537,6 +558,12 @@ class NbdAttacher:
         idle come first), skipping what this object detached in the last seconds and
         what concurrent attaches claimed; the kernel's choice comes last. ``status`` is
         a STATUS answer the caller already has (a stale one only costs an EBUSY retry).
+
+        Devices this object last connected with as many hardware queues as ``connections``
+        sockets get (one per connection, at most one per CPU) come first: their request
+        queue kept that count, and starting a device whose queue count changes freezes
+        its queue once more (nbd_start_device calls blk_mq_update_nr_hw_queues), a wait
+        of a whole RCU grace period. A device never connected has one hardware queue.
         Named indexes are claimed; the caller releases them from ``_claimed``."""
         if index is not None:
             return [index]
@@ -544,7 +571,9 @@ class NbdAttacher:
             status = self._status()
         free = status[1]
         now = time.monotonic()
-        picked: list[int | None] = []
+        queues = hardware_queues_for(connections)
+        matching: list[int | None] = []
+        others: list[int | None] = []
         with self._lock:
             for cooled in [i for i, t in self._detached_at.items() if now - t > _COOLDOWN_S]:
                 del self._detached_at[cooled]
@@ -553,9 +582,13 @@ class NbdAttacher:
                 candidate = free[(start + position) % len(free)]
                 if candidate in self._detached_at or candidate in self._claimed:
                     continue
-                picked.append(candidate)
-                if len(picked) == _NAMED_INDEX_TRIES:
-                    break
+                if hardware_queues_for(self._connections.get(candidate, 1)) == queues:
+                    matching.append(candidate)
+                    if len(matching) == _NAMED_INDEX_TRIES:
+                        break
+                elif len(others) < _NAMED_INDEX_TRIES:
+                    others.append(candidate)
+            picked = (matching + others)[:_NAMED_INDEX_TRIES]
             self._claimed.update(picked)
         picked.append(None)
         return picked

@@ -286,6 +286,31 @@ def test_four_connections_when_the_server_allows_multi_conn(
     assert read_at(again.path, 0, len(data)) == data
 
 
+def hardware_queues(index: int) -> int:
+    return len([e for e in os.listdir(f"/sys/block/nbd{index}/mq") if e.isdigit()])
+
+
+def test_attach_prefers_a_device_that_has_as_many_hardware_queues(
+    attacher: nbd.NbdAttacher, server: NbdkitServer, prefix: str
+) -> None:
+    server.add_export("vol", 4 * MiB)
+    # One device left with four hardware queues, the next one in rotation with one.
+    kept = attacher.attach(server.sock, "vol", prefix + "kept", connections=4)
+    rotated = attacher.attach(server.sock, "vol", prefix + "rot", connections=1)
+    for device, backend in ((kept, "kept"), (rotated, "rot")):
+        attacher.detach(device.index, prefix + backend)
+        wait_released(device.index)
+    four = nbd.hardware_queues_for(4)
+    assert four > 1, "needs a machine with at least two CPUs"
+    assert (hardware_queues(kept.index), hardware_queues(rotated.index)) == (four, 1)
+    time.sleep(nbd._COOLDOWN_S + 0.1)  # both out of their post-detach cooldown
+
+    again = attacher.attach(server.sock, "vol", prefix + "again", connections=4)
+
+    # Rotation alone would take the device after `rotated`, which has one queue.
+    assert again.index == kept.index
+
+
 def test_several_connections_refused_without_multi_conn(
     attacher: nbd.NbdAttacher, server_factory: Callable[..., NbdkitServer], prefix: str
 ) -> None:
