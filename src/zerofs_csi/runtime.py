@@ -108,7 +108,7 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
     attacher = NodeAttacher(nbd.NbdAttacher())
     records = RecordStore(config.state_dir)
     locks = VolumeLocks()
-    stager = Stager(backend, attacher, ninep.ensure_export, records, metrics)
+    stager = Stager(backend, attacher, ninep.prepare_export, records, metrics)
     recovery = Recovery(
         records,
         attacher,

@@ -1,8 +1,9 @@
 """Staging a volume on this node, as a transaction with undo; and unstaging it.
 
-Stage: ensure the volume's ZeroFS server, ensure its NBD export file over 9P, attach it
-as /dev/nbdX, then for a mount volume probe it, make a filesystem only when it is fresh
-and mount it at ``<staging path>/mount``. Every step registers its undo, so a failure
+Stage: ensure the volume's ZeroFS server, attach its NBD export as /dev/nbdX (creating
+or growing the export file over 9P first when the handshake shows it missing or too
+small), then for a mount volume probe it, make a filesystem only when it is fresh and
+mount it at ``<staging path>/mount``. Every step registers its undo, so a failure
 leaves nothing behind. The stage record is written once the device is attached, so that
 unstage and recovery can find the device even when a later step or the plugin dies; it
 says ``staged`` only once every step is done.
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Protocol
 
 from zerofs_csi import filesystems, fsprobe, mounts
-from zerofs_csi.errors import AlreadyExists, FailedPrecondition, Internal
+from zerofs_csi.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
 from zerofs_csi.metrics import Metrics
+from zerofs_csi.ninep import ExportFile
 from zerofs_csi.stage_record import (
     ATTACHED,
     STAGED,
@@ -29,7 +31,7 @@ from zerofs_csi.stage_record import (
     backend_id_for,
 )
 from zerofs_csi.transaction import Transaction
-from zerofs_csi.volume_server import VolumeServerBackend
+from zerofs_csi.volume_server import ServerSockets, VolumeServerBackend
 from zerofs_csi.volume_settings import VolumeSecrets, VolumeSettings
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class Attacher(Protocol):
 
 
 EnsureExport = Callable[[str, str, int], int]
+PrepareExport = Callable[[str, str, int], ExportFile]
 
 
 @dataclass(frozen=True)
@@ -95,13 +98,13 @@ class Stager:
         self,
         backend: VolumeServerBackend,
         attacher: Attacher,
-        ensure_export: EnsureExport,
+        prepare_export: PrepareExport,
         records: RecordStore,
         metrics: Metrics,
     ) -> None:
         self._backend = backend
         self._attacher = attacher
-        self._ensure_export = ensure_export
+        self._prepare_export = prepare_export
         self._records = records
         self._metrics = metrics
 
@@ -149,12 +152,11 @@ class Stager:
                 sockets = self._backend.ensure(vid, request.settings, request.secrets)
             tx.on_undo("stop server", lambda: self._backend.stop(vid))
 
-            with stage("stage", "create_export", vid):
-                self._ensure_export(str(sockets.ninep), vid, request.capacity_bytes)
-
-            with stage("stage", "connect_nbd", vid):
-                device = self._attacher.attach(str(sockets.nbd), vid, backend_id)
-            tx.on_undo("detach", lambda: self._attacher.detach(device.index, backend_id))
+            # By backend id, not index: whatever device ends up serving the volume.
+            tx.on_undo("detach", lambda: self._detach(backend_id))
+            device, export_created = self._attach_export(
+                sockets, vid, backend_id, request.capacity_bytes
+            )
 
             record = StageRecord(
                 volume_id=vid,
@@ -174,7 +176,7 @@ class Stager:
             tx.on_undo("remove record", lambda: self._records.remove(vid, request.staging_path))
 
             if request.access_type == MOUNT:
-                self._format_if_fresh(record, request)
+                self._format_if_fresh(record, request, export_created)
                 Path(record.mount_path).mkdir(exist_ok=True)
                 options = mounts.MountOptions.parse(
                     [*request.mount_options, *(["ro"] if request.readonly else [])]
@@ -193,7 +195,36 @@ class Stager:
             tx.commit()
         return record
 
-    def _format_if_fresh(self, record: StageRecord, request: StageRequest) -> None:
+    def _attach_export(
+        self, sockets: ServerSockets, vid: str, backend_id: str, capacity_bytes: int
+    ) -> tuple[AttachedDevice, bool]:
+        """Attach the volume's export; return the device and whether this stage created
+        the export. A volume staged before already has its export at its size, which
+        the NBD handshake reports: the 9P round trips are only for a missing export or
+        one the controller grew since (its connections would keep the old size)."""
+        stage = self._metrics.stage
+        try:
+            with stage("stage", "connect_nbd", vid):
+                device = self._attacher.attach(str(sockets.nbd), vid, backend_id)
+            if device.size_bytes >= capacity_bytes:
+                return device, False
+            self._attacher.detach(device.index, backend_id)
+        except NotFound:
+            pass  # no export of that name yet
+        with stage("stage", "create_export", vid):
+            export = self._prepare_export(str(sockets.ninep), vid, capacity_bytes)
+        with stage("stage", "connect_nbd", vid):
+            device = self._attacher.attach(str(sockets.nbd), vid, backend_id)
+        return device, export.created
+
+    def _detach(self, backend_id: str) -> None:
+        device = self._attacher.find_device(backend_id)
+        if device is not None:
+            self._attacher.detach(device.index, backend_id)
+
+    def _format_if_fresh(
+        self, record: StageRecord, request: StageRequest, export_created: bool
+    ) -> None:
         vid = record.volume_id
         if self._records.formatting_interrupted(vid):
             if request.readonly:
@@ -204,8 +235,12 @@ class Stager:
             log.info("formatting again after an interrupted mkfs", extra={"volume_id": vid})
             self._make_filesystem(record)
             return
-        with self._metrics.stage("stage", "probe", vid):
-            contents = fsprobe.probe(record.device)
+        if export_created:
+            # Created sparse by this stage: there is nothing on it to look for.
+            contents = fsprobe.BLANK
+        else:
+            with self._metrics.stage("stage", "probe", vid):
+                contents = fsprobe.probe(record.device, expect=record.fs_type)
         if contents.fs_type == record.fs_type:
             return
         if not contents.fresh:
@@ -272,9 +307,7 @@ class Stager:
             with stage(operation, "umount", vid):
                 mounts.unmount_all(record.mount_path)
         with stage(operation, "disconnect_nbd", vid):
-            device = self._attacher.find_device(record.backend_id)
-            if device is not None:
-                self._attacher.detach(device.index, record.backend_id)
+            self._detach(record.backend_id)
         with stage(operation, "remove_server", vid):
             self._backend.stop(vid)
         try:

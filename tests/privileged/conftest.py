@@ -232,7 +232,13 @@ class PluginProcess:
         return True
 
     def ready(self) -> bool:
-        reply = self.identity.Probe(csi_pb2.ProbeRequest(), timeout=30)
+        try:
+            reply = self.identity.Probe(csi_pb2.ProbeRequest(), timeout=30)
+        except grpc.RpcError as exc:
+            # A plugin that is still starting up can refuse the first connections.
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or not self.running:
+                raise
+            return False
         return bool(reply.ready.value)
 
     def wait_ready(self) -> None:
