@@ -85,9 +85,15 @@ class RecordStore:
         # Index first: recovery finds records through the index, and an index entry
         # without a record (a crash in between) is dropped, while a record without one
         # would be left behind in the staging path.
-        self.index_dir.mkdir(parents=True, exist_ok=True)
-        index = json.dumps({"staging_path": record.staging_path, "version": VERSION})
-        _atomic_write(self._index(record.volume_id), index.encode())
+        # A later phase of the same stage finds its index in place already.
+        try:
+            indexed = self.staging_path_of(record.volume_id)
+        except (ValueError, KeyError, TypeError):
+            indexed = None  # unreadable: written anew
+        if indexed != record.staging_path:
+            self.index_dir.mkdir(parents=True, exist_ok=True)
+            index = json.dumps({"staging_path": record.staging_path, "version": VERSION})
+            _atomic_write(self._index(record.volume_id), index.encode())
         payload = json.dumps(asdict(record), indent=1, sort_keys=True).encode()
         _atomic_write(Path(record.staging_path) / RECORD_NAME, payload)
 
