@@ -10,6 +10,7 @@ import errno
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -51,6 +52,11 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "ETIMEDOUT"
     return grpc.StatusCode.INTERNAL.name
+
+
+@dataclass
+class StageTiming:
+    stage: str
 
 
 class Metrics:
@@ -143,21 +149,25 @@ class Metrics:
         )
 
     @contextmanager
-    def stage(self, operation: str, stage: str, volume_id: str) -> Iterator[None]:
-        """Time one stage; on an exception count the failure with a bounded reason."""
+    def stage(self, operation: str, stage: str, volume_id: str) -> Iterator[StageTiming]:
+        """Time one stage; on an exception count the failure with a bounded reason. The
+        body may rename the stage it turned out to be through the yielded timing."""
+        timing = StageTiming(stage)
         start = time.monotonic()
         try:
-            yield
+            yield timing
         except BaseException as exc:
             self.stage_failures.labels(
-                operation, stage, volume_id, self.node, failure_reason(exc)
+                operation, timing.stage, volume_id, self.node, failure_reason(exc)
             ).inc()
             raise
         finally:
             elapsed = time.monotonic() - start
-            self.stage_seconds.labels(operation, stage, volume_id, self.node).observe(elapsed)
-        if stage in self.dedicated:
-            self.dedicated[stage].labels(volume_id, self.node).observe(elapsed)
+            self.stage_seconds.labels(operation, timing.stage, volume_id, self.node).observe(
+                elapsed
+            )
+        if timing.stage in self.dedicated:
+            self.dedicated[timing.stage].labels(volume_id, self.node).observe(elapsed)
 
     def observe_call(
         self, method: str, volume_id: str, seconds: float, code: grpc.StatusCode, reason: str

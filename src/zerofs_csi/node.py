@@ -65,10 +65,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         link_dead: Callable[[str], bool],
         locks: VolumeLocks,
         events: EventRecorder,
-        *,
-        on_change: Callable[[], None],
     ) -> None:
-        """``on_change`` runs after every stage and unstage (refreshes the state gauges)."""
         self._node_id = node_id
         self._max_volumes = max_volumes_per_node
         self._stager = stager
@@ -79,7 +76,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._link_dead = link_dead
         self._locks = locks
         self._events = events
-        self._on_change = on_change
 
     # -- stage -------------------------------------------------------------------
 
@@ -95,11 +91,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         settings, capacity = parse_volume_context(request.volume_context)
         fs_type = cap.fs_type or settings.filesystem
         secrets = VolumeSecrets.from_csi_secrets(request.secrets)
-        with (
-            self._locks.hold(vid, "NodeStageVolume"),
-            self._changing(),
-            self._event_on_failure(vid, request),
-        ):
+        with self._locks.hold(vid, "NodeStageVolume"), self._event_on_failure(vid, request):
             os.makedirs(staging, exist_ok=True)
             self._stager.stage(
                 StageRequest(
@@ -115,16 +107,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 )
             )
         return csi_pb2.NodeStageVolumeResponse()
-
-    @contextmanager
-    def _changing(self) -> Iterator[None]:
-        try:
-            yield
-        finally:
-            try:
-                self._on_change()
-            except Exception:  # a gauge refresh must not fail the RPC
-                log.exception("refreshing the node's state gauges failed")
 
     @contextmanager
     def _event_on_failure(
@@ -145,7 +127,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeUnstageVolumeResponse:
         vid = validate_volume_id(request.volume_id)
         staging = _absolute(request.staging_target_path, "staging_target_path")
-        with self._locks.hold(vid, "NodeUnstageVolume"), self._changing():
+        with self._locks.hold(vid, "NodeUnstageVolume"):
             record = self._records.read(staging)
             if record is not None and record.volume_id == vid:
                 targets = publishing.publications(record)

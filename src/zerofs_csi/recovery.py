@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -131,7 +132,6 @@ class Recovery:
                 continue
             report.servers_stopped.append(vid)
 
-        self.refresh_gauges()
         log.info("recovery done", extra={"report": dataclasses.asdict(report)})
         return report
 
@@ -155,10 +155,37 @@ class Recovery:
                 report.remounted.append(vid)
         report.kept.append(vid)
 
-    def refresh_gauges(self) -> None:
+    def watch_state_gauges(self) -> None:
+        """Have the node's state gauges computed when they are scraped: counting devices
+        and servers (an API list with the Kubernetes backend) stays off the RPC path."""
         node = self._metrics.node
-        staged = [r for r in self.staged_records().values() if r.phase == STAGED]
-        ours = [d for d in self._attacher.nbd.devices() if volume_of_backend(d.backend_id or "")]
-        self._metrics.volumes_staged.labels(node).set(len(staged))
-        self._metrics.nbd_devices.labels(node).set(len(ours))
-        self._metrics.servers_running.labels(node).set(len(self._backend.running()))
+        for name, gauge, count in (
+            ("volumes_staged", self._metrics.volumes_staged, self._count_staged),
+            ("nbd_devices", self._metrics.nbd_devices, self._count_our_devices),
+            ("servers_running", self._metrics.servers_running, self._count_servers),
+        ):
+            gauge.labels(node).set_function(when_scraped(name, count))
+
+    def _count_staged(self) -> int:
+        return sum(1 for r in self.staged_records().values() if r.phase == STAGED)
+
+    def _count_servers(self) -> int:
+        return len(self._backend.running())
+
+    def _count_our_devices(self) -> int:
+        devices = self._attacher.nbd.devices()
+        return sum(1 for d in devices if volume_of_backend(d.backend_id or ""))
+
+
+def when_scraped(name: str, count: Callable[[], int]) -> Callable[[], float]:
+    """``count`` as a gauge function: a failure is logged and reads as NaN, so that the
+    other series of the scrape still arrive."""
+
+    def value() -> float:
+        try:
+            return float(count())
+        except Exception:
+            log.exception("computing a gauge failed", extra={"gauge": name})
+            return math.nan
+
+    return value

@@ -129,8 +129,8 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
         monitor.is_dead,
         locks,
         _event_recorder(config, api, "zerofs-csi-node"),
-        on_change=recovery.refresh_gauges,
     )
+    recovery.watch_state_gauges()
     runtime = NodeRuntime(service, recovery, monitor, backend)
     runtime.closers.append(attacher.nbd.close)
     close_backend = getattr(backend, "close", None)

@@ -203,14 +203,18 @@ class Stager:
         the NBD handshake reports: the 9P round trips are only for a missing export or
         one the controller grew since (its connections would keep the old size)."""
         stage = self._metrics.stage
-        try:
-            with stage("stage", "connect_nbd", vid):
-                device = self._attacher.attach(str(sockets.nbd), vid, backend_id)
-            if device.size_bytes >= capacity_bytes:
-                return device, False
-            self._attacher.detach(device.index, backend_id)
-        except NotFound:
-            pass  # no export of that name yet
+        with stage("stage", "connect_nbd", vid) as timing:
+            try:
+                found: AttachedDevice | None = self._attacher.attach(
+                    str(sockets.nbd), vid, backend_id
+                )
+            except NotFound:
+                found = None  # a new volume: no export of that name yet
+                timing.stage = "find_export"
+        if found is not None:
+            if found.size_bytes >= capacity_bytes:
+                return found, False
+            self._attacher.detach(found.index, backend_id)
         with stage("stage", "create_export", vid):
             export = self._prepare_export(str(sockets.ninep), vid, capacity_bytes)
         with stage("stage", "connect_nbd", vid):

@@ -67,6 +67,10 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[key]
 
 
+def absent(samples: Samples, name: str, **labels: str) -> bool:
+    return (name, frozenset(labels.items())) not in samples
+
+
 def test_metrics_of_a_staged_volume(metrics_plugin: PluginProcess) -> None:
     plugin = metrics_plugin
     with urllib.request.urlopen(f"http://{plugin.metrics_address}/healthz", timeout=30) as reply:
@@ -78,10 +82,17 @@ def test_metrics_of_a_staged_volume(metrics_plugin: PluginProcess) -> None:
     volume.stage()
     samples = scrape(plugin)
     vid = volume.volume_id
-    for stage in ("ensure_server", "create_export", "connect_nbd", "probe", "mkfs", "mount"):
+    # A new volume: its export is looked for over NBD, created over 9P, then attached;
+    # nothing on a just created export needs probing.
+    fresh = ("ensure_server", "find_export", "create_export", "connect_nbd", "mkfs", "mount")
+    for stage in fresh:
         labels = {"operation": "stage", "stage": stage, "volume_id": vid, "node": NODE_ID}
         assert value(samples, "zerofs_csi_stage_duration_seconds_count", **labels) == 1
         assert value(samples, "zerofs_csi_stage_duration_seconds_sum", **labels) > 0
+    stage_labels = {"operation": "stage", "volume_id": vid, "node": NODE_ID}
+    assert absent(samples, "zerofs_csi_stage_duration_seconds_count", stage="probe", **stage_labels)
+    failures = [n for n, _labels in samples if n == "zerofs_csi_stage_failures_total"]
+    assert not failures, "the export that was looked for and not found is no failure"
     for name in ("nbd_connect", "mkfs", "mount"):
         labels = {"volume_id": vid, "node": NODE_ID}
         assert value(samples, f"zerofs_csi_{name}_duration_seconds_count", **labels) == 1
@@ -99,6 +110,20 @@ def test_metrics_of_a_staged_volume(metrics_plugin: PluginProcess) -> None:
     for stage in ("umount", "disconnect_nbd", "remove_server"):
         labels = {"operation": "unstage", "stage": stage, "volume_id": vid, "node": NODE_ID}
         assert value(samples, "zerofs_csi_stage_duration_seconds_count", **labels) == 1
+
+    # Staged again: attached at once, probed, no 9P.
+    volume.stage()
+    samples = scrape(plugin)
+    for stage, count in (
+        ("find_export", 1),
+        ("create_export", 1),
+        ("connect_nbd", 2),
+        ("probe", 1),
+        ("mkfs", 1),
+    ):
+        labels = {"stage": stage, **stage_labels}
+        assert value(samples, "zerofs_csi_stage_duration_seconds_count", **labels) == count, stage
+    volume.unstage()
 
     with pytest.raises(grpc.RpcError) as refused:
         volume.stage(mount_capability("xfs"))  # the device holds ext4

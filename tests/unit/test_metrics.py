@@ -5,15 +5,17 @@ from __future__ import annotations
 import errno
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from zerofs_csi.errors import Aborted, InvalidArgument
 from zerofs_csi.metrics import Metrics, failure_reason
 from zerofs_csi.metrics_http import MetricsServer
 from zerofs_csi.readiness import Check, Readiness
+from zerofs_csi.recovery import when_scraped
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,31 @@ def test_stage_records_duration_and_failures() -> None:
     assert value("zerofs_csi_stage_failures_total", stage="mkfs", reason="ENOENT", **base) is None
 
 
+def test_a_stage_renamed_by_its_body_is_recorded_under_the_new_name() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics("node-a", registry)
+    with metrics.stage("stage", "connect_nbd", "pvc-1") as timing:
+        timing.stage = "find_export"  # what the attempt turned out to be
+
+    base = {"operation": "stage", "volume_id": "pvc-1", "node": "node-a"}
+    assert (
+        registry.get_sample_value(
+            "zerofs_csi_stage_duration_seconds_count", {"stage": "find_export", **base}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "zerofs_csi_stage_duration_seconds_count", {"stage": "connect_nbd", **base}
+        )
+        is None
+    )
+    connects = {"volume_id": "pvc-1", "node": "node-a"}
+    assert (
+        registry.get_sample_value("zerofs_csi_nbd_connect_duration_seconds_count", connects) is None
+    )
+
+
 def test_observe_call_labels_operation_and_code() -> None:
     registry = CollectorRegistry()
     metrics = Metrics("node-a", registry)
@@ -96,3 +123,24 @@ def test_http_endpoint_serves_metrics_and_health() -> None:
         assert _get(f"{base}/nothing")[0] == 404
     finally:
         server.stop()
+
+
+def _broken_count() -> int:
+    raise OSError(errno.EIO, "netlink went away")
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"),
+    [(lambda: 3, "3.0"), (lambda: 0, "0.0"), (_broken_count, "NaN")],
+)
+def test_state_gauges_are_computedwhen_scraped(
+    count: Callable[[], int], expected: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics("node-a", registry)
+    metrics.volumes_staged.labels("node-a").set_function(when_scraped("volumes_staged", count))
+
+    body = generate_latest(registry).decode()
+
+    assert f'zerofs_csi_volumes_staged{{node="node-a"}} {expected}' in body
+    assert ("computing a gauge failed" in caplog.text) == (expected == "NaN")
