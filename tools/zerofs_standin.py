@@ -401,6 +401,11 @@ def _remove_socket(path: Path) -> None:
         pass
 
 
+# Generous: dozens of volume servers starting at once on a small node can keep diod from
+# listening for many seconds; the driver's own ready timeout bounds the whole start.
+DIOD_START_TIMEOUT_S = 120.0
+
+
 def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -474,7 +479,7 @@ def serve(config: StandinConfig) -> int:
             cwd=private_dir,
             preexec_fn=_die_with_parent,
         )
-        _wait_for_socket(private_socket, children["diod"], 10.0)
+        _wait_for_socket(private_socket, children["diod"], DIOD_START_TIMEOUT_S)
         relay = NinePRelay(config.ninep_socket, private_socket, config.storage_dir)
         # Last, so that the NBD socket answering means both servers are up.
         children["nbdkit"] = subprocess.Popen(
