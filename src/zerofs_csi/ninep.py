@@ -456,19 +456,6 @@ class ExportFile:
     created: bool  # by this call: the file is new, sparse and reads as zeroes
 
 
-def ensure_export(
-    socket_path: Path | str,
-    name: str,
-    size_bytes: int,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-    aname: str = "",
-) -> int:
-    """Make sure ``.nbd/<name>`` exists with at least ``size_bytes``; return its size.
-    As ``prepare_export``."""
-    return prepare_export(socket_path, name, size_bytes, timeout=timeout, aname=aname).size_bytes
-
-
 def prepare_export(
     socket_path: Path | str,
     name: str,
@@ -541,7 +528,7 @@ def export_size(
 ) -> int | None:
     """The size of ``.nbd/<name>`` in bytes, or None when it does not exist.
 
-    Same errors as ``ensure_export``.
+    Same errors as ``prepare_export``.
     """
     validate_export_name(name)
     path = f"{EXPORT_DIRECTORY}/{name}"

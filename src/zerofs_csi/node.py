@@ -26,7 +26,7 @@ from zerofs_csi.events import EventRecorder
 from zerofs_csi.locks import VolumeLocks
 from zerofs_csi.servicer import answer_unimplemented
 from zerofs_csi.stage_record import STAGED, RecordStore, StageRecord
-from zerofs_csi.staging import Attacher, EnsureExport, Stager, StageRequest
+from zerofs_csi.staging import Attacher, PrepareExport, Stager, StageRequest
 from zerofs_csi.volume_context import parse_volume_context
 from zerofs_csi.volume_id import validate_volume_id
 from zerofs_csi.volume_server import VolumeServerBackend
@@ -61,7 +61,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         records: RecordStore,
         backend: VolumeServerBackend,
         attacher: Attacher,
-        ensure_export: EnsureExport,
+        prepare_export: PrepareExport,
         link_dead: Callable[[str], bool],
         locks: VolumeLocks,
         events: EventRecorder,
@@ -72,7 +72,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._records = records
         self._backend = backend
         self._attacher = attacher
-        self._ensure_export = ensure_export
+        self._prepare_export = prepare_export
         self._link_dead = link_dead
         self._locks = locks
         self._events = events
@@ -251,7 +251,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with self._locks.hold(vid, "NodeExpandVolume"):
             record = self._record_of(vid, request.staging_target_path)
             sockets = self._backend.sockets(vid)
-            size = self._ensure_export(str(sockets.ninep), vid, required)
+            size = self._prepare_export(str(sockets.ninep), vid, required).size_bytes
             if limit and size > limit:
                 raise OutOfRange(f"volume {vid} is already {size} bytes, above limit {limit}")
             device = self._attacher.find_device(record.backend_id)

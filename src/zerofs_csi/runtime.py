@@ -125,7 +125,7 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
         records,
         backend,
         attacher,
-        ninep.ensure_export,
+        ninep.prepare_export,
         monitor.is_dead,
         locks,
         _event_recorder(config, api, "zerofs-csi-node"),

@@ -61,7 +61,6 @@ class Attacher(Protocol):
     def find_device(self, backend_id: str) -> AttachedDevice | None: ...
 
 
-EnsureExport = Callable[[str, str, int], int]
 PrepareExport = Callable[[str, str, int], ExportFile]
 
 

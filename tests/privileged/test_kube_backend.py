@@ -51,7 +51,7 @@ from zerofs_csi.kube.api import call_json
 from zerofs_csi.kube.backend import KubernetesBackend, pod_is_ready
 from zerofs_csi.kube.owner import resolve_daemonset_owner
 from zerofs_csi.metrics import Metrics
-from zerofs_csi.ninep import ensure_export
+from zerofs_csi.ninep import prepare_export
 from zerofs_csi.volume_settings import VolumeSecrets, parse_volume_settings
 
 pytestmark = pytest.mark.privileged
@@ -175,7 +175,7 @@ def test_volume_server_pod_serves_an_nbd_export(cluster: Cluster, scratch: Path)
         assert backend.ensure(VOLUME, settings, secrets) == sockets
         assert [entry[2] for entry in kubelet.journal] == ["started", "ready"]
 
-        size = ensure_export(sockets.ninep, "disk", EXPORT_SIZE)
+        size = prepare_export(sockets.ninep, "disk", EXPORT_SIZE).size_bytes
         assert size == EXPORT_SIZE
         run("nbd-client", "-unix", str(sockets.nbd), "-N", "disk", device)
         assert int((sys_block / "size").read_text()) * 512 == EXPORT_SIZE

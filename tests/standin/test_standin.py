@@ -217,7 +217,7 @@ def server(tmp_path: Path) -> Iterator[Running]:
 
 def test_serves_the_same_directory_over_9p_and_nbd(server: Running) -> None:
     # The node's call exactly: aname "" (ZeroFS ignores it; the relay rewrites it).
-    assert ninep.ensure_export(server.ninep, "pvc-1", 8 << 20) == 8 << 20
+    assert ninep.prepare_export(server.ninep, "pvc-1", 8 << 20).size_bytes == 8 << 20
     assert (server.storage / ".nbd" / "pvc-1").stat().st_size == 8 << 20
 
     assert nbd_list_exports(server.nbd)[1] == ["pvc-1"]
@@ -228,13 +228,13 @@ def test_serves_the_same_directory_over_9p_and_nbd(server: Running) -> None:
         assert nbd.flags & wanted == wanted
 
     # A grown export is seen by the next connection, as with ZeroFS.
-    ninep.ensure_export(server.ninep, "pvc-1", 16 << 20)
+    ninep.prepare_export(server.ninep, "pvc-1", 16 << 20)
     with NbdClient(server.nbd, "pvc-1") as nbd:
         assert nbd.size == 16 << 20
 
 
 def test_connections_see_each_others_flushed_writes(server: Running) -> None:
-    ninep.ensure_export(server.ninep, "pvc-1", 1 << 20)
+    ninep.prepare_export(server.ninep, "pvc-1", 1 << 20)
     with NbdClient(server.nbd, "pvc-1") as first, NbdClient(server.nbd, "pvc-1") as second:
         first.write(4096, b"multi-conn" * 100)
         first.flush()
@@ -244,7 +244,7 @@ def test_connections_see_each_others_flushed_writes(server: Running) -> None:
 def test_flushed_data_survives_kill_9_and_restart(tmp_path: Path) -> None:
     running = start_standin(tmp_path)
     try:
-        ninep.ensure_export(running.ninep, "pvc-1", 4 << 20)
+        ninep.prepare_export(running.ninep, "pvc-1", 4 << 20)
         data = os.urandom(256 << 10)
         with NbdClient(running.nbd, "pvc-1") as nbd:
             nbd.write(1 << 20, data[: 128 << 10])

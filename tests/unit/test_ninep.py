@@ -31,7 +31,7 @@ class Export:
         self.sock = sock
 
     def ensure(self, name: str, size: int) -> int:
-        return ninep.ensure_export(self.sock, name, size, aname=str(self.root), timeout=5)
+        return self.prepare(name, size).size_bytes
 
     def prepare(self, name: str, size: int) -> ninep.ExportFile:
         return ninep.prepare_export(self.sock, name, size, aname=str(self.root), timeout=5)
@@ -232,7 +232,7 @@ def test_server_error_carries_its_errno_and_the_path(tmp_path: Path) -> None:
 
 def test_wrong_attach_name_is_the_servers_errno(export: Export) -> None:
     with pytest.raises(PermissionError) as caught:
-        ninep.ensure_export(export.sock, "pvc-a", 4096, aname="/not/exported", timeout=5)
+        ninep.prepare_export(export.sock, "pvc-a", 4096, aname="/not/exported", timeout=5)
     assert caught.value.errno == errno.EPERM
 
 
@@ -264,7 +264,7 @@ def test_bad_sizes_are_invalid_arguments(export: Export, size: int) -> None:
 def test_missing_socket_is_unavailable(tmp_path: Path) -> None:
     sock = tmp_path / "absent.sock"
     with pytest.raises(errors.Unavailable) as caught:
-        ninep.ensure_export(sock, "pvc-a", 4096)
+        ninep.prepare_export(sock, "pvc-a", 4096)
     assert "pvc-a" in caught.value.message and str(sock) in caught.value.message
 
 
@@ -283,9 +283,9 @@ def test_server_that_stopped_is_unavailable(tmp_path: Path) -> None:
     root.mkdir()
     sock = tmp_path / "9p.sock"
     with diod_server(root, sock):
-        assert ninep.ensure_export(sock, "pvc-a", 4096, aname=str(root)) == 4096
+        assert ninep.prepare_export(sock, "pvc-a", 4096, aname=str(root)).size_bytes == 4096
     with pytest.raises(errors.Unavailable):
-        ninep.ensure_export(sock, "pvc-a", 4096, aname=str(root))
+        ninep.prepare_export(sock, "pvc-a", 4096, aname=str(root))
 
 
 def scripted_server(
@@ -333,7 +333,7 @@ def test_protocol_violations_are_eproto(tmp_path: Path, answer: bytes, detail: s
     sock = tmp_path / "9p.sock"
     thread = scripted_server(sock, lambda _message: answer)
     with pytest.raises(OSError) as caught:
-        ninep.ensure_export(sock, "pvc-a", 4096, timeout=5)
+        ninep.prepare_export(sock, "pvc-a", 4096, timeout=5)
     assert caught.value.errno == errno.EPROTO
     assert detail in str(caught.value)
     thread.join(5)
@@ -344,7 +344,7 @@ def test_silent_server_hits_the_deadline(tmp_path: Path) -> None:
     thread = scripted_server(sock, lambda _message: None)
     started = time.monotonic()
     with pytest.raises(errors.DeadlineExceeded) as caught:
-        ninep.ensure_export(sock, "pvc-a", 4096, timeout=0.3)
+        ninep.prepare_export(sock, "pvc-a", 4096, timeout=0.3)
     assert time.monotonic() - started < 2
     assert str(sock) in caught.value.message
     thread.join(5)
@@ -355,7 +355,7 @@ def test_server_closing_mid_conversation_is_unavailable(tmp_path: Path) -> None:
     # Half a header, then EOF.
     thread = scripted_server(sock, lambda _message: b"\x20\x00", hang_up=True)
     with pytest.raises(errors.Unavailable) as caught:
-        ninep.ensure_export(sock, "pvc-a", 4096, timeout=5)
+        ninep.prepare_export(sock, "pvc-a", 4096, timeout=5)
     assert "closed the connection" in caught.value.message
     thread.join(5)
 
@@ -404,10 +404,10 @@ def test_one_connection_and_few_messages(export: Export, tmp_path: Path) -> None
     counted = tmp_path / "counted.sock"
     proxy = CountingProxy(counted, export.sock)
     try:
-        ninep.ensure_export(counted, "pvc-a", GiB, aname=str(export.root))
+        ninep.prepare_export(counted, "pvc-a", GiB, aname=str(export.root))
         fresh = list(proxy.message_types)
         proxy.message_types.clear()
-        ninep.ensure_export(counted, "pvc-a", GiB, aname=str(export.root))
+        ninep.prepare_export(counted, "pvc-a", GiB, aname=str(export.root))
         existing = list(proxy.message_types)
     finally:
         proxy.listener.close()

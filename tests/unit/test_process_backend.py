@@ -113,7 +113,7 @@ def test_ensure_starts_a_server_that_speaks_nbd_and_9p(
 
     assert sockets == backend.sockets(VOLUME)
     assert stat.S_ISSOCK(sockets.nbd.stat().st_mode)
-    assert ninep.ensure_export(sockets.ninep, VOLUME, 64 << 20) == 64 << 20
+    assert ninep.prepare_export(sockets.ninep, VOLUME, 64 << 20).size_bytes == 64 << 20
     flags, exports = nbd_list_exports(sockets.nbd)
     assert flags & 1  # NBD_FLAG_FIXED_NEWSTYLE
     assert exports == [VOLUME]
@@ -173,7 +173,7 @@ def test_killed_server_is_restarted_by_the_supervisor(
     backend: ProcessBackend, tmp_path: Path
 ) -> None:
     sockets = backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
-    ninep.ensure_export(sockets.ninep, VOLUME, 1 << 20)
+    ninep.prepare_export(sockets.ninep, VOLUME, 1 << 20)
     old_pid = backend.pid(VOLUME)
     assert old_pid is not None
     members = session_members(old_pid)
@@ -299,7 +299,7 @@ def test_stop_is_idempotent_and_leaves_no_process(
     backend: ProcessBackend, tmp_path: Path, state_dir: Path
 ) -> None:
     sockets = backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
-    ninep.ensure_export(sockets.ninep, VOLUME, 1 << 20)
+    ninep.prepare_export(sockets.ninep, VOLUME, 1 << 20)
     pid = backend.pid(VOLUME)
     assert pid is not None
     members = session_members(pid)
