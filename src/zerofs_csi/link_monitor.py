@@ -113,7 +113,11 @@ class LinkMonitor:
             while not self._stop.is_set():
                 try:
                     self._attacher.reconnect(
-                        record.device_index, record.backend_id, record.nbd_socket, vid
+                        record.device_index,
+                        record.backend_id,
+                        record.nbd_socket,
+                        vid,
+                        record.connections,
                     )
                 except CsiError as exc:
                     current = self._staged().get(vid)

@@ -50,11 +50,13 @@ class NodeAttacher:
         self.nbd = attacher
         self._connections = connections
 
-    def attach(self, nbd_socket: str, export: str, backend_id: str) -> nbd.Device:
+    def attach(
+        self, nbd_socket: str, export: str, backend_id: str, connections: int | None = None
+    ) -> nbd.Device:
         with attach_errors(f"attaching export {export} from {nbd_socket}"):
             try:
                 return self.nbd.attach(
-                    nbd_socket, export, backend_id, connections=self._connections
+                    nbd_socket, export, backend_id, connections=connections or self._connections
                 )
             except nbd.MultiConnUnsupported:
                 return self.nbd.attach(nbd_socket, export, backend_id, connections=1)
@@ -67,6 +69,13 @@ class NodeAttacher:
         with attach_errors(f"looking up the device of {backend_id}"):
             return self.nbd.find_device(backend_id)
 
-    def reconnect(self, index: int, backend_id: str, nbd_socket: str, export: str) -> None:
+    def reconnect(
+        self,
+        index: int,
+        backend_id: str,
+        nbd_socket: str,
+        export: str,
+        connections: int | None = None,
+    ) -> None:
         with attach_errors(f"reconnecting nbd{index}"):
-            self.nbd.reconnect(index, backend_id, nbd_socket, export)
+            self.nbd.reconnect(index, backend_id, nbd_socket, export, connections=connections)

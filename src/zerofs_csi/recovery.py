@@ -139,7 +139,9 @@ class Recovery:
         vid = record.volume_id
         device = self._attacher.find_device(record.backend_id)
         if device is None:
-            device = self._attacher.attach(record.nbd_socket, vid, record.backend_id)
+            device = self._attacher.attach(
+                record.nbd_socket, vid, record.backend_id, record.connections
+            )
             report.reattached.append(vid)
         if device.index != record.device_index or device.size_bytes != record.size_bytes:
             record = dataclasses.replace(

@@ -13,6 +13,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from zerofs_csi.volume_settings import DEFAULT_NBD_CONNECTIONS
+
 RECORD_NAME = "zerofs-volume.json"
 MOUNT_DIR_NAME = "mount"
 VERSION = 1
@@ -50,6 +52,9 @@ class StageRecord:
     staging_path: str
     mount_options: tuple[str, ...] = ()
     readonly: bool = False
+    # NBD connections asked for (a server without multi-conn gets one); records from
+    # before the setting existed were attached with the default.
+    connections: int = DEFAULT_NBD_CONNECTIONS
     phase: str = STAGED
     version: int = VERSION
 

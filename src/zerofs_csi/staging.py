@@ -54,7 +54,9 @@ class AttachedDevice(Protocol):
 class Attacher(Protocol):
     """The attach path (``zerofs_csi.nbd``) as staging and the node service use it."""
 
-    def attach(self, nbd_socket: str, export: str, backend_id: str) -> AttachedDevice: ...
+    def attach(
+        self, nbd_socket: str, export: str, backend_id: str, connections: int | None = None
+    ) -> AttachedDevice: ...
 
     def detach(self, index: int, backend_id: str) -> None: ...
 
@@ -153,8 +155,9 @@ class Stager:
 
             # By backend id, not index: whatever device ends up serving the volume.
             tx.on_undo("detach", lambda: self._detach(backend_id))
+            connections = request.settings.nbd_connections
             device, export_created = self._attach_export(
-                sockets, vid, backend_id, request.capacity_bytes
+                sockets, vid, backend_id, request.capacity_bytes, connections
             )
 
             record = StageRecord(
@@ -169,6 +172,7 @@ class Stager:
                 staging_path=request.staging_path,
                 mount_options=request.mount_options,
                 readonly=request.readonly,
+                connections=connections,
                 phase=ATTACHED,
             )
             self._records.write(record)
@@ -195,7 +199,12 @@ class Stager:
         return record
 
     def _attach_export(
-        self, sockets: ServerSockets, vid: str, backend_id: str, capacity_bytes: int
+        self,
+        sockets: ServerSockets,
+        vid: str,
+        backend_id: str,
+        capacity_bytes: int,
+        connections: int,
     ) -> tuple[AttachedDevice, bool]:
         """Attach the volume's export; return the device and whether this stage created
         the export. A volume staged before already has its export at its size, which
@@ -205,7 +214,7 @@ class Stager:
         with stage("stage", "connect_nbd", vid) as timing:
             try:
                 found: AttachedDevice | None = self._attacher.attach(
-                    str(sockets.nbd), vid, backend_id
+                    str(sockets.nbd), vid, backend_id, connections
                 )
             except NotFound:
                 found = None  # a new volume: no export of that name yet
@@ -217,7 +226,7 @@ class Stager:
         with stage("stage", "create_export", vid):
             export = self._prepare_export(str(sockets.ninep), vid, capacity_bytes)
         with stage("stage", "connect_nbd", vid):
-            device = self._attacher.attach(str(sockets.nbd), vid, backend_id)
+            device = self._attacher.attach(str(sockets.nbd), vid, backend_id, connections)
         return device, export.created
 
     def _detach(self, backend_id: str) -> None:
@@ -277,7 +286,9 @@ class Stager:
         with stage("expand", "disconnect_nbd", vid):
             self._attacher.detach(record.device_index, record.backend_id)
         with stage("expand", "connect_nbd", vid):
-            device = self._attacher.attach(record.nbd_socket, vid, record.backend_id)
+            device = self._attacher.attach(
+                record.nbd_socket, vid, record.backend_id, record.connections
+            )
         record = dataclasses.replace(
             record, device_index=device.index, size_bytes=device.size_bytes
         )

@@ -48,6 +48,11 @@ DEFAULT_CACHE_DISK_SIZE_GB = 1.0
 DEFAULT_CACHE_MEMORY_SIZE_GB = 1.0
 # Long enough for an image pull on a cold node (the Go driver's default).
 DEFAULT_POD_READY_TIMEOUT_SECONDS = 120
+# NBD connections per device when the server offers multi-conn (as the Go driver's
+# `nbd-client -connections 4`). Each one costs the kernel a queue freeze, one RCU grace
+# period, when the device is connected; the bound is the attach path's MAX_SOCKETS.
+DEFAULT_NBD_CONNECTIONS = 4
+MAX_NBD_CONNECTIONS = 16
 DEFAULT_RUST_LOG = "info"
 
 CONFIG_MAP_PARAMETER = "configMapName"
@@ -395,6 +400,7 @@ _SPECS = (
     _Spec("memoryRequest", "memory_request", _parse_quantity),
     _Spec("memoryLimit", "memory_limit", _parse_quantity),
     _Spec("podReadyTimeoutSeconds", "pod_ready_timeout_seconds", _int_in(1, 3600)),
+    _Spec("nbdConnections", "nbd_connections", _int_in(1, MAX_NBD_CONNECTIONS)),
     _Spec("deleteDataOnPVCDelete", "delete_data_on_pvc_delete", _parse_bool),
     _Spec("envoyEnabled", "envoy_enabled", _parse_bool),
     _Spec("envoyImage", "envoy_image", _parse_image),
@@ -441,6 +447,7 @@ class VolumeSettings:
     memory_request: str | None = None
     memory_limit: str | None = None
     pod_ready_timeout_seconds: int = DEFAULT_POD_READY_TIMEOUT_SECONDS
+    nbd_connections: int = DEFAULT_NBD_CONNECTIONS
     delete_data_on_pvc_delete: bool = False
     envoy_enabled: bool = False
     envoy_image: str = DEFAULT_ENVOY_IMAGE

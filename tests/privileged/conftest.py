@@ -415,6 +415,7 @@ def create_volume(
     block: bool = False,
     name: str = "",
     mount_flags: tuple[str, ...] = (),
+    parameters: dict[str, str] | None = None,
 ) -> Volume:
     name = name or f"pvc-{os.getpid()}-{next(_names)}"
     capability = block_capability() if block else mount_capability(fs_type, mount_flags)
@@ -423,7 +424,11 @@ def create_volume(
             name=name,
             capacity_range=csi_pb2.CapacityRange(required_bytes=size),
             volume_capabilities=[capability],
-            parameters={"storageUrl": f"file://{plugin.store}", "filesystem": fs_type},
+            parameters={
+                "storageUrl": f"file://{plugin.store}",
+                "filesystem": fs_type,
+                **(parameters or {}),
+            },
             secrets=SECRETS,
         ),
         timeout=RPC_TIMEOUT_S,

@@ -32,7 +32,7 @@ from conftest import (
     wait_for,
 )
 
-from zerofs_csi import mounts
+from zerofs_csi import mounts, nbd
 from zerofs_csi.csi import csi_pb2
 
 pytestmark = pytest.mark.privileged
@@ -190,6 +190,20 @@ def test_block_life(volumes: VolumeFactory) -> None:
         assert os.pread(fd, len(payload), offset) == payload
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize(("parameter", "connections"), [({"nbdConnections": "1"}, 1), ({}, 4)])
+def test_nbd_connections_follow_the_storage_class(
+    volumes: VolumeFactory, parameter: dict[str, str], connections: int
+) -> None:
+    volume = volumes(size=SIZES["ext4"], parameters=parameter)
+    volume.stage()
+    index = int(volume.device().removeprefix("/dev/nbd"))
+    queues = [e for e in os.listdir(f"/sys/block/nbd{index}/mq") if e.isdigit()]
+    assert len(queues) == nbd.hardware_queues_for(connections)
+    assert volume.record()["connections"] == connections
+    volume.unstage()
+    assert_unstaged(volume)
 
 
 def test_publish_needs_a_staged_volume_of_the_same_kind(volumes: VolumeFactory) -> None:

@@ -142,6 +142,8 @@ def test_defaults_with_only_the_storage_url() -> None:
         ("memoryRequest", "512Mi", "memory_request", "512Mi"),
         ("memoryLimit", "1.5Gi", "memory_limit", "1.5Gi"),
         ("podReadyTimeoutSeconds", "300", "pod_ready_timeout_seconds", 300),
+        ("nbdConnections", "1", "nbd_connections", 1),
+        ("nbdConnections", "16", "nbd_connections", 16),
         ("deleteDataOnPVCDelete", "true", "delete_data_on_pvc_delete", True),
         ("envoyEnabled", "true", "envoy_enabled", True),
         ("envoyImage", "envoyproxy/envoy:v1.35.0", "envoy_image", "envoyproxy/envoy:v1.35.0"),
@@ -163,7 +165,7 @@ def test_every_parameter_is_covered_by_the_table() -> None:
         "maxConcurrentCompactions", "flushIntervalSecs", "rustLog", "conditionalPutRedisUrl",
         "cpuRequest", "cpuLimit", "memoryRequest", "memoryLimit", "podReadyTimeoutSeconds",
         "deleteDataOnPVCDelete", "envoyEnabled", "envoyImage", "envoyConfigMapName",
-        "telemetryEnabled", "configMapName",
+        "telemetryEnabled", "configMapName", "nbdConnections",
     }  # fmt: skip
     assert set(PARAMETER_KEYS) == keys
 
@@ -244,6 +246,9 @@ def test_unknown_parameter_names_it_and_lists_the_known_ones() -> None:
         ("cpuRequest", "lots", "quantity"),
         ("memoryLimit", "-1Gi", "quantity"),
         ("podReadyTimeoutSeconds", "0", "from 1"),
+        ("nbdConnections", "0", "from 1"),
+        ("nbdConnections", "17", "16"),
+        ("nbdConnections", "four", "integer"),
         ("podReadyTimeoutSeconds", "1h", "integer"),
         ("deleteDataOnPVCDelete", "1", '"true" or "false"'),
         ("envoyConfigMapName", "Envoy_Config", "DNS-1123"),
