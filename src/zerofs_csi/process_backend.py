@@ -425,7 +425,7 @@ class ProcessBackend:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)
             self._wait_gone(server, 5.0)
-        self._kill_session_leftovers(server)
+        self._kill_group_leftovers(server)
 
     def _wait_gone(self, server: _Server, timeout: float) -> bool:
         if server.process is not None:
@@ -441,22 +441,13 @@ class ProcessBackend:
             time.sleep(0.05)
         return True
 
-    def _kill_session_leftovers(self, server: _Server) -> None:
-        """SIGKILL processes still in the dead server's session (children it did not
-        stop). Only processes started after the server can be its descendants."""
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            fields = _proc_stat(int(entry.name))
-            # fields[3] is the session id (field 6), fields[19] the start time.
-            if (
-                fields is not None
-                and fields[0] != "Z"
-                and int(fields[3]) == server.pid
-                and int(fields[19]) >= server.start_time
-            ):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry.name), signal.SIGKILL)
+    def _kill_group_leftovers(self, server: _Server) -> None:
+        """SIGKILL what is left of the dead server's process group (children it did not
+        stop). The server led its own session and group, and the kernel does not hand
+        out a group's id as a new pid while any member lives, so the signal reaches the
+        server's leftovers and nobody else; without members it finds nothing (ESRCH)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
 
     def _wait_ready(
         self,

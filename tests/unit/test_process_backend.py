@@ -348,6 +348,34 @@ def test_stop_kills_a_server_that_ignores_sigterm(state_dir: Path, tmp_path: Pat
         backend.close()
 
 
+def test_stop_kills_what_a_server_leaves_behind(state_dir: Path, tmp_path: Path) -> None:
+    # A server that exits on SIGTERM and leaves a child of its own running.
+    script = tmp_path / "careless-zerofs"
+    script.write_text(
+        "#!/bin/sh\n"
+        'sock=$(sed -n \'/servers.nbd/,/unix_socket/s/.*"\\(.*\\)"/\\1/p\' "$3")\n'
+        'nbdkit --foreground --unix "$sock" memory 1M &\n'
+        "sleep 300 &\n"
+        "trap 'exit 0' TERM\n"
+        "wait\n"
+    )
+    script.chmod(0o755)
+    backend = ProcessBackend(state_dir, command=[str(script)])
+    try:
+        backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
+        pid = backend.pid(VOLUME)
+        assert pid is not None
+        members = session_members(pid)
+        assert len(members) == 3  # the shell, nbdkit and sleep
+
+        backend.stop(VOLUME)
+
+        wait_until(lambda: not any(alive(m) for m in members), 10, "leftovers gone")
+    finally:
+        backend.close()
+    assert processes_mentioning(str(script)) == []
+
+
 def test_ready_timeout_names_the_socket_and_shows_the_log(state_dir: Path, tmp_path: Path) -> None:
     script = tmp_path / "silent-zerofs"
     script.write_text("#!/bin/sh\necho 'opening the object store' >&2\nexec sleep 60\n")
