@@ -22,8 +22,8 @@ where ZeroFS does, and then serves the volume:
 
 It stays in the foreground. SIGTERM/SIGINT stop both servers and remove the sockets
 (exit 0). If either server dies, the other is stopped and the stand-in exits 1, so a
-supervisor restarts it. The children die with it even on SIGKILL (PR_SET_PDEATHSIG,
-``nbdkit --exit-with-parent``). Secrets are never printed.
+supervisor restarts it. The children die with it even on SIGKILL (PR_SET_PDEATHSIG
+with SIGKILL). Secrets are never printed.
 """
 
 from __future__ import annotations
@@ -486,7 +486,6 @@ def serve(config: StandinConfig) -> int:
             [
                 nbdkit,
                 "--foreground",
-                "--exit-with-parent",
                 "--no-sr",
                 "--log=stderr",
                 "--unix",
@@ -496,8 +495,10 @@ def serve(config: StandinConfig) -> int:
             ],
             stdin=subprocess.DEVNULL,
             env=child_env,
-            # SIGKILL with the stand-in, as one ZeroFS process dies: --exit-with-parent
-            # alone lets nbdkit shut down gracefully and fail in-flight requests (EIO).
+            # SIGKILL with the stand-in, as one ZeroFS process dies. Not nbdkit's own
+            # --exit-with-parent: it replaces this with SIGTERM, and a gracefully
+            # stopping nbdkit keeps its listening socket open without accepting, for as
+            # long as the kernel holds the dead connections, so a reconnect hangs on it.
             preexec_fn=_die_with_parent,
         )
         say(

@@ -23,6 +23,10 @@ from zerofs_csi.stage_record import STAGED, StageRecord, volume_of_backend
 log = logging.getLogger(__name__)
 
 FIRST_RETRY_S = 0.05
+# A local server answers a handshake in milliseconds; one that accepts and stays silent
+# (a process that is going away) must not hold a retry for long. Each connection's
+# reads are bounded by it in turn.
+RECONNECT_HANDSHAKE_TIMEOUT_S = 5.0
 MAX_RETRY_S = 2.0
 
 
@@ -118,6 +122,7 @@ class LinkMonitor:
                         record.nbd_socket,
                         vid,
                         record.connections,
+                        RECONNECT_HANDSHAKE_TIMEOUT_S,
                     )
                 except CsiError as exc:
                     current = self._staged().get(vid)
@@ -135,6 +140,10 @@ class LinkMonitor:
                             extra={"volume_id": vid, "error": exc.message},
                         )
                         return
+                    log.info(
+                        "reconnect attempt failed; retrying",
+                        extra={"volume_id": vid, "error": exc.message, "retry_in": delay},
+                    )
                     self._stop.wait(delay)
                     delay = min(delay * 2, MAX_RETRY_S)
                     continue

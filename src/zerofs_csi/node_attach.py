@@ -76,6 +76,14 @@ class NodeAttacher:
         nbd_socket: str,
         export: str,
         connections: int | None = None,
+        handshake_timeout_s: float = nbd.DEFAULT_HANDSHAKE_TIMEOUT_S,
     ) -> None:
         with attach_errors(f"reconnecting nbd{index}"):
-            self.nbd.reconnect(index, backend_id, nbd_socket, export, connections=connections)
+            self.nbd.reconnect(
+                index,
+                backend_id,
+                nbd_socket,
+                export,
+                connections=connections,
+                handshake_timeout_s=handshake_timeout_s,
+            )

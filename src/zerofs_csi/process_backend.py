@@ -604,6 +604,9 @@ class ProcessBackend:
                 server.failures = 0
             return
         if server.restart_at is None:
+            # Whatever the dead server left running (its children) could still hold its
+            # sockets and answer nothing: it goes before a new server starts.
+            self._kill_group_leftovers(server)
             server.failures += 1
             delay = min(self._backoff_base * 2 ** (server.failures - 1), self._backoff_max)
             server.restart_at = now + delay

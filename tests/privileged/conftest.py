@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from zerofs_csi import mounts
+from zerofs_csi import mounts, nbd
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -259,7 +259,10 @@ class PluginProcess:
         if self.running:
             assert self.proc is not None
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+            # A plugin inside an unmount whose writes went to a server that died is in
+            # uninterruptible sleep until the kernel times those requests out and sends
+            # them again on the new connections: it dies after that.
+            self.proc.wait(timeout=3 * nbd.DEFAULT_IO_TIMEOUT_S)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -255,7 +255,7 @@ def test_flushed_data_survives_kill_9_and_restart(tmp_path: Path) -> None:
 
         running.process.kill()
         running.process.wait(10)
-        # Its servers die with it (PR_SET_PDEATHSIG, nbdkit --exit-with-parent).
+        # Its servers die with it (PR_SET_PDEATHSIG with SIGKILL).
         deadline = time.monotonic() + 10
         while any(alive(pid) for pid in children):
             assert time.monotonic() < deadline, "the stand-in's servers outlived it"
