@@ -89,7 +89,7 @@ def diod_server(export_dir: Path, socket_path: Path) -> Iterator[subprocess.Pope
             process.stderr.close()
 
 
-def _recv_exact(sock: socket.socket, count: int) -> bytes:
+def recv_exact(sock: socket.socket, count: int) -> bytes:
     data = b""
     while len(data) < count:
         chunk = sock.recv(count - len(data))
@@ -107,16 +107,16 @@ def nbd_list_exports(socket_path: Path, timeout: float = 5.0) -> tuple[int, list
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(socket_path))
-        magic, opt_magic, flags = struct.unpack(">8sQH", _recv_exact(sock, 18))
+        magic, opt_magic, flags = struct.unpack(">8sQH", recv_exact(sock, 18))
         if magic != NBD_MAGIC or opt_magic != NBD_IHAVEOPT:
             raise AssertionError(f"not an NBD newstyle greeting: {magic!r} {opt_magic:#x}")
         sock.sendall(struct.pack(">I", NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
         sock.sendall(struct.pack(">QII", NBD_IHAVEOPT, NBD_OPT_LIST, 0))
         names = []
         while True:
-            reply_magic, option, reply, length = struct.unpack(">QIII", _recv_exact(sock, 20))
+            reply_magic, option, reply, length = struct.unpack(">QIII", recv_exact(sock, 20))
             assert reply_magic == NBD_OPT_REPLY_MAGIC and option == NBD_OPT_LIST
-            payload = _recv_exact(sock, length)
+            payload = recv_exact(sock, length)
             if reply == NBD_REP_ACK:
                 break
             assert reply == NBD_REP_SERVER, f"unexpected NBD reply {reply:#x}"
@@ -187,7 +187,7 @@ class NbdClient:
         self._sock.settimeout(timeout)
         self._sock.connect(str(socket_path))
         self._handle = 0
-        magic, opt_magic, _flags = struct.unpack(">8sQH", _recv_exact(self._sock, 18))
+        magic, opt_magic, _flags = struct.unpack(">8sQH", recv_exact(self._sock, 18))
         assert magic == NBD_MAGIC and opt_magic == NBD_IHAVEOPT
         self._sock.sendall(struct.pack(">I", NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
         name = export.encode()
@@ -196,9 +196,9 @@ class NbdClient:
         self.size = -1
         self.flags = 0
         while True:
-            reply_magic, option, reply, length = struct.unpack(">QIII", _recv_exact(self._sock, 20))
+            reply_magic, option, reply, length = struct.unpack(">QIII", recv_exact(self._sock, 20))
             assert reply_magic == NBD_OPT_REPLY_MAGIC and option == NBD_OPT_GO
-            payload = _recv_exact(self._sock, length)
+            payload = recv_exact(self._sock, length)
             if reply == NBD_REP_ACK:
                 break
             if reply != NBD_REP_INFO:
@@ -229,11 +229,11 @@ class NbdClient:
         return self._handle
 
     def _reply(self, handle: int, length: int = 0) -> bytes:
-        magic, error, got = struct.unpack(">IIQ", _recv_exact(self._sock, 16))
+        magic, error, got = struct.unpack(">IIQ", recv_exact(self._sock, 16))
         assert magic == NBD_SIMPLE_REPLY_MAGIC and got == handle
         if error:
             raise OSError(error, f"NBD request failed with error {error}")
-        return _recv_exact(self._sock, length) if length else b""
+        return recv_exact(self._sock, length) if length else b""
 
     def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         flags = NBD_CMD_FLAG_FUA if fua else 0

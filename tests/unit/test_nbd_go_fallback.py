@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from standin.servers import recv_exact
 
 from zerofs_csi import _nbd
 
@@ -33,16 +34,6 @@ EXPORT_SIZE = 8 << 20
 TRANSMISSION_FLAGS = 0b1_0000_0101  # HAS_FLAGS, SEND_FLUSH, CAN_MULTI_CONN
 
 
-def read_exact(conn: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = conn.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError("client closed")
-        data += chunk
-    return data
-
-
 @dataclass
 class ScriptedServer:
     """Greets, answers NBD_OPT_GO with ``go_reply`` and, when the client then sends
@@ -57,12 +48,12 @@ class ScriptedServer:
         with conn:
             flags = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
             conn.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, flags))
-            read_exact(conn, 4)  # the client's flags
+            recv_exact(conn, 4)  # the client's flags
             while True:
                 try:
-                    magic, option, length = struct.unpack(">QII", read_exact(conn, 16))
-                    data = read_exact(conn, length)
-                except ConnectionError:
+                    magic, option, length = struct.unpack(">QII", recv_exact(conn, 16))
+                    data = recv_exact(conn, length)
+                except ConnectionError:  # the client is done
                     return
                 assert magic == IHAVEOPT
                 self.options_seen.append((option, data))

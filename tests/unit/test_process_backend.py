@@ -320,17 +320,25 @@ def test_stop_is_idempotent_and_leaves_no_process(
     assert backend.running() == []
 
 
+def nbd_serving_script(path: Path, before: str = "", after: str = "") -> Path:
+    """A shell "ZeroFS" that serves NBD with nbdkit on the socket its config names, with
+    ``before`` and ``after`` the lines around starting nbdkit; it then waits."""
+    lines = [
+        "#!/bin/sh",
+        before,
+        'sock=$(sed -n \'/servers.nbd/,/unix_socket/s/.*"\\(.*\\)"/\\1/p\' "$3")',
+        'nbdkit --foreground --unix "$sock" memory 1M &',
+        after,
+        "wait",
+    ]
+    path.write_text("\n".join(line for line in lines if line) + "\n")
+    path.chmod(0o755)
+    return path
+
+
 def test_stop_kills_a_server_that_ignores_sigterm(state_dir: Path, tmp_path: Path) -> None:
     # A server that serves NBD (nbdkit) but ignores SIGTERM, in one shell session.
-    script = tmp_path / "stubborn-zerofs"
-    script.write_text(
-        "#!/bin/sh\n"
-        "trap '' TERM\n"
-        'sock=$(sed -n \'/servers.nbd/,/unix_socket/s/.*"\\(.*\\)"/\\1/p\' "$3")\n'
-        'nbdkit --foreground --unix "$sock" memory 1M &\n'
-        "wait\n"
-    )
-    script.chmod(0o755)
+    script = nbd_serving_script(tmp_path / "stubborn-zerofs", before="trap '' TERM")
     backend = ProcessBackend(state_dir, command=[str(script)], stop_timeout=0.5)
     try:
         backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
@@ -350,16 +358,9 @@ def test_stop_kills_a_server_that_ignores_sigterm(state_dir: Path, tmp_path: Pat
 
 def test_stop_kills_what_a_server_leaves_behind(state_dir: Path, tmp_path: Path) -> None:
     # A server that exits on SIGTERM and leaves a child of its own running.
-    script = tmp_path / "careless-zerofs"
-    script.write_text(
-        "#!/bin/sh\n"
-        'sock=$(sed -n \'/servers.nbd/,/unix_socket/s/.*"\\(.*\\)"/\\1/p\' "$3")\n'
-        'nbdkit --foreground --unix "$sock" memory 1M &\n'
-        "sleep 300 &\n"
-        "trap 'exit 0' TERM\n"
-        "wait\n"
+    script = nbd_serving_script(
+        tmp_path / "careless-zerofs", after="sleep 300 &\ntrap 'exit 0' TERM"
     )
-    script.chmod(0o755)
     backend = ProcessBackend(state_dir, command=[str(script)])
     try:
         backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
