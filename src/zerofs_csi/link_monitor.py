@@ -23,11 +23,11 @@ from zerofs_csi.stage_record import STAGED, StageRecord, volume_of_backend
 log = logging.getLogger(__name__)
 
 FIRST_RETRY_S = 0.05
+MAX_RETRY_S = 2.0
 # A local server answers a handshake in milliseconds; one that accepts and stays silent
 # (a process that is going away) must not hold a retry for long. Each connection's
 # reads are bounded by it in turn.
 RECONNECT_HANDSHAKE_TIMEOUT_S = 5.0
-MAX_RETRY_S = 2.0
 
 
 class LinkMonitor:

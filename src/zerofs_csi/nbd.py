@@ -55,6 +55,7 @@ from zerofs_csi._nbd import (
 
 __all__ = [
     "DEFAULT_CONNECTIONS",
+    "MAX_CONNECTIONS",
     "DEFAULT_DEAD_CONN_TIMEOUT_S",
     "DEFAULT_IO_TIMEOUT_S",
     "Device",
@@ -79,7 +80,9 @@ __all__ = [
 
 DEFAULT_IO_TIMEOUT_S = 30
 DEFAULT_DEAD_CONN_TIMEOUT_S = 300
+# As the Go driver's `nbd-client -connections 4`.
 DEFAULT_CONNECTIONS = 4
+MAX_CONNECTIONS = _nbd.MAX_SOCKETS
 DEFAULT_BLOCK_SIZE = 4096
 DEFAULT_READY_TIMEOUT_S = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
@@ -162,8 +165,8 @@ def _validate_attach(
 ) -> None:
     if not backend_id or "\0" in backend_id or "\n" in backend_id:
         raise ValueError(f"invalid backend id {backend_id!r}")
-    if not 1 <= connections <= _nbd.MAX_SOCKETS:
-        raise ValueError(f"connections must be 1..{_nbd.MAX_SOCKETS}, got {connections}")
+    if not 1 <= connections <= MAX_CONNECTIONS:
+        raise ValueError(f"connections must be 1..{MAX_CONNECTIONS}, got {connections}")
     if block_size not in _BLOCK_SIZES:
         raise ValueError(f"block size must be one of {_BLOCK_SIZES}, got {block_size}")
     if io_timeout_s < 0 or dead < 0:

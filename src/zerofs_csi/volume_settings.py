@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from zerofs_csi import errors
+from zerofs_csi import errors, nbd
 from zerofs_csi.volume_id import validate_volume_id
 from zerofs_csi.zerofs_config import (
     DEFAULT_ZEROFS_VERSION,
@@ -48,11 +48,11 @@ DEFAULT_CACHE_DISK_SIZE_GB = 1.0
 DEFAULT_CACHE_MEMORY_SIZE_GB = 1.0
 # Long enough for an image pull on a cold node (the Go driver's default).
 DEFAULT_POD_READY_TIMEOUT_SECONDS = 120
-# NBD connections per device when the server offers multi-conn (as the Go driver's
-# `nbd-client -connections 4`). Each one costs the kernel a queue freeze, one RCU grace
-# period, when the device is connected; the bound is the attach path's MAX_SOCKETS.
-DEFAULT_NBD_CONNECTIONS = 4
-MAX_NBD_CONNECTIONS = 16
+# NBD connections per device when the server offers multi-conn: the attach path's
+# default and bound. Each one costs the kernel a queue freeze, one RCU grace period,
+# when the device is connected.
+DEFAULT_NBD_CONNECTIONS = nbd.DEFAULT_CONNECTIONS
+MAX_NBD_CONNECTIONS = nbd.MAX_CONNECTIONS
 DEFAULT_RUST_LOG = "info"
 
 CONFIG_MAP_PARAMETER = "configMapName"
