@@ -154,6 +154,24 @@ def filesystem_uuid(device: str) -> str:
     ).stdout.strip()
 
 
+def assert_code(call: Callable[[], object], code: grpc.StatusCode) -> str:
+    """``call`` fails with ``code``; returns the error's details."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    return str(info.value.details())
+
+
+def assert_unstaged(volume: Volume) -> None:
+    """Nothing of the volume's stage is left: record, index, mounts, server, device."""
+    plugin = volume.plugin
+    assert not (Path(volume.staging) / "zerofs-volume.json").exists()
+    assert not (plugin.state_dir / "staged" / f"{volume.volume_id}.json").exists()
+    assert not mounts_under(Path(volume.staging))
+    assert not [p for p in plugin.server_processes() if volume.volume_id in p[1]]
+    wait_for(lambda: not devices_of(volume.volume_id), DEVICE_SETTLE_S, "the device to go")
+
+
 # -- the plugin ---------------------------------------------------------------------------
 
 

@@ -15,16 +15,16 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import (
-    DEVICE_SETTLE_S,
     NODE_ID,
     MiB,
     Mode,
     PluginProcess,
     Volume,
     VolumeFactory,
+    assert_code,
     assert_nbd_devices,
+    assert_unstaged,
     block_capability,
-    devices_of,
     filesystem_uuid,
     mount_capability,
     mounts_under,
@@ -66,22 +66,6 @@ def digest_of(path: Path, limit: int | None = None) -> str:
             if remaining is not None:
                 remaining -= len(chunk)
     return digest.hexdigest()
-
-
-def assert_code(call: object, code: grpc.StatusCode) -> str:
-    with pytest.raises(grpc.RpcError) as info:
-        call()  # type: ignore[operator]
-    assert info.value.code() == code, info.value.details()
-    return str(info.value.details())
-
-
-def assert_unstaged(volume: Volume) -> None:
-    plugin = volume.plugin
-    assert not (Path(volume.staging) / "zerofs-volume.json").exists()
-    assert not (plugin.state_dir / "staged" / f"{volume.volume_id}.json").exists()
-    assert not mounts_under(Path(volume.staging))
-    assert not [p for p in plugin.server_processes() if volume.volume_id in p[1]]
-    wait_for(lambda: not devices_of(volume.volume_id), DEVICE_SETTLE_S, "the device to go")
 
 
 @pytest.mark.parametrize("fs_type", ["ext4", "xfs", "btrfs"])
