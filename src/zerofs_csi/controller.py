@@ -1,9 +1,10 @@
 """CSI Controller service: volumes as records in a ``VolumeStore``.
 
 A volume is a key prefix in the object store, written only by its ZeroFS server: the
-controller creates nothing there. CreateVolume validates the request and records the
-volume (size, settings, volume context); the store keeps that state across controller
-restarts (files in the state directory, or one ConfigMap per volume in Kubernetes).
+controller creates nothing there. CreateVolume derives the volume id from the name
+(``volume_id.volume_id_for_name``), validates the request and records the volume (name,
+size, settings, volume context); the store keeps that state across controller restarts
+(files in the state directory, or one ConfigMap per volume in Kubernetes).
 ControllerPublish records the one node that may use the volume (one ZeroFS writer per
 volume); DeleteVolume removes any per-volume server objects left behind and, with
 ``deleteDataOnPVCDelete``, the volume's objects.
@@ -20,6 +21,7 @@ processes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 
@@ -43,7 +45,7 @@ from zerofs_csi.locks import VolumeLocks
 from zerofs_csi.metrics import Metrics
 from zerofs_csi.servicer import answer_unimplemented
 from zerofs_csi.volume_context import build_volume_context
-from zerofs_csi.volume_id import validate_volume_id
+from zerofs_csi.volume_id import validate_volume_id, volume_id_for_name
 from zerofs_csi.volume_settings import (
     CONFIG_MAP_PARAMETER,
     RESERVED_PREFIXES,
@@ -63,6 +65,8 @@ DEFAULT_CAPACITY_BYTES = 1 * GiB
 CAPACITY_ALIGNMENT = 4096
 # capacity_bytes is an int64 on the wire (csi.proto, Volume.capacity_bytes).
 MAX_CAPACITY_BYTES = (2**63 - 1) // CAPACITY_ALIGNMENT * CAPACITY_ALIGNMENT
+# ListVolumes' next_token: this prefix and the last volume id of the page.
+LIST_TOKEN_PREFIX = "after:"
 # A Kubernetes node name is a DNS-1123 subdomain (at most 253 characters); other COs
 # use similar ids. The bound keeps a record small whatever a client sends.
 MAX_NODE_ID_LENGTH = 256
@@ -182,6 +186,23 @@ def _volume_message(record: VolumeRecord) -> csi_pb2.Volume:
     )
 
 
+def _listing_start(token: str) -> str:
+    """The volume id a ListVolumes ``starting_token`` continues after.
+
+    A token names the last volume of the previous page, so a page still continues
+    where it ended when that volume is deleted meanwhile. Anything else did not come
+    from this plugin, which the spec answers with ABORTED.
+    """
+    volume_id = token.removeprefix(LIST_TOKEN_PREFIX)
+    if volume_id != token:
+        with contextlib.suppress(InvalidArgument):
+            return validate_volume_id(volume_id)
+    raise Aborted(
+        f"starting_token {token[:80]!r} is not a token of this driver: start the listing "
+        "again without one"
+    )
+
+
 def _published_nodes(record: VolumeRecord) -> list[str]:
     return [record.published_node] if record.published_node else []
 
@@ -241,7 +262,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateVolumeResponse:
-        vid = _volume_id(request.name, "name")
+        name = request.name
+        vid = volume_id_for_name(name)
         if not request.volume_capabilities:
             raise InvalidArgument("volume_capabilities is required")
         for index, cap in enumerate(request.volume_capabilities):
@@ -273,27 +295,37 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         with self._locks.hold(vid, "CreateVolume"):
             existing = self._store.get(vid)
             if existing is not None:
-                self._check_compatible(existing, capacity_range, wanted)
+                self._check_compatible(existing, name, capacity_range, wanted)
                 return csi_pb2.CreateVolumeResponse(volume=_volume_message(existing))
             record = self._store.create(
                 VolumeRecord(
                     volume_id=vid,
+                    name=name,
                     capacity_bytes=capacity,
                     parameters=settings.to_parameters(),
                     request_parameters=wanted,
                     volume_context=build_volume_context(settings, capacity, request.parameters),
                 )
             )
-        log.info("volume created", extra={"volume_id": vid, "capacity_bytes": capacity})
+        log.info(
+            "volume created", extra={"volume_id": vid, "name": name, "capacity_bytes": capacity}
+        )
         return csi_pb2.CreateVolumeResponse(volume=_volume_message(record))
 
     @staticmethod
     def _check_compatible(
         existing: VolumeRecord,
+        name: str,
         capacity_range: csi_pb2.CapacityRange | None,
         parameters: Mapping[str, str],
     ) -> None:
         vid = existing.volume_id
+        if existing.name != name:
+            # Only a name spelling out another name's derived id gets here.
+            raise AlreadyExists(
+                f"volume id {vid}, which the name {name!r} maps to, belongs to the volume "
+                f"named {existing.name!r}: choose another name"
+            )
         if not _fits(existing.capacity_bytes, capacity_range):
             assert capacity_range is not None
             raise AlreadyExists(
@@ -458,16 +490,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ListVolumesResponse:
         if request.max_entries < 0:
             raise InvalidArgument("max_entries must not be negative")
-        start = request.starting_token
-        if start:
-            # The token is the last volume id of the previous page; anything else did
-            # not come from this plugin (the spec answers that with ABORTED).
-            try:
-                validate_volume_id(start)
-            except InvalidArgument:
-                raise Aborted(
-                    f"starting_token {start[:80]!r} is not a token of this driver"
-                ) from None
+        start = _listing_start(request.starting_token) if request.starting_token else ""
         records = [r for r in self._store.list() if r.volume_id > start]
         page = records[: request.max_entries] if request.max_entries else records
         Entry = csi_pb2.ListVolumesResponse.Entry
@@ -481,7 +504,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 )
                 for record in page
             ],
-            next_token=page[-1].volume_id if len(page) < len(records) else "",
+            next_token=LIST_TOKEN_PREFIX + page[-1].volume_id if len(page) < len(records) else "",
         )
 
     def ControllerGetVolume(

@@ -44,8 +44,10 @@ class VolumeRecord:
     them (any ConfigMap already folded in); ``request_parameters`` are the CreateVolume
     parameters as the CO sent them, kept to recognise a retry of the same request.
     ``volume_context`` is what CreateVolume returned (the CO keeps it unchanged);
-    ``capacity_bytes`` is the current size, which expansion grows. ``version`` is the
-    store's compare-and-swap token, empty for a record not yet stored.
+    ``capacity_bytes`` is the current size, which expansion grows. ``name`` is the
+    CreateVolume name the id was derived from (``volume_id.volume_id_for_name``); a
+    record written before names were kept reads its id as its name, which it was.
+    ``version`` is the store's compare-and-swap token, empty for a record not yet stored.
     """
 
     volume_id: str
@@ -54,6 +56,7 @@ class VolumeRecord:
     request_parameters: Mapping[str, str]
     volume_context: Mapping[str, str]
     published_node: str | None = None
+    name: str = ""
     created_at: str = field(default_factory=utc_now)
     version: str = ""
 
@@ -64,6 +67,7 @@ class VolumeRecord:
         return {
             "schema": RECORD_SCHEMA,
             "volumeId": self.volume_id,
+            "name": self.name,
             "capacityBytes": self.capacity_bytes,
             "parameters": dict(self.parameters),
             "requestParameters": dict(self.request_parameters),
@@ -94,8 +98,10 @@ class VolumeRecord:
                 f"schema {RECORD_SCHEMA} (written by another driver version?)"
             )
         try:
+            volume_id = _typed(body, "volumeId", str)
             return cls(
-                volume_id=_typed(body, "volumeId", str),
+                volume_id=volume_id,
+                name=_typed(body, "name", str) if "name" in body else volume_id,
                 capacity_bytes=_typed(body, "capacityBytes", int),
                 parameters=_string_map(body, "parameters"),
                 request_parameters=_string_map(body, "requestParameters"),

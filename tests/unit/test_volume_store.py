@@ -122,6 +122,7 @@ class StoreContract:
             request_parameters={"storageUrl": "s3://b/p", "x": 'ünïcode "quoted" \n'},
             volume_context={"capacityBytes": "4096", "empty": ""},
             published_node="node.with.dots-1",
+            name="A-1 \u00fcn\u00efcode \u6570\u636e \t",
             created_at="2026-01-02T03:04:05Z",
         )
         stored = store.create(record)
@@ -178,6 +179,18 @@ class TestFileVolumeStore(StoreContract):
         body = json.loads((tmp_path / "volumes" / "pvc-1.json").read_text())
         assert body["record"]["publishedNode"] == "node-a"
         assert body["record"]["schema"] == 1
+
+    def test_a_record_written_before_names_were_kept_is_named_by_its_id(
+        self, tmp_path: Path
+    ) -> None:
+        store = FileVolumeStore(tmp_path / "volumes")
+        store.create(make_record(name="pvc-1"))
+        path = tmp_path / "volumes" / "pvc-1.json"
+        body = json.loads(path.read_text())
+        del body["record"]["name"]
+        path.write_text(json.dumps(body))
+        record = store.get("pvc-1")
+        assert record is not None and record.name == "pvc-1"
 
     def test_a_damaged_record_is_an_internal_error_naming_the_file(self, tmp_path: Path) -> None:
         store = FileVolumeStore(tmp_path / "volumes")
