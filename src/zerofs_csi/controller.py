@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 
 import grpc
 
-from zerofs_csi import s3cleanup
+from zerofs_csi import filesystems, s3cleanup
 from zerofs_csi.capabilities import check_capability, unsupported_reason
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.errors import (
@@ -266,8 +266,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         vid = volume_id_for_name(name)
         if not request.volume_capabilities:
             raise InvalidArgument("volume_capabilities is required")
-        for index, cap in enumerate(request.volume_capabilities):
+        checked = [
             check_capability(cap, f"volume_capabilities[{index}]")
+            for index, cap in enumerate(request.volume_capabilities)
+        ]
         capacity_range = request.capacity_range if request.HasField("capacity_range") else None
         capacity = capacity_for(capacity_range)
         if request.HasField("volume_content_source"):
@@ -280,6 +282,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 "mutable_parameters are not supported: this driver does not modify volumes"
             )
         settings = self._settings(request.parameters)
+        for cap in checked:
+            if cap.access_type == "mount":
+                filesystems.check_capacity(cap.fs_type or settings.filesystem, capacity)
         if settings.delete_data_on_pvc_delete:
             # DeleteVolume will need these; a StorageClass without them would leave
             # volumes that can never be deleted, so refuse it now.

@@ -6,6 +6,7 @@ the ConfigMap already folded in by the controller) and the provisioned capacity.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from zerofs_csi.errors import InvalidArgument
@@ -16,6 +17,10 @@ CAPACITY_KEY = "capacityBytes"
 # claim's name and namespace are kept so that the node can post Events on the claim.
 PVC_NAME_KEY = "csi.storage.k8s.io/pvc/name"
 PVC_NAMESPACE_KEY = "csi.storage.k8s.io/pvc/namespace"
+# ASCII digits only (str.isdigit also takes "²"), no more than an int64 has: capacities
+# are int64 on the wire (csi.proto, Volume.capacity_bytes).
+_CAPACITY = re.compile(r"[0-9]{1,19}")
+_INT64_MAX = 2**63 - 1
 
 
 def build_volume_context(
@@ -32,7 +37,7 @@ def build_volume_context(
 def parse_volume_context(context: Mapping[str, str]) -> tuple[VolumeSettings, int]:
     """Settings and capacity from a volume context; InvalidArgument names what is wrong."""
     raw = context.get(CAPACITY_KEY, "")
-    if not raw.isdigit() or int(raw) <= 0:
+    if not _CAPACITY.fullmatch(raw) or not 0 < int(raw) <= _INT64_MAX:
         raise InvalidArgument(
             f"volume context key {CAPACITY_KEY!r} must be a positive whole number of bytes"
             " (is the volume provisioned by this driver?)"

@@ -99,7 +99,7 @@ class StorageUrl:
     ``path`` has no leading or trailing '/', no empty, '.' or '..' segment, and only
     ``[A-Za-z0-9._-]`` in its segments, so it can be joined with a volume id into an
     S3 key prefix without ambiguity. ``memory://`` (ZeroFS's in-memory store) is for
-    tests only.
+    tests only: ``parse_volume_settings`` refuses it unless told otherwise.
     """
 
     scheme: str
@@ -176,40 +176,34 @@ class StorageUrl:
 
 
 # Kubernetes resource.Quantity: number, then a binary SI, decimal SI or exponent suffix.
+# The grammar is checked here; parse_quantity alone would also take signs, "1_000",
+# "Infinity" and "NaN".
 _QUANTITY = re.compile(
-    r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-    r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?"
+    r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?"
 )
-_QUANTITY_FACTORS = {
-    "": Decimal(1),
-    "n": Decimal("1e-9"),
-    "u": Decimal("1e-6"),
-    "m": Decimal("1e-3"),
-    "k": Decimal("1e3"),
-    "M": Decimal("1e6"),
-    "G": Decimal("1e9"),
-    "T": Decimal("1e12"),
-    "P": Decimal("1e15"),
-    "E": Decimal("1e18"),
-    "Ki": Decimal(2**10),
-    "Mi": Decimal(2**20),
-    "Gi": Decimal(2**30),
-    "Ti": Decimal(2**40),
-    "Pi": Decimal(2**50),
-    "Ei": Decimal(2**60),
-}
+# Nobody writes a quantity this long; the bound keeps 5000-digit numbers and exponents
+# out of the arithmetic.
+MAX_QUANTITY_LENGTH = 64
+# Kubernetes keeps quantities in an int64 and clamps larger ones instead of refusing them.
+MAX_QUANTITY = 2**63 - 1
 
 
 def quantity_value(text: str) -> Decimal:
     """The numeric value of a Kubernetes quantity (``500m``, ``1.5Gi``, ``1e3``)."""
-    match = _QUANTITY.fullmatch(text)
-    if match is None:
-        raise _BadValue("a Kubernetes quantity such as 500m, 2, 512Mi or 1Gi")
-    number = Decimal(match["number"])
-    suffix = match["suffix"] or ""
-    if suffix[:1] in ("e", "E") and len(suffix) > 1:
-        return number * (Decimal(10) ** int(suffix[1:]))
-    return number * _QUANTITY_FACTORS[suffix]
+    expected = "a Kubernetes quantity such as 500m, 2, 512Mi or 1Gi"
+    if len(text) > MAX_QUANTITY_LENGTH or _QUANTITY.fullmatch(text) is None:
+        raise _BadValue(expected)
+    # Imported here: the kubernetes package takes most of a second to import, and only
+    # volumes with resource parameters need it.
+    from kubernetes.utils.quantity import parse_quantity
+
+    try:
+        value: Decimal = parse_quantity(text)
+    except (ValueError, ArithmeticError):
+        raise _BadValue(expected) from None
+    if value > MAX_QUANTITY:
+        raise _BadValue(f"{expected}, at most {MAX_QUANTITY}")
+    return value
 
 
 # ---------------------------------------------------------------------------------
@@ -226,8 +220,11 @@ def _parse_bool(raw: str) -> bool:
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
+    # No more digits than ``high`` has: int() of thousands of digits is slow, then refused.
+    digits = re.compile(f"[0-9]{{1,{len(str(high))}}}")
+
     def parse(raw: str) -> int:
-        if not re.fullmatch(r"[0-9]+", raw) or not low <= int(raw) <= high:
+        if not digits.fullmatch(raw) or not low <= int(raw) <= high:
             raise _BadValue(f"an integer from {low} to {high}")
         return int(raw)
 
@@ -256,8 +253,16 @@ def _parse_storage_url(raw: str) -> StorageUrl:
     return StorageUrl.parse(raw)
 
 
+def _has_control_or_space(raw: str) -> bool:
+    # urlsplit drops TAB, CR and LF before parsing, so its parts look clean while the
+    # raw value, which is what ZeroFS gets, still has them.
+    return any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in raw)
+
+
 def _parse_endpoint(raw: str) -> str:
     expected = "an http:// or https:// URL with a host and no path, user or query"
+    if _has_control_or_space(raw):
+        raise _BadValue(expected)
     try:
         url = urllib.parse.urlsplit(raw)
         _ = url.port  # raises ValueError on a malformed port
@@ -336,7 +341,7 @@ def _parse_redis_url(raw: str) -> str:
         or not url.hostname
         or url.password is not None
         or "$" in raw
-        or any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in raw)
+        or _has_control_or_space(raw)
     ):
         raise _BadValue(expected)
     return raw
@@ -514,12 +519,15 @@ def _shown(raw: str) -> str:
 def parse_volume_settings(
     parameters: Mapping[str, str],
     config_map_data: Mapping[str, str] | None = None,
+    *,
+    allow_memory_store: bool = False,
 ) -> VolumeSettings:
     """Parse settings with precedence: parameters, then ConfigMap data, then defaults.
 
     ``config_map_data`` is the ``data`` of the ConfigMap named by
     ``config_map_name(parameters)``; it is required when that name is set. Empty
     values count as unset (the Go driver's ConfigMaps list keys with empty values).
+    A ``memory://`` storage URL is refused unless ``allow_memory_store`` (tests only).
     Raises InvalidArgument naming the offending key.
     """
     cm_name = config_map_name(parameters)
@@ -576,6 +584,12 @@ def parse_volume_settings(
         except _BadValue as exc:
             got = f"; got {_shown(raw)}" if spec.echo else ""
             raise errors.InvalidArgument(f"{source}: expected {exc}{got}") from None
+        memory = spec.attr == "storage_url" and values[spec.attr].scheme == "memory"
+        if memory and not allow_memory_store:
+            raise errors.InvalidArgument(
+                f"{source}: memory:// keeps a volume only in its server's memory, lost at "
+                "every server restart; use s3:// (or file:// with the local backend)"
+            )
 
     if "storage_url" not in values:
         raise errors.InvalidArgument(

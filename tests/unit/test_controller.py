@@ -290,7 +290,9 @@ def test_create_volume_validation(
 def test_create_volume_capacity(
     controller: Controller, capacity_range: csi_pb2.CapacityRange | None, expected: int
 ) -> None:
-    request = create_request()
+    # A block volume has no filesystem minimum (filesystems.MIN_SIZE_BYTES): rounding
+    # alone decides its size.
+    request = create_request(volume_capabilities=[block_cap()])
     if capacity_range is not None:
         request.capacity_range.CopyFrom(capacity_range)
     volume = controller.stub.CreateVolume(request).volume

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from zerofs_csi import filesystems, fsprobe, mounts
-from zerofs_csi.errors import Internal, InvalidArgument
+from zerofs_csi.errors import Internal, InvalidArgument, OutOfRange
 
 MiB = 1 << 20
 LoopFactory = Callable[[int], tuple[str, Path]]
@@ -172,3 +173,56 @@ def test_unsupported_filesystem_is_invalid_argument() -> None:
 def test_mkfs_failure_reports_the_tool(tmp_path: Path) -> None:
     with pytest.raises(Internal, match="mkfs.ext4 on .* failed"):
         filesystems.make_filesystem("ext4", str(tmp_path / "missing-device"))
+
+
+@contextmanager
+def nbd_like_device(tmp_path: Path, size_bytes: int) -> Iterator[str]:
+    """A sparse image on a loop device with 4096-byte sectors, as /dev/nbdX has."""
+    image = tmp_path / f"sized-{size_bytes}.img"
+    with open(image, "wb") as f:
+        f.truncate(size_bytes)
+    attach = subprocess.run(
+        ["losetup", "--find", "--show", "--sector-size", "4096", str(image)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if attach.returncode != 0:
+        pytest.skip(f"no usable loop device here: {attach.stderr.strip()}")
+    device = attach.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], capture_output=True, timeout=60)
+        image.unlink()
+
+
+def _makes_a_full_filesystem(fs: str, device: str) -> bool:
+    try:
+        filesystems.make_filesystem(fs, device)
+    except Internal:
+        return False
+    if fs != "ext4":
+        return True
+    # Below its minimum mkfs.ext4 still succeeds, leaving the journal out.
+    header = subprocess.run(
+        ["dumpe2fs", "-h", device], capture_output=True, text=True, timeout=60, check=True
+    )
+    return "has_journal" in header.stdout
+
+
+@pytest.mark.parametrize("fs", filesystems.SUPPORTED)
+def test_minimum_size_is_the_smallest_device_mkfs_makes_the_filesystem_on(
+    fs: str, tmp_path: Path
+) -> None:
+    minimum = filesystems.MIN_SIZE_BYTES[fs]
+    with nbd_like_device(tmp_path, minimum) as device:
+        assert _makes_a_full_filesystem(fs, device)
+    with nbd_like_device(tmp_path, minimum - 4096) as device:
+        assert not _makes_a_full_filesystem(fs, device)
+
+
+@pytest.mark.parametrize("fs", filesystems.SUPPORTED)
+def test_a_capacity_below_the_minimum_is_out_of_range(fs: str) -> None:
+    minimum = filesystems.MIN_SIZE_BYTES[fs]
+    filesystems.check_capacity(fs, minimum)
+    with pytest.raises(OutOfRange, match=f"{fs} needs a volume of at least {minimum} bytes"):
+        filesystems.check_capacity(fs, minimum - 4096)

@@ -222,6 +222,9 @@ def test_unknown_parameter_names_it_and_lists_the_known_ones() -> None:
         ("s3Endpoint", "https://minio/bucket", "no path"),
         ("s3Endpoint", "https://minio:99999", "http://"),
         ("s3Endpoint", "https://${EVIL}", "http://"),
+        ("s3Endpoint", "https://s3.exa\tmple.com", "http://"),
+        ("s3Endpoint", "https://s3.exa\r\nmple.com", "http://"),
+        ("s3Endpoint", "https://s3 .example.com", "http://"),
         ("s3Region", "us east", "region"),
         ("s3AllowHttp", "yes", '"true" or "false"'),
         ("image", "Not An Image", "image reference"),
@@ -244,7 +247,15 @@ def test_unknown_parameter_names_it_and_lists_the_known_ones() -> None:
         ("rustLog", "info; rm -rf /", "RUST_LOG"),
         ("conditionalPutRedisUrl", "http://redis:6379", "redis://"),
         ("cpuRequest", "lots", "quantity"),
+        ("cpuRequest", "1_000", "quantity"),
+        ("cpuRequest", "Infinity", "quantity"),
+        ("cpuRequest", "1e999999999999", "at most 9223372036854775807"),
+        ("cpuRequest", "1e" + "9" * 5000, "quantity"),
         ("memoryLimit", "-1Gi", "quantity"),
+        ("memoryLimit", "8Ei", "at most 9223372036854775807"),
+        ("memoryLimit", "9" * 5000, "quantity"),
+        ("l0MaxSsts", "9" * 5000, "from 4 to 100000"),
+        ("l0MaxSsts", "1000000", "from 4 to 100000"),
         ("podReadyTimeoutSeconds", "0", "from 1"),
         ("nbdConnections", "0", "from 1"),
         ("nbdConnections", "17", "16"),
@@ -278,9 +289,9 @@ def test_redis_url_with_password_is_refused_without_echoing_it() -> None:
     ("extra", "fragment"),
     [
         ({"s3Endpoint": "http://minio:9000"}, "s3AllowHttp"),
-        ({"storageUrl": "memory://", "s3Region": "x"}, "'s3Region' applies only"),
-        ({"storageUrl": "memory://", "s3AllowHttp": "true"}, "'s3AllowHttp' applies only"),
-        ({"storageUrl": "memory://", "deleteDataOnPVCDelete": "true"}, "deleteDataOnPVCDelete"),
+        ({"storageUrl": "file:///srv", "s3Region": "x"}, "'s3Region' applies only"),
+        ({"storageUrl": "file:///srv", "s3AllowHttp": "true"}, "'s3AllowHttp' applies only"),
+        ({"storageUrl": "file:///srv", "deleteDataOnPVCDelete": "true"}, "deleteDataOnPVCDelete"),
         ({"storageUrl": "file:///srv", "s3Endpoint": "https://s3"}, "'s3Endpoint' applies only"),
         ({"cpuRequest": "2", "cpuLimit": "1500m"}, "'cpuRequest' (2) is greater"),
         ({"memoryRequest": "2Gi", "memoryLimit": "2G"}, "'memoryRequest' (2Gi) is greater"),
@@ -292,8 +303,14 @@ def test_inconsistent_settings_are_refused(extra: dict[str, str], fragment: str)
     assert fragment in info.value.message
 
 
-def test_memory_store_and_plain_http_when_allowed() -> None:
-    assert parse({"storageUrl": "memory://"}).storage_url == StorageUrl("memory", "", "")
+def test_memory_store_only_when_allowed() -> None:
+    with pytest.raises(errors.InvalidArgument, match="lost at every server restart"):
+        parse({"storageUrl": "memory://"})
+    settings = parse_volume_settings({"storageUrl": "memory://"}, allow_memory_store=True)
+    assert settings.storage_url == StorageUrl("memory", "", "")
+
+
+def test_plain_http_when_allowed() -> None:
     settings = parse({"s3Endpoint": "http://127.0.0.1:7480", "s3AllowHttp": "true"})
     assert settings.s3_endpoint == "http://127.0.0.1:7480"
 
@@ -309,6 +326,8 @@ def test_memory_store_and_plain_http_when_allowed() -> None:
         ("1E", Decimal("1e18")),
         (".5", Decimal("0.5")),
         ("128974848", Decimal(128974848)),
+        ("7Ei", Decimal(7 * 2**60)),
+        ("1e-3", Decimal("0.001")),
     ],
 )
 def test_quantities(text: str, value: Decimal) -> None:

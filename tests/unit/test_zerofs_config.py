@@ -131,7 +131,7 @@ def test_rpc_socket_when_given() -> None:
 
 
 def test_memory_store_has_no_aws_table() -> None:
-    settings = parse_volume_settings({"storageUrl": "memory://"})
+    settings = parse_volume_settings({"storageUrl": "memory://"}, allow_memory_store=True)
     document = tomllib.loads(render(settings, ALL_SECRETS).toml_text)
     assert document["storage"]["url"] == "memory:///pvc-1"
     assert "aws" not in document
