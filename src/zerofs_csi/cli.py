@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -11,10 +12,19 @@ from pathlib import Path
 from typing import NoReturn
 
 from zerofs_csi import DRIVER_NAME, __version__
-from zerofs_csi.config import Backend, Config, Endpoint, LogFormat, Role
+from zerofs_csi.config import (
+    MAX_VOLUMES_PER_NODE,
+    NODE_ID_RULE,
+    Backend,
+    Config,
+    Endpoint,
+    LogFormat,
+    Role,
+    node_id_fits,
+)
 
 # CSI plugin names are reverse domain names of at most 63 characters (CSI spec, GetPluginInfo).
-_DRIVER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+_DRIVER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -33,7 +43,7 @@ def _endpoint(text: str) -> Endpoint:
 
 
 def _driver_name(text: str) -> str:
-    if not _DRIVER_NAME_RE.match(text):
+    if not _DRIVER_NAME_RE.fullmatch(text):
         raise argparse.ArgumentTypeError(
             f"driver name must be a DNS-style name of at most 63 lowercase characters: {text!r}"
         )
@@ -51,6 +61,12 @@ def _host_port(text: str) -> str:
     return text
 
 
+def _node_id(text: str) -> str:
+    if text and not node_id_fits(text):
+        raise argparse.ArgumentTypeError(f"the node id {NODE_ID_RULE}")
+    return text
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -58,6 +74,13 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _volume_limit(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > MAX_VOLUMES_PER_NODE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_VOLUMES_PER_NODE}: {text!r}")
     return value
 
 
@@ -73,6 +96,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds as a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds: {text!r}")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
@@ -97,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--node-id",
+        type=_node_id,
         default=os.environ.get("NODE_ID") or os.environ.get("KUBE_NODE_NAME", ""),
         help="this node's name, required for the node role (env NODE_ID or KUBE_NODE_NAME)",
     )
@@ -140,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-volumes-per-node",
-        type=_non_negative_int,
+        type=_volume_limit,
         default=0,
         help="volumes the scheduler may place on one node; 0 means no limit",
     )

@@ -6,6 +6,18 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+# CSI spec, NodeGetInfoResponse.node_id: at most 256 bytes. ControllerPublishVolume
+# refuses other ids, so a node plugin started with one could never be published to.
+MAX_NODE_ID_BYTES = 256
+NODE_ID_RULE = f"must be printable and at most {MAX_NODE_ID_BYTES} bytes long (UTF-8)"
+# NodeGetInfoResponse.max_volumes_per_node is an int64.
+MAX_VOLUMES_PER_NODE = 2**63 - 1
+
+
+def node_id_fits(node_id: str) -> bool:
+    """Whether ``node_id`` follows ``NODE_ID_RULE``."""
+    return node_id.isprintable() and len(node_id.encode()) <= MAX_NODE_ID_BYTES
+
 
 class Role(enum.StrEnum):
     CONTROLLER = "controller"

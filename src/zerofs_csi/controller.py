@@ -29,6 +29,7 @@ import grpc
 
 from zerofs_csi import filesystems, s3cleanup
 from zerofs_csi.capabilities import check_capability, unsupported_reason
+from zerofs_csi.config import NODE_ID_RULE, node_id_fits
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.errors import (
     Aborted,
@@ -67,9 +68,6 @@ CAPACITY_ALIGNMENT = 4096
 MAX_CAPACITY_BYTES = (2**63 - 1) // CAPACITY_ALIGNMENT * CAPACITY_ALIGNMENT
 # ListVolumes' next_token: this prefix and the last volume id of the page.
 LIST_TOKEN_PREFIX = "after:"
-# A Kubernetes node name is a DNS-1123 subdomain (at most 253 characters); other COs
-# use similar ids. The bound keeps a record small whatever a client sends.
-MAX_NODE_ID_LENGTH = 256
 
 RPC = csi_pb2.ControllerServiceCapability.RPC
 CONTROLLER_CAPABILITIES = (
@@ -119,10 +117,8 @@ def _volume_id(value: str, field: str = "volume_id") -> str:
 def _node_id(value: str) -> str:
     if not value:
         raise InvalidArgument("node_id is required")
-    if len(value) > MAX_NODE_ID_LENGTH or not value.isprintable():
-        raise InvalidArgument(
-            f"node_id must be printable and at most {MAX_NODE_ID_LENGTH} characters long"
-        )
+    if not node_id_fits(value):
+        raise InvalidArgument(f"node_id {NODE_ID_RULE}")
     return value
 
 

@@ -33,6 +33,22 @@ if TYPE_CHECKING:  # the kubernetes client is imported only by the kubernetes ba
 log = logging.getLogger(__name__)
 
 
+class StartupError(RuntimeError):
+    """Something a flag names cannot be used; the plugin reports it in one line and exits
+    with status 2 instead of serving."""
+
+
+def prepare_state_dir(config: Config) -> None:
+    """Create ``--state-dir`` if needed; StartupError when it cannot hold the state."""
+    path = config.state_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"--state-dir {path} cannot be used: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StartupError(f"--state-dir {path} cannot be used: it is not writable")
+
+
 @dataclass
 class NodeRuntime:
     service: NodeService
@@ -102,6 +118,7 @@ def _event_recorder(config: Config, api: ApiClient | None, component: str) -> Ev
 
 
 def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
+    prepare_state_dir(config)
     # One API client (one connection pool) for everything the node role asks the API.
     api = _kube_api(config) if config.backend is Backend.KUBERNETES else None
     backend = _volume_server_backend(config, metrics, api)
@@ -141,6 +158,7 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
 
 def build_controller(config: Config, metrics: Metrics) -> ControllerService:
     if config.backend is Backend.LOCAL:
+        prepare_state_dir(config)
         return ControllerService(FileVolumeStore(config.state_dir / "volumes"), metrics)
     from zerofs_csi.kube.backend import KubernetesBackend
     from zerofs_csi.volume_store_kube import KubernetesConfigMapReader, KubernetesVolumeStore

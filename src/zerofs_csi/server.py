@@ -25,7 +25,7 @@ from zerofs_csi.metrics import Metrics
 from zerofs_csi.metrics_http import MetricsServer
 from zerofs_csi.node_checks import node_checks
 from zerofs_csi.readiness import Check, Readiness
-from zerofs_csi.runtime import NodeRuntime, build_controller, build_node
+from zerofs_csi.runtime import NodeRuntime, StartupError, build_controller, build_node
 from zerofs_csi.sanitize import REDACTOR
 
 log = logging.getLogger(__name__)
@@ -120,13 +120,27 @@ def run(config: Config) -> int:
     logsetup.configure(config.log_level, config.log_format)
     try:
         plugin = build(config)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     except (EndpointInUse, OSError, RuntimeError) as exc:
         log.error("cannot serve %s: %s", config.endpoint, exc)
         return 1
 
     metrics = None
     if config.metrics_address:
-        metrics = MetricsServer(config.metrics_address, plugin.readiness, plugin.registry)
+        try:
+            metrics = MetricsServer(config.metrics_address, plugin.readiness, plugin.registry)
+        except OSError as exc:  # in use, or a host that does not resolve
+            plugin.close()
+            if plugin.socket_path is not None:
+                plugin.socket_path.unlink(missing_ok=True)
+            log.error(
+                "cannot start: --metrics-address %s: %s",
+                config.metrics_address,
+                exc.strerror or exc,
+            )
+            return 2
         metrics.start()
 
     stop = threading.Event()

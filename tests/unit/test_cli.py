@@ -54,34 +54,6 @@ def test_controller_role_needs_no_node_id(monkeypatch: pytest.MonkeyPatch) -> No
     assert config.role is Role.CONTROLLER and config.node_id == ""
 
 
-@pytest.mark.parametrize(
-    ("argv", "complaint"),
-    [
-        (["--role", "gateway"], "--role"),
-        (["--endpoint", "http://x"], "endpoint must start with unix:// or tcp://"),
-        (["--driver-name", "Bad_Name"], "driver name"),
-        (["--metrics-address", "8080"], "--metrics-address"),
-        (["--max-volumes-per-node", "-1"], "must not be negative"),
-        (["--workers", "0"], "at least 1"),
-        (["--log-level", "loud"], "--log-level"),
-        (["--state-dir", "relative/dir"], "absolute path"),
-        (["--no-such-flag"], "unrecognized arguments"),
-    ],
-)
-def test_bad_flag_is_one_line_and_exit_2(argv: list[str], complaint: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "zerofs_csi", "--node-id", "n", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("zerofs-csi: error:")
-    assert complaint in lines[0]
-
-
 def test_node_role_without_node_id_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"PATH": "/usr/bin:/bin"}
     result = subprocess.run(
