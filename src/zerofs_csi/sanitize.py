@@ -2,12 +2,13 @@
 
 Two layers: request dumps clear every field the CSI spec marks with the ``csi_secret``
 field option, and a redactor remembers the secret values seen in requests and masks them
-in any formatted log line, so that a secret echoed by a library error message is masked too.
+in every value a log line carries, before the line is encoded, so that a secret echoed
+by a library error message is masked too.
 """
 
 from __future__ import annotations
 
-import logging
+import re
 import threading
 from collections import OrderedDict
 
@@ -76,43 +77,47 @@ def describe(message: Message) -> str:
 
 
 class SecretRedactor:
-    """Remembers recent secret values and masks them in formatted log output."""
+    """Remembers recent secret values and masks them in text."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self._lock = threading.Lock()
         self._values: OrderedDict[str, None] = OrderedDict()
         self._capacity = capacity
+        self._pattern: re.Pattern[str] | None = None
 
     def remember(self, values: list[str] | tuple[str, ...]) -> None:
         with self._lock:
+            added = False
             for value in values:
                 if len(value) < _MIN_SECRET_LEN:
                     continue
+                added = added or value not in self._values
                 self._values[value] = None
                 self._values.move_to_end(value)
             while len(self._values) > self._capacity:
                 self._values.popitem(last=False)
+            if added:
+                # Longest first, so that a secret containing another is masked whole.
+                ordered = sorted(self._values, key=len, reverse=True)
+                self._pattern = re.compile("|".join(map(re.escape, ordered)))
 
     def redact(self, text: str) -> str:
-        with self._lock:
-            values = list(self._values)
-        # Longest first so that a secret containing another is masked whole.
-        for value in sorted(values, key=len, reverse=True):
-            if value in text:
-                text = text.replace(value, MASK)
-        return text
+        pattern = self._pattern
+        return text if pattern is None else pattern.sub(MASK, text)
 
-
-class RedactingFormatter(logging.Formatter):
-    """Wraps a formatter and masks remembered secrets in everything it produces."""
-
-    def __init__(self, inner: logging.Formatter, redactor: SecretRedactor) -> None:
-        super().__init__()
-        self._inner = inner
-        self._redactor = redactor
-
-    def format(self, record: logging.LogRecord) -> str:
-        return self._redactor.redact(self._inner.format(record))
+    def redact_value(self, value: object) -> object:
+        """A value for a structured log entry with its secrets masked: strings masked,
+        lists, tuples and dicts walked, numbers, booleans and None kept, and anything
+        else masked in its ``str``."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if value is None or isinstance(value, int | float):
+            return value
+        if isinstance(value, dict):
+            return {str(k): self.redact_value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.redact_value(v) for v in value]
+        return self.redact(str(value))
 
 
 # The process-wide redactor: log handlers are process-wide too.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +16,14 @@ from zerofs_csi.config import LogFormat
 from zerofs_csi.csi import csi_pb2
 from zerofs_csi.server import Plugin, build
 
+# Besides plain values, the characters an encoding escapes: a quote and a backslash (JSON
+# writes them \" and \\), non-ASCII letters (\u00e4), a newline, a tab and an escape.
 SECRETS = {
-    "ZEROFS_ENCRYPTION_PASSWORD": "enc-Pa55word-that-must-not-leak",
+    "ZEROFS_ENCRYPTION_PASSWORD": 'Enc"Pass\\word-that-must-not-leak',
     "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYNOLEAK",
-    "AWS_SECRET_ACCESS_KEY": "s3cr3t/Access+Key-that-must-not-leak",
-    "AWS_SESSION_TOKEN": "session-token-that-must-not-leak",
+    "AWS_SECRET_ACCESS_KEY": "pässwörd99/Access+Key-that-must-not-leak",
+    "AWS_SESSION_TOKEN": "session\ntoken\tthat\x1b[0m-must-not-leak",
+    "ZEROFS_PLAIN_EXTRA": "enc-Pa55word-that-must-not-leak",
 }
 CAPABILITY = csi_pb2.VolumeCapability(
     mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
@@ -94,12 +98,33 @@ def plugin(tmp_path: Path) -> Iterator[Plugin]:
     plugin.close()
 
 
+def _decoded(output: str) -> str:
+    """The JSON log lines of ``output`` decoded: every string value, unescaped."""
+    values: list[str] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        else:
+            values.append(str(value))
+
+    for line in output.splitlines():
+        if line.startswith("{"):
+            walk(json.loads(line))
+    return "\n".join(values)
+
+
+@pytest.mark.parametrize("log_format", [LogFormat.JSON, LogFormat.TEXT])
 def test_secrets_through_every_rpc_stay_out_of_logs_and_errors(
-    plugin: Plugin, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    plugin: Plugin, tmp_path: Path, capfd: pytest.CaptureFixture[str], log_format: LogFormat
 ) -> None:
     rpcs = _secret_rpcs()
     assert ("Controller", "CreateVolume") in rpcs and ("Node", "NodeStageVolume") in rpcs
-    logsetup.configure("debug", LogFormat.JSON)
+    logsetup.configure("debug", log_format)
     details = []
     try:
         with grpc.insecure_channel(f"unix://{plugin.socket_path}") as channel:
@@ -116,14 +141,18 @@ def test_secrets_through_every_rpc_stay_out_of_logs_and_errors(
                     call(request, timeout=60)
                 except grpc.RpcError as exc:
                     details.append(f"{method}: {exc.code().name} {exc.details()}")
-        # A library that echoes a secret in its own message is masked too.
-        logging.getLogger("botocore").error(
-            "signature mismatch for %s", SECRETS["AWS_SECRET_ACCESS_KEY"]
-        )
+        # A library that echoes a secret in its own message or in a field is masked too.
+        library = logging.getLogger("botocore")
+        for value in SECRETS.values():
+            library.error("signature mismatch for %s", value)
+            library.error("credentials refused", extra={"credentials": {"key": [value]}})
     finally:
         logging.getLogger().handlers.clear()
     output = capfd.readouterr()
     text = output.out + output.err + "\n".join(details)
+    if log_format is LogFormat.JSON:
+        text += _decoded(output.err)
+        assert '"msg":"signature mismatch for ***stripped***"' in output.err
     assert "CreateVolume" in output.err and "NodeStageVolume" in output.err  # calls were logged
     assert "ZEROFS_ENCRYPTION_PASSWORD" in output.err and "***stripped***" in output.err
     for name, value in SECRETS.items():
