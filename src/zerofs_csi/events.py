@@ -4,7 +4,8 @@ Kubelet already turns a failed NodeStage into an event on the user's pod; these 
 land on the PersistentVolumeClaim (when the volume context names it) or else on the
 PersistentVolume, where ``kubectl describe pvc`` shows them next to the volume, and they
 stay after the pod is gone. Repeats of the same reason for the same volume within a
-minute are dropped: the CO retries failing calls every few seconds.
+minute are dropped: the CO retries failing calls every few seconds. Messages carry text
+from servers: each is one printable line within the API server's limit.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
-from zerofs_csi.sanitize import REDACTOR
+from zerofs_csi.sanitize import REDACTOR, printable
 from zerofs_csi.volume_context import PVC_NAME_KEY, PVC_NAMESPACE_KEY
 
 log = logging.getLogger(__name__)
 
 REPEAT_WINDOW_S = 60.0
-# Event messages are limited to 1 KiB by the API server's validation.
-MAX_MESSAGE = 1024
+# Event messages are limited to 1 KiB by the API server's validation (bytes, as Go counts).
+MAX_MESSAGE_BYTES = 1024
+
+
+def event_message(message: str) -> str:
+    return printable(REDACTOR.redact(message), MAX_MESSAGE_BYTES)
 
 
 class EventRecorder(Protocol):
@@ -59,7 +64,7 @@ class LogEventRecorder:
         if self._throttle.allow(volume_id, reason):
             log.warning(
                 "event: %s",
-                REDACTOR.redact(message),
+                event_message(message),
                 extra={"volume_id": volume_id, "reason": reason},
             )
 
@@ -94,7 +99,7 @@ class KubernetesEventRecorder:
             "metadata": {"generateName": f"{volume_id}.", "namespace": namespace},
             "involvedObject": involved,
             "reason": reason,
-            "message": REDACTOR.redact(message)[:MAX_MESSAGE],
+            "message": event_message(message),
             "type": "Warning",
             "source": {"component": self._component, "host": self._host},
             "reportingComponent": self._component,

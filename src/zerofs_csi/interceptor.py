@@ -12,12 +12,16 @@ import grpc
 from google.protobuf.message import Message
 
 from zerofs_csi.errors import CsiError
-from zerofs_csi.sanitize import SecretRedactor, describe, secret_values
+from zerofs_csi.sanitize import SecretRedactor, describe, printable, secret_values
 
 log = logging.getLogger("zerofs_csi.rpc")
 
 # Called after every RPC with (method, volume_id, seconds, code, reason).
 CallObserver = Callable[[str, str, float, grpc.StatusCode, str], None]
+
+# Status messages stay well within gRPC's 8 KiB default for metadata, even when
+# percent-encoded.
+MAX_STATUS_MESSAGE_BYTES = 2048
 
 
 def request_volume_id(request: Message) -> str:
@@ -106,5 +110,6 @@ class CsiInterceptor(grpc.ServerInterceptor):
         for observe in self._observers:
             observe(method, volume_id, duration, code, reason)
         if code is not grpc.StatusCode.OK:
-            context.abort(code, self._redactor.redact(message))
+            # Messages carry text from servers and callers: one safe line, bounded.
+            context.abort(code, printable(self._redactor.redact(message), MAX_STATUS_MESSAGE_BYTES))
         return response

@@ -1,9 +1,12 @@
-"""Keeping secrets out of logs.
+"""Keeping secrets out of logs, and foreign text safe where it leaves the plugin.
 
-Two layers: request dumps clear every field the CSI spec marks with the ``csi_secret``
-field option, and a redactor remembers the secret values seen in requests and masks them
-in every value a log line carries, before the line is encoded, so that a secret echoed
-by a library error message is masked too.
+Two layers keep secrets out: request dumps clear every field the CSI spec marks with the
+``csi_secret`` field option, and a redactor remembers the secret values seen in requests
+and masks them in every value a log line carries, before the line is encoded, so that a
+secret echoed by a library error message is masked too.
+
+Error text from servers (NBD error replies, a server's log) reaches gRPC statuses and
+Kubernetes Events; :func:`printable` makes it one bounded line first.
 """
 
 from __future__ import annotations
@@ -122,3 +125,35 @@ class SecretRedactor:
 
 # The process-wide redactor: log handlers are process-wide too.
 REDACTOR = SecretRedactor()
+
+
+def printable(text: str, max_bytes: int) -> str:
+    """``text`` as one line of printable characters, at most ``max_bytes`` UTF-8 bytes.
+
+    Control and other non-printable characters (newlines, ANSI escapes, bidirectional
+    overrides) are written as Python writes them in a string literal (``\\n``,
+    ``\\x1b``, ``\\u202e``), so text from a server can neither start a line of its own
+    in a log or an Event nor drive a terminal. Too long a text loses its middle: the
+    start says what failed, the end holds a server's last words.
+    """
+    if len(text) <= max_bytes:
+        escaped = _escape(text)
+        if len(escaped.encode()) <= max_bytes:
+            return escaped
+    # Every character escapes to at least one byte: no more than ``room`` characters
+    # of either end can be kept.
+    room = max_bytes - len(_ELISION)
+    head = _escape(text[:room]).encode()[: room - room // 2]
+    tail = _escape(text[-room:]).encode()
+    tail = tail[len(tail) - room // 2 :]
+    # A cut through a multibyte character drops that character.
+    return head.decode(errors="ignore") + _ELISION + tail.decode(errors="ignore")
+
+
+_ELISION = " [...] "
+
+
+def _escape(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
