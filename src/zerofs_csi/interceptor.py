@@ -16,20 +16,26 @@ from zerofs_csi.sanitize import SecretRedactor, describe, printable, secret_valu
 
 log = logging.getLogger("zerofs_csi.rpc")
 
-# Called after every RPC with (method, volume_id, seconds, code, reason).
+# Called after every RPC with (method, volume_id, seconds, code, reason); the volume id
+# is the caller's text, unchecked.
 CallObserver = Callable[[str, str, float, grpc.StatusCode, str], None]
 
 # Status messages stay well within gRPC's 8 KiB default for metadata, even when
 # percent-encoded.
 MAX_STATUS_MESSAGE_BYTES = 2048
+# Request values in log lines: enough to recognise a volume id or name.
+MAX_LOGGED_VALUE_BYTES = 160
 
 
-def request_volume_id(request: Message) -> str:
-    """The volume a request is about: ``volume_id``, or CreateVolume's ``name``."""
+def request_volume_id(request: Message, response: Message | None = None) -> str:
+    """The volume a call is about: the request's ``volume_id``; for CreateVolume the id
+    of the volume it answered with, else its ``name`` (the id of a name that is one)."""
     fields = request.DESCRIPTOR.fields_by_name
     if "volume_id" in fields:
         return str(request.volume_id)  # type: ignore[attr-defined]
     if request.DESCRIPTOR.name == "CreateVolumeRequest":
+        if response is not None:
+            return str(response.volume.volume_id)  # type: ignore[attr-defined]
         return str(request.name)  # type: ignore[attr-defined]
     return ""
 
@@ -80,7 +86,8 @@ class CsiInterceptor(grpc.ServerInterceptor):
         volume_id = request_volume_id(request)
         fields: dict[str, object] = {"request_id": request_id, "method": method}
         if volume_id:
-            fields["volume_id"] = volume_id
+            key = "volume_name" if request.DESCRIPTOR.name == "CreateVolumeRequest" else "volume_id"
+            fields[key] = printable(volume_id, MAX_LOGGED_VALUE_BYTES)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request", extra={**fields, "request": describe(request)})
         context.set_trailing_metadata((("x-request-id", request_id),))
@@ -108,7 +115,7 @@ class CsiInterceptor(grpc.ServerInterceptor):
         else:
             log.warning("call failed: %s", message, extra=outcome)
         for observe in self._observers:
-            observe(method, volume_id, duration, code, reason)
+            observe(method, request_volume_id(request, response), duration, code, reason)
         if code is not grpc.StatusCode.OK:
             # Messages carry text from servers and callers: one safe line, bounded.
             context.abort(code, printable(self._redactor.redact(message), MAX_STATUS_MESSAGE_BYTES))

@@ -1,7 +1,11 @@
 """Prometheus metrics of the driver.
 
 Every series carries ``node`` (empty for the controller) and, where it is about one
-volume, ``volume_id``. Failure reasons are bounded: a gRPC status name or an errno name.
+volume, ``volume_id``: a valid volume id, or ``invalid`` for a call about none (a
+malformed id, or a CreateVolume name that is no id and made no volume). A volume's series go when
+the node unstages it and when the controller deletes it, with the samples of that last
+call: the plugin log keeps it. Failure reasons are bounded: a gRPC status name or an
+errno name.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from zerofs_csi.errors import CsiError
+from zerofs_csi.errors import CsiError, InvalidArgument
+from zerofs_csi.volume_id import validate_volume_id
 
 # From a millisecond netlink round trip to a ten-minute mkfs or pod start.
 DURATION_BUCKETS = (
@@ -39,8 +44,20 @@ OPERATIONS = {
     "NodeGetVolumeStats": "stats",
 }
 
-# Stages that also get a dedicated histogram, as operators asked for them by name.
-_DEDICATED = {"mount": "mount", "connect_nbd": "nbd_connect", "mkfs": "mkfs"}
+# The calls after which a volume is gone from this plugin's view.
+ENDING_CALLS = frozenset({"NodeUnstageVolume", "DeleteVolume"})
+
+# The volume label of calls about no valid volume id.
+INVALID_VOLUME = "invalid"
+
+
+def volume_label(volume_id: str) -> str:
+    """``volume_id`` if it is a valid volume id, else INVALID_VOLUME: the text of a
+    request never becomes a series of its own."""
+    try:
+        return validate_volume_id(volume_id)
+    except InvalidArgument:
+        return INVALID_VOLUME
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -83,16 +100,6 @@ class Metrics:
             ("operation", "stage", "volume_id", "node", "reason"),
             registry=registry,
         )
-        self.dedicated = {
-            stage: Histogram(
-                f"zerofs_csi_{name}_duration_seconds",
-                f"Duration of successful {name.replace('_', ' ')} steps.",
-                ("volume_id", "node"),
-                buckets=DURATION_BUCKETS,
-                registry=registry,
-            )
-            for stage, name in _DEDICATED.items()
-        }
         self.nbd_devices = Gauge(
             "zerofs_csi_nbd_devices_attached",
             "NBD devices attached by this driver on the node.",
@@ -153,27 +160,33 @@ class Metrics:
         """Time one stage; on an exception count the failure with a bounded reason. The
         body may rename the stage it turned out to be through the yielded timing."""
         timing = StageTiming(stage)
+        volume = volume_label(volume_id)
         start = time.monotonic()
         try:
             yield timing
         except BaseException as exc:
             self.stage_failures.labels(
-                operation, timing.stage, volume_id, self.node, failure_reason(exc)
+                operation, timing.stage, volume, self.node, failure_reason(exc)
             ).inc()
             raise
         finally:
             elapsed = time.monotonic() - start
-            self.stage_seconds.labels(operation, timing.stage, volume_id, self.node).observe(
-                elapsed
-            )
-        if timing.stage in self.dedicated:
-            self.dedicated[timing.stage].labels(volume_id, self.node).observe(elapsed)
+            self.stage_seconds.labels(operation, timing.stage, volume, self.node).observe(elapsed)
 
     def observe_call(
         self, method: str, volume_id: str, seconds: float, code: grpc.StatusCode, reason: str
     ) -> None:
-        """Interceptor observer: one histogram sample per CSI operation about a volume."""
+        """Interceptor observer: one histogram sample per CSI operation about a volume;
+        after a successful unstage or delete, the volume's series go."""
         operation = OPERATIONS.get(method)
         if operation is None:
             return
-        self.operation_seconds.labels(operation, volume_id, self.node, code.name).observe(seconds)
+        volume = volume_label(volume_id)
+        self.operation_seconds.labels(operation, volume, self.node, code.name).observe(seconds)
+        if method in ENDING_CALLS and code is grpc.StatusCode.OK and volume != INVALID_VOLUME:
+            self.forget(volume)
+
+    def forget(self, volume_id: str) -> None:
+        """Remove every series about ``volume_id``."""
+        for metric in (self.operation_seconds, self.stage_seconds, self.stage_failures):
+            metric.remove_by_labels({"volume_id": volume_id})

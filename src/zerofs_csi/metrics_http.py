@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 
 from zerofs_csi.readiness import Readiness, State
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -15,40 +20,50 @@ def split_host_port(address: str) -> tuple[str, int]:
     return (host.strip("[]") or "0.0.0.0"), int(port)
 
 
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        return  # scrapes every few seconds would drown the log
+
+
 class MetricsServer:
-    """Serves /metrics (Prometheus text format) and /healthz (200 only when ready)."""
+    """Serves /metrics and /healthz (200 only when ready).
+
+    /metrics is prometheus_client's own WSGI app: the exposition format the scraper asks
+    for in ``Accept`` (OpenMetrics or the Prometheus text format), gzip when accepted.
+    """
 
     def __init__(
         self, address: str, readiness: Readiness, registry: CollectorRegistry = REGISTRY
     ) -> None:
-        readiness_ref, registry_ref = readiness, registry
+        metrics_app = make_wsgi_app(registry)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                if self.path.split("?", 1)[0] == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry_ref))
-                elif self.path == "/healthz":
-                    state = readiness_ref.state
-                    if state is State.READY:
-                        self._send(200, "text/plain", b"ok\n")
-                    else:
-                        detail = readiness_ref.problem or state.value
-                        self._send(503, "text/plain", f"{detail}\n".encode())
+        def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path == "/metrics":
+                return metrics_app(environ, start_response)
+            if path == "/healthz":
+                state = readiness.state
+                if state is State.READY:
+                    status, body = "200 OK", b"ok\n"
                 else:
-                    self._send(404, "text/plain", b"not found\n")
+                    status = "503 Service Unavailable"
+                    body = f"{readiness.problem or state.value}\n".encode()
+            else:
+                status, body = "404 Not Found", b"not found\n"
+            start_response(
+                status,
+                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+            )
+            return [body]
 
-            def _send(self, status: int, content_type: str, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return  # scrapes every few seconds would drown the log
-
-        self._httpd = ThreadingHTTPServer(split_host_port(address), Handler)
-        self._httpd.daemon_threads = True
+        host, port = split_host_port(address)
+        self._httpd = make_server(
+            host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler
+        )
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="metrics-http", daemon=True
         )

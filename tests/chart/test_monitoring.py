@@ -96,13 +96,12 @@ def exported() -> dict[str, set[str]]:
         collector(registry=registry)
     metrics = Metrics("node-a", registry)
     labels_of: dict[str, set[str]] = {}
-    for value in vars(metrics).values():
-        for metric in value.values() if isinstance(value, dict) else (value,):
-            describe = getattr(metric, "describe", None)
-            if describe is None:
-                continue
-            for family in describe():
-                labels_of[family.name] = set(getattr(metric, "_labelnames", ()))
+    for metric in vars(metrics).values():
+        describe = getattr(metric, "describe", None)
+        if describe is None:
+            continue
+        for family in describe():
+            labels_of[family.name] = set(getattr(metric, "_labelnames", ()))
     series: dict[str, set[str]] = {}
     for family in registry.collect():
         labels = labels_of.get(family.name, set())
@@ -147,14 +146,16 @@ def test_the_scanner_finds_what_is_wrong(exported: dict[str, set[str]]) -> None:
         "zerofs_csi_stage_failures is not exported by the driver"
     ]
     query = scan(
-        "histogram_quantile(0.95, sum by (le) (rate(zerofs_csi_mkfs_duration_seconds_bucket"
-        '{node=~"$node"}[5m]))) and on (node) zerofs_csi_volumes_staged offset 5m'
+        "histogram_quantile(0.95, sum by (stage, le) (rate(zerofs_csi_stage_duration_seconds"
+        '_bucket{node=~"$node", stage=~"mkfs|mount"}[5m]))) and on (node) '
+        "zerofs_csi_volumes_staged offset 5m"
     )
     assert query.metrics == {
-        "zerofs_csi_mkfs_duration_seconds_bucket",
+        "zerofs_csi_stage_duration_seconds_bucket",
         "zerofs_csi_volumes_staged",
     }
-    assert query.grouping_labels == {"le", "node"}
+    assert query.matched_labels == {"zerofs_csi_stage_duration_seconds_bucket": {"node", "stage"}}
+    assert query.grouping_labels == {"stage", "le", "node"}
 
 
 def test_the_alerts_refer_to_exported_series(helm: Helm, exported: dict[str, set[str]]) -> None:
