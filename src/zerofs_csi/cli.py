@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--node-id",
         type=_node_id,
         default=os.environ.get("NODE_ID") or os.environ.get("KUBE_NODE_NAME", ""),
-        help="this node's name, required for the node role (env NODE_ID or KUBE_NODE_NAME)",
+        help="this node's name, required for the node role; with --backend local also the "
+        "one node the controller publishes to (env NODE_ID or KUBE_NODE_NAME)",
     )
     parser.add_argument(
         "--role",
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-volumes-per-node",
         type=_volume_limit,
         default=0,
-        help="volumes the scheduler may place on one node; 0 means no limit",
+        help="volumes the scheduler may place on one node, and with --backend local the "
+        "volumes the controller publishes to it; 0 means no limit",
     )
     parser.add_argument(
         "--backend",

@@ -6,7 +6,8 @@ controller creates nothing there. CreateVolume derives the volume id from the na
 size, settings, volume context); the store keeps that state across controller restarts
 (files in the state directory, or one ConfigMap per volume in Kubernetes).
 ControllerPublish records the one node that may use the volume (one ZeroFS writer per
-volume); DeleteVolume removes any per-volume server objects left behind and, with
+volume) once the ``NodeDirectory`` confirmed that the node exists and is below its
+attach limit; DeleteVolume removes any per-volume server objects left behind and, with
 ``deleteDataOnPVCDelete``, the volume's objects.
 
 GetCapacity is not offered: the object store behind a volume has no capacity the
@@ -16,13 +17,15 @@ are reachable from every node, so no topology is reported either.
 
 Every mutating call holds the volume's try-lock (a concurrent call on the same volume
 gets ABORTED at once); the store's compare-and-swap guards against other controller
-processes.
+processes. A publish to a node with an attach limit also holds the node's lock, so that
+the count of its volumes and the new one are one step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Mapping
 
 import grpc
@@ -39,11 +42,13 @@ from zerofs_csi.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    ResourceExhausted,
     Unavailable,
 )
 from zerofs_csi.events import EventRecorder, LogEventRecorder
 from zerofs_csi.locks import VolumeLocks
 from zerofs_csi.metrics import Metrics
+from zerofs_csi.node_directory import NodeDirectory
 from zerofs_csi.servicer import answer_unimplemented
 from zerofs_csi.volume_context import build_volume_context
 from zerofs_csi.volume_id import validate_volume_id, volume_id_for_name
@@ -206,9 +211,10 @@ def _published_nodes(record: VolumeRecord) -> list[str]:
 class ControllerService(csi_pb2_grpc.ControllerServicer):
     """The Controller service over ``store``.
 
-    ``read_config_map`` resolves ``configMapName`` (Kubernetes: the driver's
-    namespace); ``remove_servers`` removes a volume's server objects on every node;
-    ``delete_data`` deletes a volume's objects for ``deleteDataOnPVCDelete``.
+    ``nodes`` says which nodes exist and their attach limits; ``read_config_map``
+    resolves ``configMapName`` (Kubernetes: the driver's namespace); ``remove_servers``
+    removes a volume's server objects on every node; ``delete_data`` deletes a volume's
+    objects for ``deleteDataOnPVCDelete``.
     """
 
     def __init__(
@@ -216,18 +222,26 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         store: VolumeStore,
         metrics: Metrics,
         *,
+        nodes: NodeDirectory,
         read_config_map: ConfigMapReader = config_maps_unavailable,
         remove_servers: ServerRemover = no_server_objects,
         delete_data: DataDeleter = _delete_volume_data,
         events: EventRecorder | None = None,
     ) -> None:
         self._store = store
+        self._nodes = nodes
         self._events: EventRecorder = events if events is not None else LogEventRecorder()
         self._metrics = metrics
         self._read_config_map = read_config_map
         self._remove_servers = remove_servers
         self._delete_data = delete_data
         self._locks = VolumeLocks()
+        self._node_locks_guard = threading.Lock()
+        self._node_locks: dict[str, threading.Lock] = {}
+
+    def _node_lock(self, node: str) -> threading.Lock:
+        with self._node_locks_guard:
+            return self._node_locks.setdefault(node, threading.Lock())
 
     # -- capabilities ------------------------------------------------------------
 
@@ -309,7 +323,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 )
             )
         log.info(
-            "volume created", extra={"volume_id": vid, "name": name, "capacity_bytes": capacity}
+            "volume created",
+            extra={"volume_id": vid, "volume_name": name, "capacity_bytes": capacity},
         )
         return csi_pb2.CreateVolumeResponse(volume=_volume_message(record))
 
@@ -426,13 +441,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise NotFound(f"volume {vid} does not exist")
             if record.published_node == node:
                 return csi_pb2.ControllerPublishVolumeResponse()
+            limit = self._nodes.attach_limit(node)
             if record.published_node:
                 raise FailedPrecondition(
                     f"volume {vid} is published to node {record.published_node}: a ZeroFS "
                     "volume has a single writer, so it can be used on one node at a time; "
                     "unpublish it there first"
                 )
-            self._store.update(record.replace(published_node=node))
+            if not limit:
+                self._store.update(record.replace(published_node=node))
+            else:
+                # Counted and recorded under the node's lock, so that publishes of other
+                # volumes to the same node cannot both take its last place.
+                with self._node_lock(node):
+                    published = sum(1 for r in self._store.list() if r.published_node == node)
+                    if published >= limit:
+                        raise ResourceExhausted(
+                            f"node {node} already has {published} volumes published, its "
+                            f"limit is {limit} volumes (max_volumes_per_node): unpublish one "
+                            "there first"
+                        )
+                    self._store.update(record.replace(published_node=node))
         log.info("volume published", extra={"volume_id": vid, "node_id": node})
         return csi_pb2.ControllerPublishVolumeResponse()
 

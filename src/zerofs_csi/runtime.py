@@ -19,6 +19,7 @@ from zerofs_csi.locks import VolumeLocks
 from zerofs_csi.metrics import Metrics
 from zerofs_csi.node import NodeService
 from zerofs_csi.node_attach import NodeAttacher
+from zerofs_csi.node_directory import LocalNodes
 from zerofs_csi.process_backend import ProcessBackend
 from zerofs_csi.readiness import Check
 from zerofs_csi.recovery import Recovery
@@ -159,8 +160,13 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
 def build_controller(config: Config, metrics: Metrics) -> ControllerService:
     if config.backend is Backend.LOCAL:
         prepare_state_dir(config)
-        return ControllerService(FileVolumeStore(config.state_dir / "volumes"), metrics)
+        # Local state lives in one host's state directory: its one node is --node-id.
+        nodes = LocalNodes([config.node_id] if config.node_id else [], config.max_volumes_per_node)
+        return ControllerService(
+            FileVolumeStore(config.state_dir / "volumes"), metrics, nodes=nodes
+        )
     from zerofs_csi.kube.backend import KubernetesBackend
+    from zerofs_csi.node_directory_kube import CsiNodeDirectory
     from zerofs_csi.volume_store_kube import KubernetesConfigMapReader, KubernetesVolumeStore
 
     api = _kube_api(config)
@@ -177,6 +183,7 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
     return ControllerService(
         KubernetesVolumeStore(api, config.namespace),
         metrics,
+        nodes=CsiNodeDirectory(api, config.driver_name),
         read_config_map=KubernetesConfigMapReader(api, config.namespace),
         remove_servers=servers.remove_everywhere,
         events=_event_recorder(config, api, "zerofs-csi-controller"),

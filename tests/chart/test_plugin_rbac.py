@@ -22,6 +22,7 @@ import grpc
 import pytest
 import yaml
 from kube.cluster import Cluster, fake_cluster
+from kube.fake_apiserver import KINDS
 from kubernetes import client
 
 from chart.conftest import CHART, Helm, Manifest, find
@@ -30,9 +31,14 @@ from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.events import PVC_NAME_KEY, PVC_NAMESPACE_KEY, KubernetesEventRecorder
 from zerofs_csi.kube import objects
 from zerofs_csi.kube.api import call_json, make_api_client
+from zerofs_csi.kube.controller_rbac import (
+    CONTROLLER_PLUGIN_CLUSTER_RULES,
+    CONTROLLER_PLUGIN_RULES,
+)
 from zerofs_csi.server import build
 
 ADMIN_AGENT = "chart-test-admin"
+DRIVER = "zerofs.csi.driver"
 SECRETS = {"ZEROFS_ENCRYPTION_PASSWORD": "pw-chart-rbac-test"}
 Call = tuple[str, str, str]
 
@@ -55,6 +61,10 @@ def _served(cluster: Cluster, since: int) -> set[Call]:
         for call in cluster.fake.calls[since:]
         if call.user_agent != ADMIN_AGENT
     }
+
+
+def _namespaced(calls: set[Call], namespaced: bool = True) -> set[Call]:
+    return {c for c in calls if KINDS[(c[1], c[2].split("/")[0])].namespaced is namespaced}
 
 
 def _calls_so_far(cluster: Cluster) -> int:
@@ -100,7 +110,7 @@ def _controller(cluster: Cluster, tmp_path: Path) -> Iterator[csi_pb2_grpc.Contr
         endpoint=Endpoint("unix", str(socket)),
         node_id="",
         role=Role.CONTROLLER,
-        driver_name="zerofs.csi.driver",
+        driver_name=DRIVER,
         metrics_address="",
         log_level="info",
         log_format=LogFormat.TEXT,
@@ -161,14 +171,17 @@ def _volume_life(
             volume_id=volume.volume_id, volume_capabilities=[capability]
         )
     )
-    controller.ControllerPublishVolume(
-        csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=volume.volume_id,
-            node_id="node-a",
-            volume_capability=capability,
-            volume_context=volume.volume_context,
-        )
+    publish = csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=volume.volume_id,
+        node_id="node-gone",
+        volume_capability=capability,
+        volume_context=volume.volume_context,
     )
+    with pytest.raises(grpc.RpcError) as refused:
+        controller.ControllerPublishVolume(publish)
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+    publish.node_id = "node-a"
+    controller.ControllerPublishVolume(publish)
     listed = controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=10))
     assert [e.volume.volume_id for e in listed.entries] == [volume.volume_id]
     controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=volume.volume_id))
@@ -215,6 +228,14 @@ def test_controller_calls_are_exactly_the_chart_controller_role(
         cluster.namespace,
         {"metadata": {"name": "zerofs-settings"}, "data": {"zerofsImage": ""}},
     )
+    # node-a, where the kubelet registered the node plugin.
+    call_json(
+        client.StorageV1Api(admin).create_csi_node,
+        {
+            "metadata": {"name": "node-a"},
+            "spec": {"drivers": [{"name": DRIVER, "nodeID": "node-a"}]},
+        },
+    )
     with _controller(cluster, tmp_path) as controller:
         _volume_life(
             controller,
@@ -230,11 +251,25 @@ def test_controller_calls_are_exactly_the_chart_controller_role(
                 configMapName="zerofs-settings",
             )
 
-    role = find(helm.render(CHART), "Role", "-controller")
+    manifests = helm.render(CHART)
     served = _served(cluster, since)
-    granted = _granted(role)
-    assert served - granted == set(), "calls the chart's controller Role does not grant"
-    assert granted - served == set(), "rules the controller never needed"
+    for kind, namespaced in (("Role", True), ("ClusterRole", False)):
+        granted = _granted(find(manifests, kind, "-controller"))
+        needed = _namespaced(served, namespaced)
+        assert needed - granted == set(), f"calls the chart's controller {kind} does not grant"
+        assert granted - needed == set(), f"rules of the {kind} the controller never needed"
+
+
+def test_controller_roles_are_the_controller_rbac_rules(helm: Helm) -> None:
+    manifests = helm.render(CHART)
+    role = find(manifests, "Role", "-controller")
+    cluster_role = find(manifests, "ClusterRole", "-controller")
+    assert role["rules"] == [dict(rule) for rule in CONTROLLER_PLUGIN_RULES]
+    assert cluster_role["rules"] == [dict(rule) for rule in CONTROLLER_PLUGIN_CLUSTER_RULES]
+    binding = find(manifests, "ClusterRoleBinding", "-controller")
+    assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    account = find(manifests, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    assert [s["name"] for s in binding["subjects"]] == [account]
 
 
 def test_node_events_on_claims_are_granted_by_the_node_cluster_role(

@@ -70,6 +70,9 @@ KINDS = {
     ("", "events"): Kind("", "v1", "events", "Event"),
     ("", "namespaces"): Kind("", "v1", "namespaces", "Namespace", namespaced=False),
     ("apps", "daemonsets"): Kind("apps", "v1", "daemonsets", "DaemonSet"),
+    ("storage.k8s.io", "csinodes"): Kind(
+        "storage.k8s.io", "v1", "csinodes", "CSINode", namespaced=False
+    ),
 }
 
 # Kubernetes' defaults for fields the driver reads back (pkg/apis/core/v1/defaults.go).

@@ -22,6 +22,7 @@ from zerofs_csi import errors, volume_store_kube
 from zerofs_csi.controller import ControllerService
 from zerofs_csi.csi import csi_pb2
 from zerofs_csi.metrics import Metrics
+from zerofs_csi.node_directory import LocalNodes
 from zerofs_csi.volume_store import VolumeStore
 from zerofs_csi.volume_store_kube import (
     RECORD_KEY,
@@ -199,6 +200,7 @@ def test_create_volume_resolves_config_map_name_through_the_api(
     service = ControllerService(
         KubernetesVolumeStore(api, namespace),
         Metrics("", CollectorRegistry()),
+        nodes=LocalNodes([], 0),
         read_config_map=KubernetesConfigMapReader(api, namespace),
     )
     mount = csi_pb2.VolumeCapability(

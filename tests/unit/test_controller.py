@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 import threading
@@ -20,6 +21,7 @@ from zerofs_csi.controller import DEFAULT_CAPACITY_BYTES, ControllerService, Dat
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.interceptor import CsiInterceptor
 from zerofs_csi.metrics import Metrics
+from zerofs_csi.node_directory import LocalNodes, NodeDirectory
 from zerofs_csi.sanitize import REDACTOR
 from zerofs_csi.volume_context import build_volume_context, parse_volume_context
 from zerofs_csi.volume_id import validate_volume_id, volume_id_for_name
@@ -35,6 +37,10 @@ SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIACONTROLLERTEST01",
     "AWS_SECRET_ACCESS_KEY": "sk-controller-test-secret",
 }
+
+
+# The nodes the tests publish to; any other node does not exist.
+NODES = LocalNodes(["node-a", "node-b"], max_volumes_per_node=0)
 
 
 def mount_cap(mode: int = Mode.SINGLE_NODE_WRITER, fs_type: str = "") -> csi_pb2.VolumeCapability:
@@ -102,12 +108,13 @@ def serve(
     read_config_map: Callable[[str], Mapping[str, str]] | None = None,
     delete_data: DataDeleter | None = None,
     remover: Recorder | None = None,
+    nodes: NodeDirectory = NODES,
     name: str = "controller",
 ) -> Controller:
     registry = CollectorRegistry()
     metrics = Metrics("", registry)
     remover = remover or Recorder()
-    options: dict[str, Any] = {"remove_servers": remover}
+    options: dict[str, Any] = {"remove_servers": remover, "nodes": nodes}
     if read_config_map is not None:
         options["read_config_map"] = read_config_map
     if delete_data is not None:
@@ -394,7 +401,10 @@ def test_create_volume_with_an_incompatible_request_is_already_exists(
         "sanity-controller-create-maxlen-" + "0123ABCD" * 12,
     ],
 )
-def test_any_name_the_spec_allows_creates_a_volume_once(controller: Controller, name: str) -> None:
+def test_any_name_the_spec_allows_creates_a_volume_once(
+    controller: Controller, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     stub = controller.stub
     assert len(name.encode()) <= 128
     volume = stub.CreateVolume(create_request(name, capacity_range=size(GiB))).volume
@@ -409,6 +419,9 @@ def test_any_name_the_spec_allows_creates_a_volume_once(controller: Controller, 
     )
     stored = controller.store.get(volume.volume_id)
     assert stored is not None and stored.name == name
+    assert [r.__dict__.get("volume_name") for r in caplog.records if r.msg == "volume created"] == [
+        name
+    ]
     assert [r.volume_id for r in controller.store.list()] == [volume.volume_id]
     got = stub.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=volume.volume_id))
     assert got.volume == volume
@@ -676,6 +689,11 @@ def publish_request(
             ["PUBLISH_READONLY"],
         ),
         (publish_request("pvc-absent"), grpc.StatusCode.NOT_FOUND, ["pvc-absent"]),
+        (
+            publish_request(node_id="node-gone"),
+            grpc.StatusCode.NOT_FOUND,
+            ["node 'node-gone' does not exist", "node-a, node-b"],
+        ),
     ],
     ids=lambda value: None,
 )
@@ -727,6 +745,62 @@ def test_publish_to_one_node_at_a_time(controller: Controller) -> None:
     # No node id: unpublish from every node.
     stub.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(volume_id="pvc-1"))
     assert published() is None
+
+
+def test_publish_beyond_the_nodes_attach_limit_is_resource_exhausted(
+    make_controller: Callable[..., Controller],
+) -> None:
+    controller = make_controller(nodes=LocalNodes(["node-a", "node-b"], max_volumes_per_node=2))
+    stub = controller.stub
+    for vid in ("pvc-1", "pvc-2", "pvc-3", "pvc-4"):
+        stub.CreateVolume(create_request(vid))
+    stub.ControllerPublishVolume(publish_request("pvc-1", "node-a"))
+    stub.ControllerPublishVolume(publish_request("pvc-2", "node-a"))
+    fails(
+        lambda: stub.ControllerPublishVolume(publish_request("pvc-3", "node-a")),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "node-a",
+        "2 volumes",
+    )
+    stored = controller.store.get("pvc-3")
+    assert stored is not None and stored.published_node is None
+    # A volume already there is published again; the limit is per node.
+    stub.ControllerPublishVolume(publish_request("pvc-2", "node-a"))
+    stub.ControllerPublishVolume(publish_request("pvc-3", "node-b"))
+    stub.ControllerUnpublishVolume(
+        csi_pb2.ControllerUnpublishVolumeRequest(volume_id="pvc-1", node_id="node-a")
+    )
+    stub.ControllerPublishVolume(publish_request("pvc-4", "node-a"))
+    published = {r.volume_id: r.published_node for r in controller.store.list()}
+    assert published == {"pvc-1": None, "pvc-2": "node-a", "pvc-3": "node-b", "pvc-4": "node-a"}
+
+
+def test_concurrent_publishes_to_a_full_node_stay_within_its_limit(
+    make_controller: Callable[..., Controller],
+) -> None:
+    controller = make_controller(nodes=LocalNodes(["node-a"], max_volumes_per_node=3))
+    volumes = [f"pvc-{i}" for i in range(12)]
+    for vid in volumes:
+        controller.stub.CreateVolume(create_request(vid))
+    barrier = threading.Barrier(len(volumes))
+    outcomes: list[grpc.StatusCode] = []
+
+    def publish(vid: str) -> None:
+        barrier.wait()
+        try:
+            controller.stub.ControllerPublishVolume(publish_request(vid, "node-a"), timeout=30)
+            outcomes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            outcomes.append(exc.code())
+
+    threads = [threading.Thread(target=publish, args=(vid,)) for vid in volumes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(o.name for o in outcomes) == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 9
+    published = [r.volume_id for r in controller.store.list() if r.published_node == "node-a"]
+    assert len(published) == 3
 
 
 @pytest.mark.parametrize(

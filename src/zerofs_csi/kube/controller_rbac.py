@@ -7,19 +7,20 @@ with resourceVersion preconditions. A StorageClass's ``configMapName`` is read w
 get in the same namespace. DeleteVolume removes the volume's server pods on every node
 (list and watch them by label, delete) and its config Secret (delete): it never reads a
 Secret. S3 credentials arrive in the CSI calls' secrets, which the external-provisioner
-fetches.
+fetches. ControllerPublishVolume reads the node's CSINode (node_directory_kube): whether
+the node exists and runs this driver's node plugin, and its attach limit.
 
-The Helm chart's controller Role renders exactly these rules; tests/chart checks it,
-and runs the controller as ``runtime.build_controller`` wires it against an API server
-that records every request, so a call the rules do not grant fails there. Like the
-node plugin's rules (``rbac.NODE_PLUGIN_RULES``), they are namespaced: bind them with a
-Role in the driver's namespace.
+The Helm chart's controller Role renders exactly the namespaced rules, and its
+controller ClusterRole exactly the cluster-scoped ones; tests/chart checks both, and
+runs the controller as ``runtime.build_controller`` wires it against an API server
+that records every request, so a call the rules do not grant fails there.
 """
 
 from __future__ import annotations
 
 from zerofs_csi.kube.rbac import Rule
 
+# Namespaced: bound with a Role in the driver's namespace.
 CONTROLLER_PLUGIN_RULES: tuple[Rule, ...] = (
     # Volume records (zerofs-meta-<volume>) and configMapName ConfigMaps.
     {
@@ -31,4 +32,10 @@ CONTROLLER_PLUGIN_RULES: tuple[Rule, ...] = (
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "delete"]},
     # ... and its zerofs-config-<volume> Secret.
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["delete"]},
+)
+
+# Cluster-scoped objects: bound with a ClusterRole.
+CONTROLLER_PLUGIN_CLUSTER_RULES: tuple[Rule, ...] = (
+    # ControllerPublishVolume: the node's CSINode (does it exist, its attach limit).
+    {"apiGroups": ["storage.k8s.io"], "resources": ["csinodes"], "verbs": ["get"]},
 )
