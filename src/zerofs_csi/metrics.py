@@ -2,10 +2,10 @@
 
 Every series carries ``node`` (empty for the controller) and, where it is about one
 volume, ``volume_id``: a valid volume id, or ``invalid`` for a call about none (a
-malformed id, or a CreateVolume name that is no id and made no volume). A volume's series go when
-the node unstages it and when the controller deletes it, with the samples of that last
-call: the plugin log keeps it. Failure reasons are bounded: a gRPC status name or an
-errno name.
+malformed id, or a CreateVolume name that is no id and made no volume). A volume's
+series go when the node unstages it and when the controller deletes it, with the
+samples of that last call: the plugin log keeps it. Failure reasons are bounded: a gRPC
+status name or an errno name.
 """
 
 from __future__ import annotations
