@@ -7,6 +7,9 @@ ITERATIONS ?= 20
 DURATION  ?= 600
 CHAOS     ?= 0
 SEED      ?=
+# csi-sanity, the CSI conformance suite: the kubernetes-csi/csi-test release it is built from.
+CSI_TEST_VERSION := v5.6.0
+CSI_SANITY := .cache/csi-sanity/$(CSI_TEST_VERSION)/csi-sanity
 
 .PHONY: all bootstrap build proto lint test test-unit test-s3 test-vm vm-prepare demo bench \
 	nbd-regression soak logs wheel clean
@@ -49,7 +52,27 @@ test-vm: build
 		$(VM) --timeout $(VM_TIMEOUT) -- $(PYTEST) -m privileged -q -p no:cacheprovider tests/privileged; \
 	fi
 
-test: lint test-unit test-s3 test-vm
+.PHONY: csi-sanity sanity-controller sanity-vm
+
+# Built once from its Go module; the module and build caches stay under .cache/go.
+# GOTOOLCHAIN=auto: a Go older than the module asks for fetches the one it needs.
+$(CSI_SANITY):
+	@command -v go >/dev/null || { echo "building csi-sanity needs Go: https://go.dev/dl/" >&2; exit 1; }
+	GOBIN=$(CURDIR)/$(@D) GOMODCACHE=$(CURDIR)/.cache/go/mod GOCACHE=$(CURDIR)/.cache/go/build \
+		GOFLAGS=-modcacherw GOTOOLCHAIN=auto \
+		go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$(CSI_TEST_VERSION)
+
+csi-sanity: $(CSI_SANITY)
+
+# csi-sanity against the controller role on this host (tools/harness/sanity.py).
+sanity-controller: build $(CSI_SANITY)
+	$(PY) tools/harness/sanity.py --run controller --csi-sanity $(CSI_SANITY)
+
+# csi-sanity against every service (--role all) in the microVM.
+sanity-vm: build $(CSI_SANITY)
+	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/harness/sanity.py --run all --csi-sanity $(CSI_SANITY)
+
+test: lint test-unit test-s3 test-vm sanity-controller sanity-vm
 
 demo: build
 	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/demo.py

@@ -66,8 +66,13 @@ class NodeAttacher:
             self.nbd.detach(index, backend_id)
 
     def find_device(self, backend_id: str) -> nbd.Device | None:
+        """The connected device serving ``backend_id``, or None; None as well without the
+        nbd module, where no device can be connected (and so none is ours to undo)."""
         with attach_errors(f"looking up the device of {backend_id}"):
-            return self.nbd.find_device(backend_id)
+            try:
+                return self.nbd.find_device(backend_id)
+            except nbd.NbdModuleNotLoaded:
+                return None
 
     def reconnect(
         self,
