@@ -98,7 +98,9 @@ def read_junit(path: Path) -> Totals:
         elif status == "skipped":
             totals.deselected.append(name)
         else:
-            totals.failed.append(f"{name} ({status})")
+            failure = case.find("failure")
+            message = failure.get("message", "") if failure is not None else status
+            totals.failed.append(f"{name}: {message.splitlines()[0] if message else status}")
     return totals
 
 
