@@ -110,6 +110,12 @@ cdef enum:
     SEND_WORDS = 1024
     RECV_CAPACITY = 65536
     HS_BUFFER = 4096
+    # nbd's own bound on a string in the handshake (NBD_MAX_STRING, nbd's cliserv.h):
+    # export names, descriptions, error messages. A reply carries at most one (INFO) or
+    # two (an export list entry), so every reply length is bounded by it.
+    NBD_MAX_STRING = 4096
+    HS_MAX_INFO = 2 + NBD_MAX_STRING
+    HS_MAX_LIST_ENTRY = 4 + 2 * NBD_MAX_STRING
 
 # include/uapi/linux/nbd.h: ioctl numbers, _IO(0xab, n); include/uapi/linux/fs.h: BLKGETSIZE64
 cdef unsigned long IOCTL_SET_SOCK = 0xAB00
@@ -1224,6 +1230,7 @@ cdef struct HsError:
 
 cdef struct HsConn:
     int fd
+    double deadline     # CLOCK_MONOTONIC seconds: every read and write stops there
     size_t start
     size_t end
     uint16_t handshake_flags
@@ -1245,11 +1252,36 @@ cdef void _hs_fail(HsError *e, int kind, int err, const char *detail) noexcept n
     snprintf(e.detail, sizeof(e.detail), "%s", detail)
 
 
+cdef int _hs_wait(HsConn *h, short events, HsError *e, const char *stage) noexcept nogil:
+    """Wait until the socket is ready for ``events``, at most until the handshake's
+    deadline: 1 ready, 0 interrupted (wait again), -1 with ``e`` set."""
+    cdef c.pollfd pfd
+    cdef int left = _remaining_ms(h.deadline)
+    cdef int rc
+    if left <= 0:
+        _hs_fail(e, HS_TIMEOUT, c.ETIMEDOUT, stage)
+        return -1
+    pfd.fd = h.fd
+    pfd.events = events
+    pfd.revents = 0
+    rc = c.poll(&pfd, 1, left)
+    if rc > 0:
+        return 1
+    if rc == 0:
+        _hs_fail(e, HS_TIMEOUT, c.ETIMEDOUT, stage)
+        return -1
+    if c.errno == c.EINTR:
+        return 0
+    _hs_fail(e, HS_SYSTEM, c.errno, stage)
+    return -1
+
+
 cdef int _hs_read(HsConn *h, void *out, size_t n, HsError *e, const char *stage) noexcept nogil:
     """Read exactly ``n`` bytes through the connection's buffer; 0 or -1 with ``e`` set."""
     cdef size_t have
     cdef c.ssize_t got
     cdef unsigned char *dst = <unsigned char *>out
+    cdef int ready
     while n > 0:
         have = h.end - h.start
         if have > 0:
@@ -1263,17 +1295,19 @@ cdef int _hs_read(HsConn *h, void *out, size_t n, HsError *e, const char *stage)
             continue
         h.start = 0
         h.end = 0
-        got = c.recv(h.fd, h.buf, HS_BUFFER, 0)
+        ready = _hs_wait(h, c.POLLIN, e, stage)
+        if ready < 0:
+            return -1
+        if ready == 0:
+            continue
+        got = c.recv(h.fd, h.buf, HS_BUFFER, c.MSG_DONTWAIT)
         if got > 0:
             h.end = <size_t>got
         elif got == 0:
             _hs_fail(e, HS_CLOSED, c.ECONNRESET, stage)
             return -1
-        elif c.errno == c.EINTR:
-            continue
-        elif c.errno == c.EAGAIN or c.errno == c.EWOULDBLOCK:
-            _hs_fail(e, HS_TIMEOUT, c.ETIMEDOUT, stage)
-            return -1
+        elif c.errno == c.EINTR or c.errno == c.EAGAIN or c.errno == c.EWOULDBLOCK:
+            continue  # poll again, until the deadline
         else:
             _hs_fail(e, HS_SYSTEM, c.errno, stage)
             return -1
@@ -1283,14 +1317,17 @@ cdef int _hs_read(HsConn *h, void *out, size_t n, HsError *e, const char *stage)
 cdef int _hs_send(HsConn *h, const void *data, size_t n, HsError *e) noexcept nogil:
     cdef const unsigned char *p = <const unsigned char *>data
     cdef c.ssize_t sent
+    cdef int ready
     while n > 0:
-        sent = c.send(h.fd, p, n, c.MSG_NOSIGNAL)
+        ready = _hs_wait(h, c.POLLOUT, e, "sending to the server")
+        if ready < 0:
+            return -1
+        if ready == 0:
+            continue
+        sent = c.send(h.fd, p, n, c.MSG_NOSIGNAL | c.MSG_DONTWAIT)
         if sent < 0:
-            if c.errno == c.EINTR:
-                continue
-            if c.errno == c.EAGAIN or c.errno == c.EWOULDBLOCK:
-                _hs_fail(e, HS_TIMEOUT, c.ETIMEDOUT, "sending to the server")
-                return -1
+            if c.errno == c.EINTR or c.errno == c.EAGAIN or c.errno == c.EWOULDBLOCK:
+                continue  # poll again, until the deadline
             _hs_fail(e, HS_SYSTEM, c.errno, "sending to the server")
             return -1
         p += sent
@@ -1414,6 +1451,10 @@ cdef int _hs_reply_error(HsConn *h, uint32_t option, uint32_t rtype, uint32_t le
     """Record an error reply; the server's message (if any) becomes the detail."""
     cdef unsigned char text[400]
     cdef size_t keep = length if length < sizeof(text) - 1 else sizeof(text) - 1
+    if length > NBD_MAX_STRING:
+        _hs_fail(e, HS_PROTOCOL, c.EPROTO,
+                 "an error reply longer than NBD_MAX_STRING (4096 bytes)")
+        return -1
     if _hs_read(h, text, keep, e, "reading an error reply") < 0:
         return -1
     if length > keep and _hs_read(h, NULL, length - keep, e, "reading an error reply") < 0:
@@ -1460,6 +1501,10 @@ cdef int _hs_go_replies(HsConn *h, HsError *e) noexcept nogil:
             return -1
         if rtype & REP_ERROR_BIT:
             if rtype == REP_ERR_UNSUP:
+                if length > NBD_MAX_STRING:
+                    _hs_fail(e, HS_PROTOCOL, c.EPROTO,
+                             "an error reply longer than NBD_MAX_STRING (4096 bytes)")
+                    return -1
                 if _hs_read(h, NULL, length, e, "reading an error reply") < 0:
                     return -1
                 return 1
@@ -1477,6 +1522,11 @@ cdef int _hs_go_replies(HsConn *h, HsError *e) noexcept nogil:
             return 0
         if rtype != REP_INFO:
             _hs_fail(e, HS_PROTOCOL, c.EPROTO, "unexpected reply type to NBD_OPT_GO")
+            return -1
+        if length > HS_MAX_INFO:
+            # The longest information, a name or description, is one NBD_MAX_STRING.
+            _hs_fail(e, HS_PROTOCOL, c.EPROTO,
+                     "an NBD_REP_INFO longer than a type and NBD_MAX_STRING (4098 bytes)")
             return -1
         keep = length if length < HS_BUFFER else HS_BUFFER
         if _hs_read(h, info, keep, e, "reading NBD_REP_INFO") < 0:
@@ -1554,10 +1604,14 @@ cdef int _set_timeouts(int fd, double timeout_s) noexcept nogil:
     return 0
 
 
-cdef int _open_unix(const char *path, double timeout_s, HsError *e) noexcept nogil:
+cdef int _open_unix(const char *path, double deadline, HsError *e) noexcept nogil:
     cdef c.sockaddr_un addr
     cdef size_t n = c.strlen(path)
     cdef int fd
+    cdef double timeout_s = deadline - _now()
+    if timeout_s <= 0:
+        _hs_fail(e, HS_TIMEOUT, c.ETIMEDOUT, "connecting to the NBD server socket")
+        return -1
     if n >= sizeof(addr.sun_path):
         _hs_fail(e, HS_SYSTEM, c.EINVAL, "unix socket path too long")
         return -1
@@ -1581,7 +1635,7 @@ cdef int _open_unix(const char *path, double timeout_s, HsError *e) noexcept nog
     return fd
 
 
-cdef int _open_tcp(const char *host, const char *port, double timeout_s, HsError *e) noexcept nogil:
+cdef int _open_tcp(const char *host, const char *port, double deadline, HsError *e) noexcept nogil:
     cdef c.addrinfo hints
     cdef c.addrinfo *res = NULL
     cdef c.addrinfo *ai
@@ -1602,7 +1656,12 @@ cdef int _open_tcp(const char *host, const char *port, double timeout_s, HsError
         if fd >= 0:
             # The kernel client sends small requests; Nagle would delay them.
             c.setsockopt(fd, c.IPPROTO_TCP, c.TCP_NODELAY, &one, sizeof(one))
-            _set_timeouts(fd, timeout_s)
+            if deadline - _now() <= 0:
+                c.close(fd)
+                fd = -1
+                last_err = c.ETIMEDOUT
+                break
+            _set_timeouts(fd, deadline - _now())
             if c.connect(fd, ai.ai_addr, ai.ai_addrlen) == 0:
                 break
             last_err = c.errno
@@ -1615,6 +1674,19 @@ cdef int _open_tcp(const char *host, const char *port, double timeout_s, HsError
     if fd < 0:
         _hs_fail(e, HS_SYSTEM, last_err, "connecting to the NBD server")
     return fd
+
+
+# A handshake takes milliseconds; a deadline beyond this is a mistake, not a wait.
+cdef double MAX_HANDSHAKE_TIMEOUT_S = 3600.0
+
+
+cdef double _handshake_deadline(double timeout_s) except? -1.0:
+    """The CLOCK_MONOTONIC deadline ``timeout_s`` from now; ValueError unless finite,
+    positive and at most MAX_HANDSHAKE_TIMEOUT_S (NaN fails every comparison)."""
+    if not (0.0 < timeout_s <= MAX_HANDSHAKE_TIMEOUT_S):
+        raise ValueError(f"handshake timeout must be more than 0 and at most "
+                         f"{MAX_HANDSHAKE_TIMEOUT_S:g} s, got {timeout_s}")
+    return _now() + timeout_s
 
 
 cdef object _handshake_exception(HsError *e, object address, object export_name):
@@ -1643,7 +1715,8 @@ cdef object _handshake_exception(HsError *e, object address, object export_name)
         return HandshakeError(e.err, f"{where} closed the connection while {detail} "
                                      "(short read)")
     if e.kind == HS_TIMEOUT:
-        return HandshakeError(e.err, f"{where} did not answer in time while {detail}")
+        return HandshakeError(e.err, f"{where} did not finish the handshake in time "
+                                     f"(stopped while {detail})")
     if e.kind == HS_SYSTEM:
         text = f"{where}: {detail}: {_os.strerror(e.err)}"
         if e.err == c.ENOENT or e.err == c.ECONNREFUSED:
@@ -1707,9 +1780,10 @@ cdef class Handshake:
     handshake flags from an earlier connection, already sends the client flags and
     NBD_OPT_GO, saving a round trip); :meth:`finish` completes the negotiation.
 
-    Both steps block with the GIL released, each socket operation bounded by
-    ``timeout_s``; errors are those of :func:`negotiate`. A handshake whose early flags
-    turn out wrong fails with HandshakeError(EAGAIN): retry without them.
+    Both steps block with the GIL released. ``timeout_s`` is one deadline for the whole
+    handshake, set by the constructor: the caller's work between the steps counts.
+    Errors are those of :func:`negotiate`. A handshake whose early flags turn out wrong
+    fails with HandshakeError(EAGAIN): retry without them.
     """
 
     cdef HsConn **conns
@@ -1734,11 +1808,13 @@ cdef class Handshake:
         cdef bint is_tcp
         cdef int i, rc = 0, n = connections
         cdef int assumed = assume_handshake_flags
+        cdef double deadline
         self.conns = NULL
         self.errors = NULL
         self.n = 0
         if not 1 <= connections <= MAX_CONNECTIONS:
             raise ValueError(f"connections must be 1..{MAX_CONNECTIONS}, got {connections}")
+        deadline = _handshake_deadline(timeout_s)
         self.name = export_name.encode()
         if len(self.name) > 4096:
             raise ValueError("export name longer than 4096 bytes")
@@ -1771,12 +1847,13 @@ cdef class Handshake:
                 raise MemoryError()
             c.memset(self.conns[i], 0, sizeof(HsConn) - HS_BUFFER)
             self.conns[i].fd = -1
+            self.conns[i].deadline = deadline
         with nogil:
             for i in range(n):
                 if is_tcp:
-                    self.conns[i].fd = _open_tcp(chost, cport, timeout_s, &self.errors[i])
+                    self.conns[i].fd = _open_tcp(chost, cport, deadline, &self.errors[i])
                 else:
-                    self.conns[i].fd = _open_unix(cpath, timeout_s, &self.errors[i])
+                    self.conns[i].fd = _open_unix(cpath, deadline, &self.errors[i])
                 if self.conns[i].fd < 0:
                     rc = -1
                     break
@@ -1877,11 +1954,15 @@ def negotiate(address, export_name, int connections=1, double timeout_s=10.0,
     INFO_BLOCK_SIZE, NBD_OPT_EXPORT_NAME only when GO is unsupported. Never negotiates
     structured replies (the kernel client speaks simple replies only).
 
-    Blocks with the GIL released, each socket operation bounded by ``timeout_s``.
+    Blocks with the GIL released, the whole handshake (connects, every request and
+    reply, on every socket) bounded by ``timeout_s`` (more than 0, at most 3600 s, else
+    ValueError), so a server that keeps sending cannot hold it; a reply longer than the
+    protocol allows (NBD_MAX_STRING, 4096 bytes, for a name or message) is EPROTO.
     Raises ExportNotFound (ENOENT) for an unknown export, HandshakeError with EACCES
-    (policy), EOPNOTSUPP (TLS required), EPROTO (bad magic, protocol violation),
-    ECONNRESET (short read), ETIMEDOUT, EAGAIN (``assume_handshake_flags`` was wrong),
-    or the errno of connect (ENOENT, ECONNREFUSED).
+    (policy), EOPNOTSUPP (TLS required), EPROTO (bad magic, protocol violation, a reply
+    too long), ECONNRESET (short read), ETIMEDOUT (the deadline passed), EAGAIN
+    (``assume_handshake_flags`` was wrong), or the errno of connect (ENOENT,
+    ECONNREFUSED).
     """
     return Handshake(address, export_name, connections, timeout_s,
                      assume_handshake_flags).finish()
@@ -1889,7 +1970,8 @@ def negotiate(address, export_name, int connections=1, double timeout_s=10.0,
 
 def list_exports(address, double timeout_s=10.0):
     """NBD_OPT_LIST, for diagnostics: ``[(name, description), ...]``. Ends the session
-    with NBD_OPT_ABORT. Blocks with the GIL released; errors as for :func:`negotiate`."""
+    with NBD_OPT_ABORT. Blocks with the GIL released, all of it bounded by ``timeout_s``;
+    errors as for :func:`negotiate`."""
     cdef HsConn *h
     cdef HsError e
     cdef bytes path_b = b""
@@ -1905,6 +1987,7 @@ def list_exports(address, double timeout_s=10.0):
     cdef const char *cpath
     cdef const char *chost
     cdef const char *cport
+    cdef double deadline = _handshake_deadline(timeout_s)
     if is_tcp:
         host_b = str(address[0]).encode()
         port_b = str(int(address[1])).encode()
@@ -1914,20 +1997,21 @@ def list_exports(address, double timeout_s=10.0):
     chost = host_b
     cport = port_b
     h = <HsConn *>malloc(sizeof(HsConn))
-    data = <unsigned char *>malloc(65536)
+    data = <unsigned char *>malloc(HS_MAX_LIST_ENTRY)
     if h == NULL or data == NULL:
         free(h)
         free(data)
         raise MemoryError()
     c.memset(h, 0, sizeof(HsConn) - HS_BUFFER)
     c.memset(&e, 0, sizeof(e))
+    h.deadline = deadline
     exports = []
     try:
         with nogil:
             if is_tcp:
-                h.fd = _open_tcp(chost, cport, timeout_s, &e)
+                h.fd = _open_tcp(chost, cport, deadline, &e)
             else:
-                h.fd = _open_unix(cpath, timeout_s, &e)
+                h.fd = _open_unix(cpath, deadline, &e)
             if h.fd < 0 or _hs_greeting(h, &e) < 0:
                 rc = -1
             elif not (h.handshake_flags & HS_FLAG_FIXED_NEWSTYLE):
@@ -1950,8 +2034,10 @@ def list_exports(address, double timeout_s=10.0):
                 raise HandshakeError(c.EPROTO, f"bad magic in the export list of {address!r}")
             rtype = _get_be32(hdr + 12)
             length = _get_be32(hdr + 16)
-            if length > 65536:
-                raise HandshakeError(c.EPROTO, f"oversized export list entry from {address!r}")
+            if length > HS_MAX_LIST_ENTRY:
+                raise HandshakeError(c.EPROTO, f"an export list entry from {address!r} is "
+                                               "longer than a name and a description of "
+                                               "NBD_MAX_STRING (4096 bytes) each")
             if rtype & REP_ERROR_BIT:
                 with nogil:
                     _hs_reply_error(h, OPT_LIST, rtype, length, &e)
@@ -1964,7 +2050,7 @@ def list_exports(address, double timeout_s=10.0):
                 break
             if rtype == REP_SERVER and length >= 4:
                 name_len = _get_be32(data)
-                if name_len > length - 4:
+                if name_len > length - 4 or name_len > NBD_MAX_STRING:
                     raise HandshakeError(c.EPROTO, f"malformed export list from {address!r}")
                 exports.append(((<char *>data)[4:4 + name_len].decode("utf-8", "replace"),
                                 (<char *>data)[4 + name_len:length].decode("utf-8",

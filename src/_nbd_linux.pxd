@@ -59,7 +59,7 @@ cdef extern from "<poll.h>" nogil:
         int fd
         short events
         short revents
-    short POLLIN, POLLERR, POLLHUP
+    short POLLIN, POLLOUT, POLLERR, POLLHUP
     int poll(pollfd *fds, nfds_t nfds, int timeout)
 
 

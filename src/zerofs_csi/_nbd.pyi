@@ -198,8 +198,9 @@ class Handshake:
     The constructor connects ``connections`` sockets (blocking, GIL released); given the
     server's handshake flags from an earlier connection (``assume_handshake_flags``,
     fixed-newstyle servers only) it also sends the client flags and NBD_OPT_GO at once,
-    saving a round trip. Errors as for :func:`negotiate`; early flags that turn out
-    wrong fail :meth:`finish` with HandshakeError(EAGAIN): negotiate again without."""
+    saving a round trip. ``timeout_s`` is one deadline for both steps, from the
+    constructor on. Errors as for :func:`negotiate`; early flags that turn out wrong fail
+    :meth:`finish` with HandshakeError(EAGAIN): negotiate again without."""
 
     def __init__(
         self,
@@ -226,12 +227,15 @@ def negotiate(
     TCP with TCP_NODELAY) and negotiate ``export_name`` on each, pipelined across the
     sockets: fixed newstyle, NO_ZEROES when offered, NBD_OPT_GO with INFO_EXPORT and
     INFO_BLOCK_SIZE, NBD_OPT_EXPORT_NAME only on ERR_UNSUP or a non-fixed server; never
-    structured replies. Blocks (GIL released), each step bounded by ``timeout_s``.
-    Raises ExportNotFound or HandshakeError (see its errno list; EAGAIN when
+    structured replies. Blocks (GIL released); ``timeout_s`` (0 < t <= 3600, else
+    ValueError) bounds the whole handshake, however the server paces its bytes. Raises
+    ExportNotFound or HandshakeError (see its errno list; ETIMEDOUT at the deadline,
+    EPROTO for a reply longer than NBD_MAX_STRING allows, EAGAIN when
     ``assume_handshake_flags`` did not match the server)."""
 
 def list_exports(address: ServerAddress, timeout_s: float = 10.0) -> list[tuple[str, str]]:
-    """NBD_OPT_LIST for diagnostics: ``[(name, description)]``. Blocks (GIL released)."""
+    """NBD_OPT_LIST for diagnostics: ``[(name, description)]``. Blocks (GIL released),
+    bounded by ``timeout_s`` as :func:`negotiate` is."""
 
 def read_sysfs(index: int, name: str) -> str | None:
     """``/sys/block/nbd<index>/<name>`` without its newline; None when absent
