@@ -24,7 +24,7 @@ from zerofs_csi.config import (
 )
 
 # CSI plugin names are reverse domain names of at most 63 characters (CSI spec, GetPluginInfo).
-_DRIVER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
+DRIVER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -43,7 +43,7 @@ def _endpoint(text: str) -> Endpoint:
 
 
 def _driver_name(text: str) -> str:
-    if not _DRIVER_NAME_RE.fullmatch(text):
+    if not DRIVER_NAME_RE.fullmatch(text):
         raise argparse.ArgumentTypeError(
             f"driver name must be a DNS-style name of at most 63 lowercase characters: {text!r}"
         )

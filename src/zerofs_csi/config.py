@@ -14,6 +14,11 @@ NODE_ID_RULE = f"must be printable and at most {MAX_NODE_ID_BYTES} bytes long (U
 MAX_VOLUMES_PER_NODE = 2**63 - 1
 
 
+def socket_root_of(state_dir: Path) -> Path:
+    """Where the volume servers' sockets live under a state directory."""
+    return state_dir / "sockets"
+
+
 def node_id_fits(node_id: str) -> bool:
     """Whether ``node_id`` follows ``NODE_ID_RULE``."""
     return node_id.isprintable() and len(node_id.encode()) <= MAX_NODE_ID_BYTES
@@ -103,4 +108,4 @@ class Config:
     @property
     def socket_root(self) -> Path:
         """Host directory holding each volume server's NBD and 9P sockets."""
-        return self.state_dir / "sockets"
+        return socket_root_of(self.state_dir)

@@ -20,6 +20,7 @@ by ``VolumeSecrets.from_csi_secrets``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -86,8 +87,8 @@ class _BadValue(ValueError):
 # Value types
 
 
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_KEY_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+KEY_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _S3_SCHEMES = ("s3", "s3a")
 
 
@@ -98,8 +99,10 @@ class StorageUrl:
 
     ``path`` has no leading or trailing '/', no empty, '.' or '..' segment, and only
     ``[A-Za-z0-9._-]`` in its segments, so it can be joined with a volume id into an
-    S3 key prefix without ambiguity. ``memory://`` (ZeroFS's in-memory store) is for
-    tests only: ``parse_volume_settings`` refuses it unless told otherwise.
+    S3 key prefix without ambiguity. The chart checks its StorageClasses' s3:// URLs
+    with the same rules and words (tests/chart/test_driver_rules.py). ``memory://``
+    (ZeroFS's in-memory store) is for tests only: ``parse_volume_settings`` refuses it
+    unless told otherwise.
     """
 
     scheme: str
@@ -121,24 +124,24 @@ class StorageUrl:
                 raise _BadValue("file:///absolute/directory (not the root directory)")
             path = rest.strip("/")
             for segment in path.split("/"):
-                if not _KEY_SEGMENT.fullmatch(segment) or segment in (".", ".."):
+                if not KEY_SEGMENT.fullmatch(segment) or segment in (".", ".."):
                     raise _BadValue(
                         "file:///absolute/directory made of letters, digits, '.', '_' and '-' "
                         "segments (no '..', '//' or other characters)"
                     )
             return cls(scheme="file", bucket="", path=path)
         if scheme not in _S3_SCHEMES:
-            raise _BadValue("an s3:// (or s3a://, file://, memory://) URL")
+            raise _BadValue("an s3:// or s3a:// URL (or file:// with the local backend)")
         bucket, _, path = rest.partition("/")
-        if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        if not BUCKET.fullmatch(bucket) or ".." in bucket:
             raise _BadValue(
                 "s3://BUCKET[/path] with an S3 bucket name (3-63 characters: lowercase "
-                "letters, digits, '.', '-')"
+                "letters, digits, '.', '-'; a letter or digit first and last; no '..')"
             )
         path = path.removesuffix("/")
         if path:
             for segment in path.split("/"):
-                if not _KEY_SEGMENT.fullmatch(segment) or segment in (".", ".."):
+                if not KEY_SEGMENT.fullmatch(segment) or segment in (".", ".."):
                     raise _BadValue(
                         "a path of non-empty segments of letters, digits, '.', '_' and '-' "
                         "(no '..', '//', '*' or other characters)"
@@ -259,30 +262,33 @@ def _has_control_or_space(raw: str) -> bool:
     return any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in raw)
 
 
+# http(s)://host[:port][/] with a DNS name or IPv4 address, or an IPv6 address in
+# brackets. The chart checks StorageClasses with the same grammar and words
+# (charts/zerofs-csi/templates/_helpers.tpl; tests/chart/test_driver_rules.py).
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DNS_NAME = rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*"
+ENDPOINT = re.compile(rf"https?://({_DNS_NAME}|\[[0-9A-Fa-f:.]+\])(?::([0-9]{{1,5}}))?/?")
+ENDPOINT_EXPECTED = (
+    "an http:// or https:// URL of a host name, IPv4 address or [IPv6 address] and an "
+    "optional port from 1 to 65535, with no path, user or query"
+)
+REGION = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def _parse_endpoint(raw: str) -> str:
-    expected = "an http:// or https:// URL with a host and no path, user or query"
-    if _has_control_or_space(raw):
-        raise _BadValue(expected)
-    try:
-        url = urllib.parse.urlsplit(raw)
-        _ = url.port  # raises ValueError on a malformed port
-    except ValueError as exc:
-        raise _BadValue(expected) from exc
-    if (
-        url.scheme not in ("http", "https")
-        or not url.hostname
-        or url.username is not None
-        or url.path not in ("", "/")
-        or url.query
-        or url.fragment
-        or not re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", url.netloc)
-    ):
-        raise _BadValue(expected)
+    match = ENDPOINT.fullmatch(raw)
+    if match is None or (match[2] is not None and not 0 < int(match[2]) < 65536):
+        raise _BadValue(ENDPOINT_EXPECTED)
+    if match[1].startswith("["):
+        try:
+            ipaddress.IPv6Address(match[1][1:-1])
+        except ValueError:
+            raise _BadValue(ENDPOINT_EXPECTED) from None
     return raw.removesuffix("/")
 
 
 def _parse_region(raw: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", raw):
+    if not REGION.fullmatch(raw):
         raise _BadValue("a region name of letters, digits, '-' and '_' (such as us-east-1)")
     return raw
 

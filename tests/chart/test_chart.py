@@ -155,8 +155,12 @@ WRONG_VALUES = [
     (["secret.awsAccessKeyId=AKIA"], "secret.awsSecretAccessKey: String length must be"),
     (["controllr.replicas=1"], "Additional property controllr is not allowed"),
     (
-        ["storageClasses[0].name=zerofs", "storageClasses[0].storageUrl=https://bucket/x"],
-        "storageClasses.0.storageUrl: Does not match pattern",
+        [
+            "secret.encryptionPassword=x",
+            "storageClasses[0].name=zerofs",
+            "storageClasses[0].storageUrl=https://bucket/x",
+        ],
+        "storageClasses[zerofs].storageUrl: expected an s3:// or s3a:// URL",
     ),
     (
         [

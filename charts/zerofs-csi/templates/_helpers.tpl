@@ -100,3 +100,68 @@ for the provisioner's Roles: it may read exactly these.
     fieldRef:
       fieldPath: metadata.namespace
 {{- end -}}
+
+{{/*
+Refuses a StorageClass the driver would refuse, with the driver's words: its s3://
+storageUrl (zerofs_csi.volume_settings.StorageUrl), s3Endpoint (ENDPOINT) and
+mountOptions (zerofs_csi.mounts.FORBIDDEN_OPTIONS). tests/chart/test_driver_rules.py
+runs every rule here against the driver's own. Call with one storageClasses item.
+*/}}
+{{- define "zerofs-csi.checkStorageClass" -}}
+{{- $at := printf "storageClasses[%s]" .name -}}
+{{- $url := .storageUrl -}}
+{{- $expected := "" -}}
+{{- if not (contains "://" $url) -}}
+{{- $expected = "a URL such as s3://bucket/path" -}}
+{{- else if not (regexMatch `^s3a?://` $url) -}}
+{{- $expected = "an s3:// or s3a:// URL (or file:// with the local backend)" -}}
+{{- else -}}
+{{- $rest := regexReplaceAll `^s3a?://` $url "" -}}
+{{- $bucket := regexFind `^[^/]*` $rest -}}
+{{- $path := trimPrefix $bucket $rest | trimPrefix "/" | trimSuffix "/" -}}
+{{- if or (not (regexMatch `^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$` $bucket)) (contains ".." $bucket) -}}
+{{- $expected = "s3://BUCKET[/path] with an S3 bucket name (3-63 characters: lowercase letters, digits, '.', '-'; a letter or digit first and last; no '..')" -}}
+{{- else if $path -}}
+{{- range splitList "/" $path -}}
+{{- if or (not (regexMatch `^[A-Za-z0-9._-]+$` .)) (eq . ".") (eq . "..") -}}
+{{- $expected = "a path of non-empty segments of letters, digits, '.', '_' and '-' (no '..', '//', '*' or other characters)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and (not $expected) (gt (len $path) 512) -}}
+{{- $expected = "a path of at most 512 characters" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $expected -}}
+{{- fail (printf "%s.storageUrl: expected %s; got %q" $at $expected $url) -}}
+{{- end -}}
+{{- with .s3Endpoint -}}
+{{- $port := regexFind `:[0-9]+/?$` . | trimPrefix ":" | trimSuffix "/" -}}
+{{- if or (not (regexMatch `^https?://([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?/?$` .)) (and $port (or (lt (atoi $port) 1) (gt (atoi $port) 65535))) -}}
+{{- fail (printf "%s.s3Endpoint: expected an http:// or https:// URL of a host name, IPv4 address or [IPv6 address] and an optional port from 1 to 65535, with no path, user or query; got %q" $at .) -}}
+{{- end -}}
+{{- end -}}
+{{- range .mountOptions -}}
+{{- range splitList "," . -}}
+{{- $word := trim . -}}
+{{- if has $word (list "bind" "rbind" "remount" "move" "loop") -}}
+{{- fail (printf "%s.mountOptions: mount option '%s' is not allowed" $at $word) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Refuses two ports of one pod that are the same: its containers share the pod's network,
+and the second to listen would fail. Call with a list of (value name, port) pairs.
+*/}}
+{{- define "zerofs-csi.distinctPorts" -}}
+{{- $seen := dict -}}
+{{- range . -}}
+{{- $port := toString (index . 1) -}}
+{{- if hasKey $seen $port -}}
+{{- fail (printf "%s and %s are both %s: the containers of a pod share its network, and the second to listen would fail with \"Address already in use\"" (get $seen $port) (index . 0) $port) -}}
+{{- end -}}
+{{- $_ := set $seen $port (index . 0) -}}
+{{- end -}}
+{{- end -}}
