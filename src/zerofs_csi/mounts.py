@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -220,11 +221,15 @@ def is_mountpoint(target: str | os.PathLike[str]) -> bool:
 _MAX_STACKED = 32
 
 
-def unmount_all(target: str | os.PathLike[str]) -> int:
-    """Unmount every mount stacked on ``target``; returns how many were removed."""
+def unmount_all(
+    target: str | os.PathLike[str], ours: Callable[[MountEntry], bool] | None = None
+) -> int:
+    """Unmount the mounts stacked on ``target``, topmost first: all of them, or while
+    ``ours`` accepts them. Returns how many were removed."""
     count = 0
     for _ in range(_MAX_STACKED):
-        if find_mount(target) is None:
+        entry = find_mount(target)
+        if entry is None or (ours is not None and not ours(entry)):
             return count
         try:
             umount(target)
@@ -234,3 +239,47 @@ def unmount_all(target: str | os.PathLike[str]) -> int:
         else:
             count += 1
     raise OSError(errno.EBUSY, f"more than {_MAX_STACKED} mounts stacked", os.fspath(target))
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process using a file on a filesystem: its working directory, root or an open file."""
+
+    pid: int
+    command: str
+    how: str  # "working directory", "root" or "open file"
+    path: str  # as the process sees it
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} ({self.command}, {self.how} {self.path})"
+
+
+_HOLDS = (("cwd", "working directory"), ("root", "root"))
+
+
+def holders(uses: Callable[[os.stat_result], bool], limit: int = 8) -> list[Holder]:
+    """Processes visible in /proc whose working directory, root or open files ``uses``
+    accepts (by their stat: a filesystem's st_dev, a device's st_rdev); at most ``limit``.
+    Processes that exit or deny access meanwhile are skipped."""
+    found: list[Holder] = []
+    for entry in sorted(Path("/proc").iterdir(), key=lambda p: p.name):
+        if not entry.name.isdigit():
+            continue
+        links = [(entry / name, how) for name, how in _HOLDS]
+        try:
+            links += [(fd, "open file") for fd in (entry / "fd").iterdir()]
+            command = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        for link, how in links:
+            try:
+                if not uses(os.stat(link)):
+                    continue
+                path = os.readlink(link)
+            except OSError:
+                continue
+            found.append(Holder(int(entry.name), command, how, path))
+            if len(found) >= limit:
+                return found
+            break  # one line per process
+    return found
