@@ -40,6 +40,17 @@ def volume_of_backend(backend_id: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class Publication:
+    """A target the volume is published at. Written into the stage record before the
+    target is made, so that unpublish knows the target for the driver's even when the
+    publish died half way, and after a plugin restart."""
+
+    target: str
+    access_mode: str  # the name of the CSI access mode it was published with
+    readonly: bool
+
+
+@dataclass(frozen=True)
 class StageRecord:
     volume_id: str
     backend_id: str
@@ -55,6 +66,9 @@ class StageRecord:
     # NBD connections asked for (a server without multi-conn gets one); records from
     # before the setting existed were attached with the default.
     connections: int = DEFAULT_NBD_CONNECTIONS
+    # Records from before publications were kept have none: their publications are
+    # known by their mounts only.
+    publications: tuple[Publication, ...] = ()
     phase: str = STAGED
     version: int = VERSION
 
@@ -103,7 +117,9 @@ class RecordStore:
         _atomic_write(Path(record.staging_path) / RECORD_NAME, payload)
 
     def read(self, staging_path: str) -> StageRecord | None:
-        """The record in ``staging_path``; None when absent. ValueError when unreadable."""
+        """The record of the stage at ``staging_path``; None when absent, or when the
+        record found there is of another path (reached through a symlink).
+        ValueError when unreadable."""
         try:
             raw = (Path(staging_path) / RECORD_NAME).read_bytes()
         except FileNotFoundError:
@@ -112,7 +128,9 @@ class RecordStore:
         if data.get("version") != VERSION:
             raise ValueError(f"stage record version {data.get('version')!r} is not {VERSION}")
         data["mount_options"] = tuple(data.get("mount_options", ()))
-        return StageRecord(**data)
+        data["publications"] = tuple(Publication(**p) for p in data.get("publications", ()))
+        record = StageRecord(**data)
+        return record if record.staging_path == staging_path else None
 
     def staging_path_of(self, volume_id: str) -> str | None:
         try:

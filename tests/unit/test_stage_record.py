@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from zerofs_csi.stage_record import (
     ATTACHED,
     RECORD_NAME,
     STAGED,
+    Publication,
     RecordStore,
     StageRecord,
     backend_id_for,
@@ -97,6 +99,38 @@ def test_a_record_of_another_version_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="version 99"):
         store.read(record.staging_path)
+
+
+def test_publications_round_trip_and_records_from_before_them_read_as_none(
+    tmp_path: Path,
+) -> None:
+    store = RecordStore(tmp_path / "state")
+    published = dataclasses.replace(
+        record_at(tmp_path / "staging"),
+        publications=(
+            Publication("/pods/a/volume", "SINGLE_NODE_SINGLE_WRITER", False),
+            Publication("/pods/b/volume", "SINGLE_NODE_READER_ONLY", True),
+        ),
+    )
+    store.write(published)
+    assert store.read(published.staging_path) == published
+
+    path = Path(published.staging_path) / RECORD_NAME
+    data = json.loads(path.read_text())
+    del data["publications"]
+    path.write_text(json.dumps(data))
+    old = store.read(published.staging_path)
+    assert old is not None and old.publications == ()
+
+
+def test_a_record_reached_through_a_symlink_is_not_the_path_s(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path / "state")
+    record = record_at(tmp_path / "staging")
+    store.write(record)
+    (tmp_path / "link").symlink_to(tmp_path / "staging")
+
+    assert store.read(str(tmp_path / "link")) is None
+    assert store.read(record.staging_path) == record
 
 
 def test_formatting_marker(tmp_path: Path) -> None:
