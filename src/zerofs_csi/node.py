@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 import grpc
 
-from zerofs_csi import filesystems, publishing
-from zerofs_csi.capabilities import check_capability
+from zerofs_csi import filesystems, node_mounts, publishing
+from zerofs_csi.capabilities import Mode, check_capability
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.errors import (
     DeadlineExceeded,
@@ -92,7 +92,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         fs_type = cap.fs_type or settings.filesystem
         secrets = VolumeSecrets.from_csi_secrets(request.secrets)
         with self._locks.hold(vid, "NodeStageVolume"), self._event_on_failure(vid, request):
-            os.makedirs(staging, exist_ok=True)
+            node_mounts.make(staging, "directory")
             self._stager.stage(
                 StageRequest(
                     volume_id=vid,
@@ -165,7 +165,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     f"volume {vid} is staged as {record.access_type}, "
                     f"publish asks for {cap.access_type}"
                 )
-            publishing.publish(record, target, readonly=request.readonly or cap.read_only)
+            publishing.publish(
+                self._records,
+                record,
+                target,
+                access_mode=Mode.Mode.Name(request.volume_capability.access_mode.mode),
+                readonly=request.readonly or cap.read_only,
+            )
         return csi_pb2.NodePublishVolumeResponse()
 
     def NodeUnpublishVolume(
@@ -174,26 +180,47 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         vid = validate_volume_id(request.volume_id)
         target = _absolute(request.target_path, "target_path")
         with self._locks.hold(vid, "NodeUnpublishVolume"):
-            publishing.unpublish(target)
+            staging = self._records.staging_path_of(vid)
+            record = self._records.read(staging) if staging else None
+            if record is not None and record.volume_id != vid:
+                record = None
+            publishing.unpublish(self._records, record, target)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     # -- stats and expansion -------------------------------------------------------
 
     def _record_of(self, vid: str, staging: str = "") -> StageRecord:
-        staging = staging or self._records.staging_path_of(vid) or ""
-        record = self._records.read(staging) if staging else None
+        """The volume's stage record (at ``staging`` when given), or NotFound."""
+        indexed = self._records.staging_path_of(vid)
+        if staging and os.path.normpath(staging) != indexed:
+            indexed = None
+        record = self._records.read(indexed) if indexed else None
         if record is None or record.volume_id != vid:
-            raise NotFound(f"volume {vid} is not staged on node {self._node_id}")
+            where = f" at {staging}" if staging else ""
+            raise NotFound(f"volume {vid} is not staged{where} on node {self._node_id}")
         return record
+
+    def _measured_path(self, record: StageRecord, volume_path: str) -> str:
+        """What to measure for ``volume_path``, which must be where the volume is staged
+        or published (the spec's NOT_FOUND: "does not exist on specified volume_path")."""
+        path = os.path.normpath(volume_path) if os.path.isabs(volume_path) else ""
+        if path in (record.staging_path, record.mount_path):
+            return record.device if record.access_type == "block" else record.mount_path
+        if path and path in publishing.publications(record):
+            return path
+        raise NotFound(
+            f"volume {record.volume_id} is not staged or published at {volume_path!r} "
+            f"on node {self._node_id}"
+        )
 
     def NodeGetVolumeStats(
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
         vid = validate_volume_id(request.volume_id)
-        path = _absolute(request.volume_path, "volume_path")
-        if not os.path.lexists(path):
-            raise NotFound(f"volume path {path} does not exist")
+        if not request.volume_path:
+            raise InvalidArgument("volume_path is required")
         record = self._record_of(vid, request.staging_target_path)
+        path = self._measured_path(record, request.volume_path)
         usage = []
         Unit = csi_pb2.VolumeUsage.Unit
         if stat.S_ISBLK(os.stat(path).st_mode):
@@ -243,13 +270,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:
         vid = validate_volume_id(request.volume_id)
-        _absolute(request.volume_path, "volume_path")
+        if not request.volume_path:
+            raise InvalidArgument("volume_path is required")
         required = request.capacity_range.required_bytes
         limit = request.capacity_range.limit_bytes
         if required <= 0:
             raise InvalidArgument("capacity_range.required_bytes must be positive")
         with self._locks.hold(vid, "NodeExpandVolume"):
             record = self._record_of(vid, request.staging_target_path)
+            _absolute(request.volume_path, "volume_path")
             sockets = self._backend.sockets(vid)
             size = self._prepare_export(str(sockets.ninep), vid, required).size_bytes
             if limit and size > limit:

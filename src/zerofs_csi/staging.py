@@ -16,15 +16,15 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
-from zerofs_csi import filesystems, fsprobe, mounts
+from zerofs_csi import filesystems, fsprobe, mounts, node_mounts
 from zerofs_csi.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
 from zerofs_csi.metrics import Metrics
 from zerofs_csi.ninep import ExportFile
 from zerofs_csi.stage_record import (
     ATTACHED,
+    MOUNT_DIR_NAME,
     STAGED,
     RecordStore,
     StageRecord,
@@ -81,11 +81,10 @@ class StageRequest:
 
 def mount_staged(record: StageRecord) -> None:
     """Mount a staged volume's device at its mount path with the recorded options."""
-    Path(record.mount_path).mkdir(exist_ok=True)
     options = mounts.MountOptions.parse(
         [*record.mount_options, *(["ro"] if record.readonly else [])]
     )
-    mounts.mount(record.device, record.mount_path, record.fs_type, options.flags, options.data)
+    node_mounts.mount_filesystem(record.device, record.mount_path, record.fs_type, options)
 
 
 def _compatible(record: StageRecord, request: StageRequest) -> bool:
@@ -119,17 +118,21 @@ class Stager:
         entry = mounts.find_mount(record.mount_path)
         return entry is not None and entry.source == record.device
 
+    def _staged_elsewhere(self, volume_id: str, staging_path: str) -> str | None:
+        """The other staging path the volume is staged at on this node, if any."""
+        elsewhere = self._records.staging_path_of(volume_id)
+        if elsewhere is None or elsewhere == staging_path:
+            return None
+        other = self._records.read(elsewhere)
+        return elsewhere if other is not None and other.volume_id == volume_id else None
+
     def stage(self, request: StageRequest) -> StageRecord:
         vid = request.volume_id
-        elsewhere = self._records.staging_path_of(vid)
-        if elsewhere is not None and elsewhere != request.staging_path:
-            other = self._records.read(elsewhere)
-            if other is not None and other.volume_id == vid:
-                # One device and one server per volume: a second staging would share
-                # them, and its undo would tear down the first.
-                raise FailedPrecondition(
-                    f"volume {vid} is already staged on this node at {elsewhere}"
-                )
+        elsewhere = self._staged_elsewhere(vid, request.staging_path)
+        if elsewhere is not None:
+            # One device and one server per volume: a second staging would share
+            # them, and its undo would tear down the first.
+            raise FailedPrecondition(f"volume {vid} is already staged on this node at {elsewhere}")
         existing = self._records.read(request.staging_path)
         if existing is not None:
             if existing.volume_id != vid:
@@ -180,18 +183,8 @@ class Stager:
 
             if request.access_type == MOUNT:
                 self._format_if_fresh(record, request, export_created)
-                Path(record.mount_path).mkdir(exist_ok=True)
-                options = mounts.MountOptions.parse(
-                    [*request.mount_options, *(["ro"] if request.readonly else [])]
-                )
                 with stage("stage", "mount", vid):
-                    mounts.mount(
-                        record.device,
-                        record.mount_path,
-                        record.fs_type,
-                        options.flags,
-                        options.data,
-                    )
+                    mount_staged(record)
                 tx.on_undo("unmount", lambda: mounts.unmount_all(record.mount_path))
             record = dataclasses.replace(record, phase=STAGED)
             self._records.write(record)
@@ -282,7 +275,7 @@ class Stager:
         stage = self._metrics.stage
         if record.access_type == MOUNT:
             with stage("expand", "umount", vid):
-                mounts.unmount_all(record.mount_path)
+                node_mounts.unmount_all(record.mount_path, f"volume {vid}")
         with stage("expand", "disconnect_nbd", vid):
             self._attacher.detach(record.device_index, record.backend_id)
         with stage("expand", "connect_nbd", vid):
@@ -299,19 +292,32 @@ class Stager:
         return record
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
+        """Undo the volume's stage at ``staging_path``, and only that: a volume that is not
+        staged there is answered OK (the CSI spec), without touching its stage elsewhere
+        or what others keep at the path."""
         record = self._records.read(staging_path)
-        if record is None:
-            # Nothing recorded: a stage that failed before attaching, or done already.
-            leftover = os.path.join(staging_path, "mount")
-            if os.path.isdir(leftover):
-                mounts.unmount_all(leftover)
-            self._backend.stop(volume_id)
+        if record is not None:
+            if record.volume_id == volume_id:
+                self.teardown(record, operation="unstage")
+            else:
+                log.info(
+                    "unstage of a path that holds another volume: nothing to do",
+                    extra={"volume_id": volume_id, "holder": record.volume_id},
+                )
             return
-        if record.volume_id != volume_id:
-            raise FailedPrecondition(
-                f"staging path {staging_path} holds volume {record.volume_id}, not {volume_id}"
+        if self._staged_elsewhere(volume_id, staging_path) is not None:
+            return  # staged at another path, which its own unstage undoes
+        # Nothing recorded: a stage that failed before attaching and could not undo it,
+        # or one done already. A mount left behind is ours only when it is of the
+        # volume's device; its server is the volume's.
+        device = self._attacher.find_device(backend_id_for(volume_id))
+        if device is not None:
+            node_mounts.unmount_own(
+                os.path.join(staging_path, MOUNT_DIR_NAME),
+                f"volume {volume_id}",
+                lambda entry: entry.source == device.path,
             )
-        self.teardown(record, operation="unstage")
+        self._backend.stop(volume_id)
 
     def teardown(self, record: StageRecord, operation: str) -> None:
         """Unmount, detach (only our own device), stop the server, drop the record."""
@@ -319,7 +325,7 @@ class Stager:
         stage = self._metrics.stage
         if record.access_type == MOUNT:
             with stage(operation, "umount", vid):
-                mounts.unmount_all(record.mount_path)
+                node_mounts.unmount_all(record.mount_path, f"volume {vid}")
         with stage(operation, "disconnect_nbd", vid):
             self._detach(record.backend_id)
         with stage(operation, "remove_server", vid):

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import stat
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -355,8 +356,40 @@ def test_other_rpcs_reject_bad_input(plugin: PluginProcess) -> None:
     node.NodeUnstageVolume(
         csi_pb2.NodeUnstageVolumeRequest(volume_id="pvc-x", staging_target_path=target)
     )
-    missing = csi_pb2.NodeGetVolumeStatsRequest(volume_id="pvc-x", volume_path=target)
-    assert_code(lambda: node.NodeGetVolumeStats(missing), grpc.StatusCode.NOT_FOUND)
+    # Required fields first, then whether the volume is here: NOT_FOUND, whatever the path.
+    not_found = {
+        "stats": lambda path: node.NodeGetVolumeStats(
+            csi_pb2.NodeGetVolumeStatsRequest(volume_id="pvc-x", volume_path=path)
+        ),
+        "expand": lambda path: node.NodeExpandVolume(
+            csi_pb2.NodeExpandVolumeRequest(
+                volume_id="pvc-x",
+                volume_path=path,
+                capacity_range=csi_pb2.CapacityRange(required_bytes=MiB),
+            )
+        ),
+    }
+    for name, call in not_found.items():
+        for path in (target, "some/path"):
+            with pytest.raises(grpc.RpcError) as info:
+                call(path)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND, (name, path)
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["mount", "block"])
+def test_stats_answer_for_the_volume_s_own_paths_only(volumes: VolumeFactory, block: bool) -> None:
+    size = SIZES["ext4"]
+    volume = volumes(fs_type="ext4", size=size, block=block)
+    volume.stage()
+    target = volume.plugin.workdir / "pods" / volume.volume_id / "volume"
+    volume.publish(str(target))
+    # The spec: "any valid path where volume was previously staged or published".
+    for path in (str(target), volume.staging):
+        totals = [u.total for u in volume.stats(path).usage]
+        assert 0.5 * size < totals[0] <= size, (path, totals)
+    elsewhere = volume.plugin.workdir / "pods"
+    for path in ("some/path", str(elsewhere), str(target) + "-missing"):
+        assert_code(partial(volume.stats, path), grpc.StatusCode.NOT_FOUND)
 
 
 def test_info_and_capabilities(plugin: PluginProcess) -> None:
