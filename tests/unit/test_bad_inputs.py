@@ -182,6 +182,65 @@ def stage_request(test_row: Row, volume_id: str, staging: Path) -> csi_pb2.NodeS
     )
 
 
+# ------------------------------------------------------------------- the other RPCs
+# Requests that fail on their own fields, whatever the state: (service, method, request).
+
+
+@dataclass(frozen=True)
+class CallRow:
+    case: str
+    service: str
+    method: str
+    request: Any
+    code: Code
+    words: tuple[str, ...]
+
+
+def call(case: str, method: str, request: Any, code: Code, *words: str) -> CallRow:
+    service = "Node" if method.startswith("Node") else "Controller"
+    return CallRow(case, service, method, request, code, words)
+
+
+OTHER_CALLS = [
+    call("delete without a volume id", "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=""),
+         INVALID, "volume_id is required"),
+    call("delete of a path", "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id="../x"),
+         INVALID, "volume_id"),
+    call("expand by a negative size", "ControllerExpandVolume",
+         csi_pb2.ControllerExpandVolumeRequest(
+             volume_id="pvc-1", capacity_range=csi_pb2.CapacityRange(required_bytes=-5)),
+         INVALID, "required_bytes"),
+    call("expand of an id with a newline", "ControllerExpandVolume",
+         csi_pb2.ControllerExpandVolumeRequest(
+             volume_id="pvc-1\n", capacity_range=csi_pb2.CapacityRange(required_bytes=GiB)),
+         INVALID, "volume_id"),
+    call("validate without capabilities", "ValidateVolumeCapabilities",
+         csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id="pvc-1"),
+         INVALID, "volume_capabilities is required"),
+    call("unpublish without a volume id", "ControllerUnpublishVolume",
+         csi_pb2.ControllerUnpublishVolumeRequest(volume_id=""), INVALID, "volume_id is required"),
+    call("publish to a relative path", "NodePublishVolume",
+         csi_pb2.NodePublishVolumeRequest(volume_id="pvc-1", staging_target_path="/s",
+                                          target_path="rel", volume_capability=mount()),
+         INVALID, "target_path must be an absolute path"),
+    call("publish to a path with NUL", "NodePublishVolume",
+         csi_pb2.NodePublishVolumeRequest(volume_id="pvc-1", staging_target_path="/s",
+                                          target_path="/t\x00x", volume_capability=mount()),
+         INVALID, "target_path"),
+    call("unpublish without a target", "NodeUnpublishVolume",
+         csi_pb2.NodeUnpublishVolumeRequest(volume_id="pvc-1", target_path=""),
+         INVALID, "target_path is required"),
+    call("unstage a relative path", "NodeUnstageVolume",
+         csi_pb2.NodeUnstageVolumeRequest(volume_id="pvc-1", staging_target_path="rel"),
+         INVALID, "staging_target_path must be an absolute path"),
+    call("node expand by a negative size", "NodeExpandVolume",
+         csi_pb2.NodeExpandVolumeRequest(
+             volume_id="pvc-1", volume_path="/v",
+             capacity_range=csi_pb2.CapacityRange(required_bytes=-1)),
+         INVALID, "required_bytes must be positive"),
+]  # fmt: skip
+
+
 # ----------------------------------------------------------------------- the plugin
 
 
@@ -294,6 +353,14 @@ def test_node_stage_refuses(running: Running, test_row: Row) -> None:
     refused(running.node.NodeStageVolume, request, test_row.code, test_row.words)
     assert not staging.exists()
     assert not (running.state_dir / "servers" / volume_id).exists()
+
+
+@pytest.mark.parametrize("test_row", OTHER_CALLS, ids=[r.case for r in OTHER_CALLS])
+def test_other_calls_refuse(running: Running, test_row: CallRow) -> None:
+    stub = running.node if test_row.service == "Node" else running.controller
+    before = running.volume_records()
+    refused(getattr(stub, test_row.method), test_row.request, test_row.code, test_row.words)
+    assert running.volume_records() == before
 
 
 # ------------------------------------------------------------------------ the CLI
