@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from zerofs_csi import nbd, ninep
-from zerofs_csi.config import Backend, Config, socket_root_of
+from zerofs_csi.config import Backend, Config
 from zerofs_csi.controller import ControllerService
 from zerofs_csi.events import EventRecorder, KubernetesEventRecorder, LogEventRecorder
 from zerofs_csi.link_monitor import LinkMonitor
@@ -25,8 +25,7 @@ from zerofs_csi.readiness import Check
 from zerofs_csi.recovery import Recovery
 from zerofs_csi.stage_record import RecordStore
 from zerofs_csi.staging import Stager
-from zerofs_csi.volume_id import MAX_VOLUME_ID_LENGTH
-from zerofs_csi.volume_server import ServerSockets, VolumeServerBackend
+from zerofs_csi.volume_server import VolumeServerBackend
 from zerofs_csi.volume_store import FileVolumeStore
 
 if TYPE_CHECKING:  # the kubernetes client is imported only by the kubernetes backend
@@ -49,16 +48,6 @@ def prepare_state_dir(config: Config) -> None:
         raise StartupError(f"--state-dir {path} cannot be used: {exc.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise StartupError(f"--state-dir {path} cannot be used: it is not writable")
-
-
-def socket_path_problem(state_dir: Path) -> str | None:
-    """Why the sockets of volume servers under ``state_dir`` could not be bound (the
-    longest volume id makes the longest path), or None."""
-    try:
-        ServerSockets.under(socket_root_of(state_dir), "v" * MAX_VOLUME_ID_LENGTH)
-    except ValueError as exc:
-        return str(exc)
-    return None
 
 
 @dataclass
@@ -130,9 +119,6 @@ def _event_recorder(config: Config, api: ApiClient | None, component: str) -> Ev
 
 
 def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
-    problem = socket_path_problem(config.state_dir)
-    if problem is not None:
-        raise StartupError(f"--state-dir {config.state_dir} cannot be used: {problem}")
     prepare_state_dir(config)
     # One API client (one connection pool) for everything the node role asks the API.
     api = _kube_api(config) if config.backend is Backend.KUBERNETES else None

@@ -20,7 +20,9 @@ import yaml
 from chart.conftest import CHART, Helm
 from zerofs_csi import errors, mounts
 from zerofs_csi.cli import DRIVER_NAME_RE
-from zerofs_csi.runtime import socket_path_problem
+from zerofs_csi.config import socket_root_of
+from zerofs_csi.volume_id import MAX_VOLUME_ID_LENGTH
+from zerofs_csi.volume_server import ServerSockets
 from zerofs_csi.volume_settings import (
     BUCKET,
     ENDPOINT,
@@ -100,6 +102,16 @@ MOUNT_OPTIONS = [
     ["noatime,bind"],
     ["ro", " remount "],
 ]
+
+
+def socket_path_problem(state_dir: str) -> str | None:
+    """Why the node plugin could not make the sockets of a volume with the longest id
+    under ``state_dir``, or None."""
+    try:
+        ServerSockets.under(socket_root_of(Path(state_dir)), "v" * MAX_VOLUME_ID_LENGTH)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def driver_words(parameters: dict[str, str]) -> str | None:
@@ -202,12 +214,12 @@ def test_controller_ports_must_differ(helm: Helm, tmp_path: Path) -> None:
 
 def test_the_longest_state_dir_is_the_drivers(helm: Helm, tmp_path: Path) -> None:
     longest = "/" + "s" * 80
-    while socket_path_problem(Path(longest)) is not None:
+    while socket_path_problem(longest) is not None:
         longest = longest[:-1]
     accepted, stderr = render(helm, tmp_path, {"node": {"stateDir": longest}})
     assert accepted, stderr
     too_long = longest + "s"
-    problem = socket_path_problem(Path(too_long))
+    problem = socket_path_problem(too_long)
     assert problem is not None
     accepted, stderr = render(helm, tmp_path, {"node": {"stateDir": too_long}})
     assert not accepted

@@ -436,9 +436,6 @@ START_UP = [
          "--metrics-address", "no-such-host.invalid"),
     flag("state dir under a regular file", ["--state-dir", "{file}/state"],
          "--state-dir", "{file}/state"),
-    flag("state dir too long for the volume servers' sockets",
-         ["--role", "node", "--node-id", "n", "--state-dir", "/" + "s" * 41],
-         "--state-dir", "107 bytes"),
 ]  # fmt: skip
 
 
