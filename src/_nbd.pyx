@@ -244,6 +244,11 @@ class NbdModuleNotLoaded(NbdError):
     """The kernel has no ``nbd`` generic netlink family (errno ENOENT)."""
 
 
+class NbdFamilyOutsideNamespace(NbdModuleNotLoaded):
+    """The nbd module is loaded, but its generic netlink family exists in the host's
+    initial network namespace only and this process runs in another one (errno ENOENT)."""
+
+
 class NbdPermissionError(NbdError):
     """The caller lacks CAP_SYS_ADMIN (errno EPERM)."""
 
@@ -955,6 +960,13 @@ cdef class NbdNetlink:
         try:
             self._exchange(m.length, seq, "family lookup")
         except NetlinkError as exc:
+            if exc.errno == c.ENOENT and _os.path.isdir("/sys/module/nbd"):
+                # nbd registers its family without netnsok: the kernel has it, this
+                # network namespace does not.
+                raise NbdFamilyOutsideNamespace(
+                    c.ENOENT,
+                    "the plugin runs outside the host network namespace; the nbd netlink "
+                    "family exists only there: run the node plugin with hostNetwork") from None
             if exc.errno == c.ENOENT:
                 raise NbdModuleNotLoaded(
                     c.ENOENT,

@@ -33,6 +33,9 @@ class NbdError(OSError):
 class NbdModuleNotLoaded(NbdError):
     """The kernel has no ``nbd`` generic netlink family (ENOENT): ``modprobe nbd``."""
 
+class NbdFamilyOutsideNamespace(NbdModuleNotLoaded):
+    """nbd is loaded, but its netlink family exists in the host network namespace only."""
+
 class NbdPermissionError(NbdError):
     """The caller lacks CAP_SYS_ADMIN (EPERM)."""
 
