@@ -7,10 +7,12 @@ unmodified ``kubernetes`` client talks to it. Semantics follow the API server's:
 - every write bumps a cluster-wide resourceVersion; objects get uid and
   creationTimestamp; create of an existing name is 409 AlreadyExists, a missing object
   404 NotFound, an update with a stale resourceVersion 409 Conflict;
-- deleting a pod that is bound to a node with a grace period > 0 only sets
-  deletionTimestamp/deletionGracePeriodSeconds; the object stays until a delete with
-  grace 0 (the kubelet's final delete) removes it, as on a cluster whose kubelet has
-  not yet confirmed the shutdown; unbound or finished pods and other kinds go at once;
+- deleting a pod first writes deletionTimestamp/deletionGracePeriodSeconds (watchers
+  see MODIFIED), then, once the grace is 0, removes it (DELETED). A pod bound to a node
+  gets its grace period and stays until a delete with grace 0 (the kubelet's final
+  delete), as on a cluster whose kubelet has not yet confirmed the shutdown; unbound or
+  finished pods get grace 0. Other kinds go at once;
+- lists honour ``limit`` and ``continue`` (pages in etcd key order);
 - watches (``?watch=true``) stream ADDED/MODIFIED/DELETED JSON lines from a given
   resourceVersion, filtered by fieldSelector and labelSelector, with objects moving
   in or out of a selector reported as ADDED/DELETED; a resourceVersion older than the
@@ -90,9 +92,12 @@ _PATH = re.compile(
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def now_rfc3339(offset_seconds: float = 0.0) -> str:
     moment = datetime.now(UTC) + timedelta(seconds=offset_seconds)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.strftime(RFC3339)
 
 
 class ApiError(Exception):
@@ -245,18 +250,39 @@ class Store:
                 raise not_found(kind, name)
             return copy.deepcopy(obj)
 
-    def list(self, kind: Kind, ns: str | None, matches: Callable[[Obj], bool]) -> Obj:
+    def list(
+        self,
+        kind: Kind,
+        ns: str | None,
+        matches: Callable[[Obj], bool],
+        *,
+        limit: int = 0,
+        token: str = "",
+        filtered: bool = True,
+    ) -> Obj:
+        """Objects in the order of their etcd keys ("namespace/name"); with ``limit`` a
+        page of them and a continue token for the rest. ``filtered``: a selector applies,
+        so the number of remaining items is unknown (as the etcd store leaves it). Unlike
+        the real server, later pages show the current objects, not a snapshot."""
+        revision, after = _parse_continue(token) if token else (0, "")
         with self.lock:
-            items = [
-                copy.deepcopy(obj)
-                for (k, n, _), obj in sorted(self.objects.items(), key=lambda kv: kv[0][1:])
-                if k is kind and (ns is None or n == ns) and matches(obj)
-            ]
+            keyed = sorted(
+                (f"{n}/{name}", obj)
+                for (k, n, name), obj in self.objects.items()
+                if k is kind and (ns is None or n == ns)
+            )
+            items = [(key, obj) for key, obj in keyed if key > after and matches(obj)]
+            meta: Obj = {"resourceVersion": str(revision or self.revision)}
+            if 0 < limit < len(items):
+                meta["continue"] = _continue_token(revision or self.revision, items[limit - 1][0])
+                if not filtered:
+                    meta["remainingItemCount"] = len(items) - limit
+                items = items[:limit]
             return {
                 "kind": f"{kind.kind}List",
                 "apiVersion": kind.api_version,
-                "metadata": {"resourceVersion": str(self.revision)},
-                "items": items,
+                "metadata": meta,
+                "items": [copy.deepcopy(obj) for _, obj in items],
             }
 
     def _check_namespace(self, kind: Kind, ns: str) -> None:
@@ -357,6 +383,20 @@ class Store:
             self._record(kind, ns, "MODIFIED", current, new)
             return copy.deepcopy(new)
 
+    def _mark_deleting(
+        self, kind: Kind, ns: str, current: Obj, grace: int, deadline: datetime, generations: int
+    ) -> Obj:
+        new = copy.deepcopy(current)
+        meta = new["metadata"]
+        meta["deletionTimestamp"] = deadline.strftime(RFC3339)
+        meta["deletionGracePeriodSeconds"] = grace
+        if generations and meta.get("generation"):
+            meta["generation"] += generations
+        meta["resourceVersion"] = self._bump()
+        self.objects[(kind, ns, meta["name"])] = new
+        self._record(kind, ns, "MODIFIED", current, new)
+        return new
+
     def delete(self, kind: Kind, ns: str, name: str, grace: int | None, options: Obj) -> Obj:
         with self.lock:
             current = self.objects.get((kind, ns, name))
@@ -372,23 +412,30 @@ class Store:
                         f"Precondition failed: {field_name} in precondition: {wanted}, "
                         f"{field_name} in object meta: {current['metadata'].get(field_name)}",
                     )
-            grace = _pod_grace(current, grace) if kind.kind == "Pod" else 0
             meta = current["metadata"]
-            if grace > 0:
-                already = meta.get("deletionGracePeriodSeconds")
-                if already is not None and already <= grace:
+            if kind.kind == "Pod":
+                # Pods delete gracefully (rest.BeforeDelete): the deletion is written
+                # first, even with grace 0, and the pod goes once its grace is 0.
+                pending = meta.get("deletionGracePeriodSeconds")
+                if not meta.get("deletionTimestamp"):
+                    grace = _pod_grace(current, grace)
+                    deadline = datetime.now(UTC) + timedelta(seconds=grace)
+                    current = self._mark_deleting(kind, ns, current, grace, deadline, 1)
+                elif pending:
+                    # Only a shorter grace changes an earlier graceful delete.
+                    if grace is None or _at_least_one(grace) >= pending:
+                        return copy.deepcopy(current)
+                    grace = _at_least_one(grace)
+                    started = _parse_rfc3339(meta["deletionTimestamp"]) - timedelta(seconds=pending)
+                    deadline = started + timedelta(seconds=grace)
+                    now = datetime.now(UTC)
+                    if deadline < now:
+                        deadline, grace = now, min(grace, 1)
+                    current = self._mark_deleting(kind, ns, current, grace, deadline, 0)
+                if current["metadata"]["deletionGracePeriodSeconds"] > 0:
                     return copy.deepcopy(current)
-                new = copy.deepcopy(current)
-                new["metadata"]["deletionTimestamp"] = now_rfc3339(grace)
-                new["metadata"]["deletionGracePeriodSeconds"] = grace
-                new["metadata"]["resourceVersion"] = self._bump()
-                self.objects[(kind, ns, name)] = new
-                self._record(kind, ns, "MODIFIED", current, new)
-                return copy.deepcopy(new)
             del self.objects[(kind, ns, name)]
             gone = copy.deepcopy(current)
-            gone["metadata"].setdefault("deletionTimestamp", now_rfc3339())
-            gone["metadata"]["deletionGracePeriodSeconds"] = 0
             gone["metadata"]["resourceVersion"] = self._bump()
             self._record(kind, ns, "DELETED", current, gone)
             if kind.kind == "Pod":
@@ -402,6 +449,11 @@ class Store:
             }
 
 
+def _at_least_one(grace: int) -> int:
+    # A negative grace period means one second (rest.BeforeDelete).
+    return 1 if grace < 0 else grace
+
+
 def _pod_grace(pod: Obj, requested: int | None) -> int:
     # A pod no kubelet runs (unbound, or already finished) needs no graceful shutdown
     # (pkg/registry/core/pod/strategy.go, CheckGracefulDelete).
@@ -412,7 +464,11 @@ def _pod_grace(pod: Obj, requested: int | None) -> int:
     if requested is None:
         spec_grace = pod["spec"].get("terminationGracePeriodSeconds")
         requested = DEFAULT_TERMINATION_GRACE_SECONDS if spec_grace is None else spec_grace
-    return max(0, int(requested))
+    return _at_least_one(int(requested))
+
+
+def _parse_rfc3339(text: str) -> datetime:
+    return datetime.strptime(text, RFC3339).replace(tzinfo=UTC)
 
 
 def _fold_string_data(obj: Obj) -> None:
@@ -551,7 +607,15 @@ class FakeApiServer:
                         self._watch(kind, ns if kind.namespaced and ns else None, query, matches)
                     else:
                         server.record("list", kind, None, agent)
-                        self._send_json(200, store.list(kind, ns or None, matches))
+                        listed = store.list(
+                            kind,
+                            ns or None,
+                            matches,
+                            limit=int(query.get("limit") or 0),
+                            token=query.get("continue") or "",
+                            filtered=bool(query.get("labelSelector") or query.get("fieldSelector")),
+                        )
+                        self._send_json(200, listed)
                 elif method == "GET":
                     server.record("get", kind, sub, agent)
                     self._send_json(200, store.get(kind, scope, name))
@@ -640,6 +704,20 @@ Matcher = Callable[[Obj], bool]
 
 class _WatchEnded(Exception):
     pass
+
+
+def _continue_token(revision: int, last_key: str) -> str:
+    return base64.urlsafe_b64encode(
+        json.dumps({"rv": revision, "start": last_key}).encode()
+    ).decode()
+
+
+def _parse_continue(token: str) -> tuple[int, str]:
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return int(decoded["rv"]), str(decoded["start"])
+    except (ValueError, KeyError, TypeError):
+        raise ApiError(400, "BadRequest", f"continue key is not valid: {token!r}") from None
 
 
 def _gone(since: str) -> Obj:

@@ -105,20 +105,102 @@ def test_watch_from_a_resource_version_sees_later_changes_in_order(
 
     changer = threading.Thread(target=later)
     changer.start()
+    seen = watch_until_deleted(api, cluster.namespace, "p2", since)
+    changer.join()
+    # The delete writes deletionTimestamp (grace 0) before it removes the pod.
+    assert seen == [
+        ("MODIFIED", "Running", None),
+        ("MODIFIED", "Running", 0),
+        ("DELETED", "Running", 0),
+    ]
+
+
+def watch_until_deleted(
+    api: client.CoreV1Api, namespace: str, name: str, since: str
+) -> list[tuple[str, str | None, int | None]]:
+    """(type, phase, deletionGracePeriodSeconds) of each change to the pod after ``since``."""
     seen = []
     stream = watch.Watch()
     for event in stream.stream(
         api.list_namespaced_pod,
-        cluster.namespace,
-        field_selector="metadata.name=p2",
+        namespace,
+        field_selector=f"metadata.name={name}",
         resource_version=since,
         timeout_seconds=10,
     ):
-        seen.append((event["type"], event["raw_object"]["status"].get("phase")))
+        pod = event["raw_object"]
+        grace = pod["metadata"].get("deletionGracePeriodSeconds")
+        seen.append((event["type"], pod["status"].get("phase"), grace))
         if event["type"] == "DELETED":
             stream.stop()
-    changer.join()
-    assert seen == [("MODIFIED", "Running"), ("DELETED", "Running")]
+    return seen
+
+
+@pytest.mark.parametrize(("bound", "expected_grace"), [(True, 30), (False, 0)])
+def test_a_final_delete_of_a_terminating_pod_is_seen_as_an_update_then_a_delete(
+    cluster: Cluster, admin: client.ApiClient, bound: bool, expected_grace: int
+) -> None:
+    api = core(admin)
+    body = bound_pod("p3")
+    if not bound:
+        del body["spec"]["nodeName"]
+    pod = call_json(api.create_namespaced_pod, cluster.namespace, body)
+    since = pod["metadata"]["resourceVersion"]
+    # A bound pod waits for its kubelet: deletionTimestamp and the pod's grace; the
+    # second delete, the kubelet's, shortens the grace to 0. An unbound pod goes at once.
+    call_json(api.delete_namespaced_pod, "p3", cluster.namespace)
+    if bound:
+        call_json(api.delete_namespaced_pod, "p3", cluster.namespace, grace_period_seconds=0)
+    seen = watch_until_deleted(api, cluster.namespace, "p3", since)
+    expected = [("MODIFIED", "Pending", 0), ("DELETED", "Pending", 0)]
+    if bound:
+        expected.insert(0, ("MODIFIED", "Pending", expected_grace))
+    assert seen == expected
+
+
+def test_a_negative_grace_period_is_one_second(cluster: Cluster, admin: client.ApiClient) -> None:
+    api = core(admin)
+    call_json(api.create_namespaced_pod, cluster.namespace, bound_pod("p4"))
+    call_json(api.delete_namespaced_pod, "p4", cluster.namespace, grace_period_seconds=-5)
+    pod = call_json(api.read_namespaced_pod, "p4", cluster.namespace)
+    assert pod["metadata"]["deletionGracePeriodSeconds"] == 1
+
+
+def test_lists_come_in_pages_of_limit_items_in_name_order(
+    cluster: Cluster, admin: client.ApiClient
+) -> None:
+    api = core(admin)
+    names = [f"cm-{index}" for index in (3, 0, 4, 1, 2)]
+    for name in names:
+        body = {"metadata": {"name": name, "labels": {"page": "yes"}}, "data": {"k": name}}
+        call_json(api.create_namespaced_config_map, cluster.namespace, body)
+    other = {"metadata": {"name": "cm-other"}, "data": {}}
+    call_json(api.create_namespaced_config_map, cluster.namespace, other)
+
+    pages: list[list[str]] = []
+    token = None
+    while True:
+        extra: dict[str, str] = {"_continue": token} if token else {}
+        page = call_json(
+            api.list_namespaced_config_map,
+            cluster.namespace,
+            label_selector="page=yes",
+            limit=2,
+            **extra,
+        )
+        pages.append([item["metadata"]["name"] for item in page["items"]])
+        token = page["metadata"].get("continue")
+        if not token:
+            break
+    assert pages == [["cm-0", "cm-1"], ["cm-2", "cm-3"], ["cm-4"]]
+
+    # Without a selector the server also says how many items remain.
+    first = call_json(api.list_namespaced_config_map, cluster.namespace, limit=4)
+    assert len(first["items"]) == 4
+    assert first["metadata"]["remainingItemCount"] == 2
+    with pytest.raises(client.ApiException) as bad:
+        call_json(api.list_namespaced_config_map, cluster.namespace, _continue="not-a-token")
+    assert bad.value.status == 400
 
 
 def test_label_and_field_selectors(cluster: Cluster, admin: client.ApiClient) -> None:
