@@ -11,7 +11,7 @@ SEED      ?=
 CSI_TEST_VERSION := v5.6.0
 CSI_SANITY := .cache/csi-sanity/$(CSI_TEST_VERSION)/csi-sanity
 
-.PHONY: all bootstrap build proto lint test test-unit test-s3 test-vm vm-prepare demo bench \
+.PHONY: all bootstrap build proto lint kube-assets test test-unit test-s3 test-vm vm-prepare demo bench \
 	nbd-regression soak logs wheel clean
 
 all: build
@@ -32,9 +32,18 @@ lint: bootstrap
 	.venv/bin/mypy
 	$(PY) tools/gen_proto.py --check
 
-# Host tests: everything not needing the kernel's NBD driver or an S3 server.
-test-unit: build
-	$(PYTEST) -m "not privileged and not s3" -q
+# kube-apiserver, etcd and kubectl built from their Go modules into .cache/kube/ (envtest
+# layout): the API server the Kubernetes-backend tests run against besides the fake.
+# Nothing to do when they are built at the versions in tools/cluster/versions.env.
+KUBE_ASSETS = $(shell tools/cluster/build.sh --print-dir)
+
+kube-assets:
+	@tools/cluster/build.sh kube-apiserver etcd kubectl
+
+# Host tests: everything not needing the kernel's NBD driver or an S3 server; the
+# Kubernetes-backend tests against the real kube-apiserver too (KUBEBUILDER_ASSETS).
+test-unit: build kube-assets
+	KUBEBUILDER_ASSETS=$(KUBE_ASSETS) $(PYTEST) -m "not privileged and not s3" -q
 
 # Against a real S3 server: a single-node Ceph radosgw on loopback, started by the fixture.
 test-s3: build

@@ -115,7 +115,7 @@ class RealApiServer:
     processes: list[subprocess.Popen[bytes]]
     workdir: Path
 
-    def stop(self) -> None:
+    def stop(self, keep_logs: bool = False) -> None:
         for process in reversed(self.processes):
             process.terminate()
             try:
@@ -123,7 +123,8 @@ class RealApiServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 # Users of the real server besides the admin: the node plugin, restricted by a Role.
@@ -190,6 +191,9 @@ def start_real_apiserver(assets: Path) -> RealApiServer:
                     # No controller-manager creates the default service account.
                     "--disable-admission-plugins=ServiceAccount",
                     "--allow-privileged=true",
+                    # The endpoint reconciler refuses a loopback advertise address, and
+                    # nothing here reaches the API through the kubernetes Service.
+                    "--endpoint-reconciler-type=none",
                 ],
                 stdout=(workdir / "kube-apiserver.log").open("wb"),
                 stderr=subprocess.STDOUT,
@@ -202,7 +206,8 @@ def start_real_apiserver(assets: Path) -> RealApiServer:
         return server
     except BaseException:
         if server is not None:
-            server.stop()
+            # The error names the logs: keep them.
+            server.stop(keep_logs=True)
         else:
             for process in processes:
                 process.kill()
@@ -217,8 +222,12 @@ def _wait_ready(server: RealApiServer, timeout: float = 90.0) -> None:
     while time.monotonic() < deadline:
         for process in server.processes:
             if process.poll() is not None:
+                name = Path(str(process.args[0])).name
+                log = server.workdir / f"{name}.log"
+                tail = log.read_text(errors="replace").splitlines()[-3:]
                 raise RuntimeError(
-                    f"{process.args[0]} exited with {process.returncode}; logs in {server.workdir}"
+                    f"{name} exited with {process.returncode}; its log {log} ends with:\n"
+                    + "\n".join(tail)
                 )
         try:
             response = http.request(
