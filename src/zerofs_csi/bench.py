@@ -184,7 +184,7 @@ def bench_attach(cycles: int, warmup: int, server_threads: int) -> list[Comparis
                     negotiated.size_bytes,
                     block_size=nbd.DEFAULT_BLOCK_SIZE,
                     server_flags=negotiated.transmission_flags,
-                    timeout_s=nbd.DEFAULT_IO_TIMEOUT_S,
+                    timeout_s=nbd.io_timeout_for(1),
                     dead_conn_timeout_s=nbd.DEFAULT_DEAD_CONN_TIMEOUT_S,
                     backend_id=f"bench-bare-{os.getpid()}-{i}",
                 )

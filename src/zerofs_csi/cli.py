@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a per-volume server pod gets to stop (it flushes to the object "
         "store) before it is force-deleted",
     )
+    parser.add_argument(
+        "--server-hung-timeout",
+        type=_seconds,
+        default=60.0,
+        help="seconds a local volume server may answer no NBD handshake before it is "
+        "declared hung and restarted (its I/O waits meanwhile; never failed); 0 disables",
+    )
     parser.add_argument("--workers", type=_positive_int, default=16, help="gRPC worker threads")
     parser.add_argument(
         "--shutdown-grace",
@@ -238,6 +245,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         kubeconfig=args.kubeconfig,
         daemonset_name=args.daemonset_name,
         server_removal_timeout_seconds=args.server_removal_timeout,
+        server_hung_timeout_seconds=args.server_hung_timeout,
     )
 
 

@@ -104,6 +104,8 @@ class Config:
     kubeconfig: str  # empty: in-cluster configuration
     daemonset_name: str  # empty: found through the plugin's own pod (env POD_NAME)
     server_removal_timeout_seconds: float
+    # A local volume server answering no NBD handshake for this long is restarted; 0: never.
+    server_hung_timeout_seconds: float = 60.0
 
     @property
     def socket_root(self) -> Path:

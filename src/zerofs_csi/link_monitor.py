@@ -5,6 +5,12 @@ waits up to the device's dead-connection timeout for RECONFIGURE with fresh sock
 a volume's ZeroFS server restarts, this monitor waits for its NBD socket to answer again,
 negotiates new sockets and reconfigures the device, so the workload sees a pause and no
 I/O error.
+
+A LINK_DEAD that arrives while the volume's reconnect runs makes it run once more after
+it: RECONFIGURE only replaces sockets that are dead when it is sent, so a socket that
+dies meanwhile needs a RECONFIGURE of its own. Every ``SWEEP_EVERY_S`` every staged
+volume is reconnected as well (the kernel ignores the sockets of a device whose
+connections are all alive), which repairs a notification lost to a full socket buffer.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ MAX_RETRY_S = 2.0
 # (a process that is going away) must not hold a retry for long. Each connection's
 # reads are bounded by it in turn.
 RECONNECT_HANDSHAKE_TIMEOUT_S = 5.0
+SWEEP_EVERY_S = 30.0
 
 
 class LinkMonitor:
@@ -44,6 +51,8 @@ class LinkMonitor:
         self._give_up_after_s = give_up_after_s
         self._lock = threading.Lock()
         self._dead: dict[str, float] = {}  # volume id -> when its link was reported dead
+        self._running: set[str] = set()  # volumes whose reconnect thread runs
+        self._again: set[str] = set()  # reported dead while their reconnect ran
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -73,14 +82,20 @@ class LinkMonitor:
 
     def _listen(self, listener: object) -> None:
         receive = listener.receive  # type: ignore[attr-defined]
+        sweep_at = time.monotonic() + SWEEP_EVERY_S
         try:
             while not self._stop.is_set():
                 for index, backend_id in receive(0.5):
                     self._on_dead(index, backend_id)
+                if time.monotonic() >= sweep_at:
+                    sweep_at = time.monotonic() + SWEEP_EVERY_S
+                    self._on_dead(-1, None, reported=False)
         finally:
             listener.close()  # type: ignore[attr-defined]
 
-    def _on_dead(self, index: int, backend_id: str | None) -> None:
+    def _on_dead(self, index: int, backend_id: str | None, reported: bool = True) -> None:
+        """Reconnect the volume of ``nbd<index>``, or every staged volume for index -1.
+        ``reported``: the link is known dead (it shows in is_dead until reconnected)."""
         if index >= 0:
             log.info("NBD link dead", extra={"device": f"nbd{index}", "backend_id": backend_id})
         staged = {vid: r for vid, r in self._staged().items() if r.phase == STAGED}
@@ -95,19 +110,60 @@ class LinkMonitor:
                 return  # not a device of a volume staged here
             targets = [record]
         for record in targets:
+            vid = record.volume_id
             with self._lock:
-                if record.volume_id in self._dead:
+                if reported and vid not in self._dead:
+                    self._dead[vid] = time.monotonic()
+                    self._metrics.nbd_dead_links.labels(self._metrics.node).set(len(self._dead))
+                if vid in self._running:
+                    if index >= 0:
+                        self._again.add(vid)
                     continue
-                self._dead[record.volume_id] = time.monotonic()
-                self._metrics.nbd_dead_links.labels(self._metrics.node).set(len(self._dead))
+                self._running.add(vid)
             threading.Thread(
                 target=self._reconnect,
-                args=(record,),
+                args=(record, reported),
                 name=f"reconnect-{record.volume_id}",
                 daemon=True,
             ).start()
 
-    def _reconnect(self, record: StageRecord) -> None:
+    def _reconnect(self, record: StageRecord, reported: bool) -> None:
+        vid = record.volume_id
+        try:
+            again = reported
+            if not reported:
+                self._sweep_one(record)
+                with self._lock:
+                    again = vid in self._again  # reported dead during the sweep
+                    self._again.discard(vid)
+            while again and not self._stop.is_set():
+                result = self._reconnect_once(record)
+                with self._lock:
+                    again = result == "ok" and vid in self._again
+                    self._again.discard(vid)
+        finally:
+            with self._lock:
+                self._running.discard(vid)
+
+    def _sweep_one(self, record: StageRecord) -> None:
+        """One RECONFIGURE with fresh sockets; the kernel keeps them only for dead
+        connections. A server that does not answer is left to LINK_DEAD or the next sweep."""
+        try:
+            self._attacher.reconnect(
+                record.device_index,
+                record.backend_id,
+                record.nbd_socket,
+                record.volume_id,
+                record.connections,
+                RECONNECT_HANDSHAKE_TIMEOUT_S,
+            )
+        except CsiError as exc:
+            log.debug(
+                "link sweep: no reconnect",
+                extra={"volume_id": record.volume_id, "error": exc.message},
+            )
+
+    def _reconnect_once(self, record: StageRecord) -> str:
         vid = record.volume_id
         node = self._metrics.node
         started = time.monotonic()
@@ -133,13 +189,13 @@ class LinkMonitor:
                             "reconnect abandoned: volume no longer staged there",
                             extra={"volume_id": vid, "device": record.device},
                         )
-                        return
+                        return result
                     if time.monotonic() - started > self._give_up_after_s:
                         log.error(
                             "reconnect gave up",
                             extra={"volume_id": vid, "error": exc.message},
                         )
-                        return
+                        return result
                     log.info(
                         "reconnect attempt failed; retrying",
                         extra={"volume_id": vid, "error": exc.message, "retry_in": delay},
@@ -156,7 +212,8 @@ class LinkMonitor:
                         "seconds": round(time.monotonic() - started, 3),
                     },
                 )
-                return
+                return result
+            return result
         finally:
             if result != "abandoned":
                 self._metrics.reconnects.labels(node, result).inc()

@@ -6,26 +6,36 @@ this module adds what needs Python state: a pool of resolved netlink sockets, on
 attach at a time per backend id, ownership checks before disconnect, and the threads
 that the ioctl fallback needs.
 
-Timeouts (the defaults, and why):
+Timeouts (the defaults, and why; read from drivers/block/nbd.c of 6.1):
 
+* A request is never abandoned to a server that is alive. With ONE connection and
+  NBD_ATTR_TIMEOUT = 0, the block layer's timeout only makes the kernel log "Possible
+  stuck request" and restart the timer (nbd_xmit_timeout); it requeues the request only
+  when RECONFIGURE has replaced the socket it was sent on. With more than one connection
+  there is no such mode: every block-layer timeout (30 s when TIMEOUT is 0, see
+  nbd_set_cmd_timeout) requeues the request and shuts its socket down, though the server
+  may still execute it later (a stale write), and replies already queued on that socket
+  are logged as "Suspicious reply". A very large TIMEOUT does not help either: a request
+  in flight on a socket whose server died is resent only at its timeout (recv_work marks
+  the socket dead and leaves its requests alone), so a server crash would stall the
+  writer for that long. Hence ``DEFAULT_CONNECTIONS = 1``.
+* ``REQUEUE_TICK_MS = 1000`` (the queue's ``io_timeout`` in sysfs, one connection only):
+  how often the kernel looks at requests still in flight. After a server crash and the
+  reconnect, the requests lost with the old socket are resent at the next tick: a crash
+  costs the server's restart plus about a second. The block layer rounds timers up to
+  whole seconds, so a smaller tick gains nothing.
+* ``MULTI_CONN_IO_TIMEOUT_S = 30``: the kernel's own timeout when several connections are
+  asked for (a StorageClass's choice): a crash stalls in-flight requests that long, and
+  a server silent for that long has its requests requeued.
 * ``dead_conn_timeout_s = 300`` (NBD_ATTR_DEAD_CONN_TIMEOUT): once no connection of a
-  device is alive, I/O waits this long for RECONFIGURE with fresh sockets before failing
-  with EIO. It must cover a ZeroFS restart (process or pod, cache warm-up) and a node
-  plugin restart in between: 300 s is the reattach window ceph-csi settled on
-  (ceph-csi#2204, #2394). The LINK_DEAD listener normally reconnects within a second or
-  two of the server accepting connections again.
-* ``io_timeout_s = 30`` (NBD_ATTR_TIMEOUT): when a request has had no answer for this
-  long its connection is marked dead, LINK_DEAD is sent and the request is requeued,
-  not failed: it is resent once a reconnect brings a live socket, and fails only after
-  the dead-connection window. A server that dies closes its sockets and is noticed at
-  once, but the requests it had in flight are resent only at their timeout, so this
-  bounds how long a server restart stalls them (measured: 121 s with 120, about 4 s
-  when nothing was in flight). 0 would leave a hung (alive but silent) server
-  undetected forever, with writers in D state and nothing for the listener to act on.
-  30 s is the block layer's own default. A ZeroFS FLUSH that waits longer than that on
-  a slow object store is not failed either: its connection is replaced and the FLUSH
-  resent. ceph-csi's EIO came from a finite timeout with nobody reconnecting in time;
-  here the listener reconnects.
+  device is alive, new I/O waits this long for RECONFIGURE with fresh sockets before
+  failing with EIO. It must cover a ZeroFS restart (process or pod, cache warm-up) and a
+  node plugin restart in between: 300 s is the reattach window ceph-csi settled on
+  (ceph-csi#2204, #2394). The link keeper reconnects within a second or two of the
+  server accepting connections again.
+* A server that is alive but answers nothing is the driver's business, not the
+  kernel's: its supervisor probes it with a handshake and restarts it after a long,
+  configurable window (``process_backend``); the dead connection then reconnects.
 """
 
 from __future__ import annotations
@@ -57,7 +67,8 @@ __all__ = [
     "DEFAULT_CONNECTIONS",
     "MAX_CONNECTIONS",
     "DEFAULT_DEAD_CONN_TIMEOUT_S",
-    "DEFAULT_IO_TIMEOUT_S",
+    "MULTI_CONN_IO_TIMEOUT_S",
+    "REQUEUE_TICK_MS",
     "Device",
     "DeviceBusy",
     "DeviceInfo",
@@ -75,13 +86,15 @@ __all__ = [
     "NotOwner",
     "ServerAddress",
     "hardware_queues_for",
+    "io_timeout_for",
+    "set_requeue_tick",
     "list_exports",
 ]
 
-DEFAULT_IO_TIMEOUT_S = 30
+MULTI_CONN_IO_TIMEOUT_S = 30
+REQUEUE_TICK_MS = 1000
 DEFAULT_DEAD_CONN_TIMEOUT_S = 300
-# As the Go driver's `nbd-client -connections 4`.
-DEFAULT_CONNECTIONS = 4
+DEFAULT_CONNECTIONS = 1
 MAX_CONNECTIONS = _nbd.MAX_SOCKETS
 DEFAULT_BLOCK_SIZE = 4096
 DEFAULT_READY_TIMEOUT_S = 10.0
@@ -160,6 +173,12 @@ class _IoctlSession:
     error: BaseException | None = None
 
 
+def io_timeout_for(connections: int) -> int:
+    """NBD_ATTR_TIMEOUT for a device of ``connections`` sockets: 0 (never abandon a
+    request) where the kernel has that mode, one connection; see the module docstring."""
+    return 0 if connections == 1 else MULTI_CONN_IO_TIMEOUT_S
+
+
 def _validate_attach(
     backend_id: str, connections: int, block_size: int, io_timeout_s: int, dead: int
 ) -> None:
@@ -202,6 +221,14 @@ def _block_size_for(requested: int, negotiated: _nbd.Negotiated) -> int:
         errno.EINVAL,
         f"the server's minimum block size {minimum} exceeds what the kernel supports",
     )
+
+
+def set_requeue_tick(index: int, tick_ms: int = REQUEUE_TICK_MS) -> None:
+    """Have the kernel look at the requests of ``nbd<index>`` still in flight every
+    ``tick_ms`` (the queue's io_timeout; with NBD_ATTR_TIMEOUT 0 and one connection a
+    look only requeues what was sent on a socket RECONFIGURE has since replaced)."""
+    with open(f"/sys/block/nbd{index}/queue/io_timeout", "w") as f:
+        f.write(str(tick_ms))
 
 
 class _PooledNetlink:
@@ -363,7 +390,7 @@ class NbdAttacher:
         *,
         connections: int = DEFAULT_CONNECTIONS,
         block_size: int = DEFAULT_BLOCK_SIZE,
-        io_timeout_s: int = DEFAULT_IO_TIMEOUT_S,
+        io_timeout_s: int | None = None,
         dead_conn_timeout_s: int = DEFAULT_DEAD_CONN_TIMEOUT_S,
         index: int | None = None,
         ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
@@ -380,8 +407,11 @@ class NbdAttacher:
 
         Raises ExportNotFound, HandshakeError, MultiConnUnsupported (server lacks
         CAN_MULTI_CONN), NbdModuleNotLoaded, NbdPermissionError, DeviceBusy (explicit
-        ``index`` in use), DeviceNotReady.
+        ``index`` in use), DeviceNotReady. ``io_timeout_s`` None is
+        :func:`io_timeout_for` ``connections``.
         """
+        if io_timeout_s is None:
+            io_timeout_s = io_timeout_for(connections)
         _validate_attach(backend_id, connections, block_size, io_timeout_s, dead_conn_timeout_s)
         with self._backend_lock(backend_id):
             try:
@@ -489,6 +519,8 @@ class NbdAttacher:
                 negotiated, bsize, io_timeout_s, dead_conn_timeout_s, backend_id, index, candidates
             )
         try:
+            if io_timeout_s == 0:
+                set_requeue_tick(new_index)
             # Straight after CONNECT, before any bookkeeping: udevd got the change event
             # during the call, and whoever locks the disk first makes the other wait.
             # CONNECT answers only after the kernel started the device, which set the

@@ -19,9 +19,16 @@ stop it lives under ``<state_dir>/servers/<volume>/``:
 
 A supervisor thread restarts a server that dies, with exponential backoff bounded by
 ``restart_backoff``; a server that stayed up for ``STABLE_AFTER`` seconds starts again
-from the shortest delay. ``stop`` sends SIGTERM, waits ``stop_timeout``, then SIGKILLs
-the server's process group, and removes the sockets and run files; the log stays for
-diagnosis and the volume's data (in the storage URL) is never touched.
+from the shortest delay. It also probes each running server every ``PROBE_EVERY_S``
+with an NBD handshake bounded by ``PROBE_TIMEOUT_S``: a server that answered none for
+``hung_after`` seconds (alive but stopped or deadlocked) is killed and restarted like a
+dead one. Until then its I/O waits: the attach path never lets the kernel abandon a
+request to a live server (see ``zerofs_csi.nbd``), so this is the only way a hung
+server's requests move on, resent on the reconnected device.
+
+``stop`` sends SIGTERM, waits ``stop_timeout``, then SIGKILLs the server's process
+group, and removes the sockets and run files; the log stays for diagnosis and the
+volume's data (in the storage URL) is never touched.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ STATE_VERSION = 1
 DEFAULT_STOP_TIMEOUT = 10.0
 DEFAULT_RESTART_BACKOFF = (0.5, 30.0)
 STABLE_AFTER = 60.0
+DEFAULT_HUNG_AFTER = 60.0
+PROBE_EVERY_S = 2.0
+PROBE_TIMEOUT_S = 2.0
 LOG_ROTATE_BYTES = 1 << 20
 LOG_TAIL_LINES = 15
 # Variables of the plugin's environment a server may need; nothing else is passed on.
@@ -117,6 +127,8 @@ class _Server:
     started_at: float = 0.0  # time.monotonic() of the spawn
     failures: int = 0  # deaths since the server last stayed up STABLE_AFTER seconds
     restart_at: float | None = None  # when the supervisor restarts a dead server
+    answered_at: float = 0.0  # time.monotonic() of the last handshake it answered
+    probe_at: float = 0.0  # when the supervisor probes it next
 
 
 def _boot_id() -> str:
@@ -204,6 +216,7 @@ class ProcessBackend:
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         restart_backoff: tuple[float, float] = DEFAULT_RESTART_BACKOFF,
         supervise_interval: float = 0.2,
+        hung_after: float = DEFAULT_HUNG_AFTER,
     ) -> None:
         if not state_dir.is_absolute():
             raise ValueError(f"state directory must be an absolute path: {state_dir}")
@@ -215,6 +228,7 @@ class ProcessBackend:
         self._stop_timeout = stop_timeout
         self._backoff_base, self._backoff_max = restart_backoff
         self._interval = supervise_interval
+        self._hung_after = hung_after
         self._registry = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._servers: dict[str, _Server] = {}
@@ -408,7 +422,7 @@ class ProcessBackend:
         server.pid = process.pid
         server.start_time = _start_time(process.pid) or 0
         server.boot_id = _boot_id()
-        server.started_at = time.monotonic()
+        server.started_at = server.answered_at = time.monotonic()
         server.restart_at = None
         log.info("volume server started", extra=self._fields(server))
 
@@ -566,7 +580,7 @@ class ProcessBackend:
             if not self._alive(server):
                 # It died while nobody watched: the supervisor restarts it at once.
                 server.restart_at = time.monotonic()
-            server.started_at = time.monotonic()
+            server.started_at = server.answered_at = time.monotonic()
             self._servers[entry.name] = server
             log.info(
                 "volume server adopted",
@@ -602,6 +616,8 @@ class ProcessBackend:
         if self._alive(server):
             if server.failures and now - server.started_at >= STABLE_AFTER:
                 server.failures = 0
+            if self._hung_after > 0 and now >= server.probe_at:
+                self._probe(server, now)
             return
         if server.restart_at is None:
             # Whatever the dead server left running (its children) could still hold its
@@ -635,6 +651,24 @@ class ProcessBackend:
             return
         server.restarts += 1
         self._save_state(server)
+
+    def _probe(self, server: _Server, now: float) -> None:
+        """Handshake with the server; kill it when it answered none for ``hung_after``
+        seconds (the next round restarts it as a dead one)."""
+        server.probe_at = now + PROBE_EVERY_S
+        if nbd_server_answers(self.sockets(server.volume_id).nbd, PROBE_TIMEOUT_S):
+            server.answered_at = time.monotonic()
+            return
+        silent = time.monotonic() - server.answered_at
+        if silent < self._hung_after:
+            return
+        log.warning(
+            "volume server answers no NBD handshake: killing it as hung",
+            extra=self._fields(server, silent_s=round(silent, 1)),
+        )
+        # SIGKILL also ends a stopped process; the group takes its children along.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
 
     def _fields(self, server: _Server, **more: object) -> dict[str, object]:
         return {

@@ -90,7 +90,10 @@ def _volume_server_backend(
 ) -> VolumeServerBackend:
     if api is None:
         return ProcessBackend(
-            config.state_dir, socket_root=config.socket_root, command=config.zerofs_command
+            config.state_dir,
+            socket_root=config.socket_root,
+            command=config.zerofs_command,
+            hung_after=config.server_hung_timeout_seconds,
         )
     from zerofs_csi.kube.backend import KubernetesBackend
     from zerofs_csi.kube.owner import resolve_daemonset_owner

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from zerofs_csi import mounts, nbd
+from zerofs_csi import mounts
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +34,7 @@ SECRETS = {"ZEROFS_ENCRYPTION_PASSWORD": "node-test-encryption-password"}
 # Plugin start (imports over 9p under TCG) and recovery can take a while in the VM.
 READY_TIMEOUT_S = 120.0
 RPC_TIMEOUT_S = 300.0
+PLUGIN_EXIT_TIMEOUT_S = 120.0
 LOG_TAIL_LINES = 60
 
 Mode = csi_pb2.VolumeCapability.AccessMode
@@ -278,9 +279,9 @@ class PluginProcess:
             assert self.proc is not None
             os.killpg(self.proc.pid, signal.SIGKILL)
             # A plugin inside an unmount whose writes went to a server that died is in
-            # uninterruptible sleep until the kernel times those requests out and sends
-            # them again on the new connections: it dies after that.
-            self.proc.wait(timeout=3 * nbd.DEFAULT_IO_TIMEOUT_S)
+            # uninterruptible sleep until they are sent again on a reconnected device:
+            # it dies after that.
+            self.proc.wait(timeout=PLUGIN_EXIT_TIMEOUT_S)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

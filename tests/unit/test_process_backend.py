@@ -31,7 +31,7 @@ from standin.servers import (
 )
 
 from zerofs_csi import errors, ninep
-from zerofs_csi.process_backend import ProcessBackend
+from zerofs_csi.process_backend import ProcessBackend, nbd_server_answers
 from zerofs_csi.sanitize import MASK
 from zerofs_csi.volume_settings import StorageUrl, VolumeSecrets, VolumeSettings
 from zerofs_csi.zerofs_config import ENV_ENCRYPTION_PASSWORD
@@ -487,3 +487,30 @@ def test_unsafe_volume_ids_are_refused_before_anything_runs(
     with pytest.raises(errors.InvalidArgument):
         backend.stop(volume_id)
     assert list((state_dir / "servers").iterdir()) == []
+
+
+def test_a_stopped_server_is_restarted_as_hung_and_a_slow_one_is_not(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    backend = ProcessBackend(
+        state_dir, command=[str(STANDIN)], supervise_interval=0.05, hung_after=3.0
+    )
+    try:
+        sockets = backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
+        pid = backend.pid(VOLUME)
+        assert pid is not None
+        # Stopped for less than the window: it answers again and stays.
+        os.killpg(pid, signal.SIGSTOP)
+        time.sleep(2.0)
+        os.killpg(pid, signal.SIGCONT)
+        time.sleep(3.0)
+        assert backend.pid(VOLUME) == pid and backend.restarts(VOLUME) == 0
+        # Stopped for good: declared hung, killed (stopped as it is) and restarted.
+        os.killpg(pid, signal.SIGSTOP)
+        wait_until(lambda: backend.pid(VOLUME) not in (None, pid), 30, what="restart")
+        assert backend.restarts(VOLUME) == 1
+        assert not alive(pid)
+        wait_until(lambda: nbd_server_answers(sockets.nbd, 1.0), what="NBD answer")
+    finally:
+        backend.stop(VOLUME)
+        backend.close()
