@@ -11,7 +11,7 @@ SEED      ?=
 CSI_TEST_VERSION := v5.6.0
 CSI_SANITY := .cache/csi-sanity/$(CSI_TEST_VERSION)/csi-sanity
 
-.PHONY: all bootstrap build proto lint kube-assets test test-unit test-s3 test-vm vm-prepare demo bench \
+.PHONY: all bootstrap build proto lint kube-assets cluster-build test test-unit test-s3 test-vm vm-prepare demo bench \
 	nbd-regression soak logs wheel clean
 
 all: build
@@ -39,6 +39,15 @@ KUBE_ASSETS = $(shell tools/cluster/build.sh --print-dir)
 
 kube-assets:
 	@tools/cluster/build.sh kube-apiserver etcd kubectl
+
+# Everything the single-node test cluster runs, built from source into the same folder
+# (README: "Test cluster"). Not part of make test until the cluster runs end to end.
+CLUSTER_COMPONENTS := kube-apiserver etcd kubectl kube-controller-manager kube-scheduler \
+	kubelet kube-proxy csi-provisioner csi-attacher csi-resizer \
+	containerd containerd-shim-runc-v2 ctr runc cni
+
+cluster-build:
+	@tools/cluster/build.sh $(CLUSTER_COMPONENTS)
 
 # Host tests: everything not needing the kernel's NBD driver or an S3 server; the
 # Kubernetes-backend tests against the real kube-apiserver too (KUBEBUILDER_ASSETS).

@@ -2,7 +2,9 @@
 # Builds Kubernetes components from their Go modules (through the module proxy) into
 # .cache/kube/<release>/, the envtest layout the tests take as KUBEBUILDER_ASSETS.
 # Usage: tools/cluster/build.sh [--print-dir] COMPONENT...
-#   kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl etcd
+#   kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd
+#   csi-provisioner csi-attacher csi-resizer (at the tags charts/zerofs-csi/values.yaml pins)
+#   containerd containerd-shim-runc-v2 ctr runc cni (bridge, host-local, loopback, portmap)
 # A component already built at its pinned version is left alone; a failed build names
 # the component and its log. Everything is built with the Go toolchain the Kubernetes
 # release names: a newer Go built a kube-apiserver whose OpenAPI endpoints answered 503.
@@ -23,7 +25,9 @@ fail() {
     exit 1
 }
 
-command -v go >/dev/null || fail "go is not installed (Debian package golang-go, or go.dev)"
+# Go's own installer puts it in /usr/local/go, which a non-login shell may not have on PATH.
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
+command -v go >/dev/null || fail "go is not installed (/usr/local/go/bin or PATH)"
 mkdir -p "$out/logs" "$out/modules" "$out/.built"
 
 # Where the module proxy put a module's source; prints its directory, or go's error.
@@ -109,14 +113,16 @@ kube_ldflags() {
     echo "$flags"
 }
 
-# build COMPONENT MODULE_DIR PACKAGE TOOLCHAIN CGO LDFLAGS STAMP (what was built, and how)
+# build COMPONENT MODULE_DIR PACKAGE TOOLCHAIN CGO LDFLAGS STAMP [TAGS]
+# STAMP says what was built, and how; COMPONENT may be a path under the output folder.
 build() {
-    local component=$1 dir=$2 package=$3 toolchain=$4 cgo=$5 ldflags=$6 stamp=$7
-    local log="$out/logs/$component.log" started
+    local component=$1 dir=$2 package=$3 toolchain=$4 cgo=$5 ldflags=$6 stamp=$7 tags=${8-}
+    local log="$out/logs/${component//\//_}.log" started
     started=$(date +%s)
     echo "build.sh: building $component ($stamp)" >&2
+    mkdir -p "$(dirname "$out/$component")" "$(dirname "$out/.built/$component")"
     if ! (cd "$dir" && GOTOOLCHAIN=$toolchain CGO_ENABLED=$cgo GOFLAGS="${GOFLAGS-} -mod=mod" \
-        go build -trimpath -ldflags "$ldflags" -o "$out/$component.new" "$package") \
+        go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$out/$component.new" "$package") \
         >"$log" 2>&1; then
         echo "build.sh: building $component ($stamp) failed; its log: $log" >&2
         tail -n 20 "$log" | sed 's/^/    /' >&2
@@ -140,28 +146,101 @@ build_kubernetes() { # COMPONENT PACKAGE CGO
     build "$component" "$dir" "$package" "$kube_toolchain" "$cgo" "$(kube_ldflags)" "$stamp"
 }
 
-build_etcd() {
-    kube_module
-    local stamp="go.etcd.io/etcd/server/v3@$ETCD_VERSION $kube_toolchain"
-    built etcd "$stamp" && return
-    local dir="$out/modules/etcd" source go_line
-    source=$(module_dir "go.etcd.io/etcd/server/v3@$ETCD_VERSION") \
-        || fail "cannot download go.etcd.io/etcd/server/v3@$ETCD_VERSION from the module proxy"
-    go_line=$(go mod edit -json "$source/go.mod" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Go"])')
-    # Its replace lines point at sibling directories of the etcd repository; the
-    # modules they name are required at the same release, which the proxy serves.
-    write_module "$dir" go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "$go_line" ""
-    build etcd "$dir" go.etcd.io/etcd/server/v3 "$kube_toolchain" 0 "-s -w" "$stamp"
+# The tag charts/zerofs-csi/values.yaml pins for sidecars.<key>.
+chart_tag() {
+    python3 - "$here/charts/zerofs-csi/values.yaml" "$1" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+block = re.search(r"^  %s:\n((?:    .*\n|\n)*)" % re.escape(sys.argv[2]), text, re.M)
+tag = block and re.search(r"^      tag: *\"?([^\s\"]+)", block.group(1), re.M)
+if not tag:
+    sys.exit(f"no sidecars.{sys.argv[2]}.image.tag in {sys.argv[1]}")
+print(tag.group(1))
+PY
 }
 
-(($#)) || fail "name the components to build: kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl etcd"
+# A component from another module: a module of our own that requires it and copies its
+# replace lines that pin versions (the CSI sidecars pin k8s.io modules that way, which
+# `go install` refuses); replace lines naming directories of the module's repository
+# (etcd's) are left out: the modules they name are required at the same release.
+build_module() { # COMPONENT MODULE VERSION PACKAGE CGO [LDFLAGS [TAGS]]
+    local component=$1 module=$2 version=$3 package=$4 cgo=$5 ldflags=${6:-"-s -w"} tags=${7-}
+    kube_module
+    local stamp="$module@$version $kube_toolchain"
+    built "$component" "$stamp" && return
+    local source replaces go_line
+    source=$(module_dir "$module@$version") \
+        || fail "cannot download $module@$version ($component) from the module proxy"
+    replaces=$(go mod edit -json "$source/go.mod" | python3 -c '
+import json, sys
+for r in json.load(sys.stdin).get("Replace") or []:
+    if r["New"].get("Version"):
+        old = r["Old"]["Path"] + (" " + r["Old"]["Version"] if r["Old"].get("Version") else "")
+        print("\t" + old + " => " + r["New"]["Path"] + " " + r["New"]["Version"])')
+    [[ -n $replaces ]] && replaces+=$'\n'
+    go_line=$(go mod edit -json "$source/go.mod" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Go"])')
+    write_module "$out/modules/${module//\//_}" "$module" "$version" "$go_line" "$replaces"
+    build "$component" "$out/modules/${module//\//_}" "$package" "$kube_toolchain" "$cgo" \
+        "$ldflags" "$stamp" "$tags"
+}
+
+# A CSI sidecar at the tag the chart pins.
+build_sidecar() { # COMPONENT VALUES-KEY REPOSITORY
+    local component=$1 version module major
+    version=$(chart_tag "$2") || fail "cannot read the chart's $2 tag"
+    major=${version#v}
+    major=${major%%.*}
+    module=github.com/kubernetes-csi/$3
+    ((major >= 2)) && module+=/v$major
+    build_module "$component" "$module" "$version" "$module/cmd/$component" 0 \
+        "-s -w -X main.version=$version"
+}
+
+# Debian packages a cgo build needs (runc: libseccomp).
+ensure_packages() {
+    local missing=() package
+    for package in "$@"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$package")
+    done
+    ((${#missing[@]})) || return 0
+    echo "build.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+        >"$out/logs/apt.log" 2>&1 \
+        || fail "cannot install the Debian packages ${missing[*]}; its log: $out/logs/apt.log"
+}
+
+containerd_component() { # COMPONENT: one of containerd's commands
+    build_module "$1" github.com/containerd/containerd/v2 "$CONTAINERD_VERSION" \
+        "github.com/containerd/containerd/v2/cmd/$1" 0 \
+        "-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
+}
+
+(($#)) || fail "name the components to build (see the usage at the top of $0)"
 for component in "$@"; do
     case $component in
-    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl)
+    kube-apiserver | kube-controller-manager | kube-scheduler | kube-proxy | kubectl)
         build_kubernetes "$component" "k8s.io/kubernetes/cmd/$component" 0
         ;;
     kubelet) build_kubernetes kubelet k8s.io/kubernetes/cmd/kubelet 1 ;;
-    etcd) build_etcd ;;
+    etcd) build_module etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 0 ;;
+    csi-provisioner) build_sidecar csi-provisioner provisioner external-provisioner ;;
+    csi-attacher) build_sidecar csi-attacher attacher external-attacher ;;
+    csi-resizer) build_sidecar csi-resizer resizer external-resizer ;;
+    containerd | containerd-shim-runc-v2 | ctr) containerd_component "$component" ;;
+    runc)
+        ensure_packages libseccomp-dev pkg-config
+        build_module runc github.com/opencontainers/runc "$RUNC_VERSION" \
+            github.com/opencontainers/runc 1 "-s -w -X main.version=${RUNC_VERSION#v}" seccomp
+        ;;
+    cni)
+        for plugin in main/bridge main/loopback ipam/host-local meta/portmap; do
+            build_module "cni/${plugin#*/}" github.com/containernetworking/plugins \
+                "$CNI_PLUGINS_VERSION" "github.com/containernetworking/plugins/plugins/$plugin" 0 \
+                "-s -w -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=$CNI_PLUGINS_VERSION"
+        done
+        ;;
     *) fail "unknown component $component" ;;
     esac
 done
