@@ -21,9 +21,10 @@ where ZeroFS does, and then serves the volume:
   Tattach/Tauth to the storage directory and passes every other byte through.
 
 It stays in the foreground. SIGTERM/SIGINT stop both servers and remove the sockets
-(exit 0). If either server dies, the other is stopped and the stand-in exits 1, so a
-supervisor restarts it. The children die with it even on SIGKILL (PR_SET_PDEATHSIG
-with SIGKILL). Secrets are never printed.
+(exit 0); nbdkit is killed rather than stopped, so that, as with ZeroFS, a client sees
+its connections close and never an error reply. If either server dies, the other is
+stopped and the stand-in exits 1, so a supervisor restarts it. The children die with it
+even on SIGKILL (PR_SET_PDEATHSIG with SIGKILL). Secrets are never printed.
 """
 
 from __future__ import annotations
@@ -521,9 +522,17 @@ def serve(config: StandinConfig) -> int:
         # Stop handlers firing during cleanup would abort it half done.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for name in ("nbdkit", "diod"):
-            if name in children:
-                _stop(children[name], name)
+        # nbdkit stopping gracefully answers the requests it still reads with
+        # NBD_ESHUTDOWN, which the kernel turns into EIO. ZeroFS never answers with an
+        # error when it stops: it finishes the request each connection is executing and
+        # closes the connection, and the kernel resends the rest on the reconnected
+        # device. Killed, nbdkit closes its connections without answering anything more;
+        # every write it acknowledged is already in the file (docs/zerofs-compatibility.md).
+        if "nbdkit" in children:
+            children["nbdkit"].kill()
+            children["nbdkit"].wait()
+        if "diod" in children:
+            _stop(children["diod"], "diod")
         if relay is not None:
             relay.close()
         for path in (config.nbd_socket, config.ninep_socket):
