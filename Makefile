@@ -12,7 +12,7 @@ CSI_TEST_VERSION := v5.6.0
 CSI_SANITY := .cache/csi-sanity/$(CSI_TEST_VERSION)/csi-sanity
 
 .PHONY: all bootstrap build proto lint kube-assets cluster-build test test-unit test-s3 test-vm vm-prepare demo bench \
-	nbd-regression soak logs wheel clean
+	nbd-regression chaos soak logs wheel clean
 
 all: build
 
@@ -103,6 +103,12 @@ bench: build
 nbd-regression: build
 	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/harness/regression.py --iterations $(ITERATIONS) \
 		$(if $(filter-out 0,$(CHAOS)),--chaos) $(if $(SEED),--seed $(SEED))
+
+# ITERATIONS rounds of server stalls (5 s to 2 min) and kills, plugin kills and both, under a
+# writer; data and the kernel log checked after each (SEED= replays).
+chaos: build
+	$(VM) --timeout $$(( $(ITERATIONS) * 300 + 900 )) -- $(PY) tools/harness/chaos.py \
+		--rounds $(ITERATIONS) $(if $(SEED),--seed $(SEED))
 
 # fio with crc32c verification on a staged volume while its server is killed; DURATION seconds.
 soak: build

@@ -15,13 +15,20 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from zerofs_csi import bench, bench_chart, bench_node, bench_scale, bench_throughput
+from zerofs_csi import (
+    bench,
+    bench_chart,
+    bench_node,
+    bench_recovery,
+    bench_scale,
+    bench_throughput,
+)
 from zerofs_csi.bench import Comparison
 
 Benchmark = Callable[[int, int, int], list[Comparison]]
 DEFAULT_CHART = Path("build/bench.png")
 DEFAULT_HEAVY_CYCLES = 5
-HEAVY = frozenset({"stage", "concurrent_stage", "reconcile", "throughput"})
+HEAVY = frozenset({"stage", "concurrent_stage", "reconcile", "throughput", "server_kill"})
 
 
 def all_benchmarks() -> dict[str, Benchmark]:
@@ -30,6 +37,7 @@ def all_benchmarks() -> dict[str, Benchmark]:
         **bench_scale.BENCHMARKS,
         **bench_throughput.BENCHMARKS,
         **bench_node.BENCHMARKS,
+        **bench_recovery.BENCHMARKS,
     }
 
 

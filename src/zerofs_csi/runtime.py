@@ -139,6 +139,7 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
         teardown=lambda record: stager.teardown(record, operation="recovery"),
     )
     monitor = LinkMonitor(attacher, recovery.staged_records, metrics)
+    stager.watch_links(monitor.is_dead)
     service = NodeService(
         config.node_id,
         config.max_volumes_per_node,

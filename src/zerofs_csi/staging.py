@@ -14,12 +14,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from zerofs_csi import filesystems, fsprobe, mounts, node_mounts
-from zerofs_csi.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from zerofs_csi.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    Unavailable,
+)
 from zerofs_csi.metrics import Metrics
 from zerofs_csi.ninep import ExportFile
 from zerofs_csi.stage_record import (
@@ -38,6 +45,30 @@ log = logging.getLogger(__name__)
 
 MOUNT = "mount"
 BLOCK = "block"
+# Teardown's bounded waits: for a dead link's reconnect before unmounting, and for the
+# device's last requests before disconnecting it.
+LINK_WAIT_S = 120.0
+DRAIN_WAIT_S = 60.0
+
+
+def _in_flight(index: int) -> int:
+    """Requests of nbd<index> the block layer has in flight (reads + writes in sysfs);
+    0 once the device is gone."""
+    try:
+        with open(f"/sys/block/nbd{index}/inflight") as f:
+            return sum(int(n) for n in f.read().split())
+    except FileNotFoundError:
+        return 0
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float, message: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while not condition():
+        if time.monotonic() > deadline:
+            raise Unavailable(message)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 class AttachedDevice(Protocol):
@@ -107,6 +138,11 @@ class Stager:
         self._prepare_export = prepare_export
         self._records = records
         self._metrics = metrics
+        self._link_dead: Callable[[str], bool] = lambda _volume_id: False
+
+    def watch_links(self, link_dead: Callable[[str], bool]) -> None:
+        """Where teardown learns that a volume's NBD link is dead (the link monitor)."""
+        self._link_dead = link_dead
 
     def _is_intact(self, record: StageRecord) -> bool:
         """The record's device is attached to its volume, and mounted where it should be."""

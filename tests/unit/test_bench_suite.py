@@ -12,6 +12,7 @@ EXPECTED = {
     "attach_scaling",
     "reconcile",
     "throughput",
+    "server_kill",
     "stage",
     "concurrent_stage",
 }
