@@ -29,7 +29,9 @@ from zerofs_csi.stage_record import STAGED, StageRecord, volume_of_backend
 log = logging.getLogger(__name__)
 
 FIRST_RETRY_S = 0.05
-MAX_RETRY_S = 2.0
+# A refused connection costs nothing: retry often, so that the device is reconnected
+# within a quarter second of its restarted server listening.
+MAX_RETRY_S = 0.25
 # A local server answers a handshake in milliseconds; one that accepts and stays silent
 # (a process that is going away) must not hold a retry for long. Each connection's
 # reads are bounded by it in turn.
@@ -196,7 +198,9 @@ class LinkMonitor:
                             extra={"volume_id": vid, "error": exc.message},
                         )
                         return result
-                    log.info(
+                    # The first failure says why; the retries that follow it every
+                    # MAX_RETRY_S while the server restarts go to the debug log.
+                    (log.info if delay == FIRST_RETRY_S else log.debug)(
                         "reconnect attempt failed; retrying",
                         extra={"volume_id": vid, "error": exc.message, "retry_in": delay},
                     )
