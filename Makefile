@@ -11,7 +11,7 @@ SEED      ?=
 CSI_TEST_VERSION := v5.6.0
 CSI_SANITY := .cache/csi-sanity/$(CSI_TEST_VERSION)/csi-sanity
 
-.PHONY: all bootstrap build proto lint kube-assets cluster-build test test-unit test-s3 test-vm vm-prepare demo bench \
+.PHONY: all bootstrap build proto lint kube-assets cluster-build cluster-images cluster-runtime-check test test-unit test-s3 test-vm vm-prepare demo bench \
 	nbd-regression chaos soak logs wheel clean
 
 all: build
@@ -48,6 +48,15 @@ CLUSTER_COMPONENTS := kube-apiserver etcd kubectl kube-controller-manager kube-s
 
 cluster-build:
 	@tools/cluster/build.sh $(CLUSTER_COMPONENTS)
+
+# The CSI sidecar images as OCI archives for the node's containerd (no registry here).
+cluster-images: cluster-build
+	@tools/cluster/images.sh
+
+# containerd and runc from cluster-build run a sidecar image in the microVM.
+cluster-runtime-check:
+	@tools/cluster/build.sh containerd containerd-shim-runc-v2 ctr runc csi-provisioner
+	$(VM) --timeout $(VM_TIMEOUT) --mem 3072 -- tools/cluster/runtime_check.sh
 
 # Host tests: everything not needing the kernel's NBD driver or an S3 server; the
 # Kubernetes-backend tests against the real kube-apiserver too (KUBEBUILDER_ASSETS).

@@ -148,15 +148,10 @@ build_kubernetes() { # COMPONENT PACKAGE CGO
 
 # The tag charts/zerofs-csi/values.yaml pins for sidecars.<key>.
 chart_tag() {
-    python3 - "$here/charts/zerofs-csi/values.yaml" "$1" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-block = re.search(r"^  %s:\n((?:    .*\n|\n)*)" % re.escape(sys.argv[2]), text, re.M)
-tag = block and re.search(r"^      tag: *\"?([^\s\"]+)", block.group(1), re.M)
-if not tag:
-    sys.exit(f"no sidecars.{sys.argv[2]}.image.tag in {sys.argv[1]}")
-print(tag.group(1))
-PY
+    local tag
+    tag=$(python3 "$here/tools/cluster/chart_images.py" | awk -v key="$1" '$1 == key { print $3 }')
+    [[ -n $tag ]] || return 1
+    echo "$tag"
 }
 
 # A component from another module: a module of our own that requires it and copies its
