@@ -356,12 +356,37 @@ class Stager:
         self._backend.stop(volume_id)
 
     def teardown(self, record: StageRecord, operation: str) -> None:
-        """Unmount, detach (only our own device), stop the server, drop the record."""
+        """Unmount, detach (only our own device), stop the server, drop the record.
+
+        An unmount writes back what the filesystem holds: on a dead link it would wait in
+        the kernel for the reconnect, beyond any RPC deadline and any kill, so teardown
+        waits for the reconnect first (bounded, UNAVAILABLE after that). The device is
+        disconnected, and the server stopped, only once the kernel has no request of it
+        in flight: DISCONNECT fails those with EIO, and a stopped server answers none.
+        """
         vid = record.volume_id
         stage = self._metrics.stage
+        device = self._attacher.find_device(record.backend_id)
+        if device is not None:
+            with stage(operation, "wait_link", vid):
+                _wait(
+                    lambda: not self._link_dead(vid),
+                    LINK_WAIT_S,
+                    f"volume {vid}: its NBD link ({record.device}) is dead and was not "
+                    f"reconnected within {LINK_WAIT_S:g} s; unmounting now would hang on "
+                    "its writes. Retry once its server answers again",
+                )
         if record.access_type == MOUNT:
             with stage(operation, "umount", vid):
                 node_mounts.unmount_all(record.mount_path, f"volume {vid}")
+        if device is not None:
+            with stage(operation, "drain", vid):
+                _wait(
+                    lambda: _in_flight(device.index) == 0,
+                    DRAIN_WAIT_S,
+                    f"volume {vid}: {device.path} still has requests in flight after "
+                    f"{DRAIN_WAIT_S:g} s; its server is kept running",
+                )
         with stage(operation, "disconnect_nbd", vid):
             self._detach(record.backend_id)
         with stage(operation, "remove_server", vid):
