@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from zerofs_csi import nbd, ninep
+from zerofs_csi import link_keeper, nbd, ninep
 from zerofs_csi.config import Backend, Config
 from zerofs_csi.controller import ControllerService
 from zerofs_csi.events import EventRecorder, KubernetesEventRecorder, LogEventRecorder
@@ -125,6 +125,10 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
     prepare_state_dir(config)
     # One API client (one connection pool) for everything the node role asks the API.
     api = _kube_api(config) if config.backend is Backend.KUBERNETES else None
+    if api is None:
+        # Reconnects even while this process is dead or blocked; the chart runs it as a
+        # container of its own for the Kubernetes backend.
+        link_keeper.spawn(config.state_dir, config.log_format)
     backend = _volume_server_backend(config, metrics, api)
     attacher = NodeAttacher(nbd.NbdAttacher())
     records = RecordStore(config.state_dir)

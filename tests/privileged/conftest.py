@@ -483,7 +483,9 @@ def stop_plugin(plugin: PluginProcess) -> None:
         clean_up_volumes(plugin)
     finally:
         plugin.stop()
-        for pid, _ in plugin.server_processes():
+        # The volume servers, and the link keeper the plugin started (both outlive it).
+        keeper = f"zerofs_csi.link_keeper --state-dir {plugin.state_dir} "
+        for pid, _ in plugin.server_processes() + processes_mentioning(keeper):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
