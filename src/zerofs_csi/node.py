@@ -272,13 +272,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         vid = validate_volume_id(request.volume_id)
         if not request.volume_path:
             raise InvalidArgument("volume_path is required")
+        # capacity_range is optional: without it the filesystem grows to fill the device.
         required = request.capacity_range.required_bytes
         limit = request.capacity_range.limit_bytes
-        if required <= 0:
-            raise InvalidArgument("capacity_range.required_bytes must be positive")
+        if required < 0 or limit < 0:
+            raise InvalidArgument("capacity_range bytes must not be negative")
         with self._locks.hold(vid, "NodeExpandVolume"):
             record = self._record_of(vid, request.staging_target_path)
             _absolute(request.volume_path, "volume_path")
+            if required == 0:
+                if record.access_type == "mount":
+                    filesystems.grow_filesystem(record.fs_type, record.device, record.mount_path)
+                return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=record.size_bytes)
             sockets = self._backend.sockets(vid)
             size = self._prepare_export(str(sockets.ninep), vid, required).size_bytes
             if limit and size > limit:

@@ -78,6 +78,16 @@ def test_filesystem_grows_offline(volumes: VolumeFactory, fs_type: str) -> None:
     assert st.f_blocks * st.f_frsize > old_total + old_size // 2
     assert filesystem_uuid(volume.device()) == uuid
     assert expand(volume, 2 * old_size, staging_mount) == 2 * old_size  # idempotent
+    # Without a capacity range the filesystem fills the device it has.
+    reply = volume.node.NodeExpandVolume(
+        csi_pb2.NodeExpandVolumeRequest(
+            volume_id=volume.volume_id,
+            volume_path=staging_mount,
+            staging_target_path=volume.staging,
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    assert reply.capacity_bytes == 2 * old_size
 
     volume.publish(str(target))
     assert (target / "data").read_bytes() == payload

@@ -368,6 +368,10 @@ def test_other_rpcs_reject_bad_input(plugin: PluginProcess) -> None:
                 capacity_range=csi_pb2.CapacityRange(required_bytes=MiB),
             )
         ),
+        # capacity_range is optional in NodeExpandVolume (csi.proto).
+        "expand without capacity": lambda path: node.NodeExpandVolume(
+            csi_pb2.NodeExpandVolumeRequest(volume_id="pvc-x", volume_path=path)
+        ),
     }
     for name, call in not_found.items():
         for path in (target, "some/path"):

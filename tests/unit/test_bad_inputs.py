@@ -237,7 +237,7 @@ OTHER_CALLS = [
          csi_pb2.NodeExpandVolumeRequest(
              volume_id="pvc-1", volume_path="/v",
              capacity_range=csi_pb2.CapacityRange(required_bytes=-1)),
-         INVALID, "required_bytes must be positive"),
+         INVALID, "must not be negative"),
 ]  # fmt: skip
 
 
