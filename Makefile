@@ -44,7 +44,7 @@ kube-assets:
 # (README: "Test cluster"). Not part of make test until the cluster runs end to end.
 CLUSTER_COMPONENTS := kube-apiserver etcd kubectl kube-controller-manager kube-scheduler \
 	kubelet kube-proxy csi-provisioner csi-attacher csi-resizer \
-	containerd containerd-shim-runc-v2 ctr runc cni
+	containerd containerd-shim-runc-v2 ctr runc cni pause
 
 cluster-build:
 	@tools/cluster/build.sh $(CLUSTER_COMPONENTS)

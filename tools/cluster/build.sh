@@ -5,6 +5,7 @@
 #   kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd
 #   csi-provisioner csi-attacher csi-resizer (at the tags charts/zerofs-csi/values.yaml pins)
 #   containerd containerd-shim-runc-v2 ctr runc cni (bridge, host-local, loopback, portmap)
+#   pause (the pod sandbox, from the release's build/pause/linux/pause.c)
 # A component already built at its pinned version is left alone; a failed build names
 # the component and its log. Everything is built with the Go toolchain the Kubernetes
 # release names: a newer Go built a kube-apiserver whose OpenAPI endpoints answered 503.
@@ -206,6 +207,23 @@ ensure_packages() {
         || fail "cannot install the Debian packages ${missing[*]}; its log: $out/logs/apt.log"
 }
 
+# The pod sandbox's process, at the version kubeadm of this release uses, compiled
+# statically from the release's own source.
+build_pause() {
+    kube_module
+    local version stamp log="$out/logs/pause.log"
+    version=$(sed -n 's/^\tPauseVersion = "\(.*\)"$/\1/p' \
+        "$kube_source/cmd/kubeadm/app/constants/constants.go")
+    [[ -n $version ]] || fail "no PauseVersion in k8s.io/kubernetes@$KUBE_VERSION"
+    stamp="k8s.io/kubernetes@$KUBE_VERSION pause $version"
+    built pause "$stamp" && return
+    ensure_packages gcc libc6-dev
+    gcc -Os -Wall -static -DVERSION="v$version" -o "$out/pause" \
+        "$kube_source/build/pause/linux/pause.c" >"$log" 2>&1 \
+        || fail "compiling pause ($stamp) failed; its log: $log"
+    echo "$stamp" >"$out/.built/pause"
+}
+
 containerd_component() { # COMPONENT: one of containerd's commands
     build_module "$1" github.com/containerd/containerd/v2 "$CONTAINERD_VERSION" \
         "github.com/containerd/containerd/v2/cmd/$1" 0 \
@@ -229,6 +247,7 @@ for component in "$@"; do
         build_module runc github.com/opencontainers/runc "$RUNC_VERSION" \
             github.com/opencontainers/runc 1 "-s -w -X main.version=${RUNC_VERSION#v}" seccomp
         ;;
+    pause) build_pause ;;
     cni)
         for plugin in main/bridge main/loopback ipam/host-local meta/portmap; do
             build_module "cni/${plugin#*/}" github.com/containernetworking/plugins \

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Builds the test cluster's CSI sidecar images as OCI archives in
-# .cache/kube/<release>/images/, for the node's containerd to import (no registry is
-# reachable here): each sidecar the chart pins, its binary from make cluster-build alone
-# in one layer, as its entrypoint. An archive newer than its binary is kept.
-# Usage: tools/cluster/images.sh [IMAGE...]   (IMAGE: csi-provisioner ...; default all)
+# Builds the test cluster's images as OCI archives in .cache/kube/<release>/images/, for
+# the node's containerd to import (no registry is reachable here): each CSI sidecar the
+# chart pins, its binary from make cluster-build alone in one layer, as its entrypoint;
+# and the pod sandbox image, pause. An archive newer than its binary is kept. Needs no
+# network (the microVM runs it too).
+# Usage: tools/cluster/images.sh [IMAGE...]   (IMAGE: pause csi-provisioner ...; default all)
 # Prints "<archive> <repository>" per image; import one with
 #   ctr -n k8s.io images import --base-name <repository> <archive>
 set -euo pipefail
@@ -23,6 +24,15 @@ if ! command -v umoci >/dev/null; then
 fi
 
 mkdir -p "$out/images"
+
+# pause (make cluster-build compiles it) reports its version: "pause.c v3.10.2".
+pause_image() {
+    local version
+    [[ -x $out/pause ]] || fail "no $out/pause: run make cluster-build"
+    version=$("$out/pause" -v | awk '{ print $2 }')
+    echo "pause registry.k8s.io/pause ${version#v}"
+}
+
 missing=()
 found=0
 while read -r _key repository tag; do
@@ -54,7 +64,10 @@ while read -r _key repository tag; do
         trap - EXIT
     fi
     echo "$archive $repository"
-done <<<"$(python3 "$here/tools/cluster/chart_images.py")"
+done <<<"$(
+    if (($# == 0)) || [[ " $* " == *" pause "* ]]; then pause_image; fi
+    python3 "$here/tools/cluster/chart_images.py"
+)"
 
 (($# == 0 || found == $#)) || fail "the chart pins no sidecar image among: $*"
 ((${#missing[@]} == 0)) \
