@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import MiB, Volume, VolumeFactory, wait_for
 
+from zerofs_csi.process_backend import nbd_server_answers
+
 pytestmark = pytest.mark.privileged
 
 TOTAL_MIB = 24
@@ -94,6 +96,10 @@ def test_server_restart_under_fsyncing_writer(volumes: VolumeFactory) -> None:
     second_pid = wait_for(
         lambda: (pid := server_pid(volume)) not in (None, first_pid) and pid, 60, "a restart"
     )
+    # Restarted means answering NBD: the stand-in starts diod first, which can take
+    # seconds under load.
+    nbd_socket = volume.plugin.state_dir / "sockets" / volume.volume_id / "nbd.sock"
+    wait_for(lambda: nbd_server_answers(nbd_socket, 1.0), 120, "the new server to answer")
     restarted_in = time.monotonic() - killed_at
 
     writer.join(WRITER_TIMEOUT_S)

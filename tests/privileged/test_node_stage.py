@@ -177,7 +177,9 @@ def test_block_life(volumes: VolumeFactory) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize(("parameter", "connections"), [({"nbdConnections": "1"}, 1), ({}, 4)])
+@pytest.mark.parametrize(
+    ("parameter", "connections"), [({"nbdConnections": "4"}, 4), ({}, nbd.DEFAULT_CONNECTIONS)]
+)
 def test_nbd_connections_follow_the_storage_class(
     volumes: VolumeFactory, parameter: dict[str, str], connections: int
 ) -> None:

@@ -13,7 +13,11 @@ the whole run long while, round after round, one fault drawn from the seed strik
   restarted while stopped;
 - server kill: kill -9 of the server's process group (its supervisor restarts it);
 - plugin kill: kill -9 of the plugin, started again after 0 to 12 s;
-- both: server and plugin killed together, the plugin started again 10 s later.
+- both: server and plugin killed together, the plugin started again 10 s later;
+- plugin stuck in unmount: the writer stops, the server is stopped, NodeUnpublish and
+  NodeUnstage are called and the plugin, blocked in the unmount's writes, is killed; the
+  server is continued after its stall, the plugin started again, and unstage, stage and
+  publish retried as the CO would before a new writer starts.
 
 After each round the writer must have made progress past the fault, every fsync'd MiB
 must read back, and the kernel log (read from /dev/kmsg as it is written, so a flood of
@@ -60,7 +64,11 @@ STALL = "stall server"
 KILL_SERVER = "kill -9 server"
 KILL_PLUGIN = "kill -9 plugin"
 KILL_BOTH = "kill -9 server and plugin"
-KINDS = (STALL, KILL_SERVER, KILL_PLUGIN, KILL_BOTH)
+STUCK_UNMOUNT = "kill -9 plugin stuck in unmount"
+KINDS = (STALL, KILL_SERVER, KILL_PLUGIN, KILL_BOTH, STUCK_UNMOUNT)
+# A plugin blocked in an unmount exits only once the stalled server answers again: that
+# stall is kept shorter than the fixtures' wait for a killed plugin to exit.
+STUCK_STALL_MAX_S = 60.0
 MIN_STALL_S = 5.0
 # Kernel lines that mean a request failed, a filesystem gave up or a reply was lost.
 FORBIDDEN = ("I/O error", "Aborting journal", "Remounting filesystem read-only", "Suspicious reply")
@@ -111,6 +119,8 @@ def draw_rounds(rng: random.Random, count: int, max_stall: float, hung_after: fl
             seconds = round(rng.uniform(0.0, 12.0), 1)
         elif kind == KILL_BOTH:
             seconds = 10.0
+        elif kind == STUCK_UNMOUNT:
+            seconds = round(rng.uniform(MIN_STALL_S, min(max_stall, STUCK_STALL_MAX_S)), 1)
         rounds.append(Round(number, kind, seconds))
     return rounds
 
@@ -156,24 +166,29 @@ class Writer(threading.Thread):
     ``durable`` holds the MiB of each kept file made durable. ``longest_wait`` is the
     longest single write or fsync since it was last reset."""
 
-    def __init__(self, directory: Path, seed: int) -> None:
+    def __init__(
+        self, directory: Path, seed: int, first: int = 0, durable: dict[str, int] | None = None
+    ) -> None:
         super().__init__(name="chaos-writer", daemon=True)
-        self.directory, self.seed = directory, seed
-        self.durable: dict[str, int] = {}
+        self.directory, self.seed, self.first = directory, seed, first
+        self.durable: dict[str, int] = dict(durable or {})
+        self.number = first
         self.progress = 0  # MiB written
         self.error: OSError | None = None
         self.longest_wait = 0.0
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        number = 0
+        number = self.first
         try:
             while not self.stopping.is_set():
                 name = f"chaos-{number:04d}.bin"
+                self.number = number + 1
                 if number >= KEEP_FILES:
                     oldest = f"chaos-{number - KEEP_FILES:04d}.bin"
-                    del self.durable[oldest]
-                    os.unlink(self.directory / oldest)
+                    self.durable.pop(oldest, None)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.directory / oldest)
                 self.durable[name] = 0
                 fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
                 try:
@@ -228,18 +243,15 @@ class Chaos:
         )
         self.volume.stage()
         self.volume.publish(str(self.target))
-        writer = Writer(self.target, self.seed)
-        writer.start()
+        self.writer = Writer(self.target, self.seed)
+        self.writer.start()
         try:
-            self.wait_progress(writer, FSYNC_EVERY_MIB, "the first writes")
+            self.wait_progress(self.writer, FSYNC_EVERY_MIB, "the first writes")
             for plan in self.results.rounds:
-                self.round(plan, writer)
+                self.round(plan)
         finally:
-            writer.stopping.set()
-            writer.join(PROGRESS_TIMEOUT_S)
-        check(writer.error is None, f"the writer got {writer.error}")
-        check(not writer.is_alive(), "the writer did not stop")
-        self.restage_and_verify(writer)
+            self.stop_writer()
+        self.restage_and_verify(self.writer)
         self.check_kernel("after the restage")
 
     def wait_progress(self, writer: Writer, mib: int, what: str) -> None:
@@ -255,8 +267,48 @@ class Chaos:
             )
             time.sleep(0.05)
 
-    def round(self, plan: Round, writer: Writer) -> None:
+    def stop_writer(self) -> None:
+        self.writer.stopping.set()
+        self.writer.join(PROGRESS_TIMEOUT_S)
+        check(self.writer.error is None, f"the writer got {self.writer.error}")
+        check(not self.writer.is_alive(), "the writer did not stop")
+
+    def stuck_unmount(self, plan: Round) -> None:
+        """Stop the writer and the server, unstage, kill the plugin blocked in the
+        unmount; continue the server after its stall, start the plugin again and have
+        the CO's retries and a new writer carry on."""
+        self.stop_writer()
+        volume, pid = self.volume, server_pid(self.volume)
+        check(pid is not None, "no volume server to stall")
+        # Dirty data for the unmount to write back.
+        (self.target / "unsynced.bin").write_bytes(os.urandom(8 * MiB))
+        os.killpg(pid, signal.SIGSTOP)
+        resume = threading.Timer(plan.seconds, lambda: os.killpg(pid, signal.SIGCONT))
+        resume.start()
+
+        def unstage() -> None:
+            with contextlib.suppress(Exception):
+                volume.unpublish(str(self.target))
+                volume.unstage()
+
+        threading.Thread(target=unstage, daemon=True).start()
+        time.sleep(min(3.0, plan.seconds / 2))
+        self.plugin.kill9()  # returns once the unmount's writes are answered
+        resume.join()
+        self.plugin.start()
+        call_with_retry("NodeUnpublish", lambda: volume.unpublish(str(self.target)))
+        call_with_retry("NodeUnstage", volume.unstage)
+        call_with_retry("NodeStage", volume.stage)
+        call_with_retry("NodePublish", lambda: volume.publish(str(self.target)))
+        for name, mib in self.writer.durable.items():
+            verify_file(self.target / name, self.seed, name, mib)
+        self.writer = Writer(self.target, self.seed, self.writer.number, self.writer.durable)
+        self.writer.start()
+        plan.detail = f"server {pid} stopped {plan.seconds:g} s under an unstage, plugin killed"
+
+    def round(self, plan: Round) -> None:
         started = time.monotonic()
+        writer = self.writer
         writer.longest_wait = 0.0
         pid = server_pid(self.volume)
         if plan.kind == STALL:
@@ -275,6 +327,9 @@ class Chaos:
             killed = kill_server(self.volume)
             plan.server_restart_s = self.wait_new_server(killed)
             plan.detail = f"server {killed} killed"
+        elif plan.kind == STUCK_UNMOUNT:
+            self.stuck_unmount(plan)
+            writer = self.writer
         else:
             if plan.kind == KILL_BOTH:
                 kill_server(self.volume)
