@@ -65,11 +65,11 @@ POINTS: dict[str, tuple[str, ...]] = {
     "after NodeUnpublish": ALL_FAULTS,
     "during NodeUnstage": (KILL_PLUGIN,),
 }
-# The slow one: the writer waits for the I/O timeout (below). CI leaves it to
-# tests/privileged/test_node_reconnect.py, which checks exactly that.
+# CI leaves a server kill under the writer to tests/privileged/test_node_reconnect.py and
+# the chaos test, which check exactly that.
 SERVER_KILL_UNDER_WRITER = ("during write", KILL_SERVER)
-# A writer whose server was killed waits for the reconnect; requests in flight are
-# resent when their I/O timeout (zerofs_csi.nbd.DEFAULT_IO_TIMEOUT_S) expires.
+# A writer whose server was killed waits for the restart and the reconnect; requests in
+# flight are resent at the kernel's next look after it (zerofs_csi.nbd.REQUEUE_TICK_MS).
 WRITER_TIMEOUT_S = 400.0
 
 

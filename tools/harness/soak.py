@@ -51,8 +51,8 @@ from common import (  # noqa: E402
 
 RANDOM_FILE_MIB = 64
 SEQUENTIAL_FILE_MIB = 32
-# fio blocks on a dead link until the plugin reconnects; requests that were in flight are
-# resent when their I/O timeout (zerofs_csi.nbd.DEFAULT_IO_TIMEOUT_S) expires.
+# fio blocks on a dead link until the device is reconnected; requests that were in flight
+# are resent at the kernel's next look after it (zerofs_csi.nbd.REQUEUE_TICK_MS).
 FIO_SLACK_S = 600.0
 
 
