@@ -161,7 +161,8 @@ def test_plugin_and_server_killed_together(own_plugin: PluginProcess) -> None:
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
     # Requests in flight at the kill are resent at the kernel's next look after the
-    # reconnect; new ones wait for the reconnect. Either way well before the dead-connection timeout (300 s).
+    # reconnect; new ones wait for the reconnect. Either way well before the
+    # dead-connection timeout (300 s).
     writer.join(250)
     assert not writer.is_alive(), "write still blocked"
     assert not errors, errors
