@@ -27,10 +27,8 @@ pytestmark = pytest.mark.privileged
 TOTAL_MIB = 24
 KILL_AFTER_MIB = 4
 WRITER_TIMEOUT_S = 400.0
-# The requests lost with the killed server are resent at the kernel's next look after
-# the reconnect (zerofs_csi.nbd.REQUEUE_TICK_MS): the writer waits for the restart and
-# little more. With a kernel I/O timeout it waited for that timeout (30 s) instead.
-PAUSE_BEYOND_RESTART_S = 8.0
+# How long the writer waits against the server's restart is the benchmark's
+# (`server_kill`, a ratio in one run); here only that it never sees an error.
 
 
 def chunk(index: int) -> bytes:
@@ -107,10 +105,6 @@ def test_server_restart_under_fsyncing_writer(volumes: VolumeFactory) -> None:
     assert writer.error is None, f"I/O error after {writer.synced} MiB: {writer.error}"
     assert writer.synced == TOTAL_MIB
     assert killed_after < TOTAL_MIB, "the server died after the writer was done"
-    assert writer.longest_stall < restarted_in + PAUSE_BEYOND_RESTART_S, (
-        f"the writer waited {writer.longest_stall:.1f} s for a server restarted in "
-        f"{restarted_in:.1f} s"
-    )
     stats = volume.stats(str(target))
     assert not stats.volume_condition.abnormal, stats.volume_condition.message
     assert "reconnected" in volume.plugin.log_path.read_text(errors="replace")
