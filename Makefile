@@ -2,7 +2,7 @@
 PY        := .venv/bin/python
 PYTEST    := .venv/bin/pytest
 VM        := python3 tests/vm/runner.py
-VM_TIMEOUT ?= 1800
+VM_TIMEOUT ?= 2400
 ITERATIONS ?= 20
 DURATION  ?= 600
 CHAOS     ?= 0
