@@ -23,10 +23,8 @@ import argparse
 import fcntl
 import logging
 import os
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from zerofs_csi.config import LogFormat
 from zerofs_csi.link_monitor import LinkMonitor
 from zerofs_csi.metrics import Metrics
 from zerofs_csi.node_attach import NodeAttacher
+from zerofs_csi.shutdown import stop_on_signals
 from zerofs_csi.stage_record import RecordStore, StageRecord
 
 log = logging.getLogger(__name__)
@@ -103,14 +102,7 @@ def run(state_dir: Path, node: str = "") -> int:
             "a link keeper already runs for this state directory", extra={"dir": str(state_dir)}
         )
         return 0
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("stopping on %s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = stop_on_signals(log)
     records = RecordStore(state_dir)
     attacher = NodeAttacher(nbd.NbdAttacher())
     metrics = Metrics(node, CollectorRegistry())

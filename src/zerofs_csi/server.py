@@ -5,10 +5,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
 import socket
 import stat
-import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from zerofs_csi.node_checks import node_checks
 from zerofs_csi.readiness import Check, Readiness
 from zerofs_csi.runtime import NodeRuntime, StartupError, build_controller, build_node
 from zerofs_csi.sanitize import REDACTOR
+from zerofs_csi.shutdown import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +142,7 @@ def run(config: Config) -> int:
             return 2
         metrics.start()
 
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("stopping on %s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = stop_on_signals(log)
 
     plugin.server.start()
     if plugin.socket_path is not None:
