@@ -48,13 +48,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    HarnessFailure,
     MiB,
     block,
     call_with_retry,
     check,
     kill_server,
     load_fixtures,
+    run_and_close,
     server_pid,
     verify_file,
     write_results,
@@ -411,18 +411,7 @@ def run(
     own_workdir = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="zerofs-chaos-"))
     chaos = Chaos(workdir, seed, plan, hung_after, parameters or {}, log)
-    failure: str | None = None
-    try:
-        chaos.run()
-    except HarnessFailure as exc:
-        failure = str(exc)
-    except Exception as exc:  # any other error is a failed run too, reported the same way
-        failure = f"{type(exc).__name__}: {exc}"
-    finally:
-        try:
-            chaos.close()
-        except Exception as exc:
-            failure = failure or f"cleanup failed: {type(exc).__name__}: {exc}"
+    failure = run_and_close(chaos)
     results: dict[str, object] = {
         "harness": "chaos",
         "passed": failure is None,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -78,6 +78,29 @@ class HarnessFailure(Exception):
 def check(condition: object, message: str) -> None:
     if not condition:
         raise HarnessFailure(message)
+
+
+class Harness(Protocol):
+    def run(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def run_and_close(harness: Harness) -> str | None:
+    """Run a harness and always close it; return why it failed, or None when it passed."""
+    failure: str | None = None
+    try:
+        harness.run()
+    except HarnessFailure as exc:
+        failure = str(exc)
+    except Exception as exc:  # any other error is a failed run too, reported the same way
+        failure = f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            harness.close()
+        except Exception as exc:
+            failure = failure or f"cleanup failed: {type(exc).__name__}: {exc}"
+    return failure
 
 
 def block(seed: int, name: str, index: int) -> bytes:

@@ -40,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     DEFAULT_RETRY_BOUND_S,
-    HarnessFailure,
     MiB,
     block,
     call_with_retry,
     check,
     kill_server,
     load_fixtures,
+    run_and_close,
     verify_file,
     write_results,
 )
@@ -370,16 +370,8 @@ def run(
     regression = Regression(workdir, iterations, seed, faults, fs_type, data_mib, log=log)
     failure: str | None = None
     try:
-        regression.run()
-    except HarnessFailure as exc:
-        failure = str(exc)
-    except Exception as exc:  # any other error is a failed run too, reported the same way
-        failure = f"{type(exc).__name__}: {exc}"
+        failure = run_and_close(regression)
     finally:
-        try:
-            regression.close()
-        except Exception as exc:
-            failure = failure or f"cleanup failed: {type(exc).__name__}: {exc}"
         results = regression.results(failure)
         name = results_name or ("regression-chaos" if chaos else "regression")
         log_copy = workdir / "plugin.log"
