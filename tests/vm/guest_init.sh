@@ -30,10 +30,12 @@ halt_vm() {
 phase "stage 2"
 run_dir=
 repo=
+net=
 for word in $(cat /proc/cmdline); do
     case "$word" in
         zerofs_vm.run=*) run_dir="${word#zerofs_vm.run=}" ;;
         zerofs_vm.repo=*) repo="${word#zerofs_vm.repo=}" ;;
+        zerofs_vm.net=*) net="${word#zerofs_vm.net=}" ;;
     esac
 done
 [ -n "$run_dir" ] && [ -f "$run_dir/guest.conf" ] || die "no run directory on the kernel command line"
@@ -91,6 +93,20 @@ fi
 
 hostname zerofs-vm
 busybox ip link set lo up || die "cannot bring up lo"
+# A network card only when the runner forwards ports to the host (--forward):
+# zerofs_vm.net=ADDRESS/PREFIX,GATEWAY.
+if [ -n "$net" ]; then
+    /run/guest-modprobe virtio_net || die "cannot load virtio_net"
+    tries=0
+    until [ -e /sys/class/net/eth0 ]; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 100 ] || die "no eth0 after loading virtio_net"
+        sleep 0.1
+    done
+    busybox ip link set eth0 up || die "cannot bring up eth0"
+    busybox ip addr add "${net%,*}" dev eth0 || die "cannot address eth0"
+    busybox ip route add default via "${net#*,}" || die "cannot route through ${net#*,}"
+fi
 phase "mounts done"
 
 # udevd first, so that it sees the nbd devices appear as on a real node.

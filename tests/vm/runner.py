@@ -81,6 +81,11 @@ VENV_TAG = "venv"
 GUEST_BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Directories the guest covers with fresh tmpfs mounts: a working directory
 # below them would not exist in the guest.
+# The guest's network when it has one (--forward): QEMU's user-mode defaults.
+GUEST_NETWORK = "10.0.2.0/24"
+GUEST_ADDRESS = "10.0.2.15/24"
+GUEST_GATEWAY = "10.0.2.2"
+GUEST_FORWARD_ADDRESS = "10.0.2.100"
 GUEST_TMPFS_DIRS = ("/tmp", "/var/tmp", "/run", "/var/log", "/proc", "/sys", "/dev")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -646,6 +651,9 @@ class VmSpec:
     share_venv: bool = False
     kernel_console_quiet: bool = True
     extra_append: tuple[str, ...] = field(default=())
+    # (guest port, host port): the guest's GUEST_FORWARD_ADDRESS:port reaches the
+    # host's 127.0.0.1:port. Any forward gives the guest a network card.
+    forwards: tuple[tuple[int, int], ...] = field(default=())
 
 
 def kernel_command_line(spec: VmSpec) -> str:
@@ -659,8 +667,41 @@ def kernel_command_line(spec: VmSpec) -> str:
     ]
     if spec.share_venv:
         words.append(f"zerofs_vm.venv={VENV_TAG}")
+    if spec.forwards:
+        words.append(f"zerofs_vm.net={GUEST_ADDRESS},{GUEST_GATEWAY}")
     words += spec.extra_append
     return " ".join(words)
+
+
+def network_arguments(forwards: Sequence[tuple[int, int]]) -> list[str]:
+    """QEMU user networking restricted to the given forwards to the host's loopback.
+
+    restrict=on: the guest reaches nothing but the forwards (no host address, no
+    outside). Each guest connection runs its own socat to the host port, as QEMU's
+    guestfwd to a chardev would carry one connection only.
+    """
+    rules = "".join(
+        f",guestfwd=tcp:{GUEST_FORWARD_ADDRESS}:{guest}-cmd:socat - TCP:127.0.0.1:{host}"
+        for guest, host in forwards
+    )
+    return [
+        "-netdev",
+        f"user,id=net0,restrict=on,net={GUEST_NETWORK}{rules}",
+        "-device",
+        "virtio-net-pci,netdev=net0",
+    ]
+
+
+def parse_forward(text: str) -> tuple[int, int]:
+    """GUEST_PORT:HOST_PORT, or PORT for the same number on both sides."""
+    guest, _, host = text.partition(":")
+    try:
+        ports = int(guest), int(host or guest)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected GUEST_PORT:HOST_PORT") from None
+    if not all(0 < port < 65536 for port in ports):
+        raise argparse.ArgumentTypeError(f"{text!r}: ports are 1-65535")
+    return ports
 
 
 def qemu_command(spec: VmSpec, fds: Mapping[str, int]) -> list[str]:
@@ -713,6 +754,8 @@ def qemu_command(spec: VmSpec, fds: Mapping[str, int]) -> list[str]:
         "-append",
         kernel_command_line(spec),
     ]
+    if spec.forwards:
+        argv += network_arguments(spec.forwards)
     return argv
 
 
@@ -954,6 +997,15 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         metavar="NAME[=VALUE]",
         help="pass a host variable (or set one) in the command's environment",
     )
+    parser.add_argument(
+        "--forward",
+        action="append",
+        default=[],
+        type=parse_forward,
+        metavar="GUEST_PORT:HOST_PORT",
+        help=f"the guest's {GUEST_FORWARD_ADDRESS}:GUEST_PORT reaches the host's "
+        "127.0.0.1:HOST_PORT (gives the guest a network card; nothing else is reachable)",
+    )
     parser.add_argument("--cwd", help="working directory in the guest (default: the current one)")
     parser.add_argument(
         "--prepare-only", action="store_true", help="install packages and build the cache only"
@@ -1019,6 +1071,7 @@ def main(argv: Sequence[str]) -> int:
             share_venv=venv_bin.is_dir(),
             kernel_console_quiet=not args.console,
             extra_append=tuple(args.kernel_arg),
+            forwards=tuple(args.forward),
         )
         status = run_vm(spec, Limits(args.timeout, args.boot_timeout), args.console)
     except VmError as exc:

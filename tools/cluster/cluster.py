@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""A single-node Kubernetes cluster built from source: the control plane on this host,
+the node (containerd, kubelet, kube-proxy, every pod) in the microVM, whose kernel has
+NBD. The guest reaches the host only through QEMU's forwards to the host's loopback:
+the API server's port and, with ``--s3``, a radosgw the run starts.
+
+Usage:
+    cluster.py up                 the cluster until ^C; prints the admin KUBECONFIG
+    cluster.py run -- CMD ARGS    the cluster, then CMD in the guest once the node is
+                                  Ready (it gets the environment of node.env); the
+                                  exit status is CMD's
+
+Needs the builds of ``make cluster-build`` and the images of ``make cluster-images``.
+Logs of every component: RUN_DIR/logs/ (printed at the start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "tests" / "s3"))
+
+from control_plane import (  # noqa: E402
+    POD_CIDR,
+    SERVICE_API_ADDRESS,
+    ComponentFailed,
+    ControlPlane,
+    Endpoints,
+)
+from pki import ensure_pki  # noqa: E402
+
+STATE_DIR = REPO / ".cache" / "cluster"
+NODE_NAME = "zerofs-vm"
+# QEMU user networking (tests/vm/runner.py): the guest's address, and the address its
+# forwards to the host's loopback answer on.
+NODE_IP = "10.0.2.15"
+FORWARD_ADDRESS = "10.0.2.100"
+NODE_POD_CIDR = "10.244.0.0/24"
+S3_GUEST_PORT = 7480
+# Host packages the node uses from the host's root: pod networking (CNI bridge's
+# masquerade, kube-proxy's rules) and conntrack clean-up.
+NODE_PACKAGES = {"iptables": "iptables", "conntrack": "conntrack"}
+VM_MEMORY_MIB = 6144
+
+
+def log(message: str) -> None:
+    print(f"cluster: {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def binaries_dir() -> Path:
+    output = subprocess.run(
+        [str(HERE / "build.sh"), "--print-dir"], capture_output=True, text=True, check=True
+    )
+    return Path(output.stdout.strip())
+
+
+def ensure_node_packages() -> None:
+    missing = [package for binary, package in NODE_PACKAGES.items() if not shutil.which(binary)]
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)} (Debian packages; the node runs them)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+
+
+def image_list() -> list[str]:
+    """Lines "<archive> <repository>" of make cluster-images' archives."""
+    result = subprocess.run([str(HERE / "images.sh")], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ComponentFailed(f"the images are not built: {result.stderr.strip()}")
+    return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def pause_image(images: Sequence[str]) -> str:
+    for line in images:
+        archive, repository = line.split()
+        if repository.endswith("/pause"):
+            tag = Path(archive).stem.rsplit("-", 1)[1]
+            return f"{repository}:{tag}"
+    raise ComponentFailed("make cluster-images built no pause image")
+
+
+@contextmanager
+def s3_gateway(run_dir: Path) -> Iterator[dict[str, str]]:
+    from radosgw import RadosGateway, ensure_installed
+
+    ensure_installed()
+    gateway = RadosGateway(Path(tempfile.mkdtemp(prefix="zerofs-cluster-rgw-")))
+    gateway.start()
+    try:
+        port = gateway.endpoint.rsplit(":", 1)[1]
+        yield {
+            "S3_HOST_ENDPOINT": gateway.endpoint,
+            "S3_HOST_PORT": port,
+            "S3_ENDPOINT": f"http://{FORWARD_ADDRESS}:{S3_GUEST_PORT}",
+            "AWS_ACCESS_KEY_ID": gateway.access_key,
+            "AWS_SECRET_ACCESS_KEY": gateway.secret_key,
+        }
+    finally:
+        gateway.stop()
+
+
+def node_environment(
+    plane: ControlPlane, binaries: Path, images: Sequence[str], extra: dict[str, str]
+) -> dict[str, str]:
+    return {
+        "BINARIES": str(binaries),
+        "NODE_NAME": NODE_NAME,
+        "NODE_IP": NODE_IP,
+        "NODE_POD_CIDR": NODE_POD_CIDR,
+        "POD_CIDR": POD_CIDR,
+        "SERVICE_API_ADDRESS": SERVICE_API_ADDRESS,
+        "CA_FILE": str(plane.pki.ca),
+        "PAUSE_IMAGE": pause_image(images),
+        "KUBELET_KUBECONFIG": str(plane.kubeconfig("kubelet", for_node=True)),
+        "KUBE_PROXY_KUBECONFIG": str(plane.kubeconfig("kube-proxy", for_node=True)),
+        "ADMIN_KUBECONFIG": str(plane.kubeconfig("admin", for_node=True)),
+        "KUBECONFIG": str(plane.kubeconfig("admin", for_node=True)),
+        **extra,
+    }
+
+
+def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> int:
+    ensure_node_packages()
+    binaries = binaries_dir()
+    images = image_list()
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    pki = ensure_pki(
+        STATE_DIR / "pki", NODE_NAME, ("127.0.0.1", FORWARD_ADDRESS, SERVICE_API_ADDRESS)
+    )
+    run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%dT%H%M%S-"), dir=STATE_DIR))
+    log(f"run directory {run_dir} (logs in {run_dir / 'logs'})")
+    endpoints = Endpoints(
+        api_port=free_port(),
+        etcd_port=free_port(),
+        etcd_peer_port=free_port(),
+        advertise_address=FORWARD_ADDRESS,
+    )
+    plane = ControlPlane(binaries, pki, run_dir, endpoints)
+    started = time.monotonic()
+    try:
+        plane.start()
+        log(f"control plane up in {time.monotonic() - started:.1f} s at {endpoints.host_url}")
+        log(f"KUBECONFIG={plane.kubeconfig('admin')}")
+        with s3_or_nothing(run_dir, with_s3) as s3:
+            env = node_environment(plane, binaries, images, s3)
+            (run_dir / "node.env").write_text(
+                "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+            )
+            os.chmod(run_dir / "node.env", 0o600)
+            (run_dir / "images.txt").write_text("\n".join(images) + "\n")
+            forwards = [f"{endpoints.api_port}:{endpoints.api_port}"]
+            if s3:
+                forwards.append(f"{S3_GUEST_PORT}:{s3['S3_HOST_PORT']}")
+            vm = [
+                sys.executable,
+                str(REPO / "tests" / "vm" / "runner.py"),
+                "--timeout",
+                str(timeout_s),
+                "--mem",
+                str(VM_MEMORY_MIB),
+                *(arg for forward in forwards for arg in ("--forward", forward)),
+                "--",
+                str(HERE / "node.sh"),
+                str(run_dir),
+                *command,
+            ]
+            return subprocess.run(vm, cwd=REPO).returncode
+    except ComponentFailed as exc:
+        log(str(exc))
+        return 1
+    finally:
+        plane.stop()
+
+
+@contextmanager
+def s3_or_nothing(run_dir: Path, with_s3: bool) -> Iterator[dict[str, str]]:
+    if not with_s3:
+        yield {}
+        return
+    with s3_gateway(run_dir) as s3:
+        yield s3
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tools/cluster/cluster.py")
+    parser.add_argument("action", choices=("up", "run"))
+    parser.add_argument("--s3", action="store_true", help="start a radosgw the node reaches")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="the VM's whole run, s")
+    argv = list(argv)
+    command: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
+    args = parser.parse_args(argv)
+    if args.action == "up":
+        if command:
+            parser.error("up takes no command")
+        command = ["sleep", "infinity"]
+    elif not command:
+        parser.error("run needs a command after --")
+    return run_cluster(command, with_s3=args.s3, timeout_s=args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# The test cluster's node, run as the microVM's command (tools/cluster/cluster.py):
+# containerd with the images of make cluster-images, kubelet and kube-proxy, registered
+# with the API server on the host through the VM's forward; then runs CMD and stops
+# everything. The guest's root is the host's, read-only: the node's state lives in
+# tmpfs (/var/lib, /run), so every run starts from an empty node.
+# Usage: node.sh RUN_DIR CMD ARGS...   (RUN_DIR: written by cluster.py; node.env in it)
+set -euo pipefail
+run_dir=$1
+shift
+here=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=/dev/null
+source "$run_dir/node.env"
+export PATH=$BINARIES:$PATH
+logs=$run_dir/logs
+mkdir -p "$logs"
+
+fail() {
+    echo "node.sh: $*" >&2
+    exit 1
+}
+
+pids=()
+stop_all() {
+    local pid
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        pid=${pids[i]}
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap stop_all EXIT
+
+# Starts a component in the background, its output in $logs/NAME.log.
+start() { # NAME ARGS...
+    local name=$1
+    shift
+    "$@" >"$logs/$name.log" 2>&1 &
+    pids+=($!)
+}
+
+alive() { # NAME PID
+    kill -0 "$2" 2>/dev/null || { tail -20 "$logs/$1.log" >&2; fail "$1 exited; its log: $logs/$1.log"; }
+}
+
+phase() { echo "node.sh: $(cut -d' ' -f1 /proc/uptime) s $*"; }
+
+# kubelet and the runtime need the unified cgroup hierarchy with its controllers
+# delegated, shared mount propagation (the CSI plugin's mounts reach the pods), and a
+# writable /var/lib.
+mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup
+echo "+cpu +memory +pids +io +cpuset" >/sys/fs/cgroup/cgroup.subtree_control
+mount --make-rshared /
+mount -t tmpfs -o mode=755 tmpfs /var/lib
+mkdir -p /var/lib/kubelet /var/lib/containerd /run/containerd /run/cni/net.d
+modprobe=/run/guest-modprobe
+for module in overlay br_netfilter bridge veth nf_conntrack iptable_nat iptable_filter \
+    xt_MASQUERADE xt_comment xt_mark xt_conntrack xt_addrtype nf_nat; do
+    "$modprobe" "$module" || fail "cannot load the $module module"
+done
+sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1 \
+    net.ipv4.conf.all.route_localnet=1
+phase "kernel ready"
+
+# Pods on one bridge, masqueraded when they leave it (the API server and S3 are on the
+# host, behind the VM's forwards).
+cat >/run/cni/net.d/10-zerofs-test.conflist <<JSON
+{
+  "cniVersion": "1.0.0",
+  "name": "zerofs-test",
+  "plugins": [
+    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true,
+     "ipam": {"type": "host-local", "ranges": [[{"subnet": "$NODE_POD_CIDR"}]],
+              "routes": [{"dst": "0.0.0.0/0"}]}},
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+JSON
+
+cat >/run/containerd/config.toml <<TOML
+version = 3
+root = "/var/lib/containerd"
+state = "/run/containerd"
+[grpc]
+  address = "/run/containerd/containerd.sock"
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = "$PAUSE_IMAGE"
+[plugins.'io.containerd.cri.v1.runtime'.cni]
+  bin_dirs = ["$BINARIES/cni"]
+  conf_dir = "/run/cni/net.d"
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+  BinaryName = "$BINARIES/runc"
+TOML
+start containerd containerd --config /run/containerd/config.toml
+containerd_pid=${pids[-1]}
+for _ in $(seq 600); do
+    [[ -S /run/containerd/containerd.sock ]] && break
+    alive containerd "$containerd_pid"
+    sleep 0.1
+done
+[[ -S /run/containerd/containerd.sock ]] || fail "containerd did not open its socket"
+phase "containerd up"
+
+# Every image the cluster runs, from the archives of make cluster-images.
+while read -r archive repository; do
+    [[ -n $archive ]] || continue
+    ctr --address /run/containerd/containerd.sock -n k8s.io images import \
+        --base-name "$repository" "$archive" >/dev/null || fail "cannot import $archive"
+done <"$run_dir/images.txt"
+phase "images imported"
+
+cat >/run/kubelet-config.yaml <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: "$CA_FILE"}
+authorization: {mode: Webhook}
+cgroupDriver: cgroupfs
+containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
+failSwapOn: false
+resolvConf: /etc/resolv.conf
+# The node's disk is memory: no eviction on its size, and images are never collected.
+evictionHard: {memory.available: "100Mi"}
+imageGCHighThresholdPercent: 100
+imageMinimumGCAge: 876000h
+serializeImagePulls: false
+volumePluginDir: /var/lib/kubelet/volume-plugins
+registerNode: true
+YAML
+start kubelet kubelet --config=/run/kubelet-config.yaml --kubeconfig="$KUBELET_KUBECONFIG" \
+    --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" --root-dir=/var/lib/kubelet
+kubelet_pid=${pids[-1]}
+
+cat >/run/kube-proxy-config.yaml <<YAML
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: "$KUBE_PROXY_KUBECONFIG"}
+mode: iptables
+clusterCIDR: "$POD_CIDR"
+hostnameOverride: "$NODE_NAME"
+conntrack: {maxPerCore: 0}
+YAML
+start kube-proxy kube-proxy --config=/run/kube-proxy-config.yaml
+kube_proxy_pid=${pids[-1]}
+
+kubectl() { command kubectl --kubeconfig "$ADMIN_KUBECONFIG" "$@"; }
+for _ in $(seq 600); do
+    alive kubelet "$kubelet_pid"
+    alive kube-proxy "$kube_proxy_pid"
+    if [[ $(kubectl get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null) == True ]]; then
+        break
+    fi
+    sleep 1
+done
+[[ $(kubectl get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}') == True ]] \
+    || fail "node $NODE_NAME not Ready after 10 min; logs: $logs/kubelet.log"
+phase "node $NODE_NAME Ready"
+echo ready >"$run_dir/node-ready"
+
+cd "$here"
+"$@"
