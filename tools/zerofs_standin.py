@@ -5,26 +5,34 @@ It reads the TOML file the driver rendered, checks it the way ZeroFS 2.3 would f
 keys it knows, expands ``$VAR``/``${VAR}``/``${VAR:-default}`` from its environment
 where ZeroFS does, and then serves the volume:
 
-- storage: only ``file:///path`` (a ZeroFS backend too). The volume's files live in
-  that directory, so they outlive the process, an unstage and a restage.
-- NBD: nbdkit's file plugin in ``dir=`` mode on ``[servers.nbd] unix_socket``; each
-  file of ``<storage>/.nbd/`` is an export named after it, sized by the file at
-  connect time, new files visible without restart, exactly as ZeroFS's ``.nbd/``.
-  The plugin advertises CAN_MULTI_CONN (every connection opens the same file, and a
-  flush is an fdatasync of it), FLUSH and native FUA (fdatasync after the write).
+- storage ``file:///path`` (a ZeroFS backend too): the volume's files live in that
+  directory, so they outlive the process, an unstage and a restage.
+- storage ``s3://bucket/prefix`` (or ``s3a://``): the NBD exports' blocks and sizes
+  live in S3 under ``prefix/``, and nothing of the volume anywhere else in the bucket;
+  the 9P tree is a local directory under ``[cache] dir``. S3 options as ZeroFS takes
+  them: ``AWS_*`` variables of the environment, overridden by the ``[aws]`` table
+  (``S3_OPTIONS``). The bucket is checked at start: an endpoint that does not answer,
+  a missing bucket or refused credentials are an error naming the storage URL.
+- NBD on ``[servers.nbd] unix_socket``: each file of ``<9P tree>/.nbd/`` is an export
+  named after it, sized by the file at connect time, new files visible without
+  restart, exactly as ZeroFS's ``.nbd/``. For file:// storage nbdkit's file plugin in
+  ``dir=`` mode serves them: CAN_MULTI_CONN (every connection opens the same file, and
+  a flush is an fdatasync of it), FLUSH and native FUA (fdatasync after the write);
+  writes land in the host page cache when acknowledged, so data survives a kill -9 of
+  the stand-in, and flushed data a host crash. For s3:// nbdkit's S3 plugin serves
+  them (zerofs_standin_s3.py): each write is stored in S3 before it is answered.
   ``--no-sr`` matches ZeroFS, which answers STRUCTURED_REPLY with ERR_UNSUP.
-  Writes land in the host page cache when acknowledged, so data survives a kill -9 of
-  the stand-in; flushed data also survives a host crash.
-- 9P2000.L: diod exporting the same directory, behind a small relay on
+- 9P2000.L: diod exporting the 9P tree, behind a small relay on
   ``[servers.ninep] unix_socket``. diod only attaches clients that name the exported
   path as ``aname``, while ZeroFS ignores ``aname``; the relay rewrites the aname of
-  Tattach/Tauth to the storage directory and passes every other byte through.
+  Tattach/Tauth to the exported directory and passes every other byte through.
 
 It stays in the foreground. SIGTERM/SIGINT stop both servers and remove the sockets
 (exit 0); nbdkit is killed rather than stopped, so that, as with ZeroFS, a client sees
 its connections close and never an error reply. If either server dies, the other is
 stopped and the stand-in exits 1, so a supervisor restarts it. The children die with it
-even on SIGKILL (PR_SET_PDEATHSIG with SIGKILL). Secrets are never printed.
+even on SIGKILL (PR_SET_PDEATHSIG with SIGKILL). Secrets are never printed, and S3
+credentials reach nbdkit through its environment only, never its command line.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ import time
 import tomllib
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +116,41 @@ CHILD_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 # prctl(2): PR_SET_PDEATHSIG (include/uapi/linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 
+# The directory of NBD exports in the served tree, as in ZeroFS; on S3 the size records
+# of the exports have the same name under the prefix, their blocks the other one.
+EXPORT_DIRECTORY = ".nbd"
+BLOCKS_DIRECTORY = ".nbd-blocks"
+# S3 object size of the exports' blocks. The kernel's NBD client sends large sequential
+# I/O in requests of up to its max_sectors_kb (1280 KiB by default), mostly aligned, so
+# that with 1 MiB objects most of a mkfs, a copy or an fio run is whole-object PUTs;
+# a smaller write costs a read-modify-write of one object (GET and PUT of 1 MiB), which
+# 4 MiB objects would make four times dearer, while 64 KiB objects would multiply the
+# requests and objects of sequential I/O by sixteen.
+OBJECT_SIZE = 1 << 20
+# The storage URL schemes object_store serves from S3 (object_store's ObjectStoreScheme).
+S3_SCHEMES = ("s3", "s3a")
+# S3 options the stand-in honours, under the names object_store 0.14 (ZeroFS 2.3's) reads
+# them: an AWS_* variable lowercased, or "aws_" + an [aws] key (src/aws/builder.rs,
+# AmazonS3ConfigKey::from_str; ZeroFS's config.rs cloud_provider_env_vars).
+S3_OPTIONS: Mapping[str, str] = {
+    "aws_access_key_id": "access_key_id",
+    "aws_secret_access_key": "secret_access_key",
+    "aws_session_token": "session_token",
+    "aws_token": "session_token",
+    "aws_region": "region",
+    "aws_default_region": "default_region",
+    "aws_endpoint": "endpoint",
+    "aws_endpoint_url": "endpoint",
+    "aws_endpoint_url_s3": "s3_endpoint",
+    "aws_allow_http": "allow_http",
+}
+# object_store's default region, and its words for booleans (src/config.rs, Parse).
+DEFAULT_REGION = "us-east-1"
+TRUE_WORDS = ("1", "true", "on", "yes", "y")
+FALSE_WORDS = ("0", "false", "off", "no", "n")
+# The bucket check at start fails within seconds rather than hang on a dead endpoint.
+S3_CHECK_TIMEOUT_S = 5
+
 _VARIABLE = re.compile(
     r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|"
     r"(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
@@ -127,11 +170,30 @@ def say(message: str) -> None:
 
 
 @dataclass(frozen=True)
+class S3Storage:
+    """An s3:// storage URL and how to reach it; ``environment`` holds the credentials
+    (AWS_* variables for the S3 clients) and is never shown."""
+
+    url: str
+    bucket: str
+    prefix: str  # no leading or trailing '/'; "" for the bucket root
+    endpoint: str | None
+    region: str
+    environment: Mapping[str, str] = field(repr=False, compare=False)
+    ignored_options: tuple[str, ...] = ()
+
+    @property
+    def layout(self) -> S3Layout:
+        return S3Layout(self.bucket, self.prefix)
+
+
+@dataclass(frozen=True)
 class StandinConfig:
-    storage_dir: Path
+    storage_dir: Path  # the tree served over 9P, whose .nbd/ files are the NBD exports
     cache_dir: Path
     nbd_socket: Path
     ninep_socket: Path
+    s3: S3Storage | None = None
 
 
 def expand_variables(value: str, environ: Mapping[str, str], where: str) -> str:
@@ -192,14 +254,18 @@ def _check_servers(servers: Any) -> None:
         raise ConfigError("[servers] configures no listener")
 
 
+def storage_scheme(url: str) -> str:
+    return url.partition("://")[0] if "://" in url else ""
+
+
 def storage_directory(url: str) -> Path:
     """The local directory of a ``file:///path`` storage URL."""
-    scheme = url.partition("://")[0] if "://" in url else ""
+    scheme = storage_scheme(url)
     if scheme != "file":
         shown = f"{scheme}://" if scheme else "this URL"
         raise ConfigError(
-            f"storage.url: the stand-in only serves file:// storage (got {shown}); "
-            "run a real zerofs for object storage"
+            f"storage.url: the stand-in serves file:// and s3:// storage (got {shown}); "
+            "run a real zerofs for other object stores"
         )
     parsed = urllib.parse.urlsplit(url)
     if parsed.netloc not in ("", "localhost") or parsed.query or parsed.fragment:
@@ -208,6 +274,83 @@ def storage_directory(url: str) -> Path:
     if not path.startswith("/") or ".." in Path(path).parts:
         raise ConfigError("storage.url: expected file:///absolute/path without '..'")
     return Path(path)
+
+
+def _truth(value: str, where: str) -> bool:
+    if value.lower() in TRUE_WORDS:
+        return True
+    if value.lower() in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{where}: failed to parse {value!r} as a boolean")
+
+
+def s3_storage(url: str, aws: Mapping[str, str], environ: Mapping[str, str]) -> S3Storage:
+    """The bucket, prefix and S3 options of an ``s3://bucket/prefix`` storage URL.
+
+    Options as ZeroFS 2.3 builds its store: every ``AWS_*`` variable of the environment
+    first (object_store's ``from_env``), then each ``[aws]`` key as ``aws_<key>`` over
+    them. ``aws`` holds the table's values with their variables expanded.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    if storage_scheme(url) not in S3_SCHEMES or not parsed.hostname:
+        raise ConfigError("storage.url: expected s3://bucket/prefix")
+    if parsed.username or parsed.password or parsed.query or parsed.fragment:
+        raise ConfigError("storage.url: expected s3://bucket/prefix, without user or query")
+    prefix = urllib.parse.unquote(parsed.path).strip("/")
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise ConfigError("storage.url: the prefix has an empty, '.' or '..' segment")
+    shown = f"{parsed.scheme}://{parsed.netloc}/{prefix}"
+
+    named = [(name.lower(), value) for name, value in environ.items() if name.startswith("AWS_")]
+    named += [(f"aws_{key.lower()}", value) for key, value in aws.items()]
+    options: dict[str, str] = {}
+    for name, value in named:
+        if name in S3_OPTIONS:
+            options[S3_OPTIONS[name]] = value
+    ignored = sorted(f"aws.{key}" for key in aws if f"aws_{key.lower()}" not in S3_OPTIONS)
+
+    endpoint = options.get("s3_endpoint") or options.get("endpoint")
+    allow_http = _truth(options.get("allow_http", "false"), f"{shown}: allow_http")
+    if endpoint is not None:
+        scheme = urllib.parse.urlsplit(endpoint).scheme
+        if scheme not in ("http", "https"):
+            raise ConfigError(f"{shown}: the S3 endpoint must be an http:// or https:// URL")
+        if scheme == "http" and not allow_http:
+            raise ConfigError(
+                f"{shown}: the S3 endpoint {_endpoint_shown(endpoint)} is plain http and "
+                '[aws] allow_http is not "true"'
+            )
+    key_id = options.get("access_key_id")
+    secret = options.get("secret_access_key")
+    if (key_id is None) != (secret is None):
+        missing = "secret_access_key" if secret is None else "access_key_id"
+        raise ConfigError(f"{shown}: [aws] {missing} is missing (the other key is set)")
+    region = options.get("region") or options.get("default_region") or DEFAULT_REGION
+    environment = {"AWS_DEFAULT_REGION": region}
+    if key_id is not None and secret is not None:
+        environment["AWS_ACCESS_KEY_ID"] = key_id
+        environment["AWS_SECRET_ACCESS_KEY"] = secret
+        if "session_token" in options:
+            environment["AWS_SESSION_TOKEN"] = options["session_token"]
+    return S3Storage(
+        url=shown,
+        bucket=parsed.netloc,
+        prefix=prefix,
+        endpoint=endpoint,
+        region=region,
+        environment=environment,
+        ignored_options=tuple(ignored),
+    )
+
+
+def _endpoint_shown(endpoint: str) -> str:
+    """An endpoint URL without any user information it may carry."""
+    parts = urllib.parse.urlsplit(endpoint)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def load_config(path: Path, environ: Mapping[str, str]) -> StandinConfig:
@@ -230,14 +373,17 @@ def load_config(path: Path, environ: Mapping[str, str]) -> StandinConfig:
         if name in document and keys is not None:
             _check_table(name, document[name], keys)
     _check_servers(document["servers"])
+    expanded: dict[str, dict[str, str]] = {}
     for name in FREE_FORM_TABLES:
         table = document.get(name, {})
         if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
             raise ConfigError(f"[{name}] values must all be strings")
-        for key, value in table.items():
-            expand_variables(value, environ, f"{name}.{key}")  # fails on an unset variable
+        # Fails on an unset variable, as in ZeroFS.
+        expanded[name] = {
+            key: expand_variables(value, environ, f"{name}.{key}") for key, value in table.items()
+        }
 
-    cache_dir = expand_variables(document["cache"]["dir"], environ, "cache.dir")
+    cache_dir = Path(expand_variables(document["cache"]["dir"], environ, "cache.dir"))
     url = expand_variables(document["storage"]["url"], environ, "storage.url")
     # The password is not used (nothing is encrypted here) but must resolve, as in ZeroFS.
     expand_variables(
@@ -259,12 +405,177 @@ def load_config(path: Path, environ: Mapping[str, str]) -> StandinConfig:
             raise ConfigError(f"{where} must be an absolute path")
     if sockets["nbd"] == sockets["ninep"]:
         raise ConfigError("the NBD and 9P unix sockets must be different paths")
+    if storage_scheme(url) in S3_SCHEMES:
+        s3 = s3_storage(url, expanded["aws"], environ)
+        # The 9P tree is local: only the exports' sizes and blocks are kept in S3.
+        storage_dir = cache_dir / "standin-9p"
+    else:
+        s3 = None
+        storage_dir = storage_directory(url)
     return StandinConfig(
-        storage_dir=storage_directory(url),
-        cache_dir=Path(cache_dir),
+        storage_dir=storage_dir,
+        cache_dir=cache_dir,
         nbd_socket=sockets["nbd"],
         ninep_socket=sockets["ninep"],
+        s3=s3,
     )
+
+
+# ---------------------------------------------------------------------------------
+# Exports and their S3 layout
+
+
+def check_export_name(name: str) -> None:
+    """An export is one file of .nbd/: raise ValueError for any other name."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise ValueError(f"not an export name: {name!r}")
+
+
+def list_export_files(tree: Path) -> list[str]:
+    """The exports of a served tree: the regular files of its .nbd/ directory."""
+    try:
+        entries = list((tree / EXPORT_DIRECTORY).iterdir())
+    except FileNotFoundError:
+        return []
+    return sorted(entry.name for entry in entries if entry.is_file())
+
+
+@dataclass(frozen=True)
+class S3Layout:
+    """Where a volume's exports live in its bucket, all under ``prefix/``:
+    ``.nbd/<name>`` holds the export's size in decimal bytes, ``.nbd-blocks/<name>/``
+    its blocks as the S3 plugin writes them (``<16 hex digits>``: the block number)."""
+
+    bucket: str
+    prefix: str
+
+    def key(self, *parts: str) -> str:
+        return "/".join((self.prefix, *parts) if self.prefix else parts)
+
+    def size_key(self, name: str) -> str:
+        return self.key(EXPORT_DIRECTORY, name)
+
+    def blocks_key(self, name: str) -> str:
+        return self.key(BLOCKS_DIRECTORY, name)
+
+    def read_size(self, client: Any, name: str) -> int | None:
+        """The recorded size of an export, None when it has no record."""
+        try:
+            body = client.get_object(Bucket=self.bucket, Key=self.size_key(name))["Body"]
+        except client.exceptions.NoSuchKey:
+            return None
+        with contextlib.closing(body):
+            text = body.read().decode("ascii", errors="replace")
+        if not text.isdigit():
+            raise ConfigError(f"s3://{self.bucket}/{self.size_key(name)} holds no size")
+        return int(text)
+
+    def write_size(self, client: Any, name: str, size: int) -> None:
+        client.put_object(Bucket=self.bucket, Key=self.size_key(name), Body=str(size).encode())
+
+    def recorded_sizes(self, client: Any) -> dict[str, int]:
+        """Every export recorded under the prefix, with its size."""
+        directory = self.key(EXPORT_DIRECTORY) + "/"
+        names = []
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=directory
+        ):
+            for entry in page.get("Contents", []):
+                name = entry["Key"][len(directory) :]
+                with contextlib.suppress(ValueError):
+                    check_export_name(name)
+                    names.append(name)
+        sizes = {name: self.read_size(client, name) for name in names}
+        return {name: size for name, size in sizes.items() if size is not None}
+
+
+def s3_client(
+    endpoint: str | None, environment: Mapping[str, str], *, timeout: float | None = None
+) -> Any:
+    """A boto3 S3 client with path-style addressing (object_store's default) and the
+    credentials and region of ``environment``'s AWS_* variables. ``timeout`` bounds
+    each connect and read and allows one retry; without it boto3's defaults apply."""
+    try:
+        import boto3
+        import botocore.config
+    except ImportError:
+        raise ConfigError("boto3 is missing: install the Debian package python3-boto3") from None
+    options: dict[str, Any] = {
+        "region_name": environment.get("AWS_DEFAULT_REGION", DEFAULT_REGION),
+        "s3": {"addressing_style": "path"},
+    }
+    if timeout is not None:
+        options.update(
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"total_max_attempts": 2, "mode": "standard"},
+        )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=environment.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=environment.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=environment.get("AWS_SESSION_TOKEN"),
+        config=botocore.config.Config(**options),
+    )
+
+
+def _s3_failure(storage: S3Storage, exc: Exception) -> ConfigError:
+    """What went wrong reaching ``storage``, in words naming its URL and never a secret
+    (the exception's own text is not used: it may quote a request)."""
+    import botocore.exceptions
+
+    where = storage.url
+    endpoint = _endpoint_shown(storage.endpoint) if storage.endpoint else "of AWS"
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return ConfigError(
+            f"{where}: no S3 credentials: set [aws] access_key_id and secret_access_key "
+            "(or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        )
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        if code == "NoSuchBucket":
+            return ConfigError(f"{where}: the bucket {storage.bucket} does not exist")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied") or status in (
+            401,
+            403,
+        ):
+            return ConfigError(
+                f"{where}: S3 refused the credentials ({code or f'HTTP {status}'}) at "
+                f"the endpoint {endpoint}"
+            )
+        return ConfigError(f"{where}: S3 answered {code or 'an error'} (HTTP {status})")
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return ConfigError(
+            f"{where}: cannot reach the S3 endpoint {endpoint} ({type(exc).__name__})"
+        )
+    return ConfigError(f"{where}: S3 failed ({type(exc).__name__})")
+
+
+def restore_exports(storage: S3Storage, tree: Path) -> dict[str, int]:
+    """Make the tree's .nbd/ exactly the exports recorded in S3, at their sizes.
+
+    S3 is the truth: a file with no record was created over 9P but never connected to,
+    so it holds nothing; a tree lost with its host comes back. Raises ConfigError when
+    S3 cannot be read (unreachable endpoint, missing bucket, refused credentials).
+    """
+    client = s3_client(storage.endpoint, storage.environment, timeout=S3_CHECK_TIMEOUT_S)
+    import botocore.exceptions  # present with boto3, which s3_client found
+
+    try:
+        sizes = storage.layout.recorded_sizes(client)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise _s3_failure(storage, exc) from None
+    exports = tree / EXPORT_DIRECTORY
+    exports.mkdir(parents=True, exist_ok=True)
+    for name in list_export_files(tree):
+        if name not in sizes:
+            (exports / name).unlink()
+    for name, size in sizes.items():
+        with (exports / name).open("ab") as export:
+            export.truncate(size)
+    return sizes
 
 
 # ---------------------------------------------------------------------------------
@@ -439,12 +750,52 @@ class Stop(Exception):
     """Raised in the main thread by the SIGTERM/SIGINT handler."""
 
 
+# nbdkit's python plugin runs this file for s3:// storage.
+S3_PLUGIN_SCRIPT = Path(__file__).resolve().parent / "zerofs_standin_s3.py"
+# botocore reads path-style addressing (object_store's default) only from a config file.
+AWS_CONFIG = "[default]\ns3 =\n    addressing_style = path\n"
+
+
+def _nbdkit_plugin_directory(nbdkit: str) -> Path:
+    dump = subprocess.run(
+        [nbdkit, "--dump-config"], capture_output=True, text=True, timeout=30, check=False
+    )
+    for line in dump.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key == "plugindir":
+            return Path(value)
+    raise ConfigError(f"{nbdkit} --dump-config names no plugindir")
+
+
+def _nbdkit_s3_plugin(nbdkit: str, storage: S3Storage, tree: Path) -> list[str]:
+    """nbdkit's plugin arguments serving the tree's exports from S3 (no secret)."""
+    plugins = _nbdkit_plugin_directory(nbdkit)
+    s3_plugin = plugins / "nbdkit-S3-plugin"
+    if not (plugins / "nbdkit-python-plugin.so").exists() or not s3_plugin.exists():
+        raise ConfigError(
+            "nbdkit's python and S3 plugins are missing: install the Debian packages "
+            "nbdkit-plugin-python and python3-boto3"
+        )
+    argv = ["python", str(S3_PLUGIN_SCRIPT), f"root={tree}", f"s3-plugin={s3_plugin}"]
+    argv += [f"bucket={storage.bucket}", f"prefix={storage.prefix}"]
+    argv += [f"object-size={OBJECT_SIZE}"]
+    if storage.endpoint is not None:
+        argv.append(f"endpoint-url={storage.endpoint}")
+    return argv
+
+
 def serve(config: StandinConfig) -> int:
-    nbd_dir = config.storage_dir / ".nbd"
+    nbd_dir = config.storage_dir / EXPORT_DIRECTORY
     nbd_dir.mkdir(parents=True, exist_ok=True)
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     nbdkit = _find("nbdkit", "nbdkit")
     diod = _find("diod", "diod")
+    if config.s3 is not None:
+        nbd_plugin = _nbdkit_s3_plugin(nbdkit, config.s3, config.storage_dir)
+        served = config.s3.url
+    else:
+        nbd_plugin = ["file", f"dir={nbd_dir}"]
+        served = f"file://{config.storage_dir}"
     for path in (config.nbd_socket, config.ninep_socket):
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_socket(path)  # left by a stand-in that was killed
@@ -465,7 +816,27 @@ def serve(config: StandinConfig) -> int:
     children: dict[str, subprocess.Popen[bytes]] = {}
     relay: NinePRelay | None = None
     status = 1
+    nbdkit_env = dict(child_env)
     try:
+        if config.s3 is not None:
+            if config.s3.ignored_options:
+                say(
+                    "ignoring S3 options the stand-in does not implement: "
+                    + ", ".join(config.s3.ignored_options)
+                )
+            exports = restore_exports(config.s3, config.storage_dir)
+            say(f"{config.s3.url}: {len(exports)} exports recorded")
+            aws_config = private_dir / "aws-config"
+            aws_config.write_text(AWS_CONFIG)
+            # The S3 plugin's clients read credentials and region from here only: not
+            # from files of the user the stand-in runs as, which ZeroFS does not read.
+            nbdkit_env.update(config.s3.environment)
+            # nbdkit's embedded Python takes its prefix from the first python3 on PATH:
+            # a virtualenv's or pyenv's would replace the system's library (and its
+            # boto3) with one built for another interpreter.
+            nbdkit_env["PATH"] = f"{Path(nbdkit).parent}:/usr/bin:/bin"
+            nbdkit_env["AWS_CONFIG_FILE"] = str(aws_config)
+            nbdkit_env["AWS_SHARED_CREDENTIALS_FILE"] = str(private_dir / "no-credentials")
         private_socket = private_dir / "diod.sock"
         argv = [diod, "-f", "-n", "-N", "-e", str(config.storage_dir)]
         argv += ["-l", str(private_socket), "-L", "stderr"]
@@ -491,11 +862,10 @@ def serve(config: StandinConfig) -> int:
                 "--log=stderr",
                 "--unix",
                 str(config.nbd_socket),
-                "file",
-                f"dir={nbd_dir}",
+                *nbd_plugin,
             ],
             stdin=subprocess.DEVNULL,
-            env=child_env,
+            env=nbdkit_env,
             # SIGKILL with the stand-in, as one ZeroFS process dies. Not nbdkit's own
             # --exit-with-parent: it replaces this with SIGTERM, and a gracefully
             # stopping nbdkit keeps its listening socket open without accepting, for as
@@ -503,7 +873,7 @@ def serve(config: StandinConfig) -> int:
             preexec_fn=_die_with_parent,
         )
         say(
-            f"serving file://{config.storage_dir}: NBD on {config.nbd_socket} "
+            f"serving {served}: NBD on {config.nbd_socket} "
             f"(nbdkit pid {children['nbdkit'].pid}), 9P2000.L on {config.ninep_socket} "
             f"(diod pid {children['diod'].pid})"
         )

@@ -172,15 +172,26 @@ NBD_CMD_READ = 0
 NBD_CMD_WRITE = 1
 NBD_CMD_DISC = 2
 NBD_CMD_FLUSH = 3
+NBD_CMD_WRITE_ZEROES = 6
 NBD_CMD_FLAG_FUA = 1 << 0
+NBD_CMD_FLAG_NO_HOLE = 1 << 1
+NBD_REP_ERR_UNKNOWN = (1 << 31) + 6
 NBD_FLAG_HAS_FLAGS = 1 << 0
 NBD_FLAG_SEND_FLUSH = 1 << 2
 NBD_FLAG_SEND_FUA = 1 << 3
 NBD_FLAG_CAN_MULTI_CONN = 1 << 8
 
 
+class NbdRefused(ConnectionError):
+    """The server answered NBD_OPT_GO with an error reply."""
+
+    def __init__(self, reply: int, payload: bytes) -> None:
+        super().__init__(f"NBD_OPT_GO refused: reply {reply:#x} {payload!r}")
+        self.reply = reply
+
+
 class NbdClient:
-    """A minimal fixed-newstyle NBD client: NBD_OPT_GO, then read/write/flush."""
+    """A minimal fixed-newstyle NBD client: NBD_OPT_GO, then read/write/zero/flush."""
 
     def __init__(self, socket_path: Path, export: str, timeout: float = 10.0) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -202,7 +213,8 @@ class NbdClient:
             if reply == NBD_REP_ACK:
                 break
             if reply != NBD_REP_INFO:
-                raise ConnectionError(f"NBD_OPT_GO refused: reply {reply:#x} {payload!r}")
+                self._sock.close()
+                raise NbdRefused(reply, payload)
             (info_type,) = struct.unpack(">H", payload[:2])
             if info_type == NBD_INFO_EXPORT:
                 self.size, self.flags = struct.unpack(">QH", payload[2:12])
@@ -238,6 +250,12 @@ class NbdClient:
     def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         flags = NBD_CMD_FLAG_FUA if fua else 0
         self._reply(self._request(NBD_CMD_WRITE, flags, offset, len(data), data))
+
+    def zero(self, offset: int, length: int, *, may_trim: bool = True) -> None:
+        """NBD_CMD_WRITE_ZEROES; without NO_HOLE, as the kernel sends it for a zeroout
+        that may unmap, the range must still read back as zeroes."""
+        flags = 0 if may_trim else NBD_CMD_FLAG_NO_HOLE
+        self._reply(self._request(NBD_CMD_WRITE_ZEROES, flags, offset, length))
 
     def read(self, offset: int, length: int) -> bytes:
         return self._reply(self._request(NBD_CMD_READ, 0, offset, length), length)

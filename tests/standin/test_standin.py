@@ -81,6 +81,138 @@ def test_loads_the_config_the_driver_renders(tmp_path: Path) -> None:
     )
 
 
+def test_loads_the_s3_config_the_driver_renders(tmp_path: Path) -> None:
+    settings = VolumeSettings(
+        storage_url=StorageUrl.parse("s3://bucket-1/base/path"),
+        s3_endpoint="http://127.0.0.1:7480",
+        s3_allow_http=True,
+        s3_region="eu-west-3",
+    )
+    secrets = VolumeSecrets(
+        encryption_password="pw",
+        access_key_id="AKIDSTANDIN",
+        secret_access_key="secret/standin+key",
+        session_token="token-standin",
+    )
+    rendered = render_zerofs_config(
+        settings,
+        "pvc-1",
+        secrets,
+        cache_dir=str(tmp_path / "cache"),
+        nbd_socket=str(tmp_path / "nbd.sock"),
+        ninep_socket=str(tmp_path / "9p.sock"),
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(rendered.toml_text)
+
+    config = standin.load_config(path, dict(rendered.secret_env))
+
+    s3 = config.s3
+    assert s3 is not None
+    assert (s3.url, s3.bucket, s3.prefix) == (
+        "s3://bucket-1/base/path/pvc-1",
+        "bucket-1",
+        "base/path/pvc-1",
+    )
+    assert (s3.endpoint, s3.region, s3.ignored_options) == (
+        "http://127.0.0.1:7480",
+        "eu-west-3",
+        (),
+    )
+    assert s3.environment == {
+        "AWS_DEFAULT_REGION": "eu-west-3",
+        "AWS_ACCESS_KEY_ID": "AKIDSTANDIN",
+        "AWS_SECRET_ACCESS_KEY": "secret/standin+key",
+        "AWS_SESSION_TOKEN": "token-standin",
+    }
+    assert not any(secret in repr(config) for secret in ("AKIDSTANDIN", "secret/standin", "token-"))
+    # The 9P tree is local, in the cache directory.
+    assert config.storage_dir == tmp_path / "cache" / "standin-9p"
+    assert s3.layout.size_key("pvc-1") == "base/path/pvc-1/.nbd/pvc-1"
+    assert s3.layout.blocks_key("pvc-1") == "base/path/pvc-1/.nbd-blocks/pvc-1"
+
+
+S3_STORAGE = '[storage]\nurl = "s3://bucket-1/p"\nencryption_password = "x"\n'
+
+
+@pytest.mark.parametrize(
+    ("aws", "environ", "expected"),
+    [
+        # object_store's from_env, then [aws] as aws_<key> over it.
+        ("", {"AWS_ENDPOINT": "https://env.example"}, {"endpoint": "https://env.example"}),
+        (
+            'endpoint = "https://table.example"',
+            {"AWS_ENDPOINT_URL": "https://env.example"},
+            {"endpoint": "https://table.example"},
+        ),
+        (
+            'endpoint_url_s3 = "https://s3.example"\nendpoint = "https://other.example"',
+            {},
+            {"endpoint": "https://s3.example"},
+        ),
+        ('default_region = "eu-1"', {}, {"region": "eu-1"}),
+        ('default_region = "eu-1"\nregion = "eu-2"', {}, {"region": "eu-2"}),
+        ("", {"AWS_REGION": "eu-3", "AWS_DEFAULT_REGION": "eu-4"}, {"region": "eu-3"}),
+        ("", {}, {"region": "us-east-1", "endpoint": None}),
+        ('endpoint = "http://h:1"\nallow_http = "Yes"', {}, {"endpoint": "http://h:1"}),
+        (
+            'virtual_hosted_style_request = "true"\nconditional_put = "redis://r"\nbogus = "1"',
+            {},
+            {
+                "ignored_options": (
+                    "aws.bogus",
+                    "aws.conditional_put",
+                    "aws.virtual_hosted_style_request",
+                )
+            },
+        ),
+        (
+            'token = "t"\naccess_key_id = "a"\nsecret_access_key = "s"',
+            {},
+            {"environment": {"AWS_SESSION_TOKEN": "t"}},
+        ),
+        (
+            "",
+            {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s"},
+            {"environment": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s"}},
+        ),
+    ],
+)
+def test_s3_options_are_taken_as_zerofs_takes_them(
+    tmp_path: Path, aws: str, environ: dict[str, str], expected: dict[str, object]
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(config_text(storage=S3_STORAGE) + f"[aws]\n{aws}\n")
+    s3 = standin.load_config(path, {"PW": "pw", **environ}).s3
+    assert s3 is not None
+    for name, value in expected.items():
+        if name == "environment":
+            assert isinstance(value, dict)
+            assert {key: s3.environment.get(key) for key in value} == value
+        else:
+            assert getattr(s3, name) == value
+
+
+@pytest.mark.parametrize(
+    ("aws", "message"),
+    [
+        ('endpoint = "http://h:1"', 'is plain http and [aws] allow_http is not "true"'),
+        ('endpoint = "http://h:1"\nallow_http = "maybe"', "failed to parse 'maybe' as a boolean"),
+        ('endpoint = "h:1"', "must be an http:// or https:// URL"),
+        ('access_key_id = "a"', "[aws] secret_access_key is missing"),
+        ('secret_access_key = "do-not-show"', "[aws] access_key_id is missing"),
+    ],
+)
+def test_refuses_s3_options_zerofs_could_not_use(tmp_path: Path, aws: str, message: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(config_text(storage=S3_STORAGE) + f"[aws]\n{aws}\n")
+    with pytest.raises(standin.ConfigError) as caught:
+        standin.load_config(path, {"PW": "pw"})
+    assert message in str(caught.value)
+    assert str(caught.value).startswith("s3://bucket-1/p: ")
+    assert "do-not-show" not in str(caught.value)
+
+
 VALID = {
     "cache": '[cache]\ndir = "/tmp/c"\ndisk_size_gb = 1\n',
     "storage": '[storage]\nurl = "file:///tmp/d"\nencryption_password = "${PW}"\n',
@@ -102,8 +234,12 @@ def config_text(**replace: str) -> str:
         (config_text(cache='[cache]\ndir = "/c"\ndisk_size_gb = 1\nsize = 2\n'), "`size`"),
         (config_text(cache='[cache]\ndir = "/c"\ndisk_size_gb = "1"\n'), "must be a number"),
         (
-            config_text(storage='[storage]\nurl = "s3://b/p"\nencryption_password = "x"\n'),
-            "only serves file:// storage (got s3://)",
+            config_text(storage='[storage]\nurl = "gs://b/p"\nencryption_password = "x"\n'),
+            "serves file:// and s3:// storage (got gs://)",
+        ),
+        (
+            config_text(storage='[storage]\nurl = "s3://b/p/../q"\nencryption_password = "x"\n'),
+            "'..' segment",
         ),
         (
             config_text(storage='[storage]\nurl = "file://host/p"\nencryption_password = "x"\n'),
@@ -302,7 +438,7 @@ def test_a_dead_server_makes_the_standin_exit_non_zero(server: Running, which: s
 def test_config_error_exits_1_without_showing_the_password(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(
-        config_text(storage='[storage]\nurl = "s3://b/p"\nencryption_password = "${PW}"\n')
+        config_text(storage='[storage]\nurl = "gs://b/p"\nencryption_password = "${PW}"\n')
     )
     result = subprocess.run(
         [str(STANDIN), "run", "-c", str(config)],
@@ -312,5 +448,7 @@ def test_config_error_exits_1_without_showing_the_password(tmp_path: Path) -> No
         timeout=30,
     )
     assert result.returncode == 1
-    assert "config error: storage.url: the stand-in only serves file:// storage" in result.stderr
+    assert "config error: storage.url: the stand-in serves file:// and s3:// storage" in (
+        result.stderr
+    )
     assert "pw-visible-nowhere" not in result.stderr + result.stdout

@@ -1,0 +1,215 @@
+"""nbdkit Python plugin: the ZeroFS stand-in's NBD exports, their blocks in S3.
+
+``tools/zerofs_standin.py`` runs it for ``s3://`` storage as ``nbdkit python
+zerofs_standin_s3.py root=DIR s3-plugin=FILE bucket=B prefix=P [endpoint-url=URL]
+object-size=N``. As with ZeroFS, each file of ``DIR/.nbd/`` is an export named after it
+and sized by the file when a client connects; new files are served without a restart.
+
+The blocks are read and written by nbdkit's own S3 plugin (nbdkit-S3-plugin(1), the
+file named by ``s3-plugin``), one instance per export so that each has its own key:
+objects of ``object-size`` bytes under ``<prefix>/.nbd-blocks/<name>/``, absent where
+never written. Before serving a connection the export's size is recorded in the object
+``<prefix>/.nbd/<name>``, from which the stand-in recreates the file at its next start.
+
+Credentials and the region come from the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``) and path-style
+addressing from ``AWS_CONFIG_FILE``: nothing secret is on nbdkit's command line.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.machinery
+import importlib.util
+import itertools
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import nbdkit  # provided by nbdkit's python plugin to the scripts it runs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zerofs_standin import (  # noqa: E402
+    EXPORT_DIRECTORY,
+    S3Layout,
+    check_export_name,
+    list_export_files,
+    s3_client,
+)
+
+API_VERSION = 2
+
+_parameters: dict[str, str] = {}
+_layout: S3Layout | None = None
+_exports: dict[str, Export] = {}
+_exports_lock = threading.Lock()
+_instance_numbers = itertools.count()
+_records_client: Any = None  # for the size records, made at the first connection
+
+
+def _load_s3_plugin(path: str) -> ModuleType:
+    """A fresh instance of nbdkit's S3 plugin module: its configuration is global to the
+    module, so every export gets a module of its own."""
+    name = f"nbdkit_s3_plugin_{next(_instance_numbers)}"
+    loader = importlib.machinery.SourceFileLoader(name, path)
+    spec = importlib.util.spec_from_loader(name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+class Export:
+    """One export: its S3 plugin instance, shared by every connection to it (so that
+    their read-modify-writes of one object take the same lock), and its size record."""
+
+    def __init__(self, layout: S3Layout, name: str, object_size: int) -> None:
+        self.name = name
+        self.lock = threading.Lock()
+        self.recorded: int | None = None
+        self.record_read = False
+        self.s3_plugin = _load_s3_plugin(_parameters["s3-plugin"])
+        settings = {
+            "bucket": layout.bucket,
+            "key": layout.blocks_key(name),
+            "object-size": str(object_size),
+            # The S3 plugin wants a size that is a multiple of its object size, and uses
+            # it only to answer get_size, which this plugin answers from the file itself.
+            "size": str(object_size),
+        }
+        if "endpoint-url" in _parameters:
+            settings["endpoint-url"] = _parameters["endpoint-url"]
+        for key, value in settings.items():
+            self.s3_plugin.config(key, value)
+        self.s3_plugin.config_complete()
+
+    def record(self, layout: S3Layout, size: int) -> None:
+        """Store the export's size in S3 unless it is recorded already."""
+        global _records_client
+        with _exports_lock:
+            if _records_client is None:
+                _records_client = s3_client(_parameters.get("endpoint-url"), os.environ)
+        with self.lock:
+            if not self.record_read:
+                self.recorded = layout.read_size(_records_client, self.name)
+                self.record_read = True
+            if self.recorded != size:
+                layout.write_size(_records_client, self.name, size)
+                self.recorded = size
+
+
+@dataclass
+class Handle:
+    export: Export
+    server: Any  # the S3 plugin's per-connection object
+    size: int
+
+
+def thread_model() -> int:
+    return int(nbdkit.THREAD_MODEL_PARALLEL)
+
+
+def config(key: str, value: str) -> None:
+    if key not in ("root", "s3-plugin", "bucket", "prefix", "endpoint-url", "object-size"):
+        raise RuntimeError(f"unknown parameter {key}")
+    _parameters[key] = value
+
+
+def config_complete() -> None:
+    global _layout
+    for key in ("root", "s3-plugin", "bucket", "prefix", "object-size"):
+        if key not in _parameters:
+            raise RuntimeError(f"parameter {key} missing")
+    _layout = S3Layout(_parameters["bucket"], _parameters["prefix"])
+
+
+def list_exports(readonly: bool, is_tls: bool) -> list[str]:
+    return list_export_files(Path(_parameters["root"]))
+
+
+# Named as nbdkit's python plugin calls it.
+def open(readonly: bool) -> Handle:
+    assert _layout is not None
+    name = nbdkit.export_name()
+    try:
+        check_export_name(name)
+        status = os.stat(Path(_parameters["root"]) / EXPORT_DIRECTORY / name)
+    except (ValueError, FileNotFoundError) as exc:
+        # nbdkit answers NBD_OPT_GO with NBD_REP_ERR_UNKNOWN, as ZeroFS does.
+        nbdkit.set_error(errno.ENOENT)
+        raise RuntimeError(f"no export {name!r}") from exc
+    with _exports_lock:
+        export = _exports.get(name)
+        if export is None:
+            export = Export(_layout, name, nbdkit.parse_size(_parameters["object-size"]))
+            _exports[name] = export
+    export.record(_layout, status.st_size)
+    return Handle(export, export.s3_plugin.open(readonly), status.st_size)
+
+
+def get_size(handle: Handle) -> int:
+    return handle.size
+
+
+def can_write(handle: Handle) -> bool:
+    return True
+
+
+def can_flush(handle: Handle) -> bool:
+    return True
+
+
+def can_fua(handle: Handle) -> int:
+    return int(nbdkit.FUA_NATIVE)
+
+
+def can_multi_conn(handle: Handle) -> bool:
+    # Every write is a PUT finished before its reply, and S3 reads after a PUT see it.
+    return True
+
+
+def can_trim(handle: Handle) -> bool:
+    return True
+
+
+def can_zero(handle: Handle) -> bool:
+    return True
+
+
+def can_fast_zero(handle: Handle) -> bool:
+    return True
+
+
+def is_rotational(handle: Handle) -> bool:
+    return False
+
+
+# The S3 plugin's own pread/pwrite/trim/zero callbacks turn an S3 timeout into a success
+# (they set an errno and return); its server's methods raise, which nbdkit answers with
+# an error reply. The same goes for every other S3 failure.
+def pread(handle: Handle, buf: bytearray, offset: int, flags: int) -> None:
+    handle.server.pread(buf, offset, flags)
+
+
+def pwrite(handle: Handle, buf: bytes, offset: int, flags: int) -> None:
+    handle.server.pwrite(buf, offset, flags)
+
+
+def trim(handle: Handle, count: int, offset: int, flags: int) -> None:
+    handle.server.trim(count, offset, flags)
+
+
+def zero(handle: Handle, count: int, offset: int, flags: int) -> None:
+    # With MAY_TRIM the S3 plugin only deletes the objects the range covers whole and
+    # leaves the partly covered ones as they were; without it, it zeroes those too.
+    handle.server.zero(count, offset, flags & ~nbdkit.FLAG_MAY_TRIM)
+
+
+def flush(handle: Handle, flags: int) -> None:
+    # Nothing is buffered: each write was stored in S3 before it was answered.
+    return None
