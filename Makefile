@@ -79,6 +79,17 @@ test-vm: build
 		$(VM) --timeout $(VM_TIMEOUT) -- $(PYTEST) -m privileged -q -p no:cacheprovider tests/privileged; \
 	fi
 
+.PHONY: cluster e2e
+
+# The single-node test cluster (README: "Test cluster"): control plane here, node in the
+# microVM, until ^C; prints the admin KUBECONFIG.
+cluster: build cluster-images
+	$(PY) tools/cluster/cluster.py up --s3
+
+# The chart installed as the README says and the user's path through it (build/e2e.md).
+e2e: build cluster-images
+	$(PY) tools/cluster/cluster.py run --s3 --timeout 3600 -- $(PY) tools/cluster/e2e.py
+
 .PHONY: csi-sanity sanity-controller sanity-vm
 
 # Built once from its Go module; the module and build caches stay under .cache/go.

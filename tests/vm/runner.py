@@ -654,6 +654,8 @@ class VmSpec:
     # (guest port, host port): the guest's GUEST_FORWARD_ADDRESS:port reaches the
     # host's 127.0.0.1:port. Any forward gives the guest a network card.
     forwards: tuple[tuple[int, int], ...] = field(default=())
+    # (host port, guest port): the host's 127.0.0.1:port reaches the guest's port.
+    host_forwards: tuple[tuple[int, int], ...] = field(default=())
 
 
 def kernel_command_line(spec: VmSpec) -> str:
@@ -667,14 +669,16 @@ def kernel_command_line(spec: VmSpec) -> str:
     ]
     if spec.share_venv:
         words.append(f"zerofs_vm.venv={VENV_TAG}")
-    if spec.forwards:
+    if spec.forwards or spec.host_forwards:
         words.append(f"zerofs_vm.net={GUEST_ADDRESS},{GUEST_GATEWAY}")
     words += spec.extra_append
     return " ".join(words)
 
 
-def network_arguments(forwards: Sequence[tuple[int, int]]) -> list[str]:
-    """QEMU user networking restricted to the given forwards to the host's loopback.
+def network_arguments(
+    forwards: Sequence[tuple[int, int]], host_forwards: Sequence[tuple[int, int]] = ()
+) -> list[str]:
+    """QEMU user networking restricted to the given forwards, on the host's loopback.
 
     restrict=on: the guest reaches nothing but the forwards (no host address, no
     outside). Each guest connection runs its own socat to the host port, as QEMU's
@@ -684,6 +688,7 @@ def network_arguments(forwards: Sequence[tuple[int, int]]) -> list[str]:
         f",guestfwd=tcp:{GUEST_FORWARD_ADDRESS}:{guest}-cmd:socat - TCP:127.0.0.1:{host}"
         for guest, host in forwards
     )
+    rules += "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in host_forwards)
     return [
         "-netdev",
         f"user,id=net0,restrict=on,net={GUEST_NETWORK}{rules}",
@@ -693,12 +698,12 @@ def network_arguments(forwards: Sequence[tuple[int, int]]) -> list[str]:
 
 
 def parse_forward(text: str) -> tuple[int, int]:
-    """GUEST_PORT:HOST_PORT, or PORT for the same number on both sides."""
-    guest, _, host = text.partition(":")
+    """FROM_PORT:TO_PORT, or PORT for the same number on both sides."""
+    source, _, target = text.partition(":")
     try:
-        ports = int(guest), int(host or guest)
+        ports = int(source), int(target or source)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected GUEST_PORT:HOST_PORT") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two ports, FROM:TO") from None
     if not all(0 < port < 65536 for port in ports):
         raise argparse.ArgumentTypeError(f"{text!r}: ports are 1-65535")
     return ports
@@ -754,8 +759,8 @@ def qemu_command(spec: VmSpec, fds: Mapping[str, int]) -> list[str]:
         "-append",
         kernel_command_line(spec),
     ]
-    if spec.forwards:
-        argv += network_arguments(spec.forwards)
+    if spec.forwards or spec.host_forwards:
+        argv += network_arguments(spec.forwards, spec.host_forwards)
     return argv
 
 
@@ -1006,6 +1011,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         help=f"the guest's {GUEST_FORWARD_ADDRESS}:GUEST_PORT reaches the host's "
         "127.0.0.1:HOST_PORT (gives the guest a network card; nothing else is reachable)",
     )
+    parser.add_argument(
+        "--host-forward",
+        action="append",
+        default=[],
+        type=parse_forward,
+        metavar="HOST_PORT:GUEST_PORT",
+        help="the host's 127.0.0.1:HOST_PORT reaches the guest's GUEST_PORT",
+    )
     parser.add_argument("--cwd", help="working directory in the guest (default: the current one)")
     parser.add_argument(
         "--prepare-only", action="store_true", help="install packages and build the cache only"
@@ -1072,6 +1085,7 @@ def main(argv: Sequence[str]) -> int:
             kernel_console_quiet=not args.console,
             extra_append=tuple(args.kernel_arg),
             forwards=tuple(args.forward),
+            host_forwards=tuple(args.host_forward),
         )
         status = run_vm(spec, Limits(args.timeout, args.boot_timeout), args.console)
     except VmError as exc:

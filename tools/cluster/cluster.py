@@ -41,6 +41,7 @@ from control_plane import (  # noqa: E402
     ControlPlane,
     Endpoints,
 )
+from node_tunnel import NodeTunnel  # noqa: E402
 from pki import ensure_pki  # noqa: E402
 
 STATE_DIR = REPO / ".cache" / "cluster"
@@ -51,6 +52,7 @@ NODE_IP = "10.0.2.15"
 FORWARD_ADDRESS = "10.0.2.100"
 NODE_POD_CIDR = "10.244.0.0/24"
 S3_GUEST_PORT = 7480
+KUBELET_PORT = 10250
 # Host packages the node uses from the host's root: pod networking (CNI bridge's
 # masquerade, kube-proxy's rules) and conntrack clean-up.
 NODE_PACKAGES = {"iptables": "iptables", "conntrack": "conntrack"}
@@ -137,11 +139,14 @@ def node_environment(
         "POD_CIDR": POD_CIDR,
         "SERVICE_API_ADDRESS": SERVICE_API_ADDRESS,
         "CA_FILE": str(plane.pki.ca),
+        "KUBELET_TLS_CERT": str(plane.pki.cert("kubelet-serving")),
+        "KUBELET_TLS_KEY": str(plane.pki.key("kubelet-serving")),
         "PAUSE_IMAGE": pause_image(images),
         "KUBELET_KUBECONFIG": str(plane.kubeconfig("kubelet", for_node=True)),
         "KUBE_PROXY_KUBECONFIG": str(plane.kubeconfig("kube-proxy", for_node=True)),
         "ADMIN_KUBECONFIG": str(plane.kubeconfig("admin", for_node=True)),
         "KUBECONFIG": str(plane.kubeconfig("admin", for_node=True)),
+        "IMAGES_FILE": str(plane.run_dir / "images.txt"),
         **extra,
     }
 
@@ -152,7 +157,10 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
     images = image_list()
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     pki = ensure_pki(
-        STATE_DIR / "pki", NODE_NAME, ("127.0.0.1", FORWARD_ADDRESS, SERVICE_API_ADDRESS)
+        STATE_DIR / "pki",
+        NODE_NAME,
+        NODE_IP,
+        ("127.0.0.1", FORWARD_ADDRESS, SERVICE_API_ADDRESS),
     )
     run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%dT%H%M%S-"), dir=STATE_DIR))
     log(f"run directory {run_dir} (logs in {run_dir / 'logs'})")
@@ -163,6 +171,13 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
         advertise_address=FORWARD_ADDRESS,
     )
     plane = ControlPlane(binaries, pki, run_dir, endpoints)
+    kubelet_port = free_port()
+    # The API server dials the node by its name or its address, whichever it prefers.
+    kubelet = ("127.0.0.1", kubelet_port)
+    tunnel = NodeTunnel(
+        plane.tunnel_socket,
+        {f"{NODE_NAME}:{KUBELET_PORT}": kubelet, f"{NODE_IP}:{KUBELET_PORT}": kubelet},
+    ).start()
     started = time.monotonic()
     try:
         plane.start()
@@ -186,6 +201,8 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
                 "--mem",
                 str(VM_MEMORY_MIB),
                 *(arg for forward in forwards for arg in ("--forward", forward)),
+                "--host-forward",
+                f"{kubelet_port}:{KUBELET_PORT}",
                 "--",
                 str(HERE / "node.sh"),
                 str(run_dir),
@@ -197,6 +214,7 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
         return 1
     finally:
         plane.stop()
+        tunnel.stop()
 
 
 @contextmanager

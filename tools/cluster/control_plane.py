@@ -20,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from node_tunnel import EGRESS_CONFIG
 from pki import Pki
 
 SERVICE_CIDR = "10.96.0.0/16"
@@ -88,6 +89,7 @@ class ControlPlane:
             f"--service-account-signing-key-file={pki.service_account_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allow-privileged=true",
+            f"--egress-selector-config-file={self._egress_config()}",
         )
         self._wait_ready("kube-apiserver", f"{self.endpoints.host_url}/readyz", ready_timeout_s)
         self._spawn(
@@ -113,6 +115,16 @@ class ControlPlane:
             "--bind-address=127.0.0.1",
             "--secure-port=0",
         )
+
+    def _egress_config(self) -> Path:
+        path = self.run_dir / "egress-selector.yaml"
+        path.write_text(EGRESS_CONFIG.format(socket=self.tunnel_socket))
+        return path
+
+    @property
+    def tunnel_socket(self) -> Path:
+        """Where the API server finds its way to the node (node_tunnel.py)."""
+        return self.run_dir / "node-tunnel.sock"
 
     def kubeconfig(self, identity: str, *, for_node: bool = False) -> Path:
         """A kubeconfig for one identity of the PKI; ``for_node``: the node's address."""

@@ -121,6 +121,8 @@ authentication:
   webhook: {enabled: true}
   x509: {clientCAFile: "$CA_FILE"}
 authorization: {mode: Webhook}
+tlsCertFile: "$KUBELET_TLS_CERT"
+tlsPrivateKeyFile: "$KUBELET_TLS_KEY"
 cgroupDriver: cgroupfs
 containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
 failSwapOn: false

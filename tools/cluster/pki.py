@@ -60,11 +60,11 @@ class Pki:
         return self.directory / "service-account.key"
 
 
-def ensure_pki(directory: Path, node: str, addresses: tuple[str, ...]) -> Pki:
+def ensure_pki(directory: Path, node: str, node_ip: str, addresses: tuple[str, ...]) -> Pki:
     """Make whatever of the PKI is missing; a complete one is left as it is.
 
-    ``addresses`` are the IP addresses the API server is reached at. A change of them or
-    of the node name needs a new directory (``make cluster-clean``).
+    ``addresses`` are the IP addresses the API server is reached at; the kubelet serves
+    on ``node_ip``. A change of these or of the node name needs a new directory.
     """
     pki = Pki(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -78,6 +78,8 @@ def ensure_pki(directory: Path, node: str, addresses: tuple[str, ...]) -> Pki:
         _openssl("genrsa", "-out", str(pki.service_account_key), "2048")
     sans = ",".join((*SERVING_NAMES, *(f"IP:{address}" for address in addresses)))
     _issue(pki, "apiserver", "/CN=kube-apiserver", f"subjectAltName={sans}", "serverAuth")
+    node_sans = f"subjectAltName=DNS:{node},IP:{node_ip}"
+    _issue(pki, "kubelet-serving", f"/CN={node}", node_sans, "serverAuth")
     for identity in client_identities(node):
         subject = "".join(f"/O={group}" for group in identity.groups) + f"/CN={identity.user}"
         _issue(pki, identity.name, subject, None, "clientAuth")

@@ -1,0 +1,390 @@
+#!/usr/bin/env python3
+"""The user's whole path on the test cluster: the chart installed as the README says,
+volumes written and verified across pods, expansion, faults under a writer, deletion of
+the data, the validation chart's test, and an uninstall that leaves the node clean.
+
+Runs on the node (tools/cluster/cluster.py run -- tools/cluster/e2e.py), with kubectl,
+helm and the environment of node.env. Each step is timed; the table goes to stdout and
+to build/e2e.md. Any failed step ends the run with status 1, naming the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+HELM = REPO / "tools" / "helm.sh"
+NAMESPACE = "zerofs-csi"
+WORKLOAD_NAMESPACE = "e2e"
+RELEASE = "zerofs-csi"
+BUCKET = "zerofs-e2e"
+SECRET = "zerofs-credentials"
+DRIVER = "zerofs.csi.driver"
+# The kernel's words for a failed or aborted volume; any of them after a step fails it.
+KERNEL_ERRORS = re.compile(
+    r"I/O error|Aborting journal|Remounting filesystem read-only|Suspicious reply|"
+    r"Buffer I/O error|XFS .*(Corruption|Shutting down)"
+)
+DATA_MIB = 32
+
+Json = dict[str, Any]
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"e2e: {message}", flush=True)
+
+
+def run(*argv: str, input: str | None = None, check: bool = True) -> str:
+    result = subprocess.run(argv, input=input, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise StepFailed(f"{' '.join(argv[:4])} ... failed: {result.stderr.strip()[-2000:]}")
+    return result.stdout
+
+
+def kubectl(*argv: str, input: str | None = None, check: bool = True) -> str:
+    return run("kubectl", *argv, input=input, check=check)
+
+
+def kube_json(*argv: str) -> Json:
+    return json.loads(kubectl(*argv, "-o", "json"))
+
+
+def apply(manifest: Json) -> None:
+    kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout_s: float, every_s: float = 2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(every_s)
+    raise StepFailed(f"{what}: not within {timeout_s:g} s")
+
+
+@dataclass
+class Table:
+    rows: list[tuple[str, float, str]] = field(default_factory=list)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[list[str]]:
+        """Times the block; what it appends to the yielded list becomes the row's note."""
+        notes: list[str] = []
+        log(f"step: {name}")
+        began = time.monotonic()
+        try:
+            yield notes
+        except Exception as exc:
+            self.rows.append((name, time.monotonic() - began, f"FAILED: {exc}"))
+            raise
+        self.rows.append((name, time.monotonic() - began, "; ".join(notes)))
+        log(f"done: {name} in {self.rows[-1][1]:.1f} s")
+
+    def markdown(self) -> str:
+        lines = ["| step | seconds | notes |", "|---|---|---|"]
+        lines += [f"| {name} | {seconds:.1f} | {note} |" for name, seconds, note in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------- the node
+
+
+def kernel_log_mark() -> int:
+    return len(run("dmesg").splitlines())
+
+
+def kernel_errors_since(mark: int) -> list[str]:
+    return [line for line in run("dmesg").splitlines()[mark:] if KERNEL_ERRORS.search(line)]
+
+
+def connected_nbd_devices() -> list[str]:
+    return sorted(path.parent.name for path in Path("/sys/block").glob("nbd*/pid") if path.exists())
+
+
+def csi_mounts() -> list[str]:
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if "kubernetes.io~csi" in line.split()[4] or "/plugins/kubernetes.io/csi/" in line
+    ]
+
+
+def server_processes() -> list[str]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = stat.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(word.endswith((b"nbdkit", b"diod")) for word in argv[:1]):
+            found.append(stat.parent.name)
+    return found
+
+
+def container_pid(pod: Json) -> int:
+    """The node's PID of the pod's first container (from containerd)."""
+    container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    info = json.loads(
+        run(
+            "ctr",
+            "--address",
+            "/run/containerd/containerd.sock",
+            "-n",
+            "k8s.io",
+            "task",
+            "ls",
+            "--format",
+            "json",
+        )  # fmt: skip
+        or "[]"
+    )
+    for task in info:
+        if task.get("ID") == container_id:
+            return int(task["PID"])
+    raise StepFailed(f"containerd has no running task {container_id[:12]}")
+
+
+# ------------------------------------------------------------------- the chart
+
+
+@dataclass(frozen=True)
+class Images:
+    plugin_repository: str
+    plugin_tag: str
+    server: str
+    workload: str
+    busybox_repository: str
+    busybox_tag: str
+
+
+def images_from(lines: Sequence[str]) -> Images:
+    by_repository: dict[str, str] = {}
+    for line in lines:
+        archive, repository = line.split()
+        by_repository[repository] = Path(archive).stem.rsplit("-", 1)[1]
+    plugin = next(repo for repo in by_repository if repo.endswith("/zerofs-csi"))
+    server = next(repo for repo in by_repository if repo.endswith("/zerofs-standin"))
+    workload = next(repo for repo in by_repository if repo.endswith("/python"))
+    busybox = next(repo for repo in by_repository if repo.endswith("/busybox"))
+    return Images(
+        plugin,
+        by_repository[plugin],
+        f"{server}:{by_repository[server]}",
+        f"{workload}:{by_repository[workload]}",
+        busybox,
+        by_repository[busybox],
+    )
+
+
+def storage_class_values(index: int, name: str, filesystem: str, images: Images) -> list[str]:
+    prefix = f"storageClasses[{index}]"
+    values = {
+        "name": name,
+        "storageUrl": f"s3://{BUCKET}/volumes",
+        "filesystem": filesystem,
+        "s3Endpoint": os.environ["S3_ENDPOINT"],
+        "s3Region": "us-east-1",
+        "s3AllowHttp": "true",
+        "deleteDataOnPVCDelete": "true",
+        "parameters.image": images.server,
+    }
+    return [arg for key, value in values.items() for arg in ("--set", f"{prefix}.{key}={value}")]
+
+
+def install_chart(images: Images, table: Table) -> None:
+    with table.step("namespace, Secret, helm install (as the README)"):
+        kubectl("create", "namespace", NAMESPACE)
+        kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=privileged")
+        kubectl(
+            "-n", NAMESPACE, "create", "secret", "generic", SECRET,
+            f"--from-literal=AWS_ACCESS_KEY_ID={os.environ['AWS_ACCESS_KEY_ID']}",
+            f"--from-literal=AWS_SECRET_ACCESS_KEY={os.environ['AWS_SECRET_ACCESS_KEY']}",
+            f"--from-literal=ZEROFS_ENCRYPTION_PASSWORD={secrets.token_urlsafe(32)}",
+        )  # fmt: skip
+        run(
+            str(HELM), "install", RELEASE, str(REPO / "charts" / "zerofs-csi"), "-n", NAMESPACE,
+            "--set", f"image.repository={images.plugin_repository}",
+            "--set", f"image.tag={images.plugin_tag}",
+            "--set", f"secret.existingSecret={SECRET}",
+            *storage_class_values(0, "zerofs", "ext4", images),
+            *storage_class_values(1, "zerofs-xfs", "xfs", images),
+        )  # fmt: skip
+    with table.step("plugin pods ready (node DaemonSet, controller Deployment)") as notes:
+        kubectl("-n", NAMESPACE, "rollout", "status", "daemonset/zerofs-csi-node", "--timeout=900s")
+        kubectl(
+            "-n", NAMESPACE, "rollout", "status", "deployment/zerofs-csi-controller",
+            "--timeout=900s",
+        )  # fmt: skip
+        node = kube_json("get", "csinode", os.environ["NODE_NAME"])
+        drivers = [driver["name"] for driver in node["spec"].get("drivers") or []]
+        if DRIVER not in drivers:
+            raise StepFailed(f"kubelet did not register {DRIVER} (CSINode drivers: {drivers})")
+        notes.append("CSINode lists the driver")
+
+
+def create_bucket() -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT"], region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    # An object outside every volume's prefix: deleting volumes must leave it.
+    s3.put_object(Bucket=BUCKET, Key="outside/keep-me", Body=b"not a volume's")
+
+
+def s3_keys(prefix: str) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT"], region_name="us-east-1")
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    return keys
+
+
+# ----------------------------------------------------------------- workloads
+
+
+def pvc(name: str, storage_class: str, size: str, block: bool = False) -> Json:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": WORKLOAD_NAMESPACE},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": storage_class,
+            "volumeMode": "Block" if block else "Filesystem",
+            "resources": {"requests": {"storage": size}},
+        },
+    }
+
+
+def workload_pod(name: str, claim: str, image: str, args: Sequence[str], block: bool) -> Json:
+    container: Json = {
+        "name": "workload",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python3", "/workload/workload.py", *args],
+        "volumeMounts": [{"name": "workload", "mountPath": "/workload"}],
+    }
+    if block:
+        container["volumeDevices"] = [{"name": "data", "devicePath": "/dev/data"}]
+    else:
+        container["volumeMounts"].append({"name": "data", "mountPath": "/data"})
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": WORKLOAD_NAMESPACE},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [container],
+            "volumes": [
+                {"name": "data", "persistentVolumeClaim": {"claimName": claim}},
+                {"name": "workload", "configMap": {"name": "workload"}},
+            ],
+        },
+    }
+
+
+def pod_phase(name: str) -> str:
+    return kubectl(
+        "-n", WORKLOAD_NAMESPACE, "get", "pod", name, "-o", "jsonpath={.status.phase}",
+        check=False,
+    )  # fmt: skip
+
+
+def run_pod_to_completion(pod: Json, timeout_s: float = 900) -> str:
+    """Starts the pod, waits for it to end; its log when it succeeded."""
+    name = pod["metadata"]["name"]
+    apply(pod)
+    wait_until(f"pod {name} ends", lambda: pod_phase(name) in ("Succeeded", "Failed"), timeout_s)
+    output = kubectl("-n", WORKLOAD_NAMESPACE, "logs", name, check=False)
+    if pod_phase(name) != "Succeeded":
+        raise StepFailed(f"pod {name} failed: {output.strip()[-500:]}")
+    kubectl("-n", WORKLOAD_NAMESPACE, "delete", "pod", name, "--wait=true", "--timeout=600s")
+    return output
+
+
+def volume_of(claim: str) -> str:
+    volume = kube_json("-n", WORKLOAD_NAMESPACE, "get", "pvc", claim)["spec"]["volumeName"]
+    return str(kube_json("get", "pv", volume)["spec"]["csi"]["volumeHandle"])
+
+
+def bound(claim: str) -> bool:
+    phase = kubectl(
+        "-n", WORKLOAD_NAMESPACE, "get", "pvc", claim, "-o", "jsonpath={.status.phase}",
+        check=False,
+    )  # fmt: skip
+    return phase == "Bound"
+
+
+def write_then_verify(table: Table, images: Images, claim: str, sc: str, block: bool) -> None:
+    target = "/dev/data" if block else "/data/file"
+    seed = str(secrets.randbelow(1 << 30))
+    with table.step(f"{claim}: PVC bound") as notes:
+        apply(pvc(claim, sc, "1Gi", block))
+        wait_until(f"PVC {claim} bound", lambda: bound(claim), 300)
+        notes.append(f"volume {volume_of(claim)}")
+    with table.step(f"{claim}: pod writes {DATA_MIB} MiB, ends, pod deleted"):
+        args = ["write", target, seed, str(DATA_MIB)]
+        run_pod_to_completion(workload_pod(f"{claim}-writer", claim, images.workload, args, block))
+    with table.step(f"{claim}: a new pod verifies every byte"):
+        args = ["verify", target, seed, str(DATA_MIB)]
+        run_pod_to_completion(workload_pod(f"{claim}-reader", claim, images.workload, args, block))
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tools/cluster/e2e.py")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=os.environ.get("IMAGES_FILE"),
+        help="'<archive> <repository>' lines of the node's images (default: $IMAGES_FILE)",
+    )
+    parser.add_argument("--output", type=Path, default=REPO / "build" / "e2e.md")
+    args = parser.parse_args(argv)
+    images = images_from(args.images.read_text().splitlines())
+    table = Table()
+    mark = kernel_log_mark()
+    try:
+        create_bucket()
+        install_chart(images, table)
+        kubectl("create", "namespace", WORKLOAD_NAMESPACE)
+        kubectl(
+            "-n", WORKLOAD_NAMESPACE, "create", "configmap", "workload",
+            f"--from-file=workload.py={HERE / 'workload.py'}",
+        )  # fmt: skip
+        write_then_verify(table, images, "ext4", "zerofs", block=False)
+        write_then_verify(table, images, "xfs", "zerofs-xfs", block=False)
+        write_then_verify(table, images, "raw", "zerofs", block=True)
+        errors = kernel_errors_since(mark)
+        if errors:
+            raise StepFailed("the kernel logged errors: " + " | ".join(errors[:5]))
+    except StepFailed as exc:
+        log(f"FAILED: {exc}")
+        return 1
+    finally:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(table.markdown())
+        print(table.markdown(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
