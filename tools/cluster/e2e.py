@@ -349,6 +349,179 @@ def write_then_verify(table: Table, images: Images, claim: str, sc: str, block: 
         run_pod_to_completion(workload_pod(f"{claim}-reader", claim, images.workload, args, block))
 
 
+def expand(table: Table, images: Images, claim: str) -> None:
+    """Offline expansion: the resizer grows the volume, the next stage grows the filesystem."""
+    with table.step(f"{claim}: PVC 1Gi -> 2Gi through the resizer") as notes:
+        kubectl(
+            "-n", WORKLOAD_NAMESPACE, "patch", "pvc", claim, "--type=merge",
+            "-p", json.dumps({"spec": {"resources": {"requests": {"storage": "2Gi"}}}}),
+        )  # fmt: skip
+
+        def resized() -> bool:
+            volume = kube_json("-n", WORKLOAD_NAMESPACE, "get", "pvc", claim)["spec"]["volumeName"]
+            return bool(kube_json("get", "pv", volume)["spec"]["capacity"]["storage"] == "2Gi")
+
+        wait_until(f"PV of {claim} at 2Gi", resized, 600)
+        notes.append("PV capacity 2Gi")
+    with table.step(f"{claim}: next pod sees a 2 GiB filesystem, data verified"):
+        run_pod_to_completion(
+            workload_pod(
+                f"{claim}-grown", claim, images.workload, ["capacity", "/data", "0", "1900"], False
+            )
+        )
+        kubectl("-n", WORKLOAD_NAMESPACE, "get", "pvc", claim)
+
+
+def plugin_pods() -> list[Json]:
+    return list(
+        kube_json(
+            "-n", NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=node"
+        )["items"]
+    )  # fmt: skip
+
+
+def faults_under_a_writer(table: Table, images: Images, claim: str, seed: str) -> None:
+    """A writer pod rewrites its file while the server is killed, the plugin pod deleted,
+    and the DaemonSet rolled to a new image; it must see no error and verify its data."""
+    writer = f"{claim}-churn"
+    apply(
+        workload_pod(
+            writer,
+            claim,
+            images.workload,
+            ["churn", "/data/churn", seed, "64", "/data/stop"],
+            False,
+        )
+    )
+    wait_until(f"pod {writer} running", lambda: pod_phase(writer) == "Running", 900)
+    volume = volume_of(claim)
+    server_pod = f"zerofs-volume-{volume}"
+    time.sleep(15)
+    with table.step("kill -9 of the volume's server process under the writer") as notes:
+        pod = kube_json("-n", NAMESPACE, "get", "pod", server_pod)
+        restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+        os.kill(container_pid(pod), 9)
+
+        def restarted() -> bool:
+            status = kube_json("-n", NAMESPACE, "get", "pod", server_pod)["status"]
+            container = status["containerStatuses"][0]
+            return bool(container["restartCount"] > restarts and container.get("ready"))
+
+        wait_until(f"{server_pod} restarted and ready", restarted, 600, every_s=1)
+        notes.append("server container restarted and ready")
+    time.sleep(15)
+    with table.step("delete of the node plugin pod under the writer") as notes:
+        old = {pod["metadata"]["name"] for pod in plugin_pods()}
+        kubectl("-n", NAMESPACE, "delete", "pod", "-l", "app.kubernetes.io/component=node")
+        kubectl("-n", NAMESPACE, "rollout", "status", "daemonset/zerofs-csi-node", "--timeout=900s")
+        new = {pod["metadata"]["name"] for pod in plugin_pods()}
+        if new & old:
+            raise StepFailed(f"plugin pod {sorted(new & old)} was not replaced")
+        notes.append("the DaemonSet recreated it")
+    time.sleep(15)
+    with table.step("DaemonSet rollout to a new image tag under the writer") as notes:
+        new_tag = f"{images.plugin_tag}-rollout"
+        run(
+            "ctr", "--address", "/run/containerd/containerd.sock", "-n", "k8s.io", "images",
+            "tag", "--force", f"{images.plugin_repository}:{images.plugin_tag}",
+            f"{images.plugin_repository}:{new_tag}",
+        )  # fmt: skip
+        run(
+            str(HELM), "upgrade", RELEASE, str(REPO / "charts" / "zerofs-csi"), "-n", NAMESPACE,
+            "--reuse-values", "--set", f"image.tag={new_tag}",
+        )  # fmt: skip
+        kubectl("-n", NAMESPACE, "rollout", "status", "daemonset/zerofs-csi-node", "--timeout=900s")
+        images_now = {
+            container["image"]
+            for pod in plugin_pods()
+            for container in pod["spec"]["containers"]
+            if container["name"] == "zerofs-csi"
+        }
+        if images_now != {f"{images.plugin_repository}:{new_tag}"}:
+            raise StepFailed(f"plugin pods run {sorted(images_now)} after the rollout")
+        notes.append(f"plugin pods on :{new_tag}")
+    time.sleep(15)
+    with table.step("writer stops and verifies its data") as notes:
+        kubectl("-n", WORKLOAD_NAMESPACE, "exec", writer, "--", "touch", "/data/stop")
+        wait_until(f"pod {writer} ends", lambda: pod_phase(writer) in ("Succeeded", "Failed"), 900)
+        output = kubectl("-n", WORKLOAD_NAMESPACE, "logs", writer, check=False).strip()
+        if pod_phase(writer) != "Succeeded":
+            raise StepFailed(f"the writer failed: {output[-500:]}")
+        notes.append(output.splitlines()[-2] if len(output.splitlines()) > 1 else output)
+        kubectl("-n", WORKLOAD_NAMESPACE, "delete", "pod", writer, "--wait=true", "--timeout=600s")
+
+
+def delete_claims(table: Table, claims: Sequence[str]) -> None:
+    """deleteDataOnPVCDelete: each volume's objects go, every other object stays."""
+    volumes = {claim: volume_of(claim) for claim in claims}
+    for claim, volume in volumes.items():
+        with table.step(f"{claim}: PVC deleted, its objects gone from S3") as notes:
+            before = len(s3_keys(f"volumes/{volume}/"))
+            if before == 0:
+                raise StepFailed(f"volume {volume} has no objects in S3 before its deletion")
+            others = {key for key in s3_keys("") if not key.startswith(f"volumes/{volume}/")}
+            kubectl("-n", WORKLOAD_NAMESPACE, "delete", "pvc", claim, "--wait=true")
+            wait_until(
+                f"PV of {claim} deleted",
+                lambda volume=volume: (
+                    not any(
+                        pv["spec"]["csi"]["volumeHandle"] == volume
+                        for pv in kube_json("get", "pv")["items"]
+                    )
+                ),
+                600,
+            )
+            left = s3_keys(f"volumes/{volume}/")
+            if left:
+                raise StepFailed(f"{len(left)} objects of volume {volume} left in S3: {left[:3]}")
+            missing = others - set(s3_keys(""))
+            if missing:
+                raise StepFailed(f"objects of others deleted with {volume}: {sorted(missing)[:3]}")
+            notes.append(f"{before} objects deleted, {len(others)} others kept")
+
+
+def validation_chart(table: Table, images: Images) -> None:
+    with table.step("helm test of the validation chart") as notes:
+        run(
+            str(HELM), "install", "zerofs-validation",
+            str(REPO / "charts" / "zerofs-csi-validation"), "-n", WORKLOAD_NAMESPACE,
+            "--set", "storageClassName=zerofs",
+            "--set", f"image.repository={images.busybox_repository}",
+            "--set", f"image.tag={images.busybox_tag}",
+        )  # fmt: skip
+        output = run(
+            str(HELM), "test", "zerofs-validation", "-n", WORKLOAD_NAMESPACE, "--logs",
+            "--timeout", "30m",
+        )  # fmt: skip
+        notes.append(f"{output.count('Succeeded')} test phases succeeded")
+        run(str(HELM), "uninstall", "zerofs-validation", "-n", WORKLOAD_NAMESPACE, "--wait")
+
+
+def uninstall(table: Table) -> None:
+    with table.step("helm uninstall leaves no pod, device, mount or server") as notes:
+        kubectl("delete", "namespace", WORKLOAD_NAMESPACE, "--wait=true", "--timeout=900s")
+        wait_until(
+            "every PV gone",
+            lambda: not kube_json("get", "pv")["items"],
+            900,
+        )
+        run(str(HELM), "uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout", "15m")
+        wait_until(
+            f"no pod in {NAMESPACE}",
+            lambda: not kube_json("-n", NAMESPACE, "get", "pods")["items"],
+            600,
+        )
+        left = {
+            "NBD devices": connected_nbd_devices(),
+            "CSI mounts": csi_mounts(),
+            "server processes": server_processes(),
+        }
+        found = {what: items for what, items in left.items() if items}
+        if found:
+            raise StepFailed(f"left on the node: {found}")
+        notes.append("nothing left")
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="tools/cluster/e2e.py")
     parser.add_argument(
@@ -373,6 +546,11 @@ def main(argv: Sequence[str]) -> int:
         write_then_verify(table, images, "ext4", "zerofs", block=False)
         write_then_verify(table, images, "xfs", "zerofs-xfs", block=False)
         write_then_verify(table, images, "raw", "zerofs", block=True)
+        expand(table, images, "ext4")
+        faults_under_a_writer(table, images, "xfs", str(secrets.randbelow(1 << 30)))
+        delete_claims(table, ["ext4", "xfs", "raw"])
+        validation_chart(table, images)
+        uninstall(table)
         errors = kernel_errors_since(mark)
         if errors:
             raise StepFailed("the kernel logged errors: " + " | ".join(errors[:5]))

@@ -5,6 +5,7 @@
     workload.py churn PATH SEED MIB STOP   rewrite MIB MiB slots in turn, fsync every 4,
                                            until the file STOP exists; then verify the
                                            last generation of every slot
+    workload.py capacity DIR 0 MIB         fails unless DIR's filesystem holds MIB MiB
 
 Every I/O error ends the run with status 1 and the error on stderr; ``churn`` prints the
 longest write-plus-fsync pause it saw, which the end-to-end test reports.
@@ -79,6 +80,11 @@ def main(argv: list[str]) -> None:
             verify(path, seed, mib)
         elif action == "churn":
             churn(path, seed, mib, argv[4])
+        elif action == "capacity":
+            stat = os.statvfs(path)
+            total_mib = stat.f_blocks * stat.f_frsize // MiB
+            if total_mib < mib:
+                sys.exit(f"{path}: the filesystem holds {total_mib} MiB, not {mib}")
         else:
             sys.exit(f"unknown action {action}")
     except OSError as exc:
