@@ -55,6 +55,10 @@ HOST_PACKAGES = (
     "kmod",
     "udev",
     "nbdkit",
+    "nbdkit-plugin-python",  # the stand-in's s3:// storage (brings python3-boto3)
+    "ceph-mon",  # with ceph-osd and radosgw: the S3 server of the privileged S3 test
+    "ceph-osd",
+    "radosgw",
     "nbd-client",
     "diod",
     "socat",
