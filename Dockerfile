@@ -35,7 +35,7 @@ RUN apt-get update \
 COPY --from=build /wheels /wheels
 RUN python -m pip install --no-cache-dir --no-index --find-links /wheels zerofs-csi \
     && rm -rf /wheels \
-    && python -c "import zerofs_csi._nbd" \
+    && python -c "import zerofs_csi.nbd._nbd" \
     && zerofs-csi --version
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # Root: the node role attaches NBD devices and mounts; the chart runs it privileged.

@@ -1,4 +1,4 @@
-"""Build the Cython attach-path extension ``zerofs_csi._nbd``.
+"""Build the Cython attach-path extension ``zerofs_csi.nbd._nbd``.
 
 Environment switches:
   ZEROFS_CSI_DEBUG_BUILD=1  annotated HTML, line tracing, no optimisation
@@ -29,9 +29,8 @@ directives = {
 
 extensions = [
     Extension(
-        "zerofs_csi._nbd",
-        sources=["src/_nbd.pyx"],
-        include_dirs=["src"],
+        "zerofs_csi.nbd._nbd",
+        sources=["src/zerofs_csi/nbd/_nbd.pyx"],
         extra_compile_args=compile_args,
         define_macros=macros,
     )

@@ -30,6 +30,6 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$inputs" ]]; then
     quiet_pip() { .venv/bin/pip "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
     quiet_pip install -q --upgrade pip
     quiet_pip install -q -e '.[dev]'
-    .venv/bin/python -c 'import zerofs_csi._nbd, Cython' # fail here, not later, if it did not
+    .venv/bin/python -c 'import zerofs_csi.nbd._nbd, Cython' # fail here, not later, if it did not
     echo "$inputs" >"$stamp"
 fi

@@ -30,13 +30,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from zerofs_csi import logsetup, nbd
 from zerofs_csi.config import LogFormat
-from zerofs_csi.link_monitor import LinkMonitor
-from zerofs_csi.metrics import Metrics
-from zerofs_csi.node_attach import NodeAttacher
+from zerofs_csi.nbd import attach as nbd
+from zerofs_csi.node.attach import NodeAttacher
+from zerofs_csi.node.link_monitor import LinkMonitor
+from zerofs_csi.node.stage_record import RecordStore, StageRecord
+from zerofs_csi.observability import logs as logsetup
+from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.shutdown import stop_on_signals
-from zerofs_csi.stage_record import RecordStore, StageRecord
 
 log = logging.getLogger(__name__)
 

@@ -10,23 +10,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from zerofs_csi import link_keeper, nbd, ninep
+from zerofs_csi import link_keeper
 from zerofs_csi.config import Backend, Config
-from zerofs_csi.controller import ControllerService
-from zerofs_csi.events import EventRecorder, KubernetesEventRecorder, LogEventRecorder
-from zerofs_csi.link_monitor import LinkMonitor
-from zerofs_csi.locks import VolumeLocks
-from zerofs_csi.metrics import Metrics
-from zerofs_csi.node import NodeService
-from zerofs_csi.node_attach import NodeAttacher
-from zerofs_csi.node_directory import LocalNodes
-from zerofs_csi.process_backend import ProcessBackend
-from zerofs_csi.readiness import Check
-from zerofs_csi.recovery import Recovery
-from zerofs_csi.stage_record import RecordStore
-from zerofs_csi.staging import Stager
-from zerofs_csi.volume_server import VolumeServerBackend
-from zerofs_csi.volume_store import FileVolumeStore
+from zerofs_csi.controller.nodes import LocalNodes
+from zerofs_csi.controller.service import ControllerService
+from zerofs_csi.controller.store import FileVolumeStore
+from zerofs_csi.nbd import attach as nbd
+from zerofs_csi.node.attach import NodeAttacher
+from zerofs_csi.node.link_monitor import LinkMonitor
+from zerofs_csi.node.recovery import Recovery
+from zerofs_csi.node.service import NodeService
+from zerofs_csi.node.stage_record import RecordStore
+from zerofs_csi.node.staging import Stager
+from zerofs_csi.observability.events import EventRecorder, KubernetesEventRecorder, LogEventRecorder
+from zerofs_csi.observability.metrics import Metrics
+from zerofs_csi.observability.readiness import Check
+from zerofs_csi.rpc.locks import VolumeLocks
+from zerofs_csi.servers import ninep
+from zerofs_csi.servers.base import VolumeServerBackend
+from zerofs_csi.servers.local import ProcessBackend
 
 if TYPE_CHECKING:  # the kubernetes client is imported only by the kubernetes backend
     from kubernetes.client import ApiClient
@@ -95,8 +97,8 @@ def _volume_server_backend(
             command=config.zerofs_command,
             hung_after=config.server_hung_timeout_seconds,
         )
-    from zerofs_csi.kube.backend import KubernetesBackend
-    from zerofs_csi.kube.owner import resolve_daemonset_owner
+    from zerofs_csi.servers.pods.backend import KubernetesBackend
+    from zerofs_csi.servers.pods.owner import resolve_daemonset_owner
 
     owner = resolve_daemonset_owner(
         api, config.namespace, daemonset_name=config.daemonset_name or None
@@ -173,9 +175,9 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
         return ControllerService(
             FileVolumeStore(config.state_dir / "volumes"), metrics, nodes=nodes
         )
-    from zerofs_csi.kube.backend import KubernetesBackend
-    from zerofs_csi.node_directory_kube import CsiNodeDirectory
-    from zerofs_csi.volume_store_kube import KubernetesConfigMapReader, KubernetesVolumeStore
+    from zerofs_csi.controller.nodes_kube import CsiNodeDirectory
+    from zerofs_csi.controller.store_kube import KubernetesConfigMapReader, KubernetesVolumeStore
+    from zerofs_csi.servers.pods.backend import KubernetesBackend
 
     api = _kube_api(config)
     # The controller only removes servers (on any node): no owner, no sockets of its own.

@@ -14,17 +14,17 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-from zerofs_csi import logsetup
 from zerofs_csi.config import Config
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
-from zerofs_csi.identity import IdentityService, expansion_capability, service_capability
-from zerofs_csi.interceptor import CsiInterceptor
-from zerofs_csi.metrics import Metrics
-from zerofs_csi.metrics_http import MetricsServer
-from zerofs_csi.node_checks import node_checks
-from zerofs_csi.readiness import Check, Readiness
+from zerofs_csi.node.checks import node_checks
+from zerofs_csi.observability import logs as logsetup
+from zerofs_csi.observability.metrics import Metrics
+from zerofs_csi.observability.metrics_http import MetricsServer
+from zerofs_csi.observability.readiness import Check, Readiness
+from zerofs_csi.observability.sanitize import REDACTOR
+from zerofs_csi.rpc.identity import IdentityService, expansion_capability, service_capability
+from zerofs_csi.rpc.interceptor import CsiInterceptor
 from zerofs_csi.runtime import NodeRuntime, StartupError, build_controller, build_node
-from zerofs_csi.sanitize import REDACTOR
 from zerofs_csi.shutdown import stop_on_signals
 
 log = logging.getLogger(__name__)

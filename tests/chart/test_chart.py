@@ -27,9 +27,10 @@ from chart.conftest import (
 from zerofs_csi import DRIVER_NAME
 from zerofs_csi.cli import parse_config
 from zerofs_csi.config import Backend, Role
-from zerofs_csi.kube import objects, rbac
+from zerofs_csi.kube import rbac
 from zerofs_csi.kube.controller_rbac import CONTROLLER_PLUGIN_RULES
-from zerofs_csi.volume_settings import (
+from zerofs_csi.servers.pods import objects
+from zerofs_csi.volume.settings import (
     PARAMETER_KEYS,
     RESERVED_PREFIXES,
     SECRET_ACCESS_KEY_ID,

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from chart.conftest import CHART, ROOT, Helm, container, find
-from zerofs_csi import filesystems
+from zerofs_csi.host import filesystems
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 HOST_PACKAGES = ROOT / "tools" / "host-packages.txt"
-PXD = ROOT / "src" / "_nbd_linux.pxd"
+PXD = ROOT / "src" / "zerofs_csi" / "nbd" / "_nbd_linux.pxd"
 INCLUDE_DIRS = (Path("/usr/include"), Path("/usr/include/x86_64-linux-gnu"))
 
 
@@ -120,7 +120,7 @@ def runtime_packages_needed(helm: Helm) -> dict[str, str]:
         assert found, f"{tool} is not installed on this host (run tools/bootstrap.sh)"
         needed.setdefault(owning_package(Path(found).resolve()), tool)
     # fsprobe.py loads libblkid through ctypes.
-    source = (ROOT / "src" / "zerofs_csi" / "fsprobe.py").read_text()
+    source = (ROOT / "src" / "zerofs_csi" / "host" / "fsprobe.py").read_text()
     for library in re.findall(r'find_library\("(\w+)"\)', source):
         needed.setdefault(owning_package(library_path(library).resolve()), f"lib{library}")
     return needed
@@ -198,5 +198,9 @@ def test_build_context_holds_what_the_dockerfile_copies(stages: list[Stage]) -> 
         assert (ROOT / source).exists(), source
         assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
     # setup.py builds the extension from these.
-    for needed in ("src/_nbd.pyx", "src/_nbd_linux.pxd", "proto/csi.proto"):
+    for needed in (
+        "src/zerofs_csi/nbd/_nbd.pyx",
+        "src/zerofs_csi/nbd/_nbd_linux.pxd",
+        "proto/csi.proto",
+    ):
         assert (ROOT / needed).exists()

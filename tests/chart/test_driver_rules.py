@@ -18,18 +18,13 @@ import pytest
 import yaml
 
 from chart.conftest import CHART, Helm
-from zerofs_csi import errors, mounts
+from zerofs_csi import errors
 from zerofs_csi.cli import DRIVER_NAME_RE
 from zerofs_csi.config import socket_root_of
-from zerofs_csi.volume_id import MAX_VOLUME_ID_LENGTH
-from zerofs_csi.volume_server import ServerSockets
-from zerofs_csi.volume_settings import (
-    BUCKET,
-    ENDPOINT,
-    KEY_SEGMENT,
-    REGION,
-    parse_volume_settings,
-)
+from zerofs_csi.host import mount_options
+from zerofs_csi.servers.base import ServerSockets
+from zerofs_csi.volume.id import MAX_VOLUME_ID_LENGTH
+from zerofs_csi.volume.settings import BUCKET, ENDPOINT, KEY_SEGMENT, REGION, parse_volume_settings
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 HELPERS = (CHART / "templates" / "_helpers.tpl").read_text()
@@ -98,7 +93,7 @@ MOUNT_OPTIONS = [
     ["noatime"],
     ["noatime", "nodev,nosuid"],
     ["discard", "commit=30"],
-    *[[word] for word in sorted(mounts.FORBIDDEN_OPTIONS)],
+    *[[word] for word in sorted(mount_options.FORBIDDEN_OPTIONS)],
     ["noatime,bind"],
     ["ro", " remount "],
 ]
@@ -172,7 +167,7 @@ def test_s3_endpoint(helm: Helm, tmp_path: Path, endpoint: str) -> None:
 @pytest.mark.parametrize("options", MOUNT_OPTIONS, ids=",".join)
 def test_mount_options(helm: Helm, tmp_path: Path, options: list[str]) -> None:
     try:
-        mounts.MountOptions.parse(options)
+        mount_options.MountOptions.parse(options)
         words = None
     except ValueError as exc:
         words = str(exc)
@@ -241,4 +236,4 @@ def test_the_templates_check_with_the_drivers_regexes() -> None:
         assert f"`^{regex.pattern}$`" in HELPERS, regex.pattern
     forbidden = re.search(r"has \$word \(list ([^)]*)\)", HELPERS)
     assert forbidden is not None
-    assert set(re.findall(r'"([^"]+)"', forbidden[1])) == mounts.FORBIDDEN_OPTIONS
+    assert set(re.findall(r'"([^"]+)"', forbidden[1])) == mount_options.FORBIDDEN_OPTIONS

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from chart.conftest import CHART, Helm, find
-from zerofs_csi.metrics import Metrics
+from zerofs_csi.observability.metrics import Metrics
 
 # Series suffixes the client library adds per metric type (Prometheus exposition format).
 SUFFIXES = {

@@ -28,14 +28,14 @@ from kubernetes import client
 from chart.conftest import CHART, Helm, Manifest, find
 from zerofs_csi.config import Backend, Config, Endpoint, LogFormat, Role
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
-from zerofs_csi.events import PVC_NAME_KEY, PVC_NAMESPACE_KEY, KubernetesEventRecorder
-from zerofs_csi.kube import objects
 from zerofs_csi.kube.api import call_json, make_api_client
 from zerofs_csi.kube.controller_rbac import (
     CONTROLLER_PLUGIN_CLUSTER_RULES,
     CONTROLLER_PLUGIN_RULES,
 )
+from zerofs_csi.observability.events import PVC_NAME_KEY, PVC_NAMESPACE_KEY, KubernetesEventRecorder
 from zerofs_csi.server import build
+from zerofs_csi.servers.pods import objects
 
 ADMIN_AGENT = "chart-test-admin"
 DRIVER = "zerofs.csi.driver"

@@ -26,10 +26,10 @@ from kube.cluster import (
     start_real_apiserver,
 )
 from kube.kubelet import KubeletStandIn, ListeningSockets, Runtime
-from zerofs_csi.kube.backend import KubernetesBackend
-from zerofs_csi.kube.owner import DaemonSetOwner, resolve_daemonset_owner
-from zerofs_csi.metrics import Metrics
-from zerofs_csi.volume_settings import VolumeSecrets, VolumeSettings, parse_volume_settings
+from zerofs_csi.observability.metrics import Metrics
+from zerofs_csi.servers.pods.backend import KubernetesBackend
+from zerofs_csi.servers.pods.owner import DaemonSetOwner, resolve_daemonset_owner
+from zerofs_csi.volume.settings import VolumeSecrets, VolumeSettings, parse_volume_settings
 
 BACKEND_USER_AGENT = "zerofs-csi-node/test"
 

@@ -18,12 +18,12 @@ from kube.cluster import DAEMONSET, DAEMONSET_LABELS, NODE, OTHER_NODE, Cluster
 from kube.conftest import SECRETS, new_volume_id, volume_settings
 from kube.kubelet import KubeletStandIn, PendingStatus
 from zerofs_csi import errors
-from zerofs_csi.kube import objects
 from zerofs_csi.kube.api import call_json
-from zerofs_csi.kube.backend import KubernetesBackend, pod_is_ready
-from zerofs_csi.kube.owner import resolve_daemonset_owner
-from zerofs_csi.logsetup import JsonFormatter
-from zerofs_csi.volume_settings import VolumeSecrets
+from zerofs_csi.observability.logs import JsonFormatter
+from zerofs_csi.servers.pods import objects
+from zerofs_csi.servers.pods.backend import KubernetesBackend, pod_is_ready
+from zerofs_csi.servers.pods.owner import resolve_daemonset_owner
+from zerofs_csi.volume.settings import VolumeSecrets
 
 MakeBackend = Callable[..., KubernetesBackend]
 StartKubelet = Callable[..., KubeletStandIn]
@@ -352,7 +352,7 @@ def test_pod_stuck_terminating_is_force_deleted_after_the_timeout(
     volume = new_volume_id()
     backend.ensure(volume, volume_settings(), SECRETS)
 
-    caplog.set_level(logging.INFO, logger="zerofs_csi.kube")
+    caplog.set_level(logging.INFO, logger="zerofs_csi.servers.pods")
     started = time.monotonic()
     backend.stop(volume)
     elapsed = time.monotonic() - started

@@ -8,10 +8,10 @@ from typing import Any
 from kubernetes import client
 
 from kube.cluster import Cluster
-from zerofs_csi.events import MAX_MESSAGE_BYTES, KubernetesEventRecorder
 from zerofs_csi.kube.api import call_json
-from zerofs_csi.sanitize import REDACTOR
-from zerofs_csi.volume_context import PVC_NAME_KEY, PVC_NAMESPACE_KEY
+from zerofs_csi.observability.events import MAX_MESSAGE_BYTES, KubernetesEventRecorder
+from zerofs_csi.observability.sanitize import REDACTOR
+from zerofs_csi.volume.context import PVC_NAME_KEY, PVC_NAMESPACE_KEY
 
 SECRET = "evt-Secret-never-posted"
 

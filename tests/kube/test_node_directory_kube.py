@@ -15,8 +15,8 @@ from kubernetes import client
 
 from kube.cluster import Cluster
 from zerofs_csi import errors
+from zerofs_csi.controller.nodes_kube import CsiNodeDirectory
 from zerofs_csi.kube.api import call_json
-from zerofs_csi.node_directory_kube import CsiNodeDirectory
 
 DRIVER = "zerofs.csi.driver"
 

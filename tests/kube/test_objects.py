@@ -20,10 +20,10 @@ import tomli_w
 
 from kube.cluster import DAEMONSET_LABELS
 from kube.conftest import SECRETS, volume_settings
-from zerofs_csi.kube import objects
-from zerofs_csi.volume_server import ServerSockets
-from zerofs_csi.volume_settings import VolumeSettings
-from zerofs_csi.zerofs_config import render_zerofs_config
+from zerofs_csi.servers.base import ServerSockets
+from zerofs_csi.servers.pods import objects
+from zerofs_csi.servers.zerofs_config import render_zerofs_config
+from zerofs_csi.volume.settings import VolumeSettings
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tools" / "zerofs_standin.py"

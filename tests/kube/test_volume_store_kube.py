@@ -18,18 +18,19 @@ from prometheus_client import CollectorRegistry
 from unit.test_volume_store import StoreContract, content, make_record
 
 from kube.cluster import Cluster
-from zerofs_csi import errors, volume_store_kube
-from zerofs_csi.controller import ControllerService
-from zerofs_csi.csi import csi_pb2
-from zerofs_csi.metrics import Metrics
-from zerofs_csi.node_directory import LocalNodes
-from zerofs_csi.volume_store import VolumeStore
-from zerofs_csi.volume_store_kube import (
+from zerofs_csi import errors
+from zerofs_csi.controller import store_kube as volume_store_kube
+from zerofs_csi.controller.nodes import LocalNodes
+from zerofs_csi.controller.service import ControllerService
+from zerofs_csi.controller.store import VolumeStore
+from zerofs_csi.controller.store_kube import (
     RECORD_KEY,
     KubernetesConfigMapReader,
     KubernetesVolumeStore,
     config_map_name,
 )
+from zerofs_csi.csi import csi_pb2
+from zerofs_csi.observability.metrics import Metrics
 
 
 @pytest.fixture

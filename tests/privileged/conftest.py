@@ -23,8 +23,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from zerofs_csi import mounts
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
+from zerofs_csi.host import mounts
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tools" / "zerofs-standin"

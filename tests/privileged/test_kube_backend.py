@@ -46,13 +46,13 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry
 
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
-from zerofs_csi.kube import objects
 from zerofs_csi.kube.api import call_json
-from zerofs_csi.kube.backend import KubernetesBackend, pod_is_ready
-from zerofs_csi.kube.owner import resolve_daemonset_owner
-from zerofs_csi.metrics import Metrics
-from zerofs_csi.ninep import prepare_export
-from zerofs_csi.volume_settings import VolumeSecrets, parse_volume_settings
+from zerofs_csi.observability.metrics import Metrics
+from zerofs_csi.servers.ninep import prepare_export
+from zerofs_csi.servers.pods import objects
+from zerofs_csi.servers.pods.backend import KubernetesBackend, pod_is_ready
+from zerofs_csi.servers.pods.owner import resolve_daemonset_owner
+from zerofs_csi.volume.settings import VolumeSecrets, parse_volume_settings
 
 pytestmark = pytest.mark.privileged
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import STANDIN, MiB, PluginProcess, create_volume, processes_mentioning, wait_for
 
-from zerofs_csi.process_backend import ProcessBackend
+from zerofs_csi.servers.local import ProcessBackend
 
 pytestmark = pytest.mark.privileged
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from zerofs_csi import _nbd, nbd
+from zerofs_csi.nbd import _nbd
+from zerofs_csi.nbd import attach as nbd
 
 pytestmark = pytest.mark.privileged
 

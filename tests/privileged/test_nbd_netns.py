@@ -23,16 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from zerofs_csi import nbd
+from zerofs_csi.nbd import attach as nbd
 
 pytestmark = pytest.mark.privileged
 
 # Attaches an export through the node's attach path and prints the outcome as JSON.
 ATTACH = """
 import json, sys
-from zerofs_csi import nbd
+from zerofs_csi.nbd import attach as nbd
 from zerofs_csi.errors import CsiError
-from zerofs_csi.node_attach import NodeAttacher
+from zerofs_csi.node.attach import NodeAttacher
 
 attacher = NodeAttacher(nbd.NbdAttacher(), connections=1)
 try:

@@ -36,8 +36,8 @@ from conftest import (
     settled_nbd_devices,
 )
 
-from zerofs_csi import mounts
 from zerofs_csi.csi import csi_pb2
+from zerofs_csi.host import mounts
 
 pytestmark = pytest.mark.privileged
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import MiB, Volume, VolumeFactory, wait_for
 
-from zerofs_csi.process_backend import nbd_server_answers
+from zerofs_csi.servers.local import nbd_server_answers
 
 pytestmark = pytest.mark.privileged
 

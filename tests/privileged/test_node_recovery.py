@@ -31,7 +31,7 @@ from conftest import (
     wait_for,
 )
 
-from zerofs_csi import nbd
+from zerofs_csi.nbd import attach as nbd
 
 pytestmark = pytest.mark.privileged
 

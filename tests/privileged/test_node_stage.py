@@ -33,8 +33,9 @@ from conftest import (
     wait_for,
 )
 
-from zerofs_csi import mounts, nbd
 from zerofs_csi.csi import csi_pb2
+from zerofs_csi.host import mounts
+from zerofs_csi.nbd import attach as nbd
 
 pytestmark = pytest.mark.privileged
 

@@ -102,6 +102,6 @@ def test_an_nbd_error_reply_reaches_the_co_as_one_printable_line(
     events = [
         line
         for line in plugin.log_path.read_text().splitlines()
-        if "zerofs_csi.events: event:" in line
+        if "zerofs_csi.observability.events: event:" in line
     ]
     assert events and all(f"by policy: {ESCAPED} [volume_id=" in line for line in events), events

@@ -13,14 +13,14 @@ import pytest
 from radosgw import RadosGateway, free_port
 
 from zerofs_csi import errors
-from zerofs_csi.s3cleanup import (
+from zerofs_csi.controller.s3cleanup import (
     DELETE_BATCH_MAX,
     RetryPolicy,
     check_prefix,
     delete_volume_data,
     make_s3_client,
 )
-from zerofs_csi.volume_settings import StorageUrl, VolumeSecrets, VolumeSettings
+from zerofs_csi.volume.settings import StorageUrl, VolumeSecrets, VolumeSettings
 
 VOLUME = "pvc-1"
 # Fast retries so that the tests of retry exhaustion stay short.

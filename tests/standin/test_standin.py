@@ -30,9 +30,9 @@ from standin.servers import (
     wait_for_socket,
     write_standin_config,
 )
-from zerofs_csi import ninep
-from zerofs_csi.volume_settings import StorageUrl, VolumeSecrets, VolumeSettings
-from zerofs_csi.zerofs_config import ENV_ENCRYPTION_PASSWORD, render_zerofs_config
+from zerofs_csi.servers import ninep
+from zerofs_csi.servers.zerofs_config import ENV_ENCRYPTION_PASSWORD, render_zerofs_config
+from zerofs_csi.volume.settings import StorageUrl, VolumeSecrets, VolumeSettings
 
 
 def load_standin() -> ModuleType:

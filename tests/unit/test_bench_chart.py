@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from zerofs_csi import bench_chart
-from zerofs_csi.bench import Comparison, write_results
-from zerofs_csi.bench_node import ConcurrentComparison
+from zerofs_csi.bench import chart as bench_chart
+from zerofs_csi.bench.measure import Comparison, write_results
+from zerofs_csi.bench.node import ConcurrentComparison
 
 ENTRY_KEYS = {"name", "unit", "ours", "baseline", "ratio_p50"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from zerofs_csi import bench_node
+from zerofs_csi.bench import node as bench_node
 
 
 def test_run_all_retries_after_cleanup_and_counts_what_never_worked() -> None:

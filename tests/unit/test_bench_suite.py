@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from zerofs_csi import bench_suite
+from zerofs_csi.bench import suite as bench_suite
 
 EXPECTED = {
     "attach",

@@ -17,16 +17,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from zerofs_csi import errors
-from zerofs_csi.controller import DEFAULT_CAPACITY_BYTES, ControllerService, DataDeleter
+from zerofs_csi.controller.nodes import LocalNodes, NodeDirectory
+from zerofs_csi.controller.service import DEFAULT_CAPACITY_BYTES, ControllerService, DataDeleter
+from zerofs_csi.controller.store import FileVolumeStore
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
-from zerofs_csi.interceptor import CsiInterceptor
-from zerofs_csi.metrics import Metrics
-from zerofs_csi.node_directory import LocalNodes, NodeDirectory
-from zerofs_csi.sanitize import REDACTOR
-from zerofs_csi.volume_context import build_volume_context, parse_volume_context
-from zerofs_csi.volume_id import validate_volume_id, volume_id_for_name
-from zerofs_csi.volume_settings import VolumeSecrets, VolumeSettings, parse_volume_settings
-from zerofs_csi.volume_store import FileVolumeStore
+from zerofs_csi.observability.metrics import Metrics
+from zerofs_csi.observability.sanitize import REDACTOR
+from zerofs_csi.rpc.interceptor import CsiInterceptor
+from zerofs_csi.volume.context import build_volume_context, parse_volume_context
+from zerofs_csi.volume.id import validate_volume_id, volume_id_for_name
+from zerofs_csi.volume.settings import VolumeSecrets, VolumeSettings, parse_volume_settings
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 GiB = 1 << 30

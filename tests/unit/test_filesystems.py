@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from zerofs_csi import filesystems, fsprobe, mounts
 from zerofs_csi.errors import Internal, InvalidArgument, OutOfRange
+from zerofs_csi.host import filesystems, fsprobe, mount_options, mounts
 
 MiB = 1 << 20
 LoopFactory = Callable[[int], tuple[str, Path]]
@@ -35,7 +35,7 @@ def test_mkfs_probe_mount_grow(fs: str, loop_device: LoopFactory, tmp_path: Path
 
     target = tmp_path / "mnt"
     target.mkdir()
-    options = mounts.MountOptions.parse(["noatime", "nodev,nosuid"])
+    options = mount_options.MountOptions.parse(["noatime", "nodev,nosuid"])
     mounts.mount(device, target, fs, options.flags, options.data)
     try:
         entry = mounts.find_mount(target)
@@ -136,21 +136,25 @@ def test_probe_missing_device_raises() -> None:
 @pytest.mark.parametrize(
     ("words", "flags", "data"),
     [
-        (["ro"], mounts.MS_RDONLY, ""),
-        (["noatime,discard", "nodev"], mounts.MS_NOATIME | mounts.MS_NODEV, "discard"),
+        (["ro"], mount_options.MS_RDONLY, ""),
+        (
+            ["noatime,discard", "nodev"],
+            mount_options.MS_NOATIME | mount_options.MS_NODEV,
+            "discard",
+        ),
         (["ro", "rw"], 0, ""),
         (["defaults", "data=ordered", "commit=30"], 0, "data=ordered,commit=30"),
-        ([" noexec , lazytime "], mounts.MS_NOEXEC | mounts.MS_LAZYTIME, ""),
+        ([" noexec , lazytime "], mount_options.MS_NOEXEC | mount_options.MS_LAZYTIME, ""),
     ],
 )
 def test_mount_options_parse(words: list[str], flags: int, data: str) -> None:
-    assert mounts.MountOptions.parse(words) == mounts.MountOptions(flags, data)
+    assert mount_options.MountOptions.parse(words) == mount_options.MountOptions(flags, data)
 
 
 @pytest.mark.parametrize("word", ["bind", "remount", "rbind,ro", "loop"])
 def test_mount_options_refuse_structural_words(word: str) -> None:
     with pytest.raises(ValueError, match="not allowed"):
-        mounts.MountOptions.parse([word])
+        mount_options.MountOptions.parse([word])
 
 
 def test_parse_mountinfo_unescapes_paths() -> None:

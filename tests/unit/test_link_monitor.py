@@ -10,9 +10,9 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from zerofs_csi.link_monitor import LinkMonitor
-from zerofs_csi.metrics import Metrics
-from zerofs_csi.stage_record import StageRecord
+from zerofs_csi.node.link_monitor import LinkMonitor
+from zerofs_csi.node.stage_record import StageRecord
+from zerofs_csi.observability.metrics import Metrics
 
 RECORD = StageRecord(
     volume_id="pvc-1",

@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from zerofs_csi.cli import parse_config
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.errors import Aborted, InvalidArgument
-from zerofs_csi.metrics import INVALID_VOLUME, Metrics, failure_reason
-from zerofs_csi.metrics_http import MetricsServer
-from zerofs_csi.readiness import Check, Readiness
-from zerofs_csi.recovery import when_scraped
+from zerofs_csi.node.recovery import when_scraped
+from zerofs_csi.observability.metrics import INVALID_VOLUME, Metrics, failure_reason
+from zerofs_csi.observability.metrics_http import MetricsServer
+from zerofs_csi.observability.readiness import Check, Readiness
 from zerofs_csi.server import Plugin, build
 
 

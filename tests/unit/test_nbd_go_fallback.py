@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from standin.servers import recv_exact
 
-from zerofs_csi import _nbd
+from zerofs_csi.nbd import _nbd
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054

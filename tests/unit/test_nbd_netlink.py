@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from zerofs_csi import _nbd, nbd
+from zerofs_csi.nbd import _nbd
+from zerofs_csi.nbd import attach as nbd
 
 CAPTURE = json.loads(
     (Path(__file__).parents[1] / "privileged" / "data" / "kernel_replies.json").read_text()

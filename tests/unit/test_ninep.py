@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from standin.servers import diod_server
 
-from zerofs_csi import errors, ninep
+from zerofs_csi import errors
+from zerofs_csi.servers import ninep
 
 GiB = 1 << 30
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from zerofs_csi import nbd
 from zerofs_csi.cli import parse_config
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
-from zerofs_csi.node_attach import NodeAttacher
+from zerofs_csi.nbd import attach as nbd
+from zerofs_csi.node.attach import NodeAttacher
 from zerofs_csi.server import build
 
 pytestmark = pytest.mark.skipif(

@@ -14,8 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from zerofs_csi import mounts, node_mounts
 from zerofs_csi.errors import CsiError
+from zerofs_csi.host import mounts
+from zerofs_csi.node import mounts as node_mounts
 
 
 @pytest.fixture

@@ -30,11 +30,12 @@ from standin.servers import (
     session_members,
 )
 
-from zerofs_csi import errors, ninep
-from zerofs_csi.process_backend import ProcessBackend, nbd_server_answers
-from zerofs_csi.sanitize import MASK
-from zerofs_csi.volume_settings import StorageUrl, VolumeSecrets, VolumeSettings
-from zerofs_csi.zerofs_config import ENV_ENCRYPTION_PASSWORD
+from zerofs_csi import errors
+from zerofs_csi.observability.sanitize import MASK
+from zerofs_csi.servers import ninep
+from zerofs_csi.servers.local import ProcessBackend, nbd_server_answers
+from zerofs_csi.servers.zerofs_config import ENV_ENCRYPTION_PASSWORD
+from zerofs_csi.volume.settings import StorageUrl, VolumeSecrets, VolumeSettings
 
 PASSWORD = "pw-Zq8-never-shown"
 VOLUME = "pvc-test-1"
@@ -196,7 +197,7 @@ def test_restart_delays_grow_and_stay_bounded(
     )
     try:
         backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
-        caplog.set_level(logging.WARNING, logger="zerofs_csi.process_backend")
+        caplog.set_level(logging.WARNING, logger="zerofs_csi.servers.local")
         for restarts in (1, 2, 3):
             pid = backend.pid(VOLUME)
             assert pid is not None
@@ -213,8 +214,8 @@ PLUGIN = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from zerofs_csi.process_backend import ProcessBackend
-    from zerofs_csi.volume_settings import StorageUrl, VolumeSecrets, VolumeSettings
+    from zerofs_csi.servers.local import ProcessBackend
+    from zerofs_csi.volume.settings import StorageUrl, VolumeSecrets, VolumeSettings
 
     state, data, command, volume = sys.argv[1:5]
     backend = ProcessBackend(Path(state), command=[command])

@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from zerofs_csi import logsetup
 from zerofs_csi.cli import parse_config
 from zerofs_csi.config import LogFormat
 from zerofs_csi.csi import csi_pb2
+from zerofs_csi.observability import logs as logsetup
 from zerofs_csi.server import Plugin, build
 
 # Besides plain values, the characters an encoding escapes: a quote and a backslash (JSON

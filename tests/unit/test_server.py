@@ -21,7 +21,7 @@ from zerofs_csi import __version__
 from zerofs_csi.cli import parse_config
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.errors import InvalidArgument
-from zerofs_csi.readiness import Check
+from zerofs_csi.observability.readiness import Check
 from zerofs_csi.server import EndpointInUse, Plugin, build, prepare_unix_socket
 
 SECRET = "s3cr3t-value-that-must-not-leak"
@@ -134,8 +134,8 @@ def _rpcs(service: str) -> list[tuple[str, str]]:
 
 
 def _advertised_or_built(service: str, method: str) -> bool:
-    from zerofs_csi.controller import ControllerService
-    from zerofs_csi.node import NodeService
+    from zerofs_csi.controller.service import ControllerService
+    from zerofs_csi.node.service import NodeService
 
     cls = ControllerService if service == "Controller" else NodeService
     return getattr(getattr(cls, method), "__qualname__", "").startswith(cls.__name__)
@@ -166,8 +166,8 @@ def test_every_rpc_answers(channel: grpc.Channel, service: str, method: str) -> 
 
 def _serve_one(tmp_path: Path, behaviour: object) -> tuple[grpc.Server, str]:
     """A server with the driver's interceptor and one Identity method doing ``behaviour``."""
-    from zerofs_csi.interceptor import CsiInterceptor
-    from zerofs_csi.sanitize import REDACTOR
+    from zerofs_csi.observability.sanitize import REDACTOR
+    from zerofs_csi.rpc.interceptor import CsiInterceptor
 
     class Identity(csi_pb2_grpc.IdentityServicer):
         def GetPluginInfo(self, request, context):  # type: ignore[no-untyped-def]
@@ -225,8 +225,8 @@ def test_interceptor_maps_errors(
 
 def test_secrets_never_reach_the_log(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """Secrets passed in a request are masked in debug dumps and in echoed error text."""
-    from zerofs_csi import logsetup
     from zerofs_csi.config import LogFormat
+    from zerofs_csi.observability import logs as logsetup
 
     logsetup.configure("debug", LogFormat.JSON)
     try:

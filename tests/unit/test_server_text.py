@@ -21,8 +21,8 @@ import pytest
 
 from zerofs_csi.cli import parse_config
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
-from zerofs_csi.events import MAX_MESSAGE_BYTES
-from zerofs_csi.interceptor import MAX_STATUS_MESSAGE_BYTES
+from zerofs_csi.observability.events import MAX_MESSAGE_BYTES
+from zerofs_csi.rpc.interceptor import MAX_STATUS_MESSAGE_BYTES
 from zerofs_csi.server import Plugin, build
 
 SERVER = r"""#!/bin/sh
@@ -79,7 +79,7 @@ def test_server_text_in_status_and_event_is_one_bounded_printable_line(
         secrets={"ZEROFS_ENCRYPTION_PASSWORD": "server-text-test-password"},
     )
     with (
-        caplog.at_level(logging.WARNING, logger="zerofs_csi.events"),
+        caplog.at_level(logging.WARNING, logger="zerofs_csi.observability.events"),
         grpc.insecure_channel(f"unix://{plugin.socket_path}") as channel,
         pytest.raises(grpc.RpcError) as failed,
     ):
@@ -87,6 +87,6 @@ def test_server_text_in_status_and_event_is_one_bounded_printable_line(
     assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
     assert_safe(failed.value.details(), MAX_STATUS_MESSAGE_BYTES)
 
-    [event] = [r for r in caplog.records if r.name == "zerofs_csi.events"]
+    [event] = [r for r in caplog.records if r.name == "zerofs_csi.observability.events"]
     assert event.getMessage().startswith("event: ")
     assert_safe(event.getMessage().removeprefix("event: "), MAX_MESSAGE_BYTES)

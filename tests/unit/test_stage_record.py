@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from zerofs_csi.stage_record import (
+from zerofs_csi.node.stage_record import (
     ATTACHED,
     RECORD_NAME,
     STAGED,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from zerofs_csi import staging
 from zerofs_csi.errors import Unavailable
-from zerofs_csi.metrics import Metrics
-from zerofs_csi.stage_record import RecordStore, StageRecord
+from zerofs_csi.node import staging
+from zerofs_csi.node.stage_record import RecordStore, StageRecord
+from zerofs_csi.observability.metrics import Metrics
 
 
 @dataclass

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from zerofs_csi import errors
-from zerofs_csi.volume_id import (
+from zerofs_csi.volume.id import (
     MAX_NAME_BYTES,
     MAX_VOLUME_ID_LENGTH,
     validate_volume_id,

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from zerofs_csi import errors
-from zerofs_csi.volume_id import MAX_VOLUME_ID_LENGTH, validate_volume_id
-from zerofs_csi.volume_settings import (
+from zerofs_csi.volume.id import MAX_VOLUME_ID_LENGTH, validate_volume_id
+from zerofs_csi.volume.settings import (
     CONFIG_MAP_KEYS,
     DEFAULT_ZEROFS_IMAGE,
     IGNORED_LEGACY_KEYS,

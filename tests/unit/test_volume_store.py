@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from zerofs_csi import errors
-from zerofs_csi.volume_store import FileVolumeStore, VolumeRecord, VolumeStore
+from zerofs_csi.controller.store import FileVolumeStore, VolumeRecord, VolumeStore
 
 
 def make_record(volume_id: str = "pvc-1", **changes: object) -> VolumeRecord:

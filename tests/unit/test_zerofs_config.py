@@ -11,14 +11,7 @@ from typing import Any
 import pytest
 
 from zerofs_csi import errors
-from zerofs_csi.volume_settings import (
-    DEFAULT_ZEROFS_IMAGE,
-    StorageUrl,
-    VolumeSecrets,
-    VolumeSettings,
-    parse_volume_settings,
-)
-from zerofs_csi.zerofs_config import (
+from zerofs_csi.servers.zerofs_config import (
     ACCEPTED_KEYS,
     AWS_KEYS,
     ENV_ACCESS_KEY_ID,
@@ -26,11 +19,20 @@ from zerofs_csi.zerofs_config import (
     ENV_ENCRYPTION_PASSWORD,
     ENV_SECRET_ACCESS_KEY,
     ENV_SESSION_TOKEN,
-    SUPPORTED_ZEROFS_VERSIONS,
     UNIX_SOCKET_PATH_MAX,
     check_accepted_keys,
-    image_zerofs_version,
     render_zerofs_config,
+)
+from zerofs_csi.volume.settings import (
+    DEFAULT_ZEROFS_IMAGE,
+    StorageUrl,
+    VolumeSecrets,
+    VolumeSettings,
+    parse_volume_settings,
+)
+from zerofs_csi.volume.zerofs_version import (
+    SUPPORTED_ZEROFS_VERSIONS,
+    image_zerofs_version,
     zerofs_version_supported,
 )
 

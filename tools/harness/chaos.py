@@ -352,7 +352,7 @@ class Chaos:
         """Seconds from now until a new server process runs and answers NBD."""
         started = time.monotonic()
         sockets = self.plugin.state_dir / "sockets" / self.volume.volume_id
-        from zerofs_csi.process_backend import nbd_server_answers
+        from zerofs_csi.servers.local import nbd_server_answers
 
         while True:
             pid = server_pid(self.volume)

@@ -103,8 +103,8 @@ for the provisioner's Roles: it may read exactly these.
 
 {{/*
 Refuses a StorageClass the driver would refuse, with the driver's words: its s3://
-storageUrl (zerofs_csi.volume_settings.StorageUrl), s3Endpoint (ENDPOINT) and
-mountOptions (zerofs_csi.mounts.FORBIDDEN_OPTIONS). tests/chart/test_driver_rules.py
+storageUrl (zerofs_csi.volume.settings.StorageUrl), s3Endpoint (ENDPOINT) and
+mountOptions (zerofs_csi.host.mount_options.FORBIDDEN_OPTIONS). tests/chart/test_driver_rules.py
 runs every rule here against the driver's own. Call with one storageClasses item.
 */}}
 {{- define "zerofs-csi.checkStorageClass" -}}

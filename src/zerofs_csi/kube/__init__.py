@@ -1,7 +1,3 @@
-"""The Kubernetes backend of the per-volume ZeroFS servers.
-
-``objects`` builds the Secret and Pod manifests (pure functions), ``api`` creates the
-API client and maps API failures to CSI errors, ``owner`` finds the node DaemonSet that
-owns the per-volume pods, ``backend`` runs the lifecycle, ``rbac`` lists the API access
-the node plugin needs.
+"""The Kubernetes API as the driver uses it: the client and its failures as CSI errors (``api``),
+and the API access each plugin needs as RBAC rules (``rbac``, ``controller_rbac``).
 """

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from zerofs_csi import _nbd
+from zerofs_csi.nbd import _nbd
 
 OUT = Path(__file__).with_name("kernel_replies.json")
 BACKEND = "capture-backend"

@@ -1,0 +1,84 @@
+"""Every benchmark in one run: the attach path's and the node, scaling, throughput and
+recovery ones, then the table, ``build/bench.json`` and the ratio chart.
+
+    python -m zerofs_csi.bench [--cycles N] [--heavy-cycles N] [--only NAME ...]
+
+Runs as root where the kernel has NBD (the microVM). ``--heavy-cycles`` is for the
+benchmarks whose every cycle starts servers, makes filesystems, runs fio or attaches 32
+devices (a few cycles already take minutes under TCG), and ``--chart`` for the PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from zerofs_csi.bench import attach, chart, node, recovery, scale, throughput
+from zerofs_csi.bench.devices import SERVER_THREADS
+from zerofs_csi.bench.measure import DEFAULT_OUTPUT, Comparison, print_table, write_results
+
+Benchmark = Callable[[int, int, int], list[Comparison]]
+DEFAULT_CHART = Path("build/bench.png")
+DEFAULT_HEAVY_CYCLES = 5
+HEAVY = frozenset({"stage", "concurrent_stage", "reconcile", "throughput", "server_kill"})
+
+
+def all_benchmarks() -> dict[str, Benchmark]:
+    return {
+        **attach.BENCHMARKS,
+        **scale.BENCHMARKS,
+        **throughput.BENCHMARKS,
+        **node.BENCHMARKS,
+        **recovery.BENCHMARKS,
+    }
+
+
+def cycles_for(name: str, cycles: int, heavy_cycles: int, warmup: int) -> tuple[int, int]:
+    """(cycles, warm-up cycles) for one benchmark."""
+    if name in HEAVY:
+        return heavy_cycles, min(warmup, 1)
+    return cycles, warmup
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    benchmarks = all_benchmarks()
+    parser = argparse.ArgumentParser(prog="python -m zerofs_csi.bench", description=__doc__)
+    parser.add_argument("--cycles", type=int, default=30, help="measured cycles per contender")
+    parser.add_argument(
+        "--heavy-cycles",
+        type=int,
+        default=DEFAULT_HEAVY_CYCLES,
+        help=f"measured cycles of {', '.join(sorted(HEAVY))}",
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured cycles first")
+    parser.add_argument("--output", "--json", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--chart", type=Path, default=DEFAULT_CHART, help="PNG of the ratios")
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=SERVER_THREADS,
+        help="nbdkit worker threads per connection",
+    )
+    parser.add_argument("--only", action="append", choices=sorted(benchmarks), default=[])
+    args = parser.parse_args(argv)
+    if min(args.cycles, args.heavy_cycles, args.server_threads) < 1 or args.warmup < 0:
+        parser.error(
+            "--cycles, --heavy-cycles and --server-threads must be at least 1, "
+            "--warmup not negative"
+        )
+    comparisons: list[Comparison] = []
+    for name in args.only or list(benchmarks):
+        cycles, warmup = cycles_for(name, args.cycles, args.heavy_cycles, args.warmup)
+        print(f"bench: {name}", flush=True)
+        comparisons.extend(benchmarks[name](cycles, warmup, args.server_threads))
+    print_table(comparisons)
+    write_results(args.output, comparisons)
+    print(f"wrote {args.output}")
+    drawn = chart.draw_file(args.output, args.chart)
+    print(f"wrote {args.chart} ({drawn} ratios)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,586 @@
+"""CSI Controller service: volumes as records in a ``VolumeStore``.
+
+A volume is a key prefix in the object store, written only by its ZeroFS server: the
+controller creates nothing there. CreateVolume derives the volume id from the name
+(``volume_id.volume_id_for_name``), validates the request and records the volume (name,
+size, settings, volume context); the store keeps that state across controller restarts
+(files in the state directory, or one ConfigMap per volume in Kubernetes).
+ControllerPublish records the one node that may use the volume (one ZeroFS writer per
+volume) once the ``NodeDirectory`` confirmed that the node exists and is below its
+attach limit; DeleteVolume removes any per-volume server objects left behind and, with
+``deleteDataOnPVCDelete``, the volume's objects.
+
+GetCapacity is not offered: the object store behind a volume has no capacity the
+driver can know or that a volume would use up (buckets grow on demand, quotas live in
+the store's own administration), so any number reported would be invented. Volumes
+are reachable from every node, so no topology is reported either.
+
+Every mutating call holds the volume's try-lock (a concurrent call on the same volume
+gets ABORTED at once); the store's compare-and-swap guards against other controller
+processes. A publish to a node with an attach limit also holds the node's lock, so that
+the count of its volumes and the new one are one step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Mapping
+
+import grpc
+
+from zerofs_csi.config import NODE_ID_RULE, node_id_fits
+from zerofs_csi.controller import s3cleanup
+from zerofs_csi.controller.nodes import NodeDirectory
+from zerofs_csi.controller.store import VolumeRecord, VolumeStore
+from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
+from zerofs_csi.errors import (
+    Aborted,
+    AlreadyExists,
+    CsiError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
+from zerofs_csi.host import filesystems
+from zerofs_csi.observability.events import EventRecorder, LogEventRecorder
+from zerofs_csi.observability.metrics import Metrics
+from zerofs_csi.rpc.locks import VolumeLocks
+from zerofs_csi.rpc.servicer import answer_unimplemented
+from zerofs_csi.volume.capabilities import check_capability, unsupported_reason
+from zerofs_csi.volume.context import build_volume_context
+from zerofs_csi.volume.id import validate_volume_id, volume_id_for_name
+from zerofs_csi.volume.settings import (
+    CONFIG_MAP_PARAMETER,
+    RESERVED_PREFIXES,
+    VolumeSecrets,
+    VolumeSettings,
+    config_map_name,
+    parse_volume_settings,
+)
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+DEFAULT_CAPACITY_BYTES = 1 * GiB
+# Sizes are whole 4 KiB blocks: the largest block size of the filesystems offered, and
+# the NBD block size the node uses.
+CAPACITY_ALIGNMENT = 4096
+# capacity_bytes is an int64 on the wire (csi.proto, Volume.capacity_bytes).
+MAX_CAPACITY_BYTES = (2**63 - 1) // CAPACITY_ALIGNMENT * CAPACITY_ALIGNMENT
+# ListVolumes' next_token: this prefix and the last volume id of the page.
+LIST_TOKEN_PREFIX = "after:"
+
+RPC = csi_pb2.ControllerServiceCapability.RPC
+CONTROLLER_CAPABILITIES = (
+    RPC.CREATE_DELETE_VOLUME,
+    RPC.PUBLISH_UNPUBLISH_VOLUME,
+    RPC.EXPAND_VOLUME,
+    RPC.LIST_VOLUMES,
+    RPC.LIST_VOLUMES_PUBLISHED_NODES,
+    RPC.GET_VOLUME,
+    RPC.SINGLE_NODE_MULTI_WRITER,
+)
+
+# name -> data of a ConfigMap named by ``configMapName``.
+ConfigMapReader = Callable[[str], Mapping[str, str]]
+# Removes every per-volume server object of a volume, on any node; idempotent.
+ServerRemover = Callable[[str], None]
+# Deletes the volume's objects from the store; returns how many were deleted.
+DataDeleter = Callable[[VolumeSettings, str, VolumeSecrets], int]
+
+
+def config_maps_unavailable(name: str) -> Mapping[str, str]:
+    """The ConfigMap reader without Kubernetes: every ``configMapName`` is refused."""
+    raise InvalidArgument(
+        f"StorageClass parameter {CONFIG_MAP_PARAMETER!r} ({name!r}) needs the Kubernetes "
+        "API, and this controller runs without it (--backend local): put the settings in "
+        "the parameters instead"
+    )
+
+
+def no_server_objects(volume_id: str) -> None:
+    """The server remover where servers are node-local processes, stopped at unstage."""
+
+
+def _delete_volume_data(settings: VolumeSettings, volume_id: str, secrets: VolumeSecrets) -> int:
+    return s3cleanup.delete_volume_data(settings, volume_id, secrets)
+
+
+def _volume_id(value: str, field: str = "volume_id") -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    try:
+        return validate_volume_id(value)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{field}: {exc.message}") from None
+
+
+def _node_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument("node_id is required")
+    if not node_id_fits(value):
+        raise InvalidArgument(f"node_id {NODE_ID_RULE}")
+    return value
+
+
+def _request_parameters(parameters: Mapping[str, str]) -> dict[str, str]:
+    """The parameters that define a volume, without the CO's own metadata keys."""
+    return {k: v for k, v in parameters.items() if not k.startswith(RESERVED_PREFIXES)}
+
+
+def _round_up(value: int) -> int:
+    return -(-value // CAPACITY_ALIGNMENT) * CAPACITY_ALIGNMENT
+
+
+def capacity_for(capacity_range: csi_pb2.CapacityRange | None) -> int:
+    """The size to provision for a CreateVolume capacity range.
+
+    No range (or neither bound): DEFAULT_CAPACITY_BYTES, or the largest whole number of
+    blocks within the limit when the limit is smaller. Otherwise the required size
+    rounded up to CAPACITY_ALIGNMENT, which must stay within the limit.
+    """
+    required = capacity_range.required_bytes if capacity_range is not None else 0
+    limit = capacity_range.limit_bytes if capacity_range is not None else 0
+    if required < 0 or limit < 0:
+        raise InvalidArgument("capacity_range: required_bytes and limit_bytes must not be negative")
+    if limit and required > limit:
+        raise OutOfRange(
+            f"capacity_range: required_bytes ({required}) is greater than limit_bytes ({limit})"
+        )
+    if required == 0:
+        if limit == 0 or limit >= DEFAULT_CAPACITY_BYTES:
+            return DEFAULT_CAPACITY_BYTES
+        capacity = limit // CAPACITY_ALIGNMENT * CAPACITY_ALIGNMENT
+        if capacity == 0:
+            raise OutOfRange(
+                f"capacity_range: limit_bytes ({limit}) is smaller than one "
+                f"{CAPACITY_ALIGNMENT}-byte block"
+            )
+        return capacity
+    capacity = _round_up(required)
+    if capacity > MAX_CAPACITY_BYTES:
+        raise OutOfRange(f"capacity_range: required_bytes ({required}) is too large")
+    if limit and capacity > limit:
+        raise OutOfRange(
+            f"capacity_range: sizes are whole {CAPACITY_ALIGNMENT}-byte blocks, and "
+            f"{required} bytes round up to {capacity}, above limit_bytes ({limit})"
+        )
+    return capacity
+
+
+def _fits(capacity: int, capacity_range: csi_pb2.CapacityRange | None) -> bool:
+    if capacity_range is None:
+        return True
+    required, limit = capacity_range.required_bytes, capacity_range.limit_bytes
+    return capacity >= required and (limit == 0 or capacity <= limit)
+
+
+def _volume_message(record: VolumeRecord) -> csi_pb2.Volume:
+    return csi_pb2.Volume(
+        volume_id=record.volume_id,
+        capacity_bytes=record.capacity_bytes,
+        volume_context=dict(record.volume_context),
+    )
+
+
+def _listing_start(token: str) -> str:
+    """The volume id a ListVolumes ``starting_token`` continues after.
+
+    A token names the last volume of the previous page, so a page still continues
+    where it ended when that volume is deleted meanwhile. Anything else did not come
+    from this plugin, which the spec answers with ABORTED.
+    """
+    volume_id = token.removeprefix(LIST_TOKEN_PREFIX)
+    if volume_id != token:
+        with contextlib.suppress(InvalidArgument):
+            return validate_volume_id(volume_id)
+    raise Aborted(
+        f"starting_token {token[:80]!r} is not a token of this driver: start the listing "
+        "again without one"
+    )
+
+
+def _published_nodes(record: VolumeRecord) -> list[str]:
+    return [record.published_node] if record.published_node else []
+
+
+class ControllerService(csi_pb2_grpc.ControllerServicer):
+    """The Controller service over ``store``.
+
+    ``nodes`` says which nodes exist and their attach limits; ``read_config_map``
+    resolves ``configMapName`` (Kubernetes: the driver's namespace); ``remove_servers``
+    removes a volume's server objects on every node; ``delete_data`` deletes a volume's
+    objects for ``deleteDataOnPVCDelete``.
+    """
+
+    def __init__(
+        self,
+        store: VolumeStore,
+        metrics: Metrics,
+        *,
+        nodes: NodeDirectory,
+        read_config_map: ConfigMapReader = config_maps_unavailable,
+        remove_servers: ServerRemover = no_server_objects,
+        delete_data: DataDeleter = _delete_volume_data,
+        events: EventRecorder | None = None,
+    ) -> None:
+        self._store = store
+        self._nodes = nodes
+        self._events: EventRecorder = events if events is not None else LogEventRecorder()
+        self._metrics = metrics
+        self._read_config_map = read_config_map
+        self._remove_servers = remove_servers
+        self._delete_data = delete_data
+        self._locks = VolumeLocks()
+        self._node_locks_guard = threading.Lock()
+        self._node_locks: dict[str, threading.Lock] = {}
+
+    def _node_lock(self, node: str) -> threading.Lock:
+        with self._node_locks_guard:
+            return self._node_locks.setdefault(node, threading.Lock())
+
+    # -- capabilities ------------------------------------------------------------
+
+    def ControllerGetCapabilities(
+        self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        capability = csi_pb2.ControllerServiceCapability
+        return csi_pb2.ControllerGetCapabilitiesResponse(
+            capabilities=[
+                capability(rpc=capability.RPC(type=rpc)) for rpc in CONTROLLER_CAPABILITIES
+            ]
+        )
+
+    # -- create / delete ---------------------------------------------------------
+
+    def _settings(self, parameters: Mapping[str, str]) -> VolumeSettings:
+        cm_name = config_map_name(parameters)
+        config_map_data = self._read_config_map(cm_name) if cm_name is not None else None
+        settings = parse_volume_settings(parameters, config_map_data)
+        if settings.ignored_legacy_keys:
+            log.warning(
+                "ConfigMap %s keys have no effect with this driver: %s",
+                cm_name,
+                ", ".join(settings.ignored_legacy_keys),
+            )
+        return settings
+
+    def CreateVolume(
+        self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateVolumeResponse:
+        name = request.name
+        vid = volume_id_for_name(name)
+        if not request.volume_capabilities:
+            raise InvalidArgument("volume_capabilities is required")
+        checked = [
+            check_capability(cap, f"volume_capabilities[{index}]")
+            for index, cap in enumerate(request.volume_capabilities)
+        ]
+        capacity_range = request.capacity_range if request.HasField("capacity_range") else None
+        capacity = capacity_for(capacity_range)
+        if request.HasField("volume_content_source"):
+            raise InvalidArgument(
+                "volume_content_source is not supported: this driver creates empty volumes "
+                "only (no snapshots or clones)"
+            )
+        if request.mutable_parameters:
+            raise InvalidArgument(
+                "mutable_parameters are not supported: this driver does not modify volumes"
+            )
+        settings = self._settings(request.parameters)
+        for cap in checked:
+            if cap.access_type == "mount":
+                filesystems.check_capacity(cap.fs_type or settings.filesystem, capacity)
+        if settings.delete_data_on_pvc_delete:
+            # DeleteVolume will need these; a StorageClass without them would leave
+            # volumes that can never be deleted, so refuse it now.
+            try:
+                VolumeSecrets.from_csi_secrets(request.secrets)
+            except InvalidArgument as exc:
+                raise InvalidArgument(
+                    "deleteDataOnPVCDelete needs the provisioner secret "
+                    "(csi.storage.k8s.io/provisioner-secret-name and -namespace): " + exc.message
+                ) from None
+        wanted = _request_parameters(request.parameters)
+
+        with self._locks.hold(vid, "CreateVolume"):
+            existing = self._store.get(vid)
+            if existing is not None:
+                self._check_compatible(existing, name, capacity_range, wanted)
+                return csi_pb2.CreateVolumeResponse(volume=_volume_message(existing))
+            record = self._store.create(
+                VolumeRecord(
+                    volume_id=vid,
+                    name=name,
+                    capacity_bytes=capacity,
+                    parameters=settings.to_parameters(),
+                    request_parameters=wanted,
+                    volume_context=build_volume_context(settings, capacity, request.parameters),
+                )
+            )
+        log.info(
+            "volume created",
+            extra={"volume_id": vid, "volume_name": name, "capacity_bytes": capacity},
+        )
+        return csi_pb2.CreateVolumeResponse(volume=_volume_message(record))
+
+    @staticmethod
+    def _check_compatible(
+        existing: VolumeRecord,
+        name: str,
+        capacity_range: csi_pb2.CapacityRange | None,
+        parameters: Mapping[str, str],
+    ) -> None:
+        vid = existing.volume_id
+        if existing.name != name:
+            # Only a name spelling out another name's derived id gets here.
+            raise AlreadyExists(
+                f"volume id {vid}, which the name {name!r} maps to, belongs to the volume "
+                f"named {existing.name!r}: choose another name"
+            )
+        if not _fits(existing.capacity_bytes, capacity_range):
+            assert capacity_range is not None
+            raise AlreadyExists(
+                f"volume {vid} exists with {existing.capacity_bytes} bytes, outside the "
+                f"requested range (required {capacity_range.required_bytes}, limit "
+                f"{capacity_range.limit_bytes or 'none'})"
+            )
+        if dict(existing.request_parameters) != dict(parameters):
+            differing = sorted(
+                key
+                for key in set(existing.request_parameters) | set(parameters)
+                if existing.request_parameters.get(key) != parameters.get(key)
+            )
+            raise AlreadyExists(
+                f"volume {vid} exists with other parameters (differing: {', '.join(differing)})"
+            )
+
+    def DeleteVolume(
+        self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteVolumeResponse:
+        vid = _volume_id(request.volume_id)
+        with self._locks.hold(vid, "DeleteVolume"):
+            record = self._store.get(vid)
+            if record is not None and record.published_node:
+                raise FailedPrecondition(
+                    f"volume {vid} is still published to node {record.published_node}; "
+                    "ControllerUnpublishVolume it first"
+                )
+            # Also without a record: a volume of the Go driver has none, and its server
+            # pod must still go.
+            with self._metrics.stage("delete", "remove_server", vid):
+                self._remove_servers(vid)
+            if record is None:
+                return csi_pb2.DeleteVolumeResponse()
+            settings = parse_volume_settings(record.parameters)
+            if settings.delete_data_on_pvc_delete:
+                self._delete_objects(vid, settings, request.secrets, record.volume_context)
+            with self._metrics.stage("delete", "delete_record", vid):
+                self._store.delete(record)
+        log.info("volume deleted", extra={"volume_id": vid})
+        return csi_pb2.DeleteVolumeResponse()
+
+    def _delete_objects(
+        self,
+        vid: str,
+        settings: VolumeSettings,
+        csi_secrets: Mapping[str, str],
+        volume_context: Mapping[str, str],
+    ) -> None:
+        try:
+            secrets = VolumeSecrets.from_csi_secrets(csi_secrets)
+        except InvalidArgument as exc:
+            raise InvalidArgument(
+                f"volume {vid} has deleteDataOnPVCDelete and needs the provisioner secret "
+                f"to delete its data: {exc.message}"
+            ) from None
+        try:
+            with self._metrics.stage("delete", "s3_cleanup", vid):
+                deleted = self._delete_data(settings, vid, secrets)
+        except CsiError as exc:
+            if isinstance(exc, FailedPrecondition):  # a guardrail refused: a user must look
+                self._events.warning(vid, "DataCleanupRefused", exc.message, volume_context)
+            # The record stays, so the CO's retry of DeleteVolume tries the cleanup again.
+            raise Unavailable(
+                f"deleting the data of volume {vid} failed, the volume is kept and the "
+                f"deletion can be retried: {exc.message}",
+                reason=exc.reason,
+            ) from None
+        self._metrics.s3_objects_deleted.labels(self._metrics.node).inc(deleted)
+        log.info(
+            "deleted %d objects of the volume from the object store",
+            deleted,
+            extra={"volume_id": vid, "objects_deleted": deleted},
+        )
+
+    # -- publish -----------------------------------------------------------------
+
+    def ControllerPublishVolume(
+        self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerPublishVolumeResponse:
+        vid = _volume_id(request.volume_id)
+        node = _node_id(request.node_id)
+        check_capability(
+            request.volume_capability if request.HasField("volume_capability") else None,
+            "volume_capability",
+        )
+        if request.readonly:
+            # The spec: the CO sets readonly only for plugins with PUBLISH_READONLY,
+            # which this one does not offer; read-only use is a read-only access mode.
+            raise InvalidArgument(
+                "readonly publish is not supported (no PUBLISH_READONLY capability); use the "
+                "SINGLE_NODE_READER_ONLY access mode or a read-only NodePublish"
+            )
+        with self._locks.hold(vid, "ControllerPublishVolume"):
+            record = self._store.get(vid)
+            if record is None:
+                raise NotFound(f"volume {vid} does not exist")
+            if record.published_node == node:
+                return csi_pb2.ControllerPublishVolumeResponse()
+            limit = self._nodes.attach_limit(node)
+            if record.published_node:
+                raise FailedPrecondition(
+                    f"volume {vid} is published to node {record.published_node}: a ZeroFS "
+                    "volume has a single writer, so it can be used on one node at a time; "
+                    "unpublish it there first"
+                )
+            if not limit:
+                self._store.update(record.replace(published_node=node))
+            else:
+                # Counted and recorded under the node's lock, so that publishes of other
+                # volumes to the same node cannot both take its last place.
+                with self._node_lock(node):
+                    published = sum(1 for r in self._store.list() if r.published_node == node)
+                    if published >= limit:
+                        raise ResourceExhausted(
+                            f"node {node} already has {published} volumes published, its "
+                            f"limit is {limit} volumes (max_volumes_per_node): unpublish one "
+                            "there first"
+                        )
+                    self._store.update(record.replace(published_node=node))
+        log.info("volume published", extra={"volume_id": vid, "node_id": node})
+        return csi_pb2.ControllerPublishVolumeResponse()
+
+    def ControllerUnpublishVolume(
+        self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerUnpublishVolumeResponse:
+        vid = _volume_id(request.volume_id)
+        node = _node_id(request.node_id) if request.node_id else ""
+        with self._locks.hold(vid, "ControllerUnpublishVolume"):
+            record = self._store.get(vid)
+            if record is None or not record.published_node:
+                return csi_pb2.ControllerUnpublishVolumeResponse()
+            if node and record.published_node != node:
+                return csi_pb2.ControllerUnpublishVolumeResponse()
+            self._store.update(record.replace(published_node=None))
+        log.info("volume unpublished", extra={"volume_id": vid, "node_id": record.published_node})
+        return csi_pb2.ControllerUnpublishVolumeResponse()
+
+    # -- queries -----------------------------------------------------------------
+
+    def ValidateVolumeCapabilities(
+        self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        vid = _volume_id(request.volume_id)
+        if not request.volume_capabilities:
+            raise InvalidArgument("volume_capabilities is required")
+        record = self._store.get(vid)
+        if record is None:
+            raise NotFound(f"volume {vid} does not exist")
+
+        problems = []
+        for index, cap in enumerate(request.volume_capabilities):
+            reason = unsupported_reason(cap)
+            if reason:
+                problems.append(f"volume_capabilities[{index}]: {reason}")
+        if request.volume_context and dict(request.volume_context) != dict(record.volume_context):
+            problems.append("volume_context differs from the one the volume was created with")
+        if request.parameters and _request_parameters(request.parameters) != dict(
+            record.request_parameters
+        ):
+            problems.append("parameters differ from the ones the volume was created with")
+        if request.mutable_parameters:
+            problems.append("mutable_parameters are not supported")
+        if problems:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message="; ".join(problems))
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(
+            confirmed=csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+                volume_context=dict(request.volume_context),
+                volume_capabilities=list(request.volume_capabilities),
+                parameters=dict(request.parameters),
+            )
+        )
+
+    def ListVolumes(
+        self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListVolumesResponse:
+        if request.max_entries < 0:
+            raise InvalidArgument("max_entries must not be negative")
+        start = _listing_start(request.starting_token) if request.starting_token else ""
+        records = [r for r in self._store.list() if r.volume_id > start]
+        page = records[: request.max_entries] if request.max_entries else records
+        Entry = csi_pb2.ListVolumesResponse.Entry
+        return csi_pb2.ListVolumesResponse(
+            entries=[
+                Entry(
+                    volume=_volume_message(record),
+                    status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                        published_node_ids=_published_nodes(record)
+                    ),
+                )
+                for record in page
+            ],
+            next_token=LIST_TOKEN_PREFIX + page[-1].volume_id if len(page) < len(records) else "",
+        )
+
+    def ControllerGetVolume(
+        self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetVolumeResponse:
+        vid = _volume_id(request.volume_id)
+        record = self._store.get(vid)
+        if record is None:
+            raise NotFound(f"volume {vid} does not exist")
+        return csi_pb2.ControllerGetVolumeResponse(
+            volume=_volume_message(record),
+            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
+                published_node_ids=_published_nodes(record)
+            ),
+        )
+
+    # -- expand ------------------------------------------------------------------
+
+    def ControllerExpandVolume(
+        self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerExpandVolumeResponse:
+        vid = _volume_id(request.volume_id)
+        if request.capacity_range.required_bytes <= 0:
+            raise InvalidArgument("capacity_range.required_bytes is required and must be positive")
+        if request.HasField("volume_capability"):
+            check_capability(request.volume_capability, "volume_capability")
+        limit = request.capacity_range.limit_bytes
+        wanted = capacity_for(request.capacity_range)
+        with self._locks.hold(vid, "ControllerExpandVolume"):
+            record = self._store.get(vid)
+            if record is None:
+                raise NotFound(f"volume {vid} does not exist")
+            if limit and record.capacity_bytes > limit:
+                raise OutOfRange(
+                    f"volume {vid} already has {record.capacity_bytes} bytes, more than "
+                    f"limit_bytes ({limit}); volumes never shrink"
+                )
+            if wanted > record.capacity_bytes:
+                record = self._store.update(record.replace(capacity_bytes=wanted))
+                log.info("volume expanded", extra={"volume_id": vid, "capacity_bytes": wanted})
+        # The node grows the export and the filesystem (NodeExpandVolume); asked for again
+        # when the size was already recorded, since a CO retry may follow a lost node step.
+        return csi_pb2.ControllerExpandVolumeResponse(
+            capacity_bytes=record.capacity_bytes, node_expansion_required=True
+        )
+
+
+answer_unimplemented(ControllerService, csi_pb2_grpc.ControllerServicer, "Controller")

@@ -1,0 +1,3 @@
+"""gRPC plumbing both roles share: the error interceptor, the Identity service, per-volume
+try-locks.
+"""

@@ -1,0 +1,58 @@
+"""What each side of the driver loads: the controller runs without the NBD extension, and
+parsing capabilities loads no mount system calls.
+
+Each check imports in a fresh interpreter, so that what the test process already
+imported does not hide what the modules themselves pull in.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CONTROLLER_MODULES = (
+    "zerofs_csi.controller.service",
+    "zerofs_csi.controller.store",
+    "zerofs_csi.controller.store_kube",
+    "zerofs_csi.controller.nodes",
+    "zerofs_csi.controller.nodes_kube",
+    "zerofs_csi.controller.s3cleanup",
+)
+NBD_EXTENSION = "zerofs_csi.nbd._nbd"
+MOUNT_CALLS = "zerofs_csi.host.mounts"
+
+
+def loaded_after(*modules: str) -> set[str]:
+    """The zerofs_csi modules in sys.modules after importing ``modules``."""
+    program = (
+        "import importlib, json, sys\n"
+        f"for name in {list(modules)!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('zerofs_csi'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    return set(json.loads(done.stdout))
+
+
+def test_controller_does_not_load_the_nbd_extension() -> None:
+    loaded = loaded_after(*CONTROLLER_MODULES)
+    assert set(CONTROLLER_MODULES) <= loaded
+    assert NBD_EXTENSION not in loaded
+
+
+@pytest.mark.parametrize("module", ["zerofs_csi.volume.capabilities", "zerofs_csi.volume.context"])
+def test_capabilities_load_no_mount_calls(module: str) -> None:
+    loaded = loaded_after(module)
+    assert module in loaded
+    assert MOUNT_CALLS not in loaded
+
+
+def test_limits_are_the_extensions() -> None:
+    from zerofs_csi.nbd import _nbd, limits
+
+    assert limits.MAX_CONNECTIONS == _nbd.MAX_SOCKETS
