@@ -6,9 +6,10 @@ the API server's port and, with ``--s3``, a radosgw the run starts.
 
 Usage:
     cluster.py up                 the cluster until ^C; prints the admin KUBECONFIG
-    cluster.py run -- CMD ARGS    the cluster, then CMD in the guest once the node is
-                                  Ready (it gets the environment of node.env); the
-                                  exit status is CMD's
+    cluster.py run -- CMD ARGS    the cluster, then CMD on this host once the node is
+                                  Ready, with KUBECONFIG, the S3 endpoint and
+                                  credentials in its environment; the exit status is
+                                  CMD's
 
 Needs the builds of ``make cluster-build`` and the images of ``make cluster-images``.
 Logs of every component: RUN_DIR/logs/ (printed at the start).
@@ -118,6 +119,7 @@ def s3_gateway(run_dir: Path) -> Iterator[dict[str, str]]:
     try:
         port = gateway.endpoint.rsplit(":", 1)[1]
         yield {
+            # The node's pods reach S3 here; this host at S3_HOST_ENDPOINT.
             "S3_HOST_ENDPOINT": gateway.endpoint,
             "S3_HOST_PORT": port,
             "S3_ENDPOINT": f"http://{FORWARD_ADDRESS}:{S3_GUEST_PORT}",
@@ -128,9 +130,7 @@ def s3_gateway(run_dir: Path) -> Iterator[dict[str, str]]:
         gateway.stop()
 
 
-def node_environment(
-    plane: ControlPlane, binaries: Path, images: Sequence[str], extra: dict[str, str]
-) -> dict[str, str]:
+def node_environment(plane: ControlPlane, binaries: Path, images: Sequence[str]) -> dict[str, str]:
     return {
         "BINARIES": str(binaries),
         "NODE_NAME": NODE_NAME,
@@ -147,7 +147,6 @@ def node_environment(
         "ADMIN_KUBECONFIG": str(plane.kubeconfig("admin", for_node=True)),
         "KUBECONFIG": str(plane.kubeconfig("admin", for_node=True)),
         "IMAGES_FILE": str(plane.run_dir / "images.txt"),
-        **extra,
     }
 
 
@@ -184,7 +183,7 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
         log(f"control plane up in {time.monotonic() - started:.1f} s at {endpoints.host_url}")
         log(f"KUBECONFIG={plane.kubeconfig('admin')}")
         with s3_or_nothing(run_dir, with_s3) as s3:
-            env = node_environment(plane, binaries, images, s3)
+            env = node_environment(plane, binaries, images)
             (run_dir / "node.env").write_text(
                 "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
             )
@@ -206,15 +205,57 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
                 "--",
                 str(HERE / "node.sh"),
                 str(run_dir),
-                *command,
             ]
-            return subprocess.run(vm, cwd=REPO).returncode
+            with node_vm(vm, run_dir) as node:
+                wait_for_node(node, run_dir, plane, timeout_s)
+                log(f"node Ready {time.monotonic() - started:.1f} s after the start")
+                host_env = {
+                    **os.environ,
+                    **s3,
+                    "KUBECONFIG": str(plane.kubeconfig("admin")),
+                    "KUBECTL": str(binaries / "kubectl"),
+                    "NODE_NAME": NODE_NAME,
+                    "IMAGES_FILE": str(run_dir / "images.txt"),
+                    "CLUSTER_RUN_DIR": str(run_dir),
+                }
+                return subprocess.run(command, cwd=REPO, env=host_env).returncode
     except ComponentFailed as exc:
         log(str(exc))
         return 1
     finally:
         plane.stop()
         tunnel.stop()
+
+
+@contextmanager
+def node_vm(argv: Sequence[str], run_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The microVM running node.sh; stopped (RUN_DIR/stop, then SIGTERM) on the way out."""
+    node = subprocess.Popen(argv, cwd=REPO)
+    try:
+        yield node
+    finally:
+        (run_dir / "stop").touch()
+        try:
+            node.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            node.terminate()
+            node.wait()
+
+
+def wait_for_node(
+    node: subprocess.Popen[bytes], run_dir: Path, plane: ControlPlane, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (run_dir / "node-ready").exists():
+        plane.check_running()
+        if node.poll() is not None:
+            raise ComponentFailed(
+                f"the node's VM exited with status {node.returncode} before the node was "
+                f"Ready; logs: {run_dir / 'logs'}"
+            )
+        if time.monotonic() > deadline:
+            raise ComponentFailed(f"the node was not Ready within {timeout_s:g} s")
+        time.sleep(1)
 
 
 @contextmanager
@@ -240,7 +281,11 @@ def main(argv: Sequence[str]) -> int:
     if args.action == "up":
         if command:
             parser.error("up takes no command")
-        command = ["sleep", "infinity"]
+        command = [
+            "sh",
+            "-c",
+            'echo "cluster: up; KUBECONFIG=$KUBECONFIG (^C stops it)"; exec sleep infinity',
+        ]
     elif not command:
         parser.error("run needs a command after --")
     return run_cluster(command, with_s3=args.s3, timeout_s=args.timeout)

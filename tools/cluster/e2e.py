@@ -3,9 +3,12 @@
 volumes written and verified across pods, expansion, faults under a writer, deletion of
 the data, the validation chart's test, and an uninstall that leaves the node clean.
 
-Runs on the node (tools/cluster/cluster.py run -- tools/cluster/e2e.py), with kubectl,
-helm and the environment of node.env. Each step is timed; the table goes to stdout and
-to build/e2e.md. Any failed step ends the run with status 1, naming the step.
+Runs on the host (tools/cluster/cluster.py run -- tools/cluster/e2e.py) with kubectl and
+helm, as a user would; what only the node can see or do (the kernel log, NBD devices,
+mounts, a server process to kill, an image to tag) goes through a privileged pod with
+the node's PID namespace and root, as `kubectl debug node` gives. Each step is timed;
+the table goes to stdout and to build/e2e.md. Any failed step ends the run with status
+1, naming the step.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def run(*argv: str, input: str | None = None, check: bool = True) -> str:
 
 
 def kubectl(*argv: str, input: str | None = None, check: bool = True) -> str:
-    return run("kubectl", *argv, input=input, check=check)
+    return run(os.environ.get("KUBECTL", "kubectl"), *argv, input=input, check=check)
 
 
 def kube_json(*argv: str) -> Json:
@@ -106,58 +109,95 @@ class Table:
 # ------------------------------------------------------------------- the node
 
 
+NODE_NAMESPACE = "e2e-node"
+NODE_POD = "node-debug"
+# What node_python runs in the node pod: the node's view through /proc of PID 1 (the
+# pod shares the node's PID namespace) and /host (the node's root).
+NODE_VIEW = r"""
+import glob, json, os
+mounts = [line.split()[4] for line in open("/proc/1/mountinfo")]
+devices = sorted(path.split("/")[-2] for path in glob.glob("/sys/block/nbd*/pid"))
+servers = []
+for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+    try:
+        argv = open(cmdline, "rb").read().split(b"\0")
+    except OSError:
+        continue
+    if os.path.basename(argv[0]) in (b"nbdkit", b"diod"):
+        servers.append(cmdline.split("/")[2])
+print(json.dumps({"mounts": mounts, "devices": devices, "servers": servers}))
+"""
+
+
+def start_node_pod(images: Images) -> None:
+    kubectl("create", "namespace", NODE_NAMESPACE)
+    kubectl("label", "namespace", NODE_NAMESPACE, "pod-security.kubernetes.io/enforce=privileged")
+    apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": NODE_POD, "namespace": NODE_NAMESPACE},
+            "spec": {
+                "hostPID": True,
+                "nodeName": os.environ["NODE_NAME"],
+                "tolerations": [{"operator": "Exists"}],
+                "containers": [
+                    {
+                        "name": "node",
+                        "image": images.workload,
+                        "command": ["sleep", "infinity"],
+                        "securityContext": {"privileged": True},
+                        "volumeMounts": [
+                            {
+                                "name": "root",
+                                "mountPath": "/host",
+                                "mountPropagation": "HostToContainer",
+                            }
+                        ],
+                    }
+                ],
+                "volumes": [{"name": "root", "hostPath": {"path": "/"}}],
+            },
+        }
+    )
+    kubectl(
+        "-n", NODE_NAMESPACE, "wait", "--for=condition=Ready", f"pod/{NODE_POD}",
+        "--timeout=900s",
+    )  # fmt: skip
+
+
+def node_exec(*argv: str) -> str:
+    """ARGV run on the node (its root, its PID namespace)."""
+    return kubectl("-n", NODE_NAMESPACE, "exec", NODE_POD, "--", "chroot", "/host", *argv)
+
+
+def node_view() -> Json:
+    output = kubectl("-n", NODE_NAMESPACE, "exec", NODE_POD, "--", "python3", "-c", NODE_VIEW)
+    return dict(json.loads(output))
+
+
 def kernel_log_mark() -> int:
-    return len(run("dmesg").splitlines())
+    return len(node_exec("dmesg").splitlines())
 
 
 def kernel_errors_since(mark: int) -> list[str]:
-    return [line for line in run("dmesg").splitlines()[mark:] if KERNEL_ERRORS.search(line)]
+    return [line for line in node_exec("dmesg").splitlines()[mark:] if KERNEL_ERRORS.search(line)]
 
 
-def connected_nbd_devices() -> list[str]:
-    return sorted(path.parent.name for path in Path("/sys/block").glob("nbd*/pid") if path.exists())
-
-
-def csi_mounts() -> list[str]:
-    return [
-        line.split()[4]
-        for line in Path("/proc/self/mountinfo").read_text().splitlines()
-        if "kubernetes.io~csi" in line.split()[4] or "/plugins/kubernetes.io/csi/" in line
-    ]
-
-
-def server_processes() -> list[str]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = stat.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(word.endswith((b"nbdkit", b"diod")) for word in argv[:1]):
-            found.append(stat.parent.name)
-    return found
+def ctr(*argv: str) -> str:
+    binary = Path(os.environ["KUBECTL"]).parent / "ctr"
+    return node_exec(
+        str(binary), "--address", "/run/containerd/containerd.sock", "-n", "k8s.io", *argv
+    )
 
 
 def container_pid(pod: Json) -> int:
     """The node's PID of the pod's first container (from containerd)."""
     container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
-    info = json.loads(
-        run(
-            "ctr",
-            "--address",
-            "/run/containerd/containerd.sock",
-            "-n",
-            "k8s.io",
-            "task",
-            "ls",
-            "--format",
-            "json",
-        )  # fmt: skip
-        or "[]"
-    )
-    for task in info:
-        if task.get("ID") == container_id:
-            return int(task["PID"])
+    for line in ctr("task", "ls").splitlines()[1:]:
+        words = line.split()
+        if words and words[0] == container_id:
+            return int(words[1])
     raise StepFailed(f"containerd has no running task {container_id[:12]}")
 
 
@@ -242,7 +282,7 @@ def install_chart(images: Images, table: Table) -> None:
 def create_bucket() -> None:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT"], region_name="us-east-1")
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_HOST_ENDPOINT"], region_name="us-east-1")
     s3.create_bucket(Bucket=BUCKET)
     # An object outside every volume's prefix: deleting volumes must leave it.
     s3.put_object(Bucket=BUCKET, Key="outside/keep-me", Body=b"not a volume's")
@@ -251,7 +291,7 @@ def create_bucket() -> None:
 def s3_keys(prefix: str) -> list[str]:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT"], region_name="us-east-1")
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_HOST_ENDPOINT"], region_name="us-east-1")
     keys: list[str] = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         keys += [item["Key"] for item in page.get("Contents", [])]
@@ -400,7 +440,7 @@ def faults_under_a_writer(table: Table, images: Images, claim: str, seed: str) -
     with table.step("kill -9 of the volume's server process under the writer") as notes:
         pod = kube_json("-n", NAMESPACE, "get", "pod", server_pod)
         restarts = pod["status"]["containerStatuses"][0]["restartCount"]
-        os.kill(container_pid(pod), 9)
+        node_exec("kill", "-9", str(container_pid(pod)))
 
         def restarted() -> bool:
             status = kube_json("-n", NAMESPACE, "get", "pod", server_pod)["status"]
@@ -421,9 +461,8 @@ def faults_under_a_writer(table: Table, images: Images, claim: str, seed: str) -
     time.sleep(15)
     with table.step("DaemonSet rollout to a new image tag under the writer") as notes:
         new_tag = f"{images.plugin_tag}-rollout"
-        run(
-            "ctr", "--address", "/run/containerd/containerd.sock", "-n", "k8s.io", "images",
-            "tag", "--force", f"{images.plugin_repository}:{images.plugin_tag}",
+        ctr(
+            "images", "tag", "--force", f"{images.plugin_repository}:{images.plugin_tag}",
             f"{images.plugin_repository}:{new_tag}",
         )  # fmt: skip
         run(
@@ -511,15 +550,17 @@ def uninstall(table: Table) -> None:
             lambda: not kube_json("-n", NAMESPACE, "get", "pods")["items"],
             600,
         )
+        view = node_view()
         left = {
-            "NBD devices": connected_nbd_devices(),
-            "CSI mounts": csi_mounts(),
-            "server processes": server_processes(),
+            "NBD devices": view["devices"],
+            "CSI mounts": [m for m in view["mounts"] if re.search(r"kubernetes\.io[~/]csi", m)],
+            "server processes": view["servers"],
         }
         found = {what: items for what, items in left.items() if items}
         if found:
             raise StepFailed(f"left on the node: {found}")
         notes.append("nothing left")
+    kubectl("delete", "namespace", NODE_NAMESPACE, "--wait=false")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -534,8 +575,9 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     images = images_from(args.images.read_text().splitlines())
     table = Table()
-    mark = kernel_log_mark()
     try:
+        start_node_pod(images)
+        mark = kernel_log_mark()
         create_bucket()
         install_chart(images, table)
         kubectl("create", "namespace", WORKLOAD_NAMESPACE)

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The test cluster's node, run as the microVM's command (tools/cluster/cluster.py):
 # containerd with the images of make cluster-images, kubelet and kube-proxy, registered
-# with the API server on the host through the VM's forward; then runs CMD and stops
-# everything. The guest's root is the host's, read-only: the node's state lives in
-# tmpfs (/var/lib, /run), so every run starts from an empty node.
-# Usage: node.sh RUN_DIR CMD ARGS...   (RUN_DIR: written by cluster.py; node.env in it)
+# with the API server on the host through the VM's forward; writes RUN_DIR/node-ready
+# once the node is Ready and stops everything when RUN_DIR/stop appears. The guest's
+# root is the host's, read-only: the node's state lives in tmpfs (/var/lib, /run), so
+# every run starts from an empty node.
+# Usage: node.sh RUN_DIR   (RUN_DIR: written by cluster.py; node.env in it)
 set -euo pipefail
 run_dir=$1
-shift
-here=$(cd "$(dirname "$0")/../.." && pwd)
+# The microVM's own settings (KERNEL_TREE: the guest kernel's modules).
+vm_run_dir=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^zerofs_vm.run=//p')
+# shellcheck source=/dev/null
+source "$vm_run_dir/guest.conf"
 # shellcheck source=/dev/null
 source "$run_dir/node.env"
 export PATH=$BINARIES:$PATH
@@ -55,6 +58,15 @@ echo "+cpu +memory +pids +io +cpuset" >/sys/fs/cgroup/cgroup.subtree_control
 mount --make-rshared /
 mount -t tmpfs -o mode=755 tmpfs /var/lib
 mkdir -p /var/lib/kubelet /var/lib/containerd /run/containerd /run/cni/net.d
+# A node has its kernel's modules in /lib/modules (the chart's nbd init container mounts
+# it); the host root has none, so an overlay on /usr/lib adds them.
+if [[ ! -d /lib/modules/$(uname -r) ]]; then
+    mkdir -p /run/usr-lib/upper /run/usr-lib/work
+    mount -t overlay overlay \
+        -o lowerdir=/usr/lib,upperdir=/run/usr-lib/upper,workdir=/run/usr-lib/work /usr/lib
+    mkdir -p "/lib/modules/$(uname -r)"
+    mount --bind "$KERNEL_TREE/lib/modules/$(uname -r)" "/lib/modules/$(uname -r)"
+fi
 modprobe=/run/guest-modprobe
 for module in overlay br_netfilter bridge veth nf_conntrack iptable_nat iptable_filter \
     xt_MASQUERADE xt_comment xt_mark xt_conntrack xt_addrtype nf_nat; do
@@ -164,6 +176,8 @@ done
     || fail "node $NODE_NAME not Ready after 10 min; logs: $logs/kubelet.log"
 phase "node $NODE_NAME Ready"
 echo ready >"$run_dir/node-ready"
-
-cd "$here"
-"$@"
+while [[ ! -e $run_dir/stop ]]; do
+    alive kubelet "$kubelet_pid"
+    sleep 2
+done
+phase "stopping"
