@@ -345,7 +345,7 @@ def test_unknown_export_creates_no_device(
 def test_without_cap_sys_admin_connect_is_a_permission_error(server: NbdkitServer) -> None:
     code = (
         "import socket, sys\n"
-        "from zerofs_csi import _nbd\n"
+        "from zerofs_csi.nbd import _nbd\n"
         "a, b = socket.socketpair()\n"
         "try:\n"
         "    _nbd.NbdNetlink().connect([a.fileno()], 1 << 20)\n"
