@@ -660,6 +660,8 @@ class VmSpec:
     forwards: tuple[tuple[int, int], ...] = field(default=())
     # (host port, guest port): the host's 127.0.0.1:port reaches the guest's port.
     host_forwards: tuple[tuple[int, int], ...] = field(default=())
+    # Raw disk images the guest sees as /dev/vda, /dev/vdb, ... (read-write).
+    disks: tuple[Path, ...] = field(default=())
 
 
 def kernel_command_line(spec: VmSpec) -> str:
@@ -765,6 +767,8 @@ def qemu_command(spec: VmSpec, fds: Mapping[str, int]) -> list[str]:
     ]
     if spec.forwards or spec.host_forwards:
         argv += network_arguments(spec.forwards, spec.host_forwards)
+    for disk in spec.disks:
+        argv += ["-drive", f"file={disk},format=raw,if=virtio,cache=unsafe"]
     return argv
 
 
@@ -1023,6 +1027,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         metavar="HOST_PORT:GUEST_PORT",
         help="the host's 127.0.0.1:HOST_PORT reaches the guest's GUEST_PORT",
     )
+    parser.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="a raw disk image the guest sees as /dev/vdX, in the order given",
+    )
     parser.add_argument("--cwd", help="working directory in the guest (default: the current one)")
     parser.add_argument(
         "--prepare-only", action="store_true", help="install packages and build the cache only"
@@ -1090,6 +1102,7 @@ def main(argv: Sequence[str]) -> int:
             extra_append=tuple(args.kernel_arg),
             forwards=tuple(args.forward),
             host_forwards=tuple(args.host_forward),
+            disks=tuple(path.resolve() for path in args.disk),
         )
         status = run_vm(spec, Limits(args.timeout, args.boot_timeout), args.console)
     except VmError as exc:

@@ -18,6 +18,7 @@ Logs of every component: RUN_DIR/logs/ (printed at the start).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shlex
 import shutil
@@ -58,6 +59,9 @@ KUBELET_PORT = 10250
 # masquerade, kube-proxy's rules) and conntrack clean-up.
 NODE_PACKAGES = {"iptables": "iptables", "conntrack": "conntrack"}
 VM_MEMORY_MIB = 6144
+# containerd's images between runs (node.sh): sparse, so it takes what the images take.
+NODE_DISK = STATE_DIR / "node-disk.img"
+NODE_DISK_BYTES = 16 << 30
 
 
 def log(message: str) -> None:
@@ -147,6 +151,7 @@ def node_environment(plane: ControlPlane, binaries: Path, images: Sequence[str])
         "ADMIN_KUBECONFIG": str(plane.kubeconfig("admin", for_node=True)),
         "KUBECONFIG": str(plane.kubeconfig("admin", for_node=True)),
         "IMAGES_FILE": str(plane.run_dir / "images.txt"),
+        "NODE_DISK": "/dev/vda",
     }
 
 
@@ -202,11 +207,13 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
                 *(arg for forward in forwards for arg in ("--forward", forward)),
                 "--host-forward",
                 f"{kubelet_port}:{KUBELET_PORT}",
+                "--disk",
+                str(NODE_DISK),
                 "--",
                 str(HERE / "node.sh"),
                 str(run_dir),
             ]
-            with node_vm(vm, run_dir) as node:
+            with node_disk(), node_vm(vm, run_dir) as node:
                 wait_for_node(node, run_dir, plane, timeout_s)
                 log(f"node Ready {time.monotonic() - started:.1f} s after the start")
                 host_env = {
@@ -225,6 +232,20 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
     finally:
         plane.stop()
         tunnel.stop()
+
+
+@contextmanager
+def node_disk() -> Iterator[None]:
+    """The node disk, held for the run: one cluster at a time uses it."""
+    with open(NODE_DISK, "a+b") as disk:
+        try:
+            fcntl.flock(disk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another cluster run holds {NODE_DISK}; waiting for it")
+            fcntl.flock(disk, fcntl.LOCK_EX)
+        if os.fstat(disk.fileno()).st_size != NODE_DISK_BYTES:
+            disk.truncate(NODE_DISK_BYTES)
+        yield
 
 
 @contextmanager

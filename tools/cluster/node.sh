@@ -56,8 +56,24 @@ phase() { echo "node.sh: $(cut -d' ' -f1 /proc/uptime) s $*"; }
 mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo "+cpu +memory +pids +io +cpuset" >/sys/fs/cgroup/cgroup.subtree_control
 mount --make-rshared /
+modprobe=/run/guest-modprobe
 mount -t tmpfs -o mode=755 tmpfs /var/lib
 mkdir -p /var/lib/kubelet /var/lib/containerd /run/containerd /run/cni/net.d
+# The node disk (cluster.py --disk, /dev/vda) keeps containerd's images between runs, so
+# that only new or changed images are unpacked; a disk that is blank or does not check
+# clean is made anew.
+if [[ -n ${NODE_DISK-} ]]; then
+    "$modprobe" virtio_blk || fail "cannot load virtio_blk"
+    for _ in $(seq 100); do
+        [[ -b $NODE_DISK ]] && break
+        sleep 0.1
+    done
+    [[ -b $NODE_DISK ]] || fail "no $NODE_DISK"
+    if ! { e2fsck -p "$NODE_DISK" >/dev/null 2>&1 && mount "$NODE_DISK" /var/lib/containerd; }; then
+        mkfs.ext4 -q -F "$NODE_DISK" || fail "cannot make a filesystem on $NODE_DISK"
+        mount "$NODE_DISK" /var/lib/containerd || fail "cannot mount $NODE_DISK"
+    fi
+fi
 # A node has its kernel's modules in /lib/modules (the chart's nbd init container mounts
 # it); the host root has none, so an overlay on /usr/lib adds them.
 if [[ ! -d /lib/modules/$(uname -r) ]]; then
@@ -67,7 +83,6 @@ if [[ ! -d /lib/modules/$(uname -r) ]]; then
     mkdir -p "/lib/modules/$(uname -r)"
     mount --bind "$KERNEL_TREE/lib/modules/$(uname -r)" "/lib/modules/$(uname -r)"
 fi
-modprobe=/run/guest-modprobe
 for module in overlay br_netfilter bridge veth nf_conntrack iptable_nat iptable_filter \
     xt_MASQUERADE xt_comment xt_mark xt_conntrack xt_addrtype nf_nat; do
     "$modprobe" "$module" || fail "cannot load the $module module"
@@ -117,12 +132,28 @@ done
 [[ -S /run/containerd/containerd.sock ]] || fail "containerd did not open its socket"
 phase "containerd up"
 
-# Every image the cluster runs, from the archives of make cluster-images.
+ctr() { command ctr --address /run/containerd/containerd.sock -n k8s.io "$@"; }
+# Nothing of an earlier run but its images: containers left by a run that was cut off go.
+ctr containers ls -q | xargs -r ctr containers rm >/dev/null 2>&1 || true
+# Every image the cluster runs, from the archives of make cluster-images; with the node
+# disk, an archive imported by an earlier run (same name, size and time) is there already,
+# and an image no archive names any more is removed.
+imported=/var/lib/containerd/zerofs-imported.txt
+touch "$imported"
+wanted=()
 while read -r archive repository; do
     [[ -n $archive ]] || continue
-    ctr --address /run/containerd/containerd.sock -n k8s.io images import \
-        --base-name "$repository" "$archive" >/dev/null || fail "cannot import $archive"
+    tag=${archive##*-}
+    wanted+=("$repository:${tag%.tar}")
+    key="$(basename "$archive") $(stat -c '%s %Y' "$archive")"
+    grep -qxF "$key" "$imported" && continue
+    ctr images import --base-name "$repository" "$archive" >/dev/null \
+        || fail "cannot import $archive"
+    echo "$key" >>"$imported"
 done <"$run_dir/images.txt"
+for image in $(ctr images ls -q); do
+    [[ " ${wanted[*]} " == *" $image "* ]] || ctr images rm "$image" >/dev/null
+done
 phase "images imported"
 
 cat >/run/kubelet-config.yaml <<YAML
@@ -181,3 +212,8 @@ while [[ ! -e $run_dir/stop ]]; do
     sleep 2
 done
 phase "stopping"
+stop_all
+trap - EXIT
+if [[ -n ${NODE_DISK-} ]]; then
+    umount -R /var/lib/containerd 2>/dev/null || umount -l /var/lib/containerd
+fi
