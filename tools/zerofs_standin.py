@@ -510,7 +510,8 @@ def s3_client(
             read_timeout=timeout,
             retries={"total_max_attempts": 2, "mode": "standard"},
         )
-    return boto3.session.Session().client(
+    # boto3's default session, whose loaded S3 model the S3 plugin's clients reuse.
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id=environment.get("AWS_ACCESS_KEY_ID"),
@@ -520,53 +521,45 @@ def s3_client(
     )
 
 
-def _s3_failure(storage: S3Storage, exc: Exception) -> ConfigError:
-    """What went wrong reaching ``storage``, in words naming its URL and never a secret
-    (the exception's own text is not used: it may quote a request)."""
-    import botocore.exceptions
+def s3_failure(url: str, bucket: str, endpoint: str | None, exc: Exception) -> str | None:
+    """What went wrong reaching the storage ``url``, in words naming it and never a
+    secret (the exception's own text is not used: it may quote a request); None for an
+    exception that is not about S3."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    import botocore.exceptions  # present: the exception came from boto3
 
-    where = storage.url
-    endpoint = _endpoint_shown(storage.endpoint) if storage.endpoint else "of AWS"
+    shown = _endpoint_shown(endpoint) if endpoint else "of AWS"
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
-        return ConfigError(
-            f"{where}: no S3 credentials: set [aws] access_key_id and secret_access_key "
+        return (
+            f"{url}: no S3 credentials: set [aws] access_key_id and secret_access_key "
             "(or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
         )
     if isinstance(exc, botocore.exceptions.ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
         if code == "NoSuchBucket":
-            return ConfigError(f"{where}: the bucket {storage.bucket} does not exist")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied") or status in (
-            401,
-            403,
-        ):
-            return ConfigError(
-                f"{where}: S3 refused the credentials ({code or f'HTTP {status}'}) at "
-                f"the endpoint {endpoint}"
+            return f"{url}: the bucket {bucket} does not exist"
+        refused = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")
+        if code in refused or status in (401, 403):
+            return (
+                f"{url}: S3 refused the credentials ({code or f'HTTP {status}'}) at the "
+                f"endpoint {shown}"
             )
-        return ConfigError(f"{where}: S3 answered {code or 'an error'} (HTTP {status})")
+        return f"{url}: S3 answered {code or 'an error'} (HTTP {status})"
     if isinstance(exc, botocore.exceptions.BotoCoreError):
-        return ConfigError(
-            f"{where}: cannot reach the S3 endpoint {endpoint} ({type(exc).__name__})"
-        )
-    return ConfigError(f"{where}: S3 failed ({type(exc).__name__})")
+        return f"{url}: cannot reach the S3 endpoint {shown} ({type(exc).__name__})"
+    return None
 
 
-def restore_exports(storage: S3Storage, tree: Path) -> dict[str, int]:
+def restore_exports(client: Any, layout: S3Layout, tree: Path) -> dict[str, int]:
     """Make the tree's .nbd/ exactly the exports recorded in S3, at their sizes.
 
     S3 is the truth: a file with no record was created over 9P but never connected to,
-    so it holds nothing; a tree lost with its host comes back. Raises ConfigError when
-    S3 cannot be read (unreachable endpoint, missing bucket, refused credentials).
+    so it holds nothing; a tree lost with its host comes back. Raises what the S3
+    client raises when S3 cannot be read (see ``s3_failure``).
     """
-    client = s3_client(storage.endpoint, storage.environment, timeout=S3_CHECK_TIMEOUT_S)
-    import botocore.exceptions  # present with boto3, which s3_client found
-
-    try:
-        sizes = storage.layout.recorded_sizes(client)
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise _s3_failure(storage, exc) from None
+    sizes = layout.recorded_sizes(client)
     exports = tree / EXPORT_DIRECTORY
     exports.mkdir(parents=True, exist_ok=True)
     for name in list_export_files(tree):
@@ -714,11 +707,15 @@ def _remove_socket(path: Path) -> None:
 
 
 # Generous: dozens of volume servers starting at once on a small node can keep diod from
-# listening for many seconds; the driver's own ready timeout bounds the whole start.
+# listening for many seconds, and on s3:// storage nbdkit imports boto3 and checks the
+# bucket first (minutes under emulation); the driver's own ready timeout bounds the start.
 DIOD_START_TIMEOUT_S = 120.0
+NBDKIT_START_TIMEOUT_S = 600.0
 
 
-def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], timeout: float) -> None:
+def _wait_for_socket(
+    path: Path, process: subprocess.Popen[bytes], timeout: float, name: str
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -728,9 +725,9 @@ def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], timeout: floa
             except (FileNotFoundError, ConnectionRefusedError):
                 pass
         if process.poll() is not None:
-            raise ConfigError(f"diod exited with status {process.returncode} while starting")
+            raise ConfigError(f"{name} exited with status {process.returncode} while starting")
         if time.monotonic() > deadline:
-            raise ConfigError(f"diod did not listen on {path} within {timeout:g}s")
+            raise ConfigError(f"{name} did not listen on {path} within {timeout:g}s")
         time.sleep(0.02)
 
 
@@ -767,8 +764,9 @@ def _nbdkit_plugin_directory(nbdkit: str) -> Path:
     raise ConfigError(f"{nbdkit} --dump-config names no plugindir")
 
 
-def _nbdkit_s3_plugin(nbdkit: str, storage: S3Storage, tree: Path) -> list[str]:
-    """nbdkit's plugin arguments serving the tree's exports from S3 (no secret)."""
+def _nbdkit_s3_plugin(nbdkit: str, storage: S3Storage, tree: Path, error_file: Path) -> list[str]:
+    """nbdkit's plugin arguments serving the tree's exports from S3 (no secret); the
+    plugin writes why it could not start to ``error_file``."""
     plugins = _nbdkit_plugin_directory(nbdkit)
     s3_plugin = plugins / "nbdkit-S3-plugin"
     if not (plugins / "nbdkit-python-plugin.so").exists() or not s3_plugin.exists():
@@ -777,8 +775,8 @@ def _nbdkit_s3_plugin(nbdkit: str, storage: S3Storage, tree: Path) -> list[str]:
             "nbdkit-plugin-python and python3-boto3"
         )
     argv = ["python", str(S3_PLUGIN_SCRIPT), f"root={tree}", f"s3-plugin={s3_plugin}"]
-    argv += [f"bucket={storage.bucket}", f"prefix={storage.prefix}"]
-    argv += [f"object-size={OBJECT_SIZE}"]
+    argv += [f"bucket={storage.bucket}", f"prefix={storage.prefix}", f"url={storage.url}"]
+    argv += [f"object-size={OBJECT_SIZE}", f"error-file={error_file}"]
     if storage.endpoint is not None:
         argv.append(f"endpoint-url={storage.endpoint}")
     return argv
@@ -790,12 +788,6 @@ def serve(config: StandinConfig) -> int:
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     nbdkit = _find("nbdkit", "nbdkit")
     diod = _find("diod", "diod")
-    if config.s3 is not None:
-        nbd_plugin = _nbdkit_s3_plugin(nbdkit, config.s3, config.storage_dir)
-        served = config.s3.url
-    else:
-        nbd_plugin = ["file", f"dir={nbd_dir}"]
-        served = f"file://{config.storage_dir}"
     for path in (config.nbd_socket, config.ninep_socket):
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_socket(path)  # left by a stand-in that was killed
@@ -812,20 +804,23 @@ def serve(config: StandinConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     child_env = {name: os.environ[name] for name in CHILD_ENVIRONMENT if name in os.environ}
+    nbdkit_env = dict(child_env)
     private_dir = Path(tempfile.mkdtemp(prefix="zerofs-standin-"))
+    nbdkit_error = private_dir / "nbdkit-error"
     children: dict[str, subprocess.Popen[bytes]] = {}
     relay: NinePRelay | None = None
     status = 1
-    nbdkit_env = dict(child_env)
     try:
+        nbd_plugin = ["file", f"dir={nbd_dir}"]
+        served = f"file://{config.storage_dir}"
         if config.s3 is not None:
+            nbd_plugin = _nbdkit_s3_plugin(nbdkit, config.s3, config.storage_dir, nbdkit_error)
+            served = config.s3.url
             if config.s3.ignored_options:
                 say(
                     "ignoring S3 options the stand-in does not implement: "
                     + ", ".join(config.s3.ignored_options)
                 )
-            exports = restore_exports(config.s3, config.storage_dir)
-            say(f"{config.s3.url}: {len(exports)} exports recorded")
             aws_config = private_dir / "aws-config"
             aws_config.write_text(AWS_CONFIG)
             # The S3 plugin's clients read credentials and region from here only: not
@@ -851,7 +846,7 @@ def serve(config: StandinConfig) -> int:
             cwd=private_dir,
             preexec_fn=_die_with_parent,
         )
-        _wait_for_socket(private_socket, children["diod"], DIOD_START_TIMEOUT_S)
+        _wait_for_socket(private_socket, children["diod"], DIOD_START_TIMEOUT_S, "diod")
         relay = NinePRelay(config.ninep_socket, private_socket, config.storage_dir)
         # Last, so that the NBD socket answering means both servers are up.
         children["nbdkit"] = subprocess.Popen(
@@ -872,6 +867,14 @@ def serve(config: StandinConfig) -> int:
             # long as the kernel holds the dead connections, so a reconnect hangs on it.
             preexec_fn=_die_with_parent,
         )
+        try:
+            _wait_for_socket(
+                config.nbd_socket, children["nbdkit"], NBDKIT_START_TIMEOUT_S, "nbdkit"
+            )
+        except ConfigError:
+            if nbdkit_error.exists():
+                raise ConfigError(nbdkit_error.read_text().strip()) from None
+            raise
         say(
             f"serving {served}: NBD on {config.nbd_socket} "
             f"(nbdkit pid {children['nbdkit'].pid}), 9P2000.L on {config.ninep_socket} "

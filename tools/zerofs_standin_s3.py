@@ -1,15 +1,17 @@
 """nbdkit Python plugin: the ZeroFS stand-in's NBD exports, their blocks in S3.
 
 ``tools/zerofs_standin.py`` runs it for ``s3://`` storage as ``nbdkit python
-zerofs_standin_s3.py root=DIR s3-plugin=FILE bucket=B prefix=P [endpoint-url=URL]
-object-size=N``. As with ZeroFS, each file of ``DIR/.nbd/`` is an export named after it
-and sized by the file when a client connects; new files are served without a restart.
+zerofs_standin_s3.py root=DIR s3-plugin=FILE bucket=B prefix=P url=URL object-size=N
+error-file=FILE [endpoint-url=URL]``. As with ZeroFS, each file of ``DIR/.nbd/`` is an
+export named after it and sized by the file when a client connects; new files are served
+without a restart. At start (``get_ready``) the bucket is checked and ``DIR/.nbd/`` made
+the exports recorded in S3.
 
 The blocks are read and written by nbdkit's own S3 plugin (nbdkit-S3-plugin(1), the
 file named by ``s3-plugin``), one instance per export so that each has its own key:
 objects of ``object-size`` bytes under ``<prefix>/.nbd-blocks/<name>/``, absent where
 never written. Before serving a connection the export's size is recorded in the object
-``<prefix>/.nbd/<name>``, from which the stand-in recreates the file at its next start.
+``<prefix>/.nbd/<name>``, from which the file is recreated at the next start.
 
 Credentials and the region come from the environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``) and path-style
@@ -36,10 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from zerofs_standin import (  # noqa: E402
     EXPORT_DIRECTORY,
+    S3_CHECK_TIMEOUT_S,
     S3Layout,
     check_export_name,
     list_export_files,
+    restore_exports,
     s3_client,
+    s3_failure,
+    say,
 )
 
 API_VERSION = 2
@@ -49,7 +55,7 @@ _layout: S3Layout | None = None
 _exports: dict[str, Export] = {}
 _exports_lock = threading.Lock()
 _instance_numbers = itertools.count()
-_records_client: Any = None  # for the size records, made at the first connection
+_records_client: Any = None  # for the size records
 
 
 def _load_s3_plugin(path: str) -> ModuleType:
@@ -90,10 +96,6 @@ class Export:
 
     def record(self, layout: S3Layout, size: int) -> None:
         """Store the export's size in S3 unless it is recorded already."""
-        global _records_client
-        with _exports_lock:
-            if _records_client is None:
-                _records_client = s3_client(_parameters.get("endpoint-url"), os.environ)
         with self.lock:
             if not self.record_read:
                 self.recorded = layout.read_size(_records_client, self.name)
@@ -114,18 +116,47 @@ def thread_model() -> int:
     return int(nbdkit.THREAD_MODEL_PARALLEL)
 
 
+REQUIRED = ("root", "s3-plugin", "bucket", "prefix", "url", "object-size", "error-file")
+
+
 def config(key: str, value: str) -> None:
-    if key not in ("root", "s3-plugin", "bucket", "prefix", "endpoint-url", "object-size"):
+    if key not in (*REQUIRED, "endpoint-url"):
         raise RuntimeError(f"unknown parameter {key}")
     _parameters[key] = value
 
 
 def config_complete() -> None:
     global _layout
-    for key in ("root", "s3-plugin", "bucket", "prefix", "object-size"):
+    for key in REQUIRED:
         if key not in _parameters:
             raise RuntimeError(f"parameter {key} missing")
     _layout = S3Layout(_parameters["bucket"], _parameters["prefix"])
+
+
+def get_ready() -> None:
+    """Before nbdkit listens: check the bucket and make the tree's .nbd/ the exports
+    recorded in S3. Importing boto3 and loading its S3 model take seconds on a slow
+    machine (more than a client waits for its handshake) and are done once, here: the
+    S3 plugin's connections make their clients from the same loaded session.
+
+    When S3 cannot be used, the reason (naming the storage URL, never a secret) goes to
+    the error file for the stand-in to report, and nbdkit exits 1 before listening.
+    """
+    global _records_client
+    assert _layout is not None
+    endpoint = _parameters.get("endpoint-url")
+    try:
+        _records_client = s3_client(endpoint, os.environ, timeout=S3_CHECK_TIMEOUT_S)
+        sizes = restore_exports(_records_client, _layout, Path(_parameters["root"]))
+    except Exception as exc:
+        reason = s3_failure(_parameters["url"], _layout.bucket, endpoint, exc)
+        if reason is None:
+            raise
+        Path(_parameters["error-file"]).write_text(reason)
+        # Not an exception: nbdkit would print its traceback, which says nothing more.
+        os._exit(1)
+    _load_s3_plugin(_parameters["s3-plugin"])
+    say(f"{_parameters['url']}: {len(sizes)} exports recorded")
 
 
 def list_exports(readonly: bool, is_tls: bool) -> list[str]:
@@ -149,7 +180,11 @@ def open(readonly: bool) -> Handle:
             export = Export(_layout, name, nbdkit.parse_size(_parameters["object-size"]))
             _exports[name] = export
     export.record(_layout, status.st_size)
-    return Handle(export, export.s3_plugin.open(readonly), status.st_size)
+    # The S3 plugin makes a boto3 client per connection from boto3's default session,
+    # which must not make two at once.
+    with _exports_lock:
+        server = export.s3_plugin.open(readonly)
+    return Handle(export, server, status.st_size)
 
 
 def get_size(handle: Handle) -> int:

@@ -33,10 +33,10 @@ from standin.servers import (
     session_members,
 )
 
-from zerofs_csi import ninep
-from zerofs_csi.s3cleanup import delete_volume_data
-from zerofs_csi.volume_settings import StorageUrl, VolumeSecrets, VolumeSettings
-from zerofs_csi.zerofs_config import render_zerofs_config
+from zerofs_csi.controller.s3cleanup import delete_volume_data
+from zerofs_csi.servers import ninep
+from zerofs_csi.servers.zerofs_config import render_zerofs_config
+from zerofs_csi.volume.settings import StorageUrl, VolumeSecrets, VolumeSettings
 
 pytestmark = pytest.mark.s3
 
@@ -340,6 +340,7 @@ def test_credentials_never_appear_on_a_command_line(standin: Standin) -> None:
         ("missing bucket", "bucket no-such-bucket-here does not exist"),
         ("wrong secret key", "S3 refused the credentials (SignatureDoesNotMatch)"),
         ("http without allow_http", "allow_http"),
+        ("no credentials", "no S3 credentials"),
     ],
 )
 def test_wrong_or_unreachable_s3_is_a_clear_error_at_start(
@@ -354,6 +355,8 @@ def test_wrong_or_unreachable_s3_is_a_clear_error_at_start(
         settings = replace(settings, storage_url=StorageUrl("s3", "no-such-bucket-here", "base"))
     elif case == "wrong secret key":
         secrets = replace(secrets, secret_access_key="not-the-" + radosgw.secret_key)
+    elif case == "no credentials":
+        secrets = replace(secrets, access_key_id=None, secret_access_key=None)
     else:
         settings = replace(settings, s3_allow_http=False)
     standin = Standin(tmp_path, settings, secrets)
@@ -370,6 +373,6 @@ def test_wrong_or_unreachable_s3_is_a_clear_error_at_start(
     assert time.monotonic() - started < START_TIMEOUT_S
     assert expected in log
     assert f"s3://{settings.storage_url.bucket}/base/{VOLUME}" in log
-    for secret in (secrets.secret_access_key, secrets.access_key_id, secrets.encryption_password):
-        assert secret is not None and secret not in log
+    for secret in (radosgw.secret_key, radosgw.access_key, secrets.encryption_password):
+        assert secret not in log
     assert not standin.nbd.exists() and not standin.ninep.exists()
