@@ -94,10 +94,14 @@ def processes() -> Iterator[list[Process]]:
 
 @pytest.fixture(scope="session")
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The registration API's modules, generated as the image build generates them."""
-    dest = tmp_path_factory.mktemp("pluginregistration")
+    """The modules of the registration API and of CSI, generated as the image build
+    generates them."""
+    dest = tmp_path_factory.mktemp("stubs")
+    protos = [SIDECARS / "pluginregistration.proto", ROOT / "proto" / "csi.proto"]
     subprocess.run(
-        [sys.executable, str(SIDECARS / "generate_stubs.py"), str(dest)], check=True, timeout=120
+        [sys.executable, str(SIDECARS / "generate_stubs.py"), str(dest), *map(str, protos)],
+        check=True,
+        timeout=120,
     )
     return dest
 

@@ -7,9 +7,10 @@
 #                              the chart's sidecars, their binaries from make cluster-build
 #                              alone in one layer (umoci)
 #   csi-node-driver-registrar, livenessprobe
-#                              the chart's tags, but the project's stand-ins
-#                              (tools/cluster/sidecars/): the Go module proxy does not
-#                              serve these two releases (README, "Test cluster")
+#                              the chart's names and tags, but the project's stand-ins
+#                              (tools/cluster/sidecars/, on the python image): the Go
+#                              module proxy does not serve these two releases (README,
+#                              "Test cluster images")
 #   zerofs-csi                 ghcr.io/zerofs-csi/zerofs-csi:<Chart.yaml appVersion>, from
 #                              the project's Dockerfile (buildah)
 #   zerofs-standin             localhost/zerofs-standin:<inputs digest>, the per-volume
@@ -22,14 +23,14 @@
 # An image is rebuilt only when what it is made of changed: <archive>.inputs holds the
 # digest of its inputs (sources, recipe, and its base's digest). A failed build names the
 # image and its log (.cache/kube/<release>/logs/image-<name>.log). buildah's storage
-# (vfs) is .cache/buildah/.
+# (vfs) is .cache/buildah/. Builds hold images/.lock, which readers of the archives may
+# hold shared (flock --shared) so that no archive is replaced under them.
 #
 # Usage: tools/cluster/images.sh [--built] [--references] [IMAGE...]   (default: all)
 #   prints "<archive> <repository>" per image (the archive holds one image, tagged; its
 #   file name is <last part of the repository>-<tag>.tar); import one with
 #     ctr -n k8s.io images import --base-name <repository> <archive>
-#   --built       build nothing (no network: the microVM runs it), fail on an archive
-#                 missing or older than its inputs
+#   --built       build nothing, fail on an archive missing or older than its inputs
 #   --references  print "<repository>:<tag>" instead
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
@@ -103,13 +104,20 @@ buildah_() { buildah --root "$store/root" --runroot "$store/run" --storage-drive
 
 digest() { sha256sum | cut -c1-64; }
 
-# The names and contents of the files git sees under PATHs (tracked, or new and not
-# ignored): what a build copies from the work tree, without its build products.
+# The files git sees under PATHs (tracked, or new and not ignored), one a line: what a
+# build copies from the work tree, without its build products.
+tree_files() { # PATH...
+    git -C "$here" ls-files --cached --others --exclude-standard -- "$@" | sort -u \
+        | while read -r file; do
+            if [[ -f $here/$file ]]; then echo "$file"; fi
+        done
+}
+
+# The names and contents of those files.
 tree_digest() { # PATH...
-    git -C "$here" ls-files -z --cached --others --exclude-standard -- "$@" | sort -zu \
-        | while IFS= read -r -d '' file; do
-            if [[ -f $here/$file ]]; then (cd "$here" && sha256sum -- "$file"); fi
-        done | digest
+    local files
+    files=$(tree_files "$@")
+    [[ -z $files ]] || (cd "$here" && xargs -d '\n' sha256sum --) <<<"$files" | digest
 }
 
 # RUN steps reach PyPI with the host's trust store (which may hold the CA of a proxy the
@@ -179,7 +187,7 @@ build_python_base() { # REFERENCE
 # The Dockerfile's context is what .dockerignore lets in (its "!" lines).
 plugin_inputs() {
     local context
-    mapfile -t context < <(sed -n 's/^!//p' "$here/.dockerignore")
+    mapfile -t context <<<"$(sed -n 's/^!//p' "$here/.dockerignore")"
     {
         cat "$here/Dockerfile" "$here/.dockerignore"
         tree_digest "${context[@]}"
@@ -192,20 +200,26 @@ build_plugin() { # REFERENCE
     bud --build-arg "PYTHON_IMAGE=$PYTHON_BASE" -f "$here/Dockerfile" -t "$1" "$here"
 }
 
+# The stand-ins' programs and the APIs they speak.
+STANDIN_SIDECAR_SOURCES=(tools/cluster/sidecars proto/csi.proto)
+
 standin_sidecars_inputs() {
-    { tree_digest tools/cluster/sidecars && echo "$plugin_digest"; } | digest
+    { tree_digest "${STANDIN_SIDECAR_SOURCES[@]}" && echo "$python_base_digest"; } | digest
 }
 
 # The stand-ins' common image (built once for both), then REFERENCE from it with PROGRAM
 # (the path of the real image's binary) as its entrypoint and the release it stands in
 # for as its version.
 build_standin_sidecar() { # PROGRAM VERSION REFERENCE
-    local common container
+    local common container context
     common=localhost/csi-sidecar-standins:${standin_digest:0:12}
     if ! buildah_ inspect --type image "$common" >/dev/null 2>&1; then
-        in_store "$plugin_reference"
-        bud --build-arg "PLUGIN_IMAGE=$plugin_reference" -t "$common" \
-            -f "$here/tools/cluster/sidecars/Containerfile" "$here/tools/cluster/sidecars"
+        in_store "$PYTHON_BASE"
+        context=$(mktemp -d -p "$store" context.XXXXXX)
+        (cd "$here" && xargs -d '\n' cp -t "$context" --) <<<"$(tree_files "${STANDIN_SIDECAR_SOURCES[@]}")"
+        bud --build-arg "PYTHON_IMAGE=$PYTHON_BASE" -t "$common" \
+            -f "$context/Containerfile" "$context" || { rm -rf "$context"; return 1; }
+        rm -rf "$context"
         drop_older "${common%:*}" "${common##*:}"
     fi
     container=$(buildah_ from --pull=never "$common")
@@ -289,13 +303,20 @@ needed() { # NAME...
 }
 
 mkdir -p "$images" "$logs" "$store"
-if ((build)); then
+locked=0
+lock() {
+    ((locked)) && return
     exec 9>"$images/.lock"
     flock 9
-fi
+    locked=1
+}
 plugin_tag=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$here/charts/zerofs-csi/Chart.yaml")
 [[ -n $plugin_tag ]] || fail "no appVersion in charts/zerofs-csi/Chart.yaml"
-plugin_reference=$PLUGIN_REPOSITORY:$plugin_tag
+
+# Whether ARCHIVE was made from INPUTS.
+current() { # ARCHIVE INPUTS
+    [[ -f $1 && $(cat "$1.inputs" 2>/dev/null) == "$2" ]]
+}
 
 lines=()
 # Makes NAME's archive current (with --built: checks that it is) and records its line.
@@ -305,11 +326,15 @@ lines=()
 image() { # NAME REPOSITORY TAG INPUTS BUILD...
     local name=$1 repository=$2 tag=$3 inputs=$4
     shift 4
-    local archive log=$logs/image-$name.log started=$SECONDS
+    local archive log=$logs/image-$name.log started
     archive=$(archive_of "$repository" "$tag")
-    if [[ ! -f $archive || $(cat "$archive.inputs" 2>/dev/null) != "$inputs" ]]; then
+    if ! current "$archive" "$inputs"; then
         ((build)) || fail "the $name image is not built, or older than its sources ($archive): run make cluster-images"
+        lock
+    fi
+    if ! current "$archive" "$inputs"; then
         echo "images.sh: building the $name image ($repository:$tag)" >&2
+        started=$SECONDS
         if [[ $1 == - ]]; then
             "${@:2}" "$archive" >"$log" 2>&1 || fail "building the $name image failed; its log: $log"
         else
@@ -362,9 +387,8 @@ if needed python zerofs-csi zerofs-standin "${STANDIN_SIDECARS[@]}"; then
     python_base_digest=$(python_base_inputs)
     image python "${PYTHON_BASE%:*}" "${PYTHON_BASE##*:}" "$python_base_digest" build_python_base
 fi
-if needed zerofs-csi "${STANDIN_SIDECARS[@]}"; then
-    plugin_digest=$(plugin_inputs)
-    image zerofs-csi "$PLUGIN_REPOSITORY" "$plugin_tag" "$plugin_digest" build_plugin
+if shown zerofs-csi; then
+    image zerofs-csi "$PLUGIN_REPOSITORY" "$plugin_tag" "$(plugin_inputs)" build_plugin
 fi
 if needed "${STANDIN_SIDECARS[@]}"; then
     standin_digest=$(standin_sidecars_inputs)

@@ -5,6 +5,9 @@ node-driver-registrar v2.17.0 or livenessprobe v2.20.0 (their v2 tags are not ve
 of their module paths, which lack ``/v2``), so the cluster runs these stand-ins under
 the names and tags the chart pins. They take the same flags the chart passes (Go flag
 syntax: ``--name=value``; durations as Go writes them, ``10s``) and answer the same way.
+The gRPC modules they import (``csi_pb2``, ``pluginregistration_pb2``) are generated
+next to them by generate_stubs.py, from the project's proto/csi.proto and
+pluginregistration.proto.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import csi_pb2
+import csi_pb2_grpc
 import grpc
-
-from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 
 # Set in the image by tools/cluster/images.sh: the release of the sidecar stood in for.
 VERSION = os.environ.get("CSI_SIDECAR_STANDIN_VERSION", "unknown")

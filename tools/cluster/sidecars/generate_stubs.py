@@ -1,9 +1,9 @@
-"""Generates the Python modules of pluginregistration.proto into a directory:
-``pluginregistration_pb2.py`` and ``pluginregistration_pb2_grpc.py``, which import each
-other as top-level modules, so that directory goes on ``sys.path`` (the sidecar
-stand-ins' own directory in their image). Needs grpcio-tools.
+"""Generates the Python modules of .proto files into a directory, as top-level modules
+that import each other by name (``csi.proto`` gives ``csi_pb2.py`` and
+``csi_pb2_grpc.py``), so that directory goes on ``sys.path``: the sidecar stand-ins' own
+directory in their image. Needs grpcio-tools.
 
-    python generate_stubs.py DEST
+    python generate_stubs.py DEST PROTO...
 """
 
 from __future__ import annotations
@@ -12,30 +12,28 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-PROTO = Path(__file__).resolve().with_name("pluginregistration.proto")
-GENERATED = ("pluginregistration_pb2.py", "pluginregistration_pb2_grpc.py")
 
-
-def generate(dest: Path) -> None:
+def generate(dest: Path, protos: list[Path]) -> None:
     from grpc_tools import protoc
 
     dest.mkdir(parents=True, exist_ok=True)
-    status = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"-I{PROTO.parent}",
-            f"-I{resources.files('grpc_tools') / '_proto'}",
-            f"--python_out={dest}",
-            f"--grpc_python_out={dest}",
-            PROTO.name,
-        ]
-    )
-    missing = [name for name in GENERATED if not (dest / name).is_file()]
-    if status != 0 or missing:
-        raise SystemExit(f"protoc failed on {PROTO} (status {status}, missing {missing})")
+    for proto in protos:
+        status = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{proto.parent}",
+                f"-I{resources.files('grpc_tools') / '_proto'}",
+                f"--python_out={dest}",
+                f"--grpc_python_out={dest}",
+                proto.name,
+            ]
+        )
+        made = [dest / f"{proto.stem}_pb2.py", dest / f"{proto.stem}_pb2_grpc.py"]
+        if status != 0 or not all(path.is_file() for path in made):
+            raise SystemExit(f"protoc failed on {proto} (status {status})")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit(f"usage: {sys.argv[0]} DEST")
-    generate(Path(sys.argv[1]))
+    if len(sys.argv) < 3:
+        raise SystemExit(f"usage: {sys.argv[0]} DEST PROTO...")
+    generate(Path(sys.argv[1]), [Path(name).resolve() for name in sys.argv[2:]])

@@ -15,10 +15,10 @@ from __future__ import annotations
 import signal
 import threading
 
+import csi_pb2
+import csi_pb2_grpc
 import grpc
 from csi_sidecar import driver_name, go_duration, grpc_target, log, parser, serve_health
-
-from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 
 PROGRAM = "livenessprobe"
 # As long as the connection back-off of a crashing driver: not a crash loop of our own.
