@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tools" / "zerofs-standin"
+
+
+def load_standin() -> ModuleType:
+    """tools/zerofs_standin.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "zerofs_standin", REPO / "tools" / "zerofs_standin.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is built.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 # NBD protocol (NBD's doc/proto.md): the newstyle greeting, client flags and options.
 NBD_MAGIC = b"NBDMAGIC"
