@@ -19,7 +19,8 @@ all: build
 bootstrap:
 	@tools/bootstrap.sh
 
-# Rebuilds the Cython extension in place after src/zerofs_csi/nbd/_nbd.pyx or its .pxd changed.
+# Rebuilds the Cython extension in place after src/zerofs_csi/nbd/_nbd.pyx, its .pxi parts or its
+# .pxd changed.
 build: bootstrap
 	@$(PY) setup.py -q build_ext --inplace
 
@@ -118,7 +119,8 @@ demo: build
 
 bench: build
 	@mkdir -p build
-	$(VM) --timeout 3600 -- $(PY) -m zerofs_csi.bench --output build/bench.json --chart build/bench.png
+	$(VM) --timeout 3600 -- $(PY) -m zerofs_csi.bench --output build/bench.json --chart build/bench.png \
+		--zerofs-command tools/zerofs-standin
 
 # Stage/publish/write/verify/unpublish/unstage cycles; CHAOS=1 adds seeded faults (SEED= replays).
 nbd-regression: build

@@ -30,17 +30,15 @@ from zerofs_csi.config import Backend, Role
 from zerofs_csi.kube import rbac
 from zerofs_csi.kube.controller_rbac import CONTROLLER_PLUGIN_RULES
 from zerofs_csi.servers.pods import objects
-from zerofs_csi.volume.settings import (
-    PARAMETER_KEYS,
-    RESERVED_PREFIXES,
+from zerofs_csi.volume.secrets import (
     SECRET_ACCESS_KEY_ID,
     SECRET_CONDITIONAL_PUT_URL,
     SECRET_ENCRYPTION_PASSWORD,
     SECRET_SECRET_ACCESS_KEY,
     SECRET_SESSION_TOKEN,
     VolumeSecrets,
-    parse_volume_settings,
 )
+from zerofs_csi.volume.settings import PARAMETER_KEYS, RESERVED_PREFIXES, parse_volume_settings
 
 NODE = "node-a"
 CSI_SECRET_KEYS = {

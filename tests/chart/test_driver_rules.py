@@ -24,7 +24,9 @@ from zerofs_csi.config import socket_root_of
 from zerofs_csi.host import mount_options
 from zerofs_csi.servers.base import ServerSockets
 from zerofs_csi.volume.id import MAX_VOLUME_ID_LENGTH
-from zerofs_csi.volume.settings import BUCKET, ENDPOINT, KEY_SEGMENT, REGION, parse_volume_settings
+from zerofs_csi.volume.settings import parse_volume_settings
+from zerofs_csi.volume.storage_url import BUCKET, KEY_SEGMENT
+from zerofs_csi.volume.values import ENDPOINT, REGION
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 HELPERS = (CHART / "templates" / "_helpers.tpl").read_text()

@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,7 @@ import urllib3
 from kubernetes import client
 
 from kube.fake_apiserver import FakeApiServer
+from zerofs_csi.bench.plugin import free_tcp_port
 
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 NODE = "node-a"
@@ -85,12 +85,6 @@ class Cluster:
         return dict(json.loads(created.data))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _create_namespace(api: client.ApiClient, name: str) -> None:
     client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
 
@@ -143,7 +137,7 @@ def start_real_apiserver(assets: Path) -> RealApiServer:
     processes: list[subprocess.Popen[bytes]] = []
     server = None
     try:
-        etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
+        etcd_port, peer_port, api_port = free_tcp_port(), free_tcp_port(), free_tcp_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         processes.append(
             subprocess.Popen(

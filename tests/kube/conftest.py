@@ -29,7 +29,8 @@ from kube.kubelet import KubeletStandIn, ListeningSockets, Runtime
 from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.servers.pods.backend import KubernetesBackend
 from zerofs_csi.servers.pods.owner import DaemonSetOwner, resolve_daemonset_owner
-from zerofs_csi.volume.settings import VolumeSecrets, VolumeSettings, parse_volume_settings
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import VolumeSettings, parse_volume_settings
 
 BACKEND_USER_AGENT = "zerofs-csi-node/test"
 

@@ -21,9 +21,10 @@ from zerofs_csi import errors
 from zerofs_csi.kube.api import call_json
 from zerofs_csi.observability.logs import JsonFormatter
 from zerofs_csi.servers.pods import objects
-from zerofs_csi.servers.pods.backend import KubernetesBackend, pod_is_ready
+from zerofs_csi.servers.pods.backend import KubernetesBackend
 from zerofs_csi.servers.pods.owner import resolve_daemonset_owner
-from zerofs_csi.volume.settings import VolumeSecrets
+from zerofs_csi.servers.pods.status import pod_is_ready
+from zerofs_csi.volume.secrets import VolumeSecrets
 
 MakeBackend = Callable[..., KubernetesBackend]
 StartKubelet = Callable[..., KubeletStandIn]

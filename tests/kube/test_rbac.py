@@ -23,7 +23,7 @@ from zerofs_csi.kube import rbac
 from zerofs_csi.kube.api import call_json
 from zerofs_csi.servers.pods.backend import KubernetesBackend
 from zerofs_csi.servers.pods.owner import resolve_daemonset_owner
-from zerofs_csi.volume.settings import VolumeSecrets
+from zerofs_csi.volume.secrets import VolumeSecrets
 
 # Granted for an admission plugin, never called (see rbac.py).
 NOT_CALLED = {("update", "apps", "daemonsets/finalizers")}

@@ -50,9 +50,11 @@ from zerofs_csi.kube.api import call_json
 from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.servers.ninep import prepare_export
 from zerofs_csi.servers.pods import objects
-from zerofs_csi.servers.pods.backend import KubernetesBackend, pod_is_ready
+from zerofs_csi.servers.pods.backend import KubernetesBackend
 from zerofs_csi.servers.pods.owner import resolve_daemonset_owner
-from zerofs_csi.volume.settings import VolumeSecrets, parse_volume_settings
+from zerofs_csi.servers.pods.status import pod_is_ready
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import parse_volume_settings
 
 pytestmark = pytest.mark.privileged
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import STANDIN, MiB, PluginProcess, create_volume, processes_mentioning, wait_for
+from conftest import STANDIN, MiB, PluginProcess, create_volume, processes_mentioning, wait_until
 
 from zerofs_csi.servers.local import ProcessBackend
 
@@ -52,14 +52,14 @@ class Writer(threading.Thread):
 
 def test_keeper_reconnects_while_the_plugin_is_dead(own_plugin: PluginProcess) -> None:
     keeper = f"zerofs_csi.link_keeper --state-dir {own_plugin.state_dir} "
-    wait_for(lambda: processes_mentioning(keeper), 60, "the plugin to start the link keeper")
+    wait_until(lambda: processes_mentioning(keeper), 60, "the plugin to start the link keeper")
     volume = create_volume(own_plugin, own_plugin.workdir, fs_type="ext4", size=128 * MiB)
     volume.stage()
     target = own_plugin.workdir / "pods" / volume.volume_id
     volume.publish(str(target))
     writer = Writer(target / "data")
     writer.start()
-    wait_for(lambda: writer.written >= 4 or writer.error, 120, "writes")
+    wait_until(lambda: writer.written >= 4 or writer.error, 120, "writes")
 
     own_plugin.kill9()
     server = [pid for pid, argv in volume.server_processes() if "zerofs" in argv]
@@ -71,7 +71,7 @@ def test_keeper_reconnects_while_the_plugin_is_dead(own_plugin: PluginProcess) -
     try:
         killed_at = time.monotonic()
         before = writer.written
-        wait_for(
+        wait_until(
             lambda: writer.written > before + 4 or writer.error,
             RESUME_TIMEOUT_S,
             "the writer to carry on with the plugin dead",

@@ -6,7 +6,6 @@ python3 tests/vm/runner.py --timeout 900 -- .venv/bin/pytest -m privileged -x -q
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from zerofs_csi.bench.plugin import free_tcp_port
 from zerofs_csi.csi import csi_pb2
 
 pytestmark = pytest.mark.privileged
@@ -30,17 +30,11 @@ pytestmark = pytest.mark.privileged
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def metrics_plugin(tmp_path: Path) -> Iterator[PluginProcess]:
     process = PluginProcess(
         tmp_path,
-        metrics_address=f"127.0.0.1:{free_port()}",
+        metrics_address=f"127.0.0.1:{free_tcp_port()}",
         extra_args=("--max-volumes-per-node", "7"),
     )
     process.start()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MiB, Volume, VolumeFactory, wait_for
+from conftest import MiB, Volume, VolumeFactory, wait_until
 
 from zerofs_csi.servers.local import nbd_server_answers
 
@@ -77,7 +77,7 @@ def test_server_restart_under_fsyncing_writer(volumes: VolumeFactory) -> None:
 
     writer = FsyncingWriter(target / "data", TOTAL_MIB)
     writer.start()
-    wait_for(lambda: writer.synced >= KILL_AFTER_MIB or not writer.is_alive(), 120, "writes")
+    wait_until(lambda: writer.synced >= KILL_AFTER_MIB or not writer.is_alive(), 120, "writes")
     assert writer.error is None, writer.error
     # ZeroFS is one process: a kill -9 drops its connections with no reply. The stand-in
     # is a group (its nbdkit and diod run in its session), so the whole group dies at once.
@@ -88,16 +88,16 @@ def test_server_restart_under_fsyncing_writer(volumes: VolumeFactory) -> None:
     killed_at = time.monotonic()
     killed_after = writer.synced
     # While the link is down the volume reports an abnormal condition.
-    wait_for(
+    wait_until(
         lambda: volume.stats(str(target)).volume_condition.abnormal, 60, "an abnormal condition"
     )
-    second_pid = wait_for(
+    second_pid = wait_until(
         lambda: (pid := server_pid(volume)) not in (None, first_pid) and pid, 60, "a restart"
     )
     # Restarted means answering NBD: the stand-in starts diod first, which can take
     # seconds under load.
     nbd_socket = volume.plugin.state_dir / "sockets" / volume.volume_id / "nbd.sock"
-    wait_for(lambda: nbd_server_answers(nbd_socket, 1.0), 120, "the new server to answer")
+    wait_until(lambda: nbd_server_answers(nbd_socket, 1.0), 120, "the new server to answer")
     restarted_in = time.monotonic() - killed_at
 
     writer.join(WRITER_TIMEOUT_S)

@@ -28,7 +28,7 @@ from conftest import (
     filesystem_uuid,
     mounts_under,
     settled_nbd_devices,
-    wait_for,
+    wait_until,
 )
 
 from zerofs_csi.nbd import attach as nbd
@@ -56,7 +56,7 @@ def test_plugin_killed_while_staging(own_plugin: PluginProcess) -> None:
     for name, reached in kill_points(plugin).items():
         volume = create_volume(plugin, plugin.workdir, fs_type="ext4", size=SIZE)
         call = plugin.node.NodeStageVolume.future(volume.stage_request(), timeout=RPC_TIMEOUT_S)
-        wait_for(lambda: reached(volume) or call.done(), RPC_TIMEOUT_S, name, 0.002)  # noqa: B023
+        wait_until(lambda: reached(volume) or call.done(), RPC_TIMEOUT_S, name, 0.002)  # noqa: B023
         finished = call.done()
         plugin.kill9()
         assert not finished or call.exception() is None, (name, call.exception())
@@ -142,7 +142,7 @@ def test_plugin_and_server_killed_together(own_plugin: PluginProcess) -> None:
 
     plugin.kill9()
     os.killpg(servers[0], signal.SIGKILL)
-    wait_for(lambda: not volume.server_processes(), 30, "the server to die")
+    wait_until(lambda: not volume.server_processes(), 30, "the server to die")
     log_start = len(plugin.log_path.read_bytes())
     plugin.start()
 
@@ -190,14 +190,14 @@ def test_recovery_detaches_only_our_orphans(own_plugin: PluginProcess, tmp_path:
     foreign_id, orphan_id = "someone-else:disk", "zerofs-csi:pvc-ghost"
     attached: list[tuple[int, str]] = []
     try:
-        wait_for(lambda: os.path.exists(sock), 30, "nbdkit")
+        wait_until(lambda: os.path.exists(sock), 30, "nbdkit")
         foreign = attacher.attach(sock, "", foreign_id, connections=1)
         attached.append((foreign.index, foreign_id))
         orphan = attacher.attach(sock, "", orphan_id, connections=1)
         attached.append((orphan.index, orphan_id))
         own_plugin.kill9()
         own_plugin.start()
-        wait_for(lambda: orphan.index not in connected_nbd_devices(), 15, "the orphan to go")
+        wait_until(lambda: orphan.index not in connected_nbd_devices(), 15, "the orphan to go")
         assert foreign.index in connected_nbd_devices()
         backend = Path(f"/sys/block/nbd{foreign.index}/backend").read_text().strip()
         assert backend == foreign_id

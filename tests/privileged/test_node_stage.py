@@ -30,7 +30,7 @@ from conftest import (
     mount_capability,
     mounts_under,
     settled_nbd_devices,
-    wait_for,
+    wait_until,
 )
 
 from zerofs_csi.csi import csi_pb2
@@ -417,7 +417,7 @@ def test_info_and_capabilities(plugin: PluginProcess) -> None:
 def test_concurrent_operations_on_one_volume_are_aborted(volumes: VolumeFactory) -> None:
     volume = volumes(block=True, size=64 * MiB)
     first = volume.node.NodeStageVolume.future(volume.stage_request(), timeout=300)
-    wait_for(
+    wait_until(
         lambda: Path(volume.staging).exists() or first.done(),  # made under the volume's lock
         120,
         "the first stage to start",

@@ -80,7 +80,7 @@ def refusing_plugin(tmp_path: Path) -> Iterator[PluginProcess]:
     server = tmp_path / "refusing-nbd-server"
     server.write_text(SERVER.format(python=sys.executable, message=MESSAGE))
     server.chmod(0o755)
-    process = PluginProcess(tmp_path, extra_args=("--zerofs-command", str(server)))
+    process = PluginProcess(tmp_path, zerofs_command=str(server))
     process.start()
     yield process
     stop_plugin(process)

@@ -14,10 +14,12 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from zerofs_csi.bench.plugin import wait_until
 
 pytestmark = pytest.mark.privileged
 
@@ -34,14 +36,6 @@ def run(*argv: str) -> str:
             f"{completed.stderr.strip() or completed.stdout.strip()}"
         )
     return completed.stdout
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def nbd_index(sys_block: Path) -> int:
@@ -77,7 +71,9 @@ def nbdkit_socket(tmp_path: Path) -> Iterator[Path]:
         ]
     )
     try:
-        wait_for(lambda: socket_path.exists() or server.poll() is not None, "nbdkit's socket")
+        wait_until(
+            lambda: socket_path.exists() or server.poll() is not None, 30.0, "nbdkit's socket"
+        )
         assert server.poll() is None, f"nbdkit exited with status {server.returncode}"
         yield socket_path
     finally:
@@ -151,7 +147,7 @@ def test_nbdkit_export_attach_format_mount_detach(
 
     started = time.monotonic()
     run("nbd-client", "-d", device)
-    wait_for(lambda: not (nbd_slot / "pid").exists(), f"{device}'s pid file to go", timeout=10)
+    wait_until(lambda: not (nbd_slot / "pid").exists(), 10, f"{device}'s pid file to go")
     detach_seconds = time.monotonic() - started
     assert int((nbd_slot / "size").read_text()) == 0
     with capsys.disabled():

@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -27,6 +26,8 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from zerofs_csi.bench.plugin import free_tcp_port
 
 DEBIAN_PACKAGES = ("ceph-mon", "ceph-osd", "radosgw")
 BINARIES = ("ceph", "ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool")
@@ -58,12 +59,6 @@ def ensure_installed() -> None:
         raise RadosGatewayUnavailable(f"installed {DEBIAN_PACKAGES} but {missing} still missing")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class RadosGateway:
     """The cluster's lifecycle and the S3 endpoint and credentials it serves."""
 
@@ -72,8 +67,8 @@ class RadosGateway:
     def __init__(self, workdir: Path, *, start_timeout: float = 90.0) -> None:
         self.workdir = workdir
         self.start_timeout = start_timeout
-        self.mon_port = free_port()
-        self.rgw_port = free_port()
+        self.mon_port = free_tcp_port()
+        self.rgw_port = free_tcp_port()
         self.endpoint = f"http://127.0.0.1:{self.rgw_port}"
         self.access_key = "ZEROFSCSI" + secrets.token_hex(6).upper()
         self.secret_key = secrets.token_urlsafe(30)

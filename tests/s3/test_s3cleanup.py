@@ -10,9 +10,10 @@ from typing import Any
 import botocore.awsrequest
 import grpc
 import pytest
-from radosgw import RadosGateway, free_port
+from radosgw import RadosGateway
 
 from zerofs_csi import errors
+from zerofs_csi.bench.plugin import free_tcp_port
 from zerofs_csi.controller.s3cleanup import (
     DELETE_BATCH_MAX,
     RetryPolicy,
@@ -20,7 +21,9 @@ from zerofs_csi.controller.s3cleanup import (
     delete_volume_data,
     make_s3_client,
 )
-from zerofs_csi.volume.settings import StorageUrl, VolumeSecrets, VolumeSettings
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import VolumeSettings
+from zerofs_csi.volume.storage_url import StorageUrl
 
 VOLUME = "pvc-1"
 # Fast retries so that the tests of retry exhaustion stay short.
@@ -429,7 +432,7 @@ def test_objects_written_during_deletion_keep_delete_failing(
 
 @pytest.mark.s3
 def test_unreachable_endpoint_is_unavailable(radosgw: RadosGateway) -> None:
-    closed = f"http://127.0.0.1:{free_port()}"
+    closed = f"http://127.0.0.1:{free_tcp_port()}"
     settings = dataclasses.replace(settings_for(radosgw, "any-bucket"), s3_endpoint=closed)
     sleeps: list[float] = []
     with pytest.raises(errors.Unavailable, match="EndpointConnectionError"):

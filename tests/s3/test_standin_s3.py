@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from radosgw import RadosGateway, free_port
+from radosgw import RadosGateway
 from standin.servers import (
     NBD_REP_ERR_UNKNOWN,
     STANDIN,
@@ -33,10 +33,13 @@ from standin.servers import (
     session_members,
 )
 
+from zerofs_csi.bench.plugin import free_tcp_port as free_port
 from zerofs_csi.controller.s3cleanup import delete_volume_data
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.zerofs_config import render_zerofs_config
-from zerofs_csi.volume.settings import StorageUrl, VolumeSecrets, VolumeSettings
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import VolumeSettings
+from zerofs_csi.volume.storage_url import StorageUrl
 
 pytestmark = pytest.mark.s3
 

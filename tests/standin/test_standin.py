@@ -32,7 +32,9 @@ from standin.servers import (
 )
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.zerofs_config import ENV_ENCRYPTION_PASSWORD, render_zerofs_config
-from zerofs_csi.volume.settings import StorageUrl, VolumeSecrets, VolumeSettings
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import VolumeSettings
+from zerofs_csi.volume.storage_url import StorageUrl
 
 
 def load_standin() -> ModuleType:

@@ -26,7 +26,8 @@ from zerofs_csi.observability.sanitize import REDACTOR
 from zerofs_csi.rpc.interceptor import CsiInterceptor
 from zerofs_csi.volume.context import build_volume_context, parse_volume_context
 from zerofs_csi.volume.id import validate_volume_id, volume_id_for_name
-from zerofs_csi.volume.settings import VolumeSecrets, VolumeSettings, parse_volume_settings
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import VolumeSettings, parse_volume_settings
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 GiB = 1 << 30

@@ -10,6 +10,7 @@ import time
 
 from prometheus_client import CollectorRegistry
 
+from zerofs_csi.bench.plugin import wait_until
 from zerofs_csi.node.link_monitor import LinkMonitor
 from zerofs_csi.node.stage_record import StageRecord
 from zerofs_csi.observability.metrics import Metrics
@@ -67,13 +68,6 @@ class ScriptedAttacher:
             assert self.gate.wait(10)
 
 
-def wait_for(condition: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-
-
 def test_link_dead_during_a_reconnect_gets_a_reconnect_of_its_own() -> None:
     listener = ScriptedListener()
     attacher = ScriptedAttacher(listener)
@@ -87,7 +81,11 @@ def test_link_dead_during_a_reconnect_gets_a_reconnect_of_its_own() -> None:
         listener.push(RECORD.device_index, RECORD.backend_id)
         time.sleep(0.2)
         attacher.gate.set()
-        wait_for(lambda: attacher.calls == 2 and not monitor.is_dead(RECORD.volume_id))
+        wait_until(
+            lambda: attacher.calls == 2 and not monitor.is_dead(RECORD.volume_id),
+            10.0,
+            "the second reconnect",
+        )
         time.sleep(0.2)
         assert attacher.calls == 2
     finally:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from standin.servers import recv_exact
 
+from zerofs_csi.bench.plugin import wait_until
 from zerofs_csi.nbd import _nbd
 
 NBDMAGIC = 0x4E42444D41474943
@@ -236,3 +237,48 @@ def test_an_oversized_export_list_entry_is_a_protocol_error(
 def test_the_deadline_must_be_finite_and_positive(timeout_s: float, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="timeout"):
         _nbd.negotiate(str(tmp_path / "none.sock"), "vol", 1, timeout_s)
+
+
+def greeting_then_abort_seen(seen: list[tuple[int, int]]) -> Script:
+    """Greets, then records the client's flags and option, as a probe must end it."""
+
+    def script(conn: socket.socket) -> None:
+        greeting(conn)
+        (flags,) = struct.unpack(">I", recv_exact(conn, 4))
+        seen.append((flags, read_option(conn)))
+
+    return script
+
+
+def not_nbd(conn: socket.socket) -> None:
+    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+    conn.recv(1)
+
+
+def greeting_stalled(conn: socket.socket) -> None:
+    conn.sendall(struct.pack(">Q", NBDMAGIC))
+    for _ in until_limit():
+        time.sleep(0.2)
+
+
+def test_greet_reads_the_greeting_and_ends_with_abort(serve: Callable[[Script], str]) -> None:
+    seen: list[tuple[int, int]] = []
+    path = serve(greeting_then_abort_seen(seen))
+    assert _nbd.greet(path, TIMEOUT_S) == FLAGS
+    wait_until(lambda: seen, TIMEOUT_S, "the probe's option")
+    assert seen == [(FLAGS, 2)]  # NBD_OPT_ABORT
+
+
+@pytest.mark.parametrize(
+    ("script", "code"), [(not_nbd, errno.EPROTO), (greeting_stalled, errno.ETIMEDOUT)]
+)
+def test_greet_refuses_what_is_not_a_timely_nbd_server(
+    serve: Callable[[Script], str], script: Script, code: int
+) -> None:
+    error = _fails_within(lambda: _nbd.greet(serve(script), TIMEOUT_S), WITHIN_S)
+    assert error.errno == code
+
+
+def test_greet_of_a_missing_socket_is_an_oserror(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        _nbd.greet(str(tmp_path / "nothing.sock"), TIMEOUT_S)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from zerofs_csi.bench.plugin import accepts, wait_until
 from zerofs_csi.nbd import _nbd
 from zerofs_csi.nbd import attach as nbd
 
@@ -273,17 +274,9 @@ needs_socat = pytest.mark.skipif(shutil.which("socat") is None, reason="socat no
 
 def wait_for_path(path: str, proc: subprocess.Popen[bytes]) -> None:
     """Wait until the server accepts connections (the path appears before listen())."""
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(path)
-                return
-            except OSError:
-                pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"server did not start (exit {proc.poll()})")
-        time.sleep(0.01)
+    wait_until(lambda: accepts(Path(path)) or proc.poll() is not None, 10, f"a server on {path}")
+    if proc.poll() is not None:
+        raise RuntimeError(f"server did not start (exit {proc.poll()})")
 
 
 class Nbdkit:

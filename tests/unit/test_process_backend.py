@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,11 +31,14 @@ from standin.servers import (
 )
 
 from zerofs_csi import errors
+from zerofs_csi.bench.plugin import wait_until
 from zerofs_csi.observability.sanitize import MASK
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.local import ProcessBackend, nbd_server_answers
 from zerofs_csi.servers.zerofs_config import ENV_ENCRYPTION_PASSWORD
-from zerofs_csi.volume.settings import StorageUrl, VolumeSecrets, VolumeSettings
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import VolumeSettings
+from zerofs_csi.volume.storage_url import StorageUrl
 
 PASSWORD = "pw-Zq8-never-shown"
 VOLUME = "pvc-test-1"
@@ -71,14 +74,6 @@ def processes_mentioning(text: str) -> list[int]:
             except (FileNotFoundError, ProcessLookupError):
                 continue
     return found
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 15.0, what: str = "it") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.05)
 
 
 @pytest.fixture(params=sorted(COMMANDS))
@@ -181,12 +176,12 @@ def test_killed_server_is_restarted_by_the_supervisor(
 
     os.kill(old_pid, signal.SIGKILL)
 
-    wait_until(lambda: backend.pid(VOLUME) not in (None, old_pid), what="restart")
-    wait_until(lambda: sockets.nbd.exists(), what="NBD socket")
-    wait_until(lambda: nbd_list_exports(sockets.nbd)[1] == [VOLUME], what="NBD answer")
+    wait_until(lambda: backend.pid(VOLUME) not in (None, old_pid), 15.0, "restart")
+    wait_until(lambda: sockets.nbd.exists(), 15.0, "NBD socket")
+    wait_until(lambda: nbd_list_exports(sockets.nbd)[1] == [VOLUME], 15.0, "NBD answer")
     assert backend.restarts(VOLUME) == 1
     # The killed server's own children went with it.
-    wait_until(lambda: not any(alive(pid) for pid in members), what="children gone")
+    wait_until(lambda: not any(alive(pid) for pid in members), 15.0, "children gone")
 
 
 def test_restart_delays_grow_and_stay_bounded(
@@ -202,7 +197,7 @@ def test_restart_delays_grow_and_stay_bounded(
             pid = backend.pid(VOLUME)
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
-            wait_until(lambda r=restarts: backend.restarts(VOLUME) == r, what="restart")
+            wait_until(lambda r=restarts: backend.restarts(VOLUME) == r, 15.0, "restart")
         delays = [r.restart_in for r in caplog.records if hasattr(r, "restart_in")]
         assert delays == [0.2, 0.4, 0.5]
     finally:
@@ -215,7 +210,9 @@ PLUGIN = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from zerofs_csi.servers.local import ProcessBackend
-    from zerofs_csi.volume.settings import StorageUrl, VolumeSecrets, VolumeSettings
+    from zerofs_csi.volume.secrets import VolumeSecrets
+    from zerofs_csi.volume.settings import VolumeSettings
+    from zerofs_csi.volume.storage_url import StorageUrl
 
     state, data, command, volume = sys.argv[1:5]
     backend = ProcessBackend(Path(state), command=[command])
@@ -280,15 +277,15 @@ def test_server_that_died_while_no_plugin_ran_is_restarted(
 ) -> None:
     server_pid = run_plugin_and_kill_it(state_dir, tmp_path, command)
     os.kill(server_pid, signal.SIGKILL)
-    wait_until(lambda: not alive(server_pid), what="server dead")
+    wait_until(lambda: not alive(server_pid), 15.0, "server dead")
 
     backend = ProcessBackend(state_dir, command=command, supervise_interval=0.05)
     try:
         assert backend.running() == [VOLUME]
-        wait_until(lambda: backend.pid(VOLUME) not in (None, server_pid), what="restart")
+        wait_until(lambda: backend.pid(VOLUME) not in (None, server_pid), 15.0, "restart")
         sockets = backend.sockets(VOLUME)
-        wait_until(lambda: sockets.nbd.exists(), what="NBD socket")
-        wait_until(lambda: nbd_list_exports(sockets.nbd)[0] & 1, what="NBD answer")
+        wait_until(lambda: sockets.nbd.exists(), 15.0, "NBD socket")
+        wait_until(lambda: nbd_list_exports(sockets.nbd)[0] & 1, 15.0, "NBD answer")
         assert backend.restarts(VOLUME) == 1
     finally:
         backend.stop(VOLUME)
@@ -465,7 +462,7 @@ def test_log_file_records_each_start_and_rotates(
     text = log_path.read_text()
     assert f"zerofs-csi: starting {command[0]} run -c {log_path.parent}/config.toml" in text
     if command == [str(STANDIN)]:
-        wait_until(lambda: "zerofs-standin: serving" in log_path.read_text(), what="log line")
+        wait_until(lambda: "zerofs-standin: serving" in log_path.read_text(), 15.0, "log line")
 
 
 def test_missing_command_is_a_failed_precondition(state_dir: Path, tmp_path: Path) -> None:
@@ -508,10 +505,10 @@ def test_a_stopped_server_is_restarted_as_hung_and_a_slow_one_is_not(
         assert backend.pid(VOLUME) == pid and backend.restarts(VOLUME) == 0
         # Stopped for good: declared hung, killed (stopped as it is) and restarted.
         os.killpg(pid, signal.SIGSTOP)
-        wait_until(lambda: backend.pid(VOLUME) not in (None, pid), 30, what="restart")
+        wait_until(lambda: backend.pid(VOLUME) not in (None, pid), 30, "restart")
         assert backend.restarts(VOLUME) == 1
         assert not alive(pid)
-        wait_until(lambda: nbd_server_answers(sockets.nbd, 1.0), what="NBD answer")
+        wait_until(lambda: nbd_server_answers(sockets.nbd, 1.0), 15.0, "NBD answer")
     finally:
         backend.stop(VOLUME)
         backend.close()

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from zerofs_csi import __version__
+from zerofs_csi.bench.plugin import wait_until
 from zerofs_csi.cli import parse_config
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.errors import InvalidArgument
@@ -297,13 +298,6 @@ def test_in_flight_call_finishes_during_graceful_stop(tmp_path: Path) -> None:
         assert future.result(timeout=10).name == "slow"
 
 
-def _wait_for(path: Path, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 def test_sigterm_stops_and_removes_socket(tmp_path: Path) -> None:
     sock = tmp_path / "csi.sock"
     proc = subprocess.Popen(
@@ -326,7 +320,7 @@ def test_sigterm_stops_and_removes_socket(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        _wait_for(sock)
+        wait_until(sock.exists, 30.0, f"{sock} to appear")
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             info = csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(
                 csi_pb2.GetPluginInfoRequest(), timeout=10

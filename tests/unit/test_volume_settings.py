@@ -11,18 +11,18 @@ import pytest
 
 from zerofs_csi import errors
 from zerofs_csi.volume.id import MAX_VOLUME_ID_LENGTH, validate_volume_id
+from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import (
     CONFIG_MAP_KEYS,
     DEFAULT_ZEROFS_IMAGE,
     IGNORED_LEGACY_KEYS,
     PARAMETER_KEYS,
-    StorageUrl,
-    VolumeSecrets,
     VolumeSettings,
     config_map_name,
     parse_volume_settings,
-    quantity_value,
 )
+from zerofs_csi.volume.storage_url import StorageUrl
+from zerofs_csi.volume.values import quantity_value
 
 BASE = {"storageUrl": "s3://bucket/zerofs"}
 

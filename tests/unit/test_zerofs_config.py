@@ -23,13 +23,9 @@ from zerofs_csi.servers.zerofs_config import (
     check_accepted_keys,
     render_zerofs_config,
 )
-from zerofs_csi.volume.settings import (
-    DEFAULT_ZEROFS_IMAGE,
-    StorageUrl,
-    VolumeSecrets,
-    VolumeSettings,
-    parse_volume_settings,
-)
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import DEFAULT_ZEROFS_IMAGE, VolumeSettings, parse_volume_settings
+from zerofs_csi.volume.storage_url import StorageUrl
 from zerofs_csi.volume.zerofs_version import (
     SUPPORTED_ZEROFS_VERSIONS,
     image_zerofs_version,

@@ -53,12 +53,14 @@ from common import (  # noqa: E402
     call_with_retry,
     check,
     kill_server,
-    load_fixtures,
+    plugin_process,
     run_and_close,
     server_pid,
     verify_file,
     write_results,
 )
+
+from zerofs_csi.bench.plugin import create_volume, stop_plugin  # noqa: E402
 
 STALL = "stall server"
 KILL_SERVER = "kill -9 server"
@@ -223,10 +225,9 @@ class Chaos:
         parameters: dict[str, str],
         log: Callable[[str], None] = print,
     ) -> None:
-        self.fx = load_fixtures()
         self.workdir, self.seed, self.log = workdir, seed, log
         self.results = ChaosResults(seed, rounds)
-        self.plugin = self.fx.PluginProcess(
+        self.plugin = plugin_process(
             workdir, extra_args=("--server-hung-timeout", f"{hung_after:g}")
         )
         self.parameters = parameters
@@ -238,7 +239,7 @@ class Chaos:
         self.kernel.start()
         self.plugin.start()
         size = (KEEP_FILES + 2) * FILE_MIB * MiB
-        self.volume = self.fx.create_volume(
+        self.volume = create_volume(
             self.plugin, self.workdir, fs_type="ext4", size=size, parameters=self.parameters
         )
         self.volume.stage()
@@ -382,7 +383,7 @@ class Chaos:
         self.results.stuck_request_lines = self.kernel.stuck_requests
         self.results.forbidden_lines = list(self.kernel.forbidden)
         try:
-            self.fx.stop_plugin(self.plugin)
+            stop_plugin(self.plugin)
         finally:
             self.kernel.close()
 

@@ -1,29 +1,28 @@
 """What the regression, chaos and soak harnesses share.
 
 The plugin, the CSI client and the node's outside view (connected NBD devices, server
-processes, mounts) come from the node tests' fixtures module
-(``tests/privileged/conftest.py``), loaded here under its own name so that the harness
-drives the plugin exactly as the privileged tests do, with or without pytest.
+processes, mounts) come from ``zerofs_csi.bench.plugin``, the harness the privileged
+tests and the benchmarks use, so that these harnesses drive the plugin exactly as the
+tests do.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from zerofs_csi.bench.plugin import PluginProcess
+
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES_PATH = REPO / "tests" / "privileged" / "conftest.py"
+STANDIN = REPO / "tools" / "zerofs-standin"
 RESULTS_DIR = REPO / "build" / "harness"
 MiB = 1 << 20
 # Codes a CSI sidecar retries: the volume is busy (ABORTED) or the plugin is restarting
@@ -34,18 +33,9 @@ DEFAULT_RETRY_BOUND_S = 180.0
 T = TypeVar("T")
 
 
-def load_fixtures() -> ModuleType:
-    """The node tests' fixtures (PluginProcess, create_volume, connected_nbd_devices...)."""
-    name = "zerofs_node_fixtures"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, FIXTURES_PATH)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {FIXTURES_PATH}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def plugin_process(workdir: Path, **options: Any) -> PluginProcess:
+    """The plugin with this checkout's ZeroFS stand-in, as the privileged tests run it."""
+    return PluginProcess(workdir, zerofs_command=str(STANDIN), cwd=REPO, **options)
 
 
 def call_with_retry(

@@ -45,11 +45,22 @@ from common import (  # noqa: E402
     call_with_retry,
     check,
     kill_server,
-    load_fixtures,
+    plugin_process,
     run_and_close,
     verify_file,
     write_results,
 )
+
+from zerofs_csi.bench.plugin import (  # noqa: E402
+    RPC_TIMEOUT_S,
+    SECRETS,
+    clean_up_volumes,
+    connected_nbd_devices,
+    create_volume,
+    mounts_under,
+    stop_plugin,
+)
+from zerofs_csi.csi import csi_pb2  # noqa: E402
 
 KILL_PLUGIN = "kill -9 node plugin"
 KILL_SERVER = "kill -9 volume server"
@@ -146,7 +157,6 @@ class Regression:
         retry_bound_s: float = DEFAULT_RETRY_BOUND_S,
         log: Callable[[str], None] = print,
     ) -> None:
-        self.fx = load_fixtures()
         self.workdir = workdir
         self.iterations = iterations
         self.seed = seed
@@ -156,7 +166,7 @@ class Regression:
         self.retry_bound_s = retry_bound_s
         self.log = log
         self.rng = random.Random(seed ^ 0x5EED)
-        self.plugin = self.fx.PluginProcess(workdir)
+        self.plugin = plugin_process(workdir)
         self.files: dict[str, int] = {}  # name -> MiB written and fsync'd
         self.cycles: list[Cycle] = []
         self.retried: list[str] = []
@@ -167,7 +177,7 @@ class Regression:
     # -- outside view ---------------------------------------------------------------
 
     def check_baseline(self, when: str) -> None:
-        devices = self.fx.connected_nbd_devices()
+        devices = connected_nbd_devices()
         check(
             devices == self.baseline_devices,
             f"{when}: connected NBD devices {sorted(devices)}, baseline "
@@ -175,9 +185,7 @@ class Regression:
         )
         servers = self.plugin.server_processes()
         check(not servers, f"{when}: volume server processes left: {servers}")
-        mounted = self.fx.mounts_under(self.workdir / "kubelet") + self.fx.mounts_under(
-            self.workdir / "pods"
-        )
+        mounted = mounts_under(self.workdir / "kubelet") + mounts_under(self.workdir / "pods")
         check(not mounted, f"{when}: mounts left: {mounted}")
 
     # -- faults ---------------------------------------------------------------------
@@ -291,11 +299,9 @@ class Regression:
 
     def run(self) -> None:
         self.plugin.start()
-        self.baseline_devices = self.fx.connected_nbd_devices()
+        self.baseline_devices = connected_nbd_devices()
         self.check_baseline("at start")
-        self.volume = self.fx.create_volume(
-            self.plugin, self.workdir, fs_type=self.fs_type, size=256 * MiB
-        )
+        self.volume = create_volume(self.plugin, self.workdir, fs_type=self.fs_type, size=256 * MiB)
         self.log(
             f"regression: {self.iterations} iterations, seed {self.seed}, volume "
             f"{self.volume.volume_id} ({self.fs_type}), {len(self.faults)} faults"
@@ -314,18 +320,17 @@ class Regression:
         self.cycles.append(final)
         self.log(f"final check: verified {final.verified_mib} MiB after a last restage")
         call_with_retry("DeleteVolume", self.delete_volume, self.retry_bound_s, self.retried)
-        self.fx.clean_up_volumes(self.plugin)
+        clean_up_volumes(self.plugin)
         self.check_baseline("after DeleteVolume")
 
     def delete_volume(self) -> object:
-        csi_pb2 = self.fx.csi_pb2
         return self.plugin.controller.DeleteVolume(
-            csi_pb2.DeleteVolumeRequest(volume_id=self.volume.volume_id, secrets=self.fx.SECRETS),
-            timeout=self.fx.RPC_TIMEOUT_S,
+            csi_pb2.DeleteVolumeRequest(volume_id=self.volume.volume_id, secrets=SECRETS),
+            timeout=RPC_TIMEOUT_S,
         )
 
     def close(self) -> None:
-        self.fx.stop_plugin(self.plugin)
+        stop_plugin(self.plugin)
 
     def results(self, failure: str | None) -> dict[str, object]:
         return {

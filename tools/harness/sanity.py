@@ -41,7 +41,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, load_fixtures  # noqa: E402
+from common import REPO, plugin_process  # noqa: E402
+
+from zerofs_csi.bench.plugin import SECRETS, stop_plugin  # noqa: E402
 
 RESULTS_DIR = REPO / "build" / "sanity"
 # The attach limit of both runs: small, so that the attach limit spec stays quick.
@@ -137,9 +139,8 @@ def sanity_command(
         workdir / "parameters.yaml",
         {"storageUrl": f"file://{workdir / 'store'}", "filesystem": "ext4"},
     )
-    fixtures = load_fixtures()
     # Stage needs the encryption password; no other call of these specs needs a secret.
-    secrets = write_yaml(workdir / "secrets.yaml", {"NodeStageVolumeSecret": fixtures.SECRETS})
+    secrets = write_yaml(workdir / "secrets.yaml", {"NodeStageVolumeSecret": SECRETS})
     junit = RESULTS_DIR / f"{run}.xml"
     command = [
         str(binary),
@@ -167,7 +168,6 @@ def run_sanity(run: str, binary: Path) -> int:
     if not binary.is_file():
         print(f"{binary} is missing: `make csi-sanity` builds it", file=sys.stderr)
         return 2
-    fixtures = load_fixtures()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="zerofs-sanity-"))
     (workdir / "store").mkdir()
@@ -176,17 +176,17 @@ def run_sanity(run: str, binary: Path) -> int:
     limit = ("--max-volumes-per-node", str(ATTACH_LIMIT))
     try:
         if run == "controller":
-            controller = fixtures.PluginProcess(
+            controller = plugin_process(
                 workdir / "controller", extra_args=("--role", "controller", *limit)
             )
-            node = fixtures.PluginProcess(workdir / "node", extra_args=("--role", "node", *limit))
+            node = plugin_process(workdir / "node", extra_args=("--role", "node", *limit))
             plugins += [controller, node]
             controller.start()
             # Its start-up checks need the kernel's NBD driver, which this host may lack:
             # not waited for, NodeGetInfo does not depend on them.
             node.start(wait_ready=False)
         else:
-            controller = node = fixtures.PluginProcess(workdir / "plugin", extra_args=limit)
+            controller = node = plugin_process(workdir / "plugin", extra_args=limit)
             plugins.append(controller)
             controller.start()
         command = sanity_command(binary, workdir, node.socket_path, controller.socket_path, run)
@@ -206,7 +206,7 @@ def run_sanity(run: str, binary: Path) -> int:
         return 0
     finally:
         for plugin in plugins:
-            fixtures.stop_plugin(plugin)
+            stop_plugin(plugin)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -44,9 +44,16 @@ from common import (  # noqa: E402
     call_with_retry,
     check,
     kill_server,
-    load_fixtures,
+    plugin_process,
     server_pid,
     write_results,
+)
+
+from zerofs_csi.bench.plugin import (  # noqa: E402
+    clean_up_volumes,
+    connected_nbd_devices,
+    create_volume,
+    stop_plugin,
 )
 
 RANDOM_FILE_MIB = 64
@@ -168,13 +175,12 @@ class ServerKiller(threading.Thread):
 def soak(
     workdir: Path, duration: float, kill_every: float, log: Callable[[str], None]
 ) -> SoakResults:
-    fx = load_fixtures()
     results = SoakResults(duration, kill_every)
-    plugin = fx.PluginProcess(workdir)
+    plugin = plugin_process(workdir)
     try:
         plugin.start()
-        baseline = fx.connected_nbd_devices()
-        volume = fx.create_volume(plugin, workdir, fs_type="ext4", size=512 * MiB)
+        baseline = connected_nbd_devices()
+        volume = create_volume(plugin, workdir, fs_type="ext4", size=512 * MiB)
         target = workdir / "pods" / "soak" / "volume"
         call_with_retry("NodeStage", volume.stage)
         call_with_retry("NodePublish", lambda: volume.publish(str(target)))
@@ -227,7 +233,7 @@ def soak(
         call_with_retry("NodeUnpublish", lambda: volume.unpublish(str(target)))
         volume.targets.remove(str(target))
         call_with_retry("NodeUnstage", volume.unstage)
-        check(fx.connected_nbd_devices() == baseline, "a device stayed attached after unstage")
+        check(connected_nbd_devices() == baseline, "a device stayed attached after unstage")
         call_with_retry("NodeStage", volume.stage)
         call_with_retry("NodePublish", lambda: volume.publish(str(target)))
         verify_run = run_fio("verify after restage", [*sequential, "--verify_only"], FIO_SLACK_S)
@@ -237,10 +243,10 @@ def soak(
             verify_run.read_mib >= SEQUENTIAL_FILE_MIB,
             f"verify read only {verify_run.read_mib} MiB",
         )
-        fx.clean_up_volumes(plugin)
-        check(fx.connected_nbd_devices() == baseline, "a device stayed attached at the end")
+        clean_up_volumes(plugin)
+        check(connected_nbd_devices() == baseline, "a device stayed attached at the end")
     finally:
-        fx.stop_plugin(plugin)
+        stop_plugin(plugin)
         if plugin.log_path.exists():
             shutil.copy(plugin.log_path, workdir.parent / f"{workdir.name}.plugin.log")
     return results

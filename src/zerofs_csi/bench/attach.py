@@ -9,8 +9,8 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 
-from zerofs_csi.bench.devices import EXPORT, free_device, nbdkit_memory
-from zerofs_csi.bench.measure import Comparison, Timer
+from zerofs_csi.bench.devices import EXPORT, nbd_client_attach, nbdkit_memory
+from zerofs_csi.bench.measure import Benchmark, Comparison, Timer
 from zerofs_csi.nbd import _nbd
 from zerofs_csi.nbd import attach as nbd
 
@@ -42,22 +42,9 @@ def bench_attach(cycles: int, warmup: int, server_threads: int) -> list[Comparis
                 ours_detach.append(timer.ms)
 
         def client(i: int, record: bool) -> None:
-            for _attempt in range(5):
-                # A device udev opened after the scan makes nbd-client fail (EBUSY):
-                # such attempts are retried and not counted.
-                device = free_device(netlink)
-                with timer.measure():
-                    done = subprocess.run(
-                        ["nbd-client", "-unix", sock, "-N", EXPORT, device],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                if done.returncode == 0:
-                    break
-            else:
-                raise SystemExit("nbd-client failed five times in a row")
+            device, attach_ms = nbd_client_attach(netlink, sock)
             if record:
-                client_attach.append(timer.ms)
+                client_attach.append(attach_ms)
             with timer.measure():
                 subprocess.run(
                     ["nbd-client", "-d", device],
@@ -100,4 +87,6 @@ def bench_attach(cycles: int, warmup: int, server_threads: int) -> list[Comparis
     ]
 
 
-BENCHMARKS: dict[str, Callable[[int, int, int], list[Comparison]]] = {"attach": bench_attach}
+BENCHMARKS: dict[str, Benchmark] = {
+    "attach": lambda run: bench_attach(run.cycles, run.warmup, run.server_threads),
+}

@@ -11,13 +11,23 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 DEFAULT_OUTPUT = Path("build/bench.json")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What one benchmark run is asked for."""
+
+    cycles: int  # measured cycles per contender
+    warmup: int  # unmeasured cycles first
+    server_threads: int  # nbdkit worker threads per connection (attach-path benchmarks)
+    zerofs_command: str  # the per-volume server the node benchmarks start
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -49,6 +59,9 @@ class Comparison:
             },
             "ratio_p50": round(ours_p50 / base_p50, 4) if base_p50 else None,
         }
+
+
+Benchmark = Callable[[RunOptions], list[Comparison]]
 
 
 class Timer:

@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from zerofs_csi.bench.measure import Comparison
-from zerofs_csi.bench.node import PluginVolume, running_plugin, wait_until
-from zerofs_csi.servers.local import ServerPaths, nbd_server_answers
+from zerofs_csi.bench.measure import Benchmark, Comparison
+from zerofs_csi.bench.plugin import PluginProcess, create_volume, running_plugin, wait_until
+from zerofs_csi.servers.local import nbd_server_answers
+from zerofs_csi.servers.local_state import ServerPaths
 
 MiB = 1 << 20
 WRITE_MIB = 4
@@ -89,14 +90,15 @@ def _answers_after_restart(state_dir: Path, volume_id: str, killed: int) -> bool
     return pid != killed and nbd_server_answers(socket, 1.0)
 
 
-def bench_server_kill(cycles: int, warmup: int) -> list[Comparison]:
+def bench_server_kill(zerofs_command: str, cycles: int, warmup: int) -> list[Comparison]:
     pauses: list[float] = []
     restarts: list[float] = []
     with tempfile.TemporaryDirectory(prefix="zerofs-bench-kill-") as tmp:
         workdir = Path(tmp)
         state_dir = workdir / "state"
-        with running_plugin(workdir) as plugin:
-            volume = PluginVolume.create(plugin, "bench-server-kill", VOLUME_SIZE, "ext4")
+        plugin = PluginProcess(workdir, zerofs_command=zerofs_command, log_level="warning")
+        with running_plugin(plugin):
+            volume = create_volume(plugin, workdir, "ext4", VOLUME_SIZE, name="bench-server-kill")
             volume.stage()
             writer = _Writer(Path(volume.staging) / "mount" / "data")
             writer.start()
@@ -126,6 +128,6 @@ def bench_server_kill(cycles: int, warmup: int) -> list[Comparison]:
     return [Comparison("server_kill_pause", "s", pauses, "server restart", restarts)]
 
 
-BENCHMARKS: dict[str, Callable[[int, int, int], list[Comparison]]] = {
-    "server_kill": lambda cycles, warmup, _threads: bench_server_kill(cycles, warmup),
+BENCHMARKS: dict[str, Benchmark] = {
+    "server_kill": lambda run: bench_server_kill(run.zerofs_command, run.cycles, run.warmup),
 }

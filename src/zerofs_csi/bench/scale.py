@@ -16,13 +16,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from zerofs_csi.bench.devices import EXPORT, free_device, nbdkit_memory
-from zerofs_csi.bench.measure import Comparison, Timer
+from zerofs_csi.bench.devices import EXPORT, nbd_client_attach, nbdkit_memory
+from zerofs_csi.bench.measure import Benchmark, Comparison, Timer
 from zerofs_csi.nbd import _nbd
 from zerofs_csi.nbd import attach as nbd
 from zerofs_csi.node.attach import NodeAttacher
@@ -34,24 +33,6 @@ from zerofs_csi.servers.local import ProcessBackend
 
 ATTACHED_COUNTS = (1, 16, 64)
 ORPHANS = 32
-
-
-def nbd_client_attach(netlink: _nbd.NbdNetlink, sock: str) -> tuple[str, float]:
-    """``nbd-client`` with its defaults on a free device; (device, ms). A device udev
-    opened between the scan and the connect makes it fail (EBUSY): such attempts are
-    retried and not counted."""
-    timer = Timer()
-    for _attempt in range(5):
-        device = free_device(netlink)
-        with timer.measure():
-            done = subprocess.run(
-                ["nbd-client", "-unix", sock, "-N", EXPORT, device],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        if done.returncode == 0:
-            return device, timer.ms
-    raise SystemExit("nbd-client failed five times in a row")
 
 
 def nbd_client_detach(device: str) -> None:
@@ -181,7 +162,7 @@ def bench_reconcile(cycles: int, warmup: int, server_threads: int) -> list[Compa
     ]
 
 
-BENCHMARKS: dict[str, Callable[[int, int, int], list[Comparison]]] = {
-    "attach_scaling": bench_attach_scaling,
-    "reconcile": bench_reconcile,
+BENCHMARKS: dict[str, Benchmark] = {
+    "attach_scaling": lambda run: bench_attach_scaling(run.cycles, run.warmup, run.server_threads),
+    "reconcile": lambda run: bench_reconcile(run.cycles, run.warmup, run.server_threads),
 }

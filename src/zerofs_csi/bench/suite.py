@@ -11,14 +11,20 @@ devices (a few cycles already take minutes under TCG), and ``--chart`` for the P
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from zerofs_csi.bench import attach, chart, node, recovery, scale, throughput
 from zerofs_csi.bench.devices import SERVER_THREADS
-from zerofs_csi.bench.measure import DEFAULT_OUTPUT, Comparison, print_table, write_results
+from zerofs_csi.bench.measure import (
+    DEFAULT_OUTPUT,
+    Benchmark,
+    Comparison,
+    RunOptions,
+    print_table,
+    write_results,
+)
 
-Benchmark = Callable[[int, int, int], list[Comparison]]
 DEFAULT_CHART = Path("build/bench.png")
 DEFAULT_HEAVY_CYCLES = 5
 HEAVY = frozenset({"stage", "concurrent_stage", "reconcile", "throughput", "server_kill"})
@@ -60,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=SERVER_THREADS,
         help="nbdkit worker threads per connection",
     )
+    parser.add_argument(
+        "--zerofs-command",
+        default="zerofs",
+        help="the per-volume server of the node benchmarks (a checkout: tools/zerofs-standin)",
+    )
     parser.add_argument("--only", action="append", choices=sorted(benchmarks), default=[])
     args = parser.parse_args(argv)
     if min(args.cycles, args.heavy_cycles, args.server_threads) < 1 or args.warmup < 0:
@@ -71,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.only or list(benchmarks):
         cycles, warmup = cycles_for(name, args.cycles, args.heavy_cycles, args.warmup)
         print(f"bench: {name}", flush=True)
-        comparisons.extend(benchmarks[name](cycles, warmup, args.server_threads))
+        run = RunOptions(cycles, warmup, args.server_threads, args.zerofs_command)
+        comparisons.extend(benchmarks[name](run))
     print_table(comparisons)
     write_results(args.output, comparisons)
     print(f"wrote {args.output}")

@@ -17,10 +17,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 
 from zerofs_csi.bench.devices import EXPORT, free_device, nbdkit_memory
-from zerofs_csi.bench.measure import Comparison
+from zerofs_csi.bench.measure import Benchmark, Comparison
 from zerofs_csi.nbd import _nbd
 from zerofs_csi.nbd import attach as nbd
 from zerofs_csi.node.attach import NodeAttacher
@@ -101,6 +100,6 @@ def bench_throughput(cycles: int, warmup: int, server_threads: int) -> list[Comp
     return [Comparison(name, "MiB/s", ours[name], "nbd-client", client[name]) for name in WORKLOADS]
 
 
-BENCHMARKS: dict[str, Callable[[int, int, int], list[Comparison]]] = {
-    "throughput": bench_throughput,
+BENCHMARKS: dict[str, Benchmark] = {
+    "throughput": lambda run: bench_throughput(run.cycles, run.warmup, run.server_threads),
 }

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
@@ -34,7 +33,9 @@ import botocore.exceptions
 
 from zerofs_csi import errors
 from zerofs_csi.volume.id import validate_volume_id
-from zerofs_csi.volume.settings import VolumeSecrets, VolumeSettings
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import VolumeSettings
+from zerofs_csi.volume.storage_url import BUCKET
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ RETRYABLE_CODES = frozenset(
     }
 )
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ def cleanup_target(settings: VolumeSettings, volume_id: str) -> CleanupTarget:
         raise errors.FailedPrecondition(
             f"deleteDataOnPVCDelete needs an s3:// storage URL, not {url.scheme}://"
         )
-    if not _BUCKET.fullmatch(url.bucket) or ".." in url.bucket:
+    if not BUCKET.fullmatch(url.bucket) or ".." in url.bucket:
         raise errors.FailedPrecondition(
             f"refusing to delete S3 data for volume {volume_id!r}: "
             f"bucket name {url.bucket!r} is not valid"

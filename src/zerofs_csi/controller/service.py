@@ -54,10 +54,10 @@ from zerofs_csi.rpc.servicer import answer_unimplemented
 from zerofs_csi.volume.capabilities import check_capability, unsupported_reason
 from zerofs_csi.volume.context import build_volume_context
 from zerofs_csi.volume.id import validate_volume_id, volume_id_for_name
+from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import (
     CONFIG_MAP_PARAMETER,
     RESERVED_PREFIXES,
-    VolumeSecrets,
     VolumeSettings,
     config_map_name,
     parse_volume_settings,

@@ -240,6 +240,11 @@ def list_exports(address: ServerAddress, timeout_s: float = 10.0) -> list[tuple[
     """NBD_OPT_LIST for diagnostics: ``[(name, description)]``. Blocks (GIL released),
     bounded by ``timeout_s`` as :func:`negotiate` is."""
 
+def greet(address: ServerAddress, timeout_s: float = 10.0) -> int:
+    """Reads an NBD server's newstyle greeting and ends the session with NBD_OPT_ABORT;
+    returns its handshake flags. Blocks (GIL released), bounded by ``timeout_s`` as
+    :func:`negotiate` is; HandshakeError (an OSError) when no NBD server answers."""
+
 def read_sysfs(index: int, name: str) -> str | None:
     """``/sys/block/nbd<index>/<name>`` without its newline; None when absent
     (``pid`` and ``backend`` exist only while connected)."""

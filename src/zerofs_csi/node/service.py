@@ -32,7 +32,7 @@ from zerofs_csi.servers.base import VolumeServerBackend
 from zerofs_csi.volume.capabilities import Mode, check_capability
 from zerofs_csi.volume.context import parse_volume_context
 from zerofs_csi.volume.id import validate_volume_id
-from zerofs_csi.volume.settings import VolumeSecrets
+from zerofs_csi.volume.secrets import VolumeSecrets
 
 log = logging.getLogger(__name__)
 

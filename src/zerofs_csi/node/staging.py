@@ -40,7 +40,8 @@ from zerofs_csi.node.transaction import Transaction
 from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.servers.base import ServerSockets, VolumeServerBackend
 from zerofs_csi.servers.ninep import ExportFile
-from zerofs_csi.volume.settings import VolumeSecrets, VolumeSettings
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import VolumeSettings
 
 log = logging.getLogger(__name__)
 

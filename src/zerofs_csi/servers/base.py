@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from zerofs_csi import errors
+from zerofs_csi.volume.id import validate_volume_id
+
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL (man 7 unix).
 UNIX_PATH_MAX = 107
 
@@ -35,6 +38,16 @@ class ServerSockets:
                     "socket address holds; choose a shorter --state-dir"
                 )
         return sockets
+
+    @classmethod
+    def of_volume(cls, socket_root: Path, volume_id: str) -> ServerSockets:
+        """``under`` for an id from a CSI call: a bad id or a socket path too long for
+        the state directory is INVALID_ARGUMENT."""
+        validate_volume_id(volume_id)
+        try:
+            return cls.under(socket_root, volume_id)
+        except ValueError as exc:
+            raise errors.InvalidArgument(str(exc)) from None
 
 
 class VolumeServerBackend(Protocol):

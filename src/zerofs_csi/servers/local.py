@@ -42,26 +42,33 @@ import select
 import shlex
 import shutil
 import signal
-import socket
-import stat
-import struct
 import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from zerofs_csi import errors
+from zerofs_csi.host import procfs
+from zerofs_csi.nbd import _nbd
 from zerofs_csi.observability.sanitize import MASK, REDACTOR
 from zerofs_csi.servers.base import ServerSockets
+from zerofs_csi.servers.local_state import (
+    LocalServer,
+    ServerPaths,
+    load_state,
+    remove_socket,
+    save_state,
+    stored_secrets,
+    write_private,
+)
 from zerofs_csi.servers.zerofs_config import render_zerofs_config
 from zerofs_csi.volume.id import validate_volume_id
-from zerofs_csi.volume.settings import VolumeSecrets, VolumeSettings
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import VolumeSettings
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
 DEFAULT_STOP_TIMEOUT = 10.0
 DEFAULT_RESTART_BACKOFF = (0.5, 30.0)
 STABLE_AFTER = 60.0
@@ -73,127 +80,15 @@ LOG_TAIL_LINES = 15
 # Variables of the plugin's environment a server may need; nothing else is passed on.
 INHERITED_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 
-# NBD newstyle handshake (NBD's doc/proto.md): the server greets with NBDMAGIC,
-# IHAVEOPT and its handshake flags; the client answers with its flags and may end
-# option haggling with NBD_OPT_ABORT.
-NBD_GREETING = struct.Struct(">8sQH")
-NBDMAGIC = b"NBDMAGIC"
-NBD_IHAVEOPT = 0x49484156454F5054
-NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0
-NBD_FLAG_C_NO_ZEROES = 1 << 1
-NBD_OPT_ABORT = 2
-
-
-@dataclass(frozen=True)
-class ServerPaths:
-    """The files of one volume's server under ``<state_dir>/servers/<volume>``."""
-
-    directory: Path
-
-    @property
-    def config(self) -> Path:
-        return self.directory / "config.toml"
-
-    @property
-    def secrets(self) -> Path:
-        return self.directory / "secrets.json"
-
-    @property
-    def state(self) -> Path:
-        return self.directory / "server.json"
-
-    @property
-    def log(self) -> Path:
-        return self.directory / "server.log"
-
-    @property
-    def cache(self) -> Path:
-        return self.directory / "cache"
-
-
-@dataclass
-class _Server:
-    """What the backend knows of one volume's server process."""
-
-    volume_id: str
-    argv: list[str]
-    config_hash: str
-    environment: dict[str, str]  # non-secret variables; secrets come from secrets.json
-    pid: int = 0
-    start_time: int = 0
-    boot_id: str = ""
-    restarts: int = 0
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    started_at: float = 0.0  # time.monotonic() of the spawn
-    failures: int = 0  # deaths since the server last stayed up STABLE_AFTER seconds
-    restart_at: float | None = None  # when the supervisor restarts a dead server
-    answered_at: float = 0.0  # time.monotonic() of the last handshake it answered
-    probe_at: float = 0.0  # when the supervisor probes it next
-
-
-def _boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat fields from field 3 (state) on, or None if there is no PID."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def _start_time(pid: int) -> int | None:
-    fields = _proc_stat(pid)
-    # Field 22 (starttime, clock ticks since boot) is fields[19].
-    return int(fields[19]) if fields is not None else None
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable by the owner only."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-
-
-def _remove_socket(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
-
 
 def nbd_server_answers(socket_path: Path, timeout: float) -> bool:
-    """Whether an NBD server greets on ``socket_path`` within ``timeout``.
-
-    Reads the newstyle greeting (it starts with the 8 bytes NBDMAGIC) and ends the
-    handshake with NBD_OPT_ABORT so the server has nothing to complain about.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(socket_path))
-            greeting = b""
-            while len(greeting) < NBD_GREETING.size:
-                chunk = sock.recv(NBD_GREETING.size - len(greeting))
-                if not chunk:
-                    return False
-                greeting += chunk
-            magic, option_magic, _flags = NBD_GREETING.unpack(greeting)
-            if magic != NBDMAGIC or option_magic != NBD_IHAVEOPT:
-                return False
-            flags = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
-            with contextlib.suppress(OSError):
-                sock.sendall(struct.pack(">IQII", flags, NBD_IHAVEOPT, NBD_OPT_ABORT, 0))
-            return True
-        except OSError:
-            return False
+    """Whether an NBD server greets on ``socket_path`` within ``timeout`` (the attach
+    path's own handshake code reads the greeting and ends the session)."""
+    try:
+        _nbd.greet(str(socket_path), timeout)
+    except OSError:
+        return False
+    return True
 
 
 class ProcessBackend:
@@ -231,7 +126,7 @@ class ProcessBackend:
         self._hung_after = hung_after
         self._registry = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
-        self._servers: dict[str, _Server] = {}
+        self._servers: dict[str, LocalServer] = {}
         self._closing = threading.Event()
         self._servers_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._adopt_all()
@@ -243,11 +138,7 @@ class ProcessBackend:
     # ------------------------------------------------------------ interface
 
     def sockets(self, volume_id: str) -> ServerSockets:
-        validate_volume_id(volume_id)
-        try:
-            return ServerSockets.under(self._socket_root, volume_id)
-        except ValueError as exc:
-            raise errors.InvalidArgument(str(exc)) from None
+        return ServerSockets.of_volume(self._socket_root, volume_id)
 
     def running(self) -> list[str]:
         """Volumes whose server this backend keeps running, including one waiting for
@@ -296,7 +187,7 @@ class ProcessBackend:
             if (
                 server is not None
                 and server.config_hash == config_hash
-                and self._stored_secrets(paths) == secret_env
+                and stored_secrets(paths) == secret_env
             ):
                 if not self._alive(server):
                     log.info(
@@ -304,7 +195,7 @@ class ProcessBackend:
                     )
                     self._spawn(server, secret_env)
                     server.restarts += 1
-                    self._save_state(server)
+                    save_state(self._paths(server.volume_id), server)
             else:
                 if server is not None:
                     log.info(
@@ -315,11 +206,11 @@ class ProcessBackend:
                     self._forget(volume_id)
                 paths.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
                 paths.directory.chmod(0o700)
-                _write_private(paths.config, rendered.toml_text.encode())
-                _write_private(paths.secrets, json.dumps(secret_env).encode())
-                server = _Server(volume_id, argv, config_hash, environment)
+                write_private(paths.config, rendered.toml_text.encode())
+                write_private(paths.secrets, json.dumps(secret_env).encode())
+                server = LocalServer(volume_id, argv, config_hash, environment)
                 self._spawn(server, secret_env)
-                self._save_state(server)
+                save_state(self._paths(server.volume_id), server)
                 with self._registry:
                     self._servers[volume_id] = server
             try:
@@ -341,7 +232,7 @@ class ProcessBackend:
             with self._registry:
                 server = self._servers.pop(volume_id, None)
             if server is None:
-                server = self._load_state(volume_id)
+                server = load_state(self._paths(volume_id), volume_id)
             if server is not None:
                 self._terminate(server)
                 log.info("volume server stopped", extra=self._fields(server))
@@ -378,21 +269,21 @@ class ProcessBackend:
         with self._registry:
             self._servers.pop(volume_id, None)
 
-    def _alive(self, server: _Server) -> bool:
+    def _alive(self, server: LocalServer) -> bool:
         if server.process is not None:
             return server.process.poll() is None
-        if not server.pid or server.boot_id != _boot_id():
+        if not server.pid or server.boot_id != procfs.boot_id():
             return False
-        fields = _proc_stat(server.pid)
+        fields = procfs.stat_fields(server.pid)
         return fields is not None and fields[0] != "Z" and int(fields[19]) == server.start_time
 
-    def _spawn(self, server: _Server, secret_env: Mapping[str, str]) -> None:
+    def _spawn(self, server: LocalServer, secret_env: Mapping[str, str]) -> None:
         """Start the server process; raises FailedPrecondition if it cannot be run."""
         paths = self._paths(server.volume_id)
         sockets = self.sockets(server.volume_id)
         sockets.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
         for path in (sockets.nbd, sockets.ninep):
-            _remove_socket(path)  # a dead server's sockets would make bind() fail
+            remove_socket(path)  # a dead server's sockets would make bind() fail
         paths.cache.mkdir(exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
             if paths.log.stat().st_size > LOG_ROTATE_BYTES:
@@ -420,13 +311,13 @@ class ProcessBackend:
                 ) from None
         server.process = process
         server.pid = process.pid
-        server.start_time = _start_time(process.pid) or 0
-        server.boot_id = _boot_id()
+        server.start_time = procfs.start_time(process.pid) or 0
+        server.boot_id = procfs.boot_id()
         server.started_at = server.answered_at = time.monotonic()
         server.restart_at = None
         log.info("volume server started", extra=self._fields(server))
 
-    def _terminate(self, server: _Server) -> None:
+    def _terminate(self, server: LocalServer) -> None:
         """SIGTERM the server, wait, SIGKILL its process group, kill what is left.
 
         A server found dead is left alone: its pid may already belong to someone else.
@@ -442,7 +333,7 @@ class ProcessBackend:
             self._wait_gone(server, 5.0)
         self._kill_group_leftovers(server)
 
-    def _wait_gone(self, server: _Server, timeout: float) -> bool:
+    def _wait_gone(self, server: LocalServer, timeout: float) -> bool:
         """Whether the server exits within ``timeout``. A pidfd wakes the wait the moment
         it does (Popen.wait and a sleep loop would poll, up to 50 ms late)."""
         try:
@@ -461,7 +352,7 @@ class ProcessBackend:
             server.process.wait()  # reaps it: it has exited
         return True
 
-    def _kill_group_leftovers(self, server: _Server) -> None:
+    def _kill_group_leftovers(self, server: LocalServer) -> None:
         """SIGKILL what is left of the dead server's process group (children it did not
         stop). The server led its own session and group, and the kernel does not hand
         out a group's id as a new pid while any member lives, so the signal reaches the
@@ -471,7 +362,7 @@ class ProcessBackend:
 
     def _wait_ready(
         self,
-        server: _Server,
+        server: LocalServer,
         sockets: ServerSockets,
         timeout: float,
         secret_env: Mapping[str, str],
@@ -509,58 +400,13 @@ class ProcessBackend:
         lines = REDACTOR.redact(text).splitlines()[-LOG_TAIL_LINES:]
         return f"; last lines of {path}:\n" + "\n".join(lines)
 
-    # ------------------------------------------------------------ state files
-
-    def _stored_secrets(self, paths: ServerPaths) -> dict[str, str] | None:
-        try:
-            data = json.loads(paths.secrets.read_bytes())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    def _save_state(self, server: _Server) -> None:
-        state = {
-            "version": STATE_VERSION,
-            "volume_id": server.volume_id,
-            "pid": server.pid,
-            "start_time": server.start_time,
-            "boot_id": server.boot_id,
-            "config_hash": server.config_hash,
-            "argv": server.argv,
-            "environment": server.environment,
-            "restarts": server.restarts,
-        }
-        _write_private(self._paths(server.volume_id).state, json.dumps(state).encode())
-
-    def _load_state(self, volume_id: str) -> _Server | None:
-        try:
-            state = json.loads(self._paths(volume_id).state.read_bytes())
-            if state.get("version") != STATE_VERSION or state.get("volume_id") != volume_id:
-                raise ValueError("unknown state version or another volume's state")
-            return _Server(
-                volume_id=volume_id,
-                argv=[str(a) for a in state["argv"]],
-                config_hash=str(state["config_hash"]),
-                environment={str(k): str(v) for k, v in state["environment"].items()},
-                pid=int(state["pid"]),
-                start_time=int(state["start_time"]),
-                boot_id=str(state["boot_id"]),
-                restarts=int(state["restarts"]),
-            )
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning(
-                "unreadable volume server state ignored",
-                extra={"volume_id": volume_id, "error": str(exc)},
-            )
-            return None
+    # ------------------------------------------------------------ run files
 
     def _remove_run_files(self, volume_id: str) -> None:
         sockets = self.sockets(volume_id)
         paths = self._paths(volume_id)
         for path in (sockets.nbd, sockets.ninep):
-            _remove_socket(path)
+            remove_socket(path)
         with contextlib.suppress(FileNotFoundError):
             sockets.directory.rmdir()
         for path in (paths.state, paths.config, paths.secrets):
@@ -574,7 +420,7 @@ class ProcessBackend:
                 validate_volume_id(entry.name)
             except errors.InvalidArgument:
                 continue
-            server = self._load_state(entry.name)
+            server = load_state(self._paths(entry.name), entry.name)
             if server is None:
                 continue
             if not self._alive(server):
@@ -634,7 +480,7 @@ class ProcessBackend:
             return
         if now < server.restart_at:
             return
-        secret_env = self._stored_secrets(self._paths(volume_id))
+        secret_env = stored_secrets(self._paths(volume_id))
         if secret_env is None:
             log.error(
                 "volume server cannot be restarted: its secrets file is missing",
@@ -650,9 +496,9 @@ class ProcessBackend:
             log.error("volume server restart failed", extra=self._fields(server, error=exc.message))
             return
         server.restarts += 1
-        self._save_state(server)
+        save_state(self._paths(server.volume_id), server)
 
-    def _probe(self, server: _Server, now: float) -> None:
+    def _probe(self, server: LocalServer, now: float) -> None:
         """Handshake with the server; kill it when it answered none for ``hung_after``
         seconds (the next round restarts it as a dead one)."""
         server.probe_at = now + PROBE_EVERY_S
@@ -670,7 +516,7 @@ class ProcessBackend:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
 
-    def _fields(self, server: _Server, **more: object) -> dict[str, object]:
+    def _fields(self, server: LocalServer, **more: object) -> dict[str, object]:
         return {
             "volume_id": server.volume_id,
             "pid": server.pid,

@@ -44,7 +44,8 @@ from zerofs_csi.volume.id import validate_volume_id
 from zerofs_csi.volume.zerofs_version import SUPPORTED_ZEROFS_VERSIONS
 
 if TYPE_CHECKING:
-    from zerofs_csi.volume.settings import VolumeSecrets, VolumeSettings
+    from zerofs_csi.volume.secrets import VolumeSecrets
+    from zerofs_csi.volume.settings import VolumeSettings
 
 # Keys ZeroFS 2.3 accepts in the tables this module writes (config.rs, v2.3.0). The
 # renderer refuses to return a document with any other key.

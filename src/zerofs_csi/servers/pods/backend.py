@@ -33,7 +33,6 @@ import random
 import stat
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 
 import urllib3
@@ -46,9 +45,21 @@ from zerofs_csi.observability.sanitize import REDACTOR
 from zerofs_csi.servers.base import ServerSockets
 from zerofs_csi.servers.pods import objects
 from zerofs_csi.servers.pods.owner import DaemonSetOwner
+from zerofs_csi.servers.pods.status import (
+    describe_pod,
+    meta,
+    name_of,
+    node_of,
+    phase_of,
+    pod_is_ready,
+    quote_events,
+    terminating,
+    uid_of,
+)
 from zerofs_csi.servers.zerofs_config import render_zerofs_config
 from zerofs_csi.volume.id import validate_volume_id
-from zerofs_csi.volume.settings import VolumeSecrets, VolumeSettings
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import VolumeSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,53 +68,11 @@ log = logging.getLogger(__name__)
 DEFAULT_REMOVAL_TIMEOUT = objects.TERMINATION_GRACE_SECONDS + 15.0
 DEFAULT_FORCED_REMOVAL_TIMEOUT = 15.0
 DEFAULT_CONFLICT_RETRIES = 6
-# Last events quoted when a pod does not become ready, and the length of each.
-EVENTS_QUOTED = 5
-EVENT_MESSAGE_MAX = 300
 # Read timeout of a watch beyond the server-side timeoutSeconds, so that the server
 # ends the watch rather than the socket timing out.
 WATCH_READ_SLACK = 10.0
 
 PodCheck = Callable[[Obj | None], bool]
-
-
-def _meta(obj: Obj) -> Obj:
-    meta = obj.get("metadata")
-    return meta if isinstance(meta, dict) else {}
-
-
-def _name(obj: Obj) -> str:
-    return str(_meta(obj).get("name", ""))
-
-
-def _uid(obj: Obj) -> str:
-    return str(_meta(obj).get("uid", ""))
-
-
-def _node_of(pod: Obj) -> str:
-    return str((pod.get("spec") or {}).get("nodeName") or "")
-
-
-def _phase(pod: Obj) -> str:
-    return str((pod.get("status") or {}).get("phase") or "Unknown")
-
-
-def _terminating(pod: Obj) -> bool:
-    return _meta(pod).get("deletionTimestamp") is not None
-
-
-def pod_is_ready(pod: Obj) -> bool:
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-
-
-def _timestamp(text: object) -> float:
-    if not isinstance(text, str) or not text:
-        return 0.0
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
 
 
 class KubernetesBackend:
@@ -148,11 +117,7 @@ class KubernetesBackend:
     # ------------------------------------------------------------ interface
 
     def sockets(self, volume_id: str) -> ServerSockets:
-        validate_volume_id(volume_id)
-        try:
-            return ServerSockets.under(self._socket_root, volume_id)
-        except ValueError as exc:
-            raise errors.InvalidArgument(str(exc)) from None
+        return ServerSockets.of_volume(self._socket_root, volume_id)
 
     def running(self) -> list[str]:
         try:
@@ -165,7 +130,7 @@ class KubernetesBackend:
         except Exception as exc:
             raise api_failure(exc, "listing volume server pods") from None
         volumes = {
-            (_meta(p).get("labels") or {}).get(objects.LABEL_VOLUME) for p in pods.get("items", [])
+            (meta(p).get("labels") or {}).get(objects.LABEL_VOLUME) for p in pods.get("items", [])
         }
         return sorted(v for v in volumes if v)
 
@@ -198,7 +163,7 @@ class KubernetesBackend:
             settings=settings,
             sockets=sockets,
             secret_env_names=rendered.secret_env,
-            secret_version=f"{_uid(secret)}/{_meta(secret).get('resourceVersion')}",
+            secret_version=f"{uid_of(secret)}/{meta(secret).get('resourceVersion')}",
             config_text=rendered.toml_text,
             owner=self._owner,
         )
@@ -242,9 +207,9 @@ class KubernetesBackend:
             results += [
                 self._remove_pod(volume_id, pod, "volume server stopped")
                 for pod in pods
-                if _node_of(pod) == self._node
+                if node_of(pod) == self._node
             ]
-            elsewhere = [p for p in pods if _node_of(p) != self._node]
+            elsewhere = [p for p in pods if node_of(p) != self._node]
             if elsewhere:
                 # Another node's server still mounts the Secret (a leftover that the
                 # next ensure there or here will remove); it goes with the last pod.
@@ -254,7 +219,7 @@ class KubernetesBackend:
                         volume_id,
                         elsewhere[0],
                         step="delete_secret",
-                        other_node=_node_of(elsewhere[0]),
+                        other_node=node_of(elsewhere[0]),
                     ),
                 )
             else:
@@ -291,7 +256,7 @@ class KubernetesBackend:
 
     def _apply_secret(self, desired: objects.Manifest) -> Obj:
         """Create the Secret or bring it to ``desired`` with a conditional update."""
-        name = _name(desired)
+        name = name_of(desired)
         what = f"writing Secret {self._namespace}/{name}"
         for attempt in range(self._conflict_retries):
             try:
@@ -317,7 +282,7 @@ class KubernetesBackend:
             # makes the update conditional.
             current["data"] = desired["data"]
             metadata = current.setdefault("metadata", {})
-            metadata["labels"] = {**(metadata.get("labels") or {}), **_meta(desired)["labels"]}
+            metadata["labels"] = {**(metadata.get("labels") or {}), **meta(desired)["labels"]}
             if self._owner is not None:
                 others = [
                     ref
@@ -345,11 +310,11 @@ class KubernetesBackend:
         )
 
     def _secret_is(self, current: Obj, desired: objects.Manifest) -> bool:
-        labels = _meta(current).get("labels") or {}
-        owners = {ref.get("uid") for ref in _meta(current).get("ownerReferences") or []}
+        labels = meta(current).get("labels") or {}
+        owners = {ref.get("uid") for ref in meta(current).get("ownerReferences") or []}
         return (
             (current.get("data") or {}) == desired["data"]
-            and all(labels.get(k) == v for k, v in _meta(desired)["labels"].items())
+            and all(labels.get(k) == v for k, v in meta(desired)["labels"].items())
             and (self._owner is None or self._owner["uid"] in owners)
         )
 
@@ -385,7 +350,7 @@ class KubernetesBackend:
                 self._namespace,
                 label_selector=objects.volume_selector(volume_id),
             ).get("items", [])
-            if any(_name(p) == name for p in listed):
+            if any(name_of(p) == name for p in listed):
                 return listed
             named: list[Obj] = call_json(
                 self._core.list_namespaced_pod,
@@ -398,15 +363,15 @@ class KubernetesBackend:
 
     def _stale_reason(self, pod: Obj, volume_id: str, wanted_hash: str) -> str | None:
         """Why ``pod`` cannot serve the volume here, or None if it can."""
-        annotations = _meta(pod).get("annotations") or {}
-        if _name(pod) != objects.pod_name(volume_id):
+        annotations = meta(pod).get("annotations") or {}
+        if name_of(pod) != objects.pod_name(volume_id):
             return "another server pod of the volume"
-        if _node_of(pod) != self._node:
-            return f"on node {_node_of(pod) or '(none)'}"
-        if _terminating(pod):
+        if node_of(pod) != self._node:
+            return f"on node {node_of(pod) or '(none)'}"
+        if terminating(pod):
             return "terminating"
-        if _phase(pod) in ("Succeeded", "Failed"):
-            return f"phase {_phase(pod)}"
+        if phase_of(pod) in ("Succeeded", "Failed"):
+            return f"phase {phase_of(pod)}"
         if annotations.get(objects.ANNOTATION_CONFIG_HASH) != wanted_hash:
             return "started from another configuration"
         return None
@@ -429,13 +394,13 @@ class KubernetesBackend:
     def _remove_pod(self, volume_id: str, pod: Obj, why: str) -> str:
         """Delete ``pod`` and wait until it is gone: 'graceful', 'forced' or 'gone' (it
         was already gone). Raises Unavailable if even a forced delete is not confirmed."""
-        name, uid = _name(pod), _uid(pod)
+        name, uid = name_of(pod), uid_of(pod)
         fields = self._fields(volume_id, pod, reason=why)
 
         def gone(current: Obj | None) -> bool:
-            return current is None or _uid(current) != uid
+            return current is None or uid_of(current) != uid
 
-        if not _terminating(pod) and not self._delete_pod(name, uid, None):
+        if not terminating(pod) and not self._delete_pod(name, uid, None):
             log.info("volume server pod already gone", extra={**fields, "step": "delete_pod"})
             return "gone"
         if self._watch_pod(name, gone, self._removal_timeout)[0]:
@@ -460,7 +425,7 @@ class KubernetesBackend:
             raise errors.Unavailable(
                 f"pod {self._namespace}/{name} is still present "
                 f"{self._forced_removal_timeout:g}s after a forced deletion "
-                f"({self._diagnose(last or pod)})"
+                f"({self._describe(last or pod)})"
             )
         log.warning(
             "volume server pod force deleted",
@@ -514,7 +479,7 @@ class KubernetesBackend:
                     self._core.list_namespaced_pod,
                     self._namespace,
                     field_selector=selector,
-                    resource_version=_meta(listing).get("resourceVersion"),
+                    resource_version=meta(listing).get("resourceVersion"),
                     timeout_seconds=max(1, math.ceil(remaining)),
                     _request_timeout=(REQUEST_TIMEOUT[0], remaining + WATCH_READ_SLACK),
                 ):
@@ -534,21 +499,21 @@ class KubernetesBackend:
                     time.sleep(0.2)
 
     def _wait_ready(self, volume_id: str, pod: Obj, timeout: float) -> None:
-        name, uid = _name(pod), _uid(pod)
+        name, uid = name_of(pod), uid_of(pod)
 
         def settled(current: Obj | None) -> bool:
             return (
                 current is None
-                or _uid(current) != uid
-                or _terminating(current)
-                or _phase(current) in ("Succeeded", "Failed")
+                or uid_of(current) != uid
+                or terminating(current)
+                or phase_of(current) in ("Succeeded", "Failed")
                 or pod_is_ready(current)
             )
 
         started = time.monotonic()
         done, last = self._watch_pod(name, settled, timeout)
-        ready = done and last is not None and _uid(last) == uid and pod_is_ready(last)
-        if ready and last is not None and not _terminating(last):
+        ready = done and last is not None and uid_of(last) == uid and pod_is_ready(last)
+        if ready and last is not None and not terminating(last):
             log.info(
                 "volume server pod ready",
                 extra=self._fields(
@@ -562,71 +527,28 @@ class KubernetesBackend:
         where = f"volume server pod {self._namespace}/{name}"
         if not done:
             raise errors.DeadlineExceeded(
-                f"{where} not ready after {timeout:g}s: {self._diagnose(last or pod)}"
+                f"{where} not ready after {timeout:g}s: {self._describe(last or pod)}"
             )
-        if last is None or _uid(last) != uid:
+        if last is None or uid_of(last) != uid:
             raise errors.Unavailable(f"{where} was deleted while waiting for it to become ready")
-        raise errors.Unavailable(f"{where} stopped before becoming ready: {self._diagnose(last)}")
+        raise errors.Unavailable(f"{where} stopped before becoming ready: {self._describe(last)}")
 
-    def _diagnose(self, pod: Obj) -> str:
-        """Phase, conditions, container states and the last events of ``pod``."""
-        status = pod.get("status") or {}
-        parts = [f"phase {_phase(pod)}"]
-        conditions = [
-            f"{c.get('type')}={c.get('status')}"
-            + (f" ({c.get('reason')}: {c.get('message', '')})" if c.get("reason") else "")
-            for c in status.get("conditions") or []
-        ]
-        parts.append("conditions: " + (", ".join(conditions) or "none"))
-        containers = [
-            *(status.get("initContainerStatuses") or []),
-            *(status.get("containerStatuses") or []),
-        ]
-        for container in containers:
-            state = container.get("state") or {}
-            if "waiting" in state:
-                waiting = state["waiting"] or {}
-                text = f"waiting ({waiting.get('reason')}: {waiting.get('message', '')})"
-            elif "terminated" in state:
-                ended = state["terminated"] or {}
-                text = f"terminated (exit {ended.get('exitCode')}, {ended.get('reason')})"
-            else:
-                text = "running" if "running" in state else "unknown state"
-            parts.append(
-                f"container {container.get('name')}: {text}, "
-                f"restarts {container.get('restartCount', 0)}"
-            )
-        parts.append("last events: " + self._last_events(pod))
-        return "; ".join(parts)
+    def _describe(self, pod: Obj) -> str:
+        return describe_pod(pod, self._last_events(pod))
 
     def _last_events(self, pod: Obj) -> str:
         try:
             events: list[Obj] = call_json(
                 self._core.list_namespaced_event,
                 self._namespace,
-                field_selector=f"involvedObject.uid={_uid(pod)}",
+                field_selector=f"involvedObject.uid={uid_of(pod)}",
             ).get("items", [])
         except Exception as exc:
             return f"unavailable ({api_failure(exc, 'listing events').message})"
         if not events:
             return "none"
 
-        def when(event: Obj) -> float:
-            return _timestamp(
-                event.get("lastTimestamp")
-                or event.get("eventTime")
-                or _meta(event).get("creationTimestamp")
-            )
-
-        quoted = []
-        for event in sorted(events, key=when)[-EVENTS_QUOTED:]:
-            message = str(event.get("message") or "").strip()
-            if len(message) > EVENT_MESSAGE_MAX:
-                message = message[:EVENT_MESSAGE_MAX] + "..."
-            count = event.get("count") or 0
-            repeated = f" (x{count})" if count > 1 else ""
-            quoted.append(f"{event.get('type')} {event.get('reason')}: {message}{repeated}")
-        return " | ".join(quoted)
+        return quote_events(events)
 
     # ------------------------------------------------------------ host sockets
 
@@ -677,9 +599,9 @@ class KubernetesBackend:
     def _fields(self, volume_id: str, pod: Obj, **more: object) -> dict[str, object]:
         return {
             "volume_id": volume_id,
-            "pod": _name(pod),
-            "pod_uid": _uid(pod),
-            "pod_node": _node_of(pod),
+            "pod": name_of(pod),
+            "pod_uid": uid_of(pod),
+            "pod_node": node_of(pod),
             "node": self._node,
             **more,
         }
