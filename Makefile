@@ -27,10 +27,13 @@ build: bootstrap
 proto: bootstrap
 	$(PY) tools/gen_proto.py
 
-lint: bootstrap
+# stubtest needs the built extension: it holds _nbd.pyi against what the module exports.
+lint: build
 	.venv/bin/ruff check src tests tools
 	.venv/bin/ruff format --check src tests tools
 	.venv/bin/mypy
+	$(PY) -m mypy.stubtest --concise --allowlist src/zerofs_csi/nbd/stubtest-allowlist.txt \
+		zerofs_csi.nbd._nbd
 	$(PY) tools/gen_proto.py --check
 
 # kube-apiserver, etcd and kubectl built from their Go modules into .cache/kube/ (envtest

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the build and the host tests need, idempotently: Debian packages from
-# tools/host-packages.txt, then a virtualenv in .venv with the package (editable) and its
-# dev tools. Re-running does nothing when everything is present.
+# tools/host-packages.txt, then a virtualenv in .venv with the package (editable), its
+# dev tools and the benchmark's chart library. Re-running does nothing when everything is
+# present.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -29,7 +30,7 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$inputs" ]]; then
     # pip warns about every index location of the machine's pip config it cannot use.
     quiet_pip() { .venv/bin/pip "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
     quiet_pip install -q --upgrade pip
-    quiet_pip install -q -e '.[dev]'
+    quiet_pip install -q -e '.[dev,bench]'
     .venv/bin/python -c 'import zerofs_csi.nbd._nbd, Cython' # fail here, not later, if it did not
     echo "$inputs" >"$stamp"
 fi

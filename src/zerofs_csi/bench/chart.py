@@ -83,7 +83,7 @@ def draw(
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit(
-            "drawing the chart needs matplotlib: pip install 'zerofs-csi[dev]'"
+            "drawing the chart needs matplotlib: pip install 'zerofs-csi[bench]'"
         ) from None
 
     height = 1.0 + 0.45 * len(bars)

@@ -7,6 +7,8 @@ Every blocking call releases the GIL. Errors are OSError subclasses carrying err
 from collections.abc import Iterable, Sequence
 from typing import Self
 
+from typing_extensions import disjoint_base
+
 NBD_CMD_CONNECT: int
 NBD_CMD_DISCONNECT: int
 NBD_CMD_RECONFIGURE: int
@@ -104,6 +106,7 @@ def decode_device_list(payload: bytes) -> list[tuple[int, bool]]:
 def split_device_list(payload: bytes) -> tuple[list[int], list[int]]:
     """A STATUS reply as ``(configured, free)`` index lists."""
 
+@disjoint_base
 class NbdNetlink:
     """A generic netlink socket bound to the ``nbd`` family, resolved once at
     construction (NbdModuleNotLoaded when the module is absent). One thread at a time:
@@ -162,6 +165,7 @@ class NbdNetlink:
         """Send raw request bytes; return every raw reply for their sequence number,
         the final ack or error included (kernel errors are returned, not raised)."""
 
+@disjoint_base
 class LinkDeadListener:
     """Subscribed to the nbd multicast group; reports devices whose connection died."""
 
@@ -176,6 +180,7 @@ class LinkDeadListener:
         ``[(index, backend_id)]``, empty on timeout. Index -1: notifications were lost
         (ENOBUFS), re-check every device."""
 
+@disjoint_base
 class Negotiated:
     """Sockets that finished the handshake; owns the descriptors until :meth:`close`."""
 
@@ -195,6 +200,7 @@ class Negotiated:
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc_info: object) -> None: ...
 
+@disjoint_base
 class Handshake:
     """An NBD handshake in two steps, so the caller can work while the server accepts.
 
@@ -256,6 +262,7 @@ def find_backend(indexes: Iterable[int], backend_id: str) -> int:
 def block_device_size(path: str) -> int:
     """BLKGETSIZE64 of a block device node (opened read-only)."""
 
+@disjoint_base
 class UeventWatch:
     """Kernel uevents, opened before CONNECT so the change event cannot be missed."""
 
@@ -281,6 +288,7 @@ def wait_ready(
     closed), else None. Blocks (GIL released) at most
     ``timeout_s``: DeviceNotReady (ETIMEDOUT; EIO for a size mismatch), NbdError."""
 
+@disjoint_base
 class IoctlDevice:
     """One /dev/nbdX through the legacy ioctls (kernels without nbd netlink)."""
 
