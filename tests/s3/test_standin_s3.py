@@ -29,6 +29,7 @@ from standin.servers import (
     alive,
     cmdline,
     environ,
+    load_standin,
     require_tool,
     session_members,
 )
@@ -46,6 +47,8 @@ pytestmark = pytest.mark.s3
 VOLUME = "pvc-1"
 PREFIX = f"base/{VOLUME}/"
 MiB = 1 << 20
+# The S3 object size of the exports' blocks.
+OBJECT = load_standin().OBJECT_SIZE
 # Objects of other volumes and of nobody, which the stand-in must never touch.
 BYSTANDERS = {
     "base/pvc-10/.nbd/pvc-10": b"1048576",
@@ -251,10 +254,10 @@ def test_serves_an_export_whose_blocks_are_objects_under_the_volume_prefix(
     assert read_all(standin)[: len(data)] == data
 
     keys = assert_only_under_the_prefix(s3, bucket, bystanders)
-    # The size record and one object per written MiB (the last one partly written).
+    # The size record and one object per block written (the last one partly written).
     assert f"{PREFIX}.nbd/{VOLUME}" in keys
     blocks = sorted(key for key in keys if key.startswith(f"{PREFIX}.nbd-blocks/{VOLUME}/"))
-    assert len(blocks) == 7, blocks
+    assert len(blocks) == 6 * MiB // OBJECT + 1, blocks
     assert objects(s3, bucket)[f"{PREFIX}.nbd/{VOLUME}"] == str(8 * MiB).encode()
 
     # A grown export is seen by the next connection and recorded in S3 as well.
@@ -288,14 +291,19 @@ def test_unaligned_writes_and_write_zeroes_read_back_exactly(standin: Standin) -
     with NbdClient(standin.nbd, VOLUME) as writer, NbdClient(standin.nbd, VOLUME) as reader:
         writer.write(0, bytes(expected))
         # Across an object boundary, inside one object, and a single sector at the end.
-        for offset, length in ((MiB - 1000, 5000), (2 * MiB + 512, 4096), (4 * MiB - 512, 512)):
+        for offset, length in (
+            (MiB - 1000, 5000),
+            (2 * MiB + 512, 4096),
+            (4 * MiB - 512, 512),
+        ):
             chunk = os.urandom(length)
             writer.write(offset, chunk, fua=True)
             expected[offset : offset + length] = chunk
         # WRITE_ZEROES that may trim, over whole objects and two partial ones: every
         # byte of the range reads back as zero, every byte around it is kept.
-        writer.zero(MiB // 2, 2 * MiB, may_trim=True)
-        expected[MiB // 2 : MiB // 2 + 2 * MiB] = bytes(2 * MiB)
+        start, length = OBJECT // 2, 3 * OBJECT
+        writer.zero(start, length, may_trim=True)
+        expected[start : start + length] = bytes(length)
         writer.zero(3 * MiB + 100, 1000, may_trim=False)
         expected[3 * MiB + 100 : 3 * MiB + 1100] = bytes(1000)
         writer.flush()
@@ -313,7 +321,7 @@ def test_deleting_the_prefix_with_s3cleanup_leaves_only_the_others(
 
     deleted = delete_volume_data(standin.settings, VOLUME, standin.secrets)
 
-    assert deleted == 4  # the size record and three block objects
+    assert deleted == 1 + 3 * MiB // OBJECT  # the size record and the blocks
     assert objects(s3, bucket) == bystanders
     # Started again on the emptied prefix, the volume has no export any more.
     standin.start()

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -20,11 +17,11 @@ from standin.servers import (
     NBD_FLAG_CAN_MULTI_CONN,
     NBD_FLAG_SEND_FLUSH,
     NBD_FLAG_SEND_FUA,
-    REPO,
     STANDIN,
     NbdClient,
     alive,
     cmdline,
+    load_standin,
     nbd_list_exports,
     session_members,
     wait_for_socket,
@@ -35,19 +32,6 @@ from zerofs_csi.servers.zerofs_config import ENV_ENCRYPTION_PASSWORD, render_zer
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import VolumeSettings
 from zerofs_csi.volume.storage_url import StorageUrl
-
-
-def load_standin() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "zerofs_standin", REPO / "tools" / "zerofs_standin.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the class is built.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 standin = load_standin()
 
