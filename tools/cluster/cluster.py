@@ -22,6 +22,7 @@ import fcntl
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -312,5 +313,16 @@ def main(argv: Sequence[str]) -> int:
     return run_cluster(command, with_s3=args.s3, timeout_s=args.timeout)
 
 
+def raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # SIGTERM takes ^C's way out, through every clean-up: the control plane's processes
+    # live in sessions of their own and would outlive us.
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        log("interrupted")
+        sys.exit(130)
