@@ -314,6 +314,10 @@ def main(argv: Sequence[str]) -> int:
 
 
 def raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    # Once: a second signal (timeout(1) and a shell both passing one on) must not cut
+    # the clean-up short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
