@@ -59,9 +59,13 @@ cluster-images: cluster-build
 	@tools/cluster/images.sh
 
 # containerd and runc from cluster-build import every image of cluster-images in the
-# microVM and run each (the images are built here: the microVM has no network).
+# microVM and run each (the images are built here: the microVM has no network). The
+# builds' lock, held shared, keeps the archives listed until the check is done.
 cluster-runtime-check: bootstrap cluster-images
-	$(VM) --timeout $(VM_TIMEOUT) --mem 4096 -- tools/cluster/runtime_check.sh
+	flock --shared $(KUBE_ASSETS)/images/.lock sh -ec '\
+		tools/cluster/images.sh --built >$(KUBE_ASSETS)/images/runtime-check.txt; \
+		$(VM) --timeout 3600 --mem 4096 -- tools/cluster/runtime_check.sh \
+			$(KUBE_ASSETS)/images/runtime-check.txt'
 
 # Host tests: everything not needing the kernel's NBD driver or an S3 server; the
 # Kubernetes-backend tests against the real kube-apiserver too (KUBEBUILDER_ASSETS).
