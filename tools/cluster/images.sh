@@ -154,8 +154,8 @@ in_store() { # REFERENCE
 # archives, and layers nothing uses any more.
 drop_older() { # REPOSITORY TAG
     local old
-    for old in $(buildah_ images --noheading --format '{{.Name}}:{{.Tag}}' "$1" 2>/dev/null); do
-        [[ $old == "$1:$2" ]] || buildah_ rmi "$old" >/dev/null
+    for old in $(buildah_ images --noheading --format '{{.Name}}:{{.Tag}}'); do
+        if [[ ${old%:*} == "$1" && $old != "$1:$2" ]]; then buildah_ rmi "$old" >/dev/null; fi
     done
     for old in "$images/${1##*/}"-*.tar; do
         [[ -e $old && $old != "$images/${1##*/}-$2.tar" ]] && rm -f "$old" "$old.inputs"
