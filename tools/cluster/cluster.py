@@ -214,7 +214,7 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
                 str(HERE / "node.sh"),
                 str(run_dir),
             ]
-            with node_disk(), node_vm(vm, run_dir) as node:
+            with node_disk(), archives_held(binaries), node_vm(vm, run_dir) as node:
                 wait_for_node(node, run_dir, plane, timeout_s)
                 log(f"node Ready {time.monotonic() - started:.1f} s after the start")
                 host_env = {
@@ -246,6 +246,15 @@ def node_disk() -> Iterator[None]:
             fcntl.flock(disk, fcntl.LOCK_EX)
         if os.fstat(disk.fileno()).st_size != NODE_DISK_BYTES:
             disk.truncate(NODE_DISK_BYTES)
+        yield
+
+
+@contextmanager
+def archives_held(binaries: Path) -> Iterator[None]:
+    """images.sh's lock, shared: no image is rebuilt (its archive replaced) while the node
+    may still be importing it."""
+    with open(binaries / "images" / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
         yield
 
 
