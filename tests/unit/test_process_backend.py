@@ -402,11 +402,12 @@ def test_server_exiting_at_start_is_unavailable_with_its_last_words(
 ) -> None:
     if command != [str(STANDIN)]:
         pytest.skip("the refusal text is the stand-in's")
+    # S3 storage and no credentials anywhere: the stand-in refuses to start.
     s3 = settings_for(tmp_path, storage_url=StorageUrl.parse("s3://bucket/volumes"))
     with pytest.raises(errors.Unavailable) as caught:
         backend.ensure(VOLUME, s3, SECRETS)
     assert "exited with status 1 while starting" in caught.value.message
-    assert "only serves file:// storage" in caught.value.message
+    assert "no S3 credentials" in caught.value.message
     assert backend.running() == []
 
 
