@@ -150,7 +150,6 @@ def node_environment(plane: ControlPlane, binaries: Path, images: Sequence[str])
         "KUBELET_KUBECONFIG": str(plane.kubeconfig("kubelet", for_node=True)),
         "KUBE_PROXY_KUBECONFIG": str(plane.kubeconfig("kube-proxy", for_node=True)),
         "ADMIN_KUBECONFIG": str(plane.kubeconfig("admin", for_node=True)),
-        "KUBECONFIG": str(plane.kubeconfig("admin", for_node=True)),
         "IMAGES_FILE": str(plane.run_dir / "images.txt"),
         "NODE_DISK": "/dev/vda",
     }
