@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import botocore.awsrequest
 import grpc
 import pytest
 from radosgw import RadosGateway
+from s3relay import Refusal, S3Relay, s3_relay
 
 from zerofs_csi import errors
 from zerofs_csi.bench.plugin import free_tcp_port
 from zerofs_csi.controller.s3cleanup import (
     DELETE_BATCH_MAX,
-    RetryPolicy,
+    S3_MAX_ATTEMPTS,
+    KeyRetryPolicy,
     check_prefix,
     delete_volume_data,
     make_s3_client,
@@ -26,8 +27,8 @@ from zerofs_csi.volume.settings import VolumeSettings
 from zerofs_csi.volume.storage_url import StorageUrl
 
 VOLUME = "pvc-1"
-# Fast retries so that the tests of retry exhaustion stay short.
-FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.02)
+# Fast retries of failed keys so that the tests of their exhaustion stay short.
+FAST = KeyRetryPolicy(attempts=4, base_delay=0.01, max_delay=0.02)
 
 # Objects that must survive deleting pvc-1 under base path "base": a sibling volume
 # whose id extends ours, an object named exactly like the prefix without its '/',
@@ -101,19 +102,14 @@ class CallLog:
         self.batch_sizes.append(len(params["Delete"]["Objects"]))
 
 
-def slow_down_response(request: Any) -> botocore.awsrequest.AWSResponse:
-    body = (
-        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-        b"<Message>Please reduce your request rate.</Message></Error>"
-    )
+@pytest.fixture
+def relay(radosgw: RadosGateway) -> Iterator[S3Relay]:
+    with s3_relay(radosgw.endpoint) as relay:
+        yield relay
 
-    class Raw:
-        def stream(self, **kwargs: Any) -> Any:
-            yield body
 
-    return botocore.awsrequest.AWSResponse(
-        request.url, 503, {"Content-Type": "application/xml"}, Raw()
-    )
+def through(relay: S3Relay, settings: VolumeSettings) -> VolumeSettings:
+    return dataclasses.replace(settings, s3_endpoint=relay.endpoint)
 
 
 # --------------------------------------------------------------------- happy paths
@@ -308,61 +304,69 @@ def test_a_listed_key_outside_the_prefix_aborts_before_any_delete(
 
 
 @pytest.mark.s3
-def test_throttled_deletes_are_retried_with_backoff(
-    radosgw: RadosGateway, s3: Any, bucket: str
+def test_throttled_requests_are_retried(
+    radosgw: RadosGateway, s3: Any, bucket: str, relay: S3Relay
 ) -> None:
     mine = volume_keys(20)
     put_all(s3, bucket, mine + BYSTANDERS)
-    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
-    throttled = 0
+    relay.refuse(Refusal("GET", "list-type", 503, "SlowDown", times=1))
+    relay.refuse(Refusal("POST", "delete", 503, "SlowDown", times=2))
 
-    def slow_down_twice(request: Any, **kwargs: Any) -> Any:
-        nonlocal throttled
-        if throttled < 2:
-            throttled += 1
-            return slow_down_response(request)
-        return None
-
-    client.meta.events.register("before-send.s3.DeleteObjects", slow_down_twice)
-    sleeps: list[float] = []
     deleted = delete_volume_data(
-        settings_for(radosgw, bucket),
-        VOLUME,
-        secrets_for(radosgw),
-        client=client,
-        retry=RetryPolicy(attempts=5, base_delay=0.5, max_delay=4.0),
-        sleep=sleeps.append,
+        through(relay, settings_for(radosgw, bucket)), VOLUME, secrets_for(radosgw)
     )
+
     assert deleted == len(mine)
-    assert throttled == 2
-    assert len(sleeps) == 2
-    assert 0 <= sleeps[0] <= 0.5 and 0 <= sleeps[1] <= 1.0  # capped exponential backoff
+    # The listing, then the final check that nothing remains.
+    assert relay.statuses("GET", "list-type") == [503, 200, 200]
+    assert relay.statuses("POST", "delete") == [503, 503, 200]
     assert all_keys(s3, bucket) == set(BYSTANDERS)
 
 
 @pytest.mark.s3
-def test_endless_throttling_fails_retryably_and_deletes_nothing(
-    radosgw: RadosGateway, s3: Any, bucket: str
+def test_endless_server_errors_fail_retryably_and_delete_nothing(
+    radosgw: RadosGateway, s3: Any, bucket: str, relay: S3Relay
 ) -> None:
     mine = volume_keys(10)
     put_all(s3, bucket, mine)
-    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
-    client.meta.events.register(
-        "before-send.s3.DeleteObjects", lambda request, **kwargs: slow_down_response(request)
-    )
-    sleeps: list[float] = []
+    relay.refuse(Refusal("POST", "delete", 503, "ServiceUnavailable"))
     with pytest.raises(errors.Unavailable) as info:
         delete_volume_data(
-            settings_for(radosgw, bucket),
-            VOLUME,
-            secrets_for(radosgw),
-            client=client,
-            retry=FAST,
-            sleep=sleeps.append,
+            through(relay, settings_for(radosgw, bucket)), VOLUME, secrets_for(radosgw)
         )
     assert info.value.code is grpc.StatusCode.UNAVAILABLE
-    assert "SlowDown" in info.value.message and "4 attempts" in info.value.message
-    assert len(sleeps) == FAST.attempts - 1
+    assert info.value.message == (
+        f"S3 DeleteObjects still failing after {S3_MAX_ATTEMPTS} attempts: "
+        "ServiceUnavailable (HTTP 503)"
+    )
+    assert relay.statuses("POST", "delete") == [503] * S3_MAX_ATTEMPTS
+    assert all_keys(s3, bucket) == set(mine)
+
+
+@pytest.mark.s3
+def test_a_repeated_continuation_token_stops_the_listing_before_any_delete(
+    radosgw: RadosGateway, s3: Any, bucket: str
+) -> None:
+    mine = volume_keys(DELETE_BATCH_MAX + 10)
+    put_all(s3, bucket, mine)
+    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    calls = CallLog(client)
+    tokens: list[str] = []
+
+    def repeat_the_first_token(parsed: dict[str, Any], **kwargs: Any) -> None:
+        # The second (last) page claims more to come under the token of the first.
+        if parsed.get("NextContinuationToken"):
+            tokens.append(parsed["NextContinuationToken"])
+        elif tokens:
+            parsed["IsTruncated"] = True
+            parsed["NextContinuationToken"] = tokens[0]
+
+    client.meta.events.register("after-call.s3.ListObjectsV2", repeat_the_first_token)
+    with pytest.raises(errors.Internal, match="continuation token"):
+        delete_volume_data(
+            settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), client=client
+        )
+    assert calls.operations == ["ListObjectsV2", "ListObjectsV2"]
     assert all_keys(s3, bucket) == set(mine)
 
 
@@ -400,7 +404,7 @@ def test_per_key_errors_are_failures(
 
     client.meta.events.register("after-call.s3.DeleteObjects", report_one_key_failed)
     client.meta.events.register("before-parameter-build.s3.DeleteObjects", record_batch)
-    call = dict(client=client, retry=FAST, sleep=lambda seconds: None)
+    call = dict(client=client, key_retry=FAST, sleep=lambda seconds: None)
     if outcome is None:
         assert delete_volume_data(
             settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), **call
@@ -434,15 +438,16 @@ def test_objects_written_during_deletion_keep_delete_failing(
 def test_unreachable_endpoint_is_unavailable(radosgw: RadosGateway) -> None:
     closed = f"http://127.0.0.1:{free_tcp_port()}"
     settings = dataclasses.replace(settings_for(radosgw, "any-bucket"), s3_endpoint=closed)
-    sleeps: list[float] = []
+    client = make_s3_client(settings, secrets_for(radosgw))
+    calls = CallLog(client)
     with pytest.raises(errors.Unavailable, match="EndpointConnectionError"):
-        delete_volume_data(settings, VOLUME, secrets_for(radosgw), retry=FAST, sleep=sleeps.append)
-    assert len(sleeps) == FAST.attempts - 1
+        delete_volume_data(settings, VOLUME, secrets_for(radosgw), client=client)
+    assert calls.operations == ["ListObjectsV2"] * S3_MAX_ATTEMPTS
 
 
 @pytest.mark.s3
-def test_rejected_credentials_fail_without_showing_them(
-    radosgw: RadosGateway, s3: Any, bucket: str
+def test_rejected_credentials_fail_at_once_without_showing_them(
+    radosgw: RadosGateway, s3: Any, bucket: str, relay: S3Relay
 ) -> None:
     put_all(s3, bucket, volume_keys(3))
     wrong = VolumeSecrets(
@@ -451,8 +456,9 @@ def test_rejected_credentials_fail_without_showing_them(
         secret_access_key="wrong-secret-value-" + radosgw.secret_key[:4],
     )
     with pytest.raises(errors.Internal) as info:
-        delete_volume_data(settings_for(radosgw, bucket), VOLUME, wrong, retry=FAST)
+        delete_volume_data(through(relay, settings_for(radosgw, bucket)), VOLUME, wrong)
     assert "SignatureDoesNotMatch" in info.value.message or "403" in info.value.message
     assert wrong.secret_access_key not in info.value.message
     assert radosgw.access_key not in info.value.message
+    assert relay.statuses("GET", "list-type") == [403]  # not retried
     assert len(all_keys(s3, bucket)) == 3

@@ -9,21 +9,25 @@ Guardrails, in order:
 - The whole prefix is listed first, and every listed key must start with the prefix;
   otherwise nothing at all is deleted.
 
-Deletion uses ListObjectsV2 pages and DeleteObjects batches of at most 1000 keys (the
-API's limit). Throttling and server errors are retried with capped, jittered
-exponential backoff; when retries run out, or any key fails to delete, the call raises
-(UNAVAILABLE for transient trouble) so that DeleteVolume keeps failing and the
-provisioner retries. Partial deletion is never reported as success. Errors carry S3
-error codes and exception class names only, never credentials.
+Deletion pages through ListObjectsV2 with botocore's paginator (which also stops a
+listing that hands back the continuation token it just gave) and deletes in DeleteObjects
+batches of at most 1000 keys (the API's limit). botocore retries throttling, server
+errors and lost connections (its standard mode: capped, jittered exponential backoff
+under a retry quota); the keys a successful DeleteObjects answer reports as failed with
+a transient code are sent again here. When retries run out, or any key fails to delete,
+the call raises (UNAVAILABLE for transient trouble) so that DeleteVolume keeps failing
+and the provisioner retries. Partial deletion is never reported as success. Errors
+carry S3 error codes and exception class names only, never credentials.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +48,11 @@ log = logging.getLogger(__name__)
 DELETE_BATCH_MAX = 1000
 LIST_PAGE_MAX = 1000
 
-# Error codes S3 (and S3-compatible stores) answer when the request may succeed later.
+# Attempts botocore makes of one request, the first included, before it gives up.
+S3_MAX_ATTEMPTS = 5
+
+# Error codes S3 (and S3-compatible stores) answer when a request, or one key of a
+# DeleteObjects batch, may succeed later. A per-key error has no HTTP status of its own.
 RETRYABLE_CODES = frozenset(
     {
         "SlowDown",
@@ -58,13 +66,13 @@ RETRYABLE_CODES = frozenset(
         "OperationAborted",
     }
 )
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries: ``attempts`` tries in all, sleeping a random time up to
-    ``min(max_delay, base_delay * 2**(n-1))`` after the n-th failure (full jitter)."""
+class KeyRetryPolicy:
+    """Retries of the keys a DeleteObjects answer reports as failed, which botocore,
+    retrying whole requests, never sees: ``attempts`` tries in all, sleeping a random
+    time up to ``min(max_delay, base_delay * 2**(n-1))`` after the n-th (full jitter)."""
 
     attempts: int = 6
     base_delay: float = 0.2
@@ -143,7 +151,7 @@ def check_endpoint(settings: VolumeSettings) -> str | None:
 
 
 def make_s3_client(settings: VolumeSettings, secrets: VolumeSecrets) -> Any:
-    """A boto3 S3 client for the volume's store, with our own retries only.
+    """A boto3 S3 client for the volume's store, retrying in botocore's standard mode.
 
     Without an access key in ``secrets`` boto3's default credential chain applies
     (web identity, instance metadata).
@@ -151,8 +159,7 @@ def make_s3_client(settings: VolumeSettings, secrets: VolumeSecrets) -> Any:
     endpoint = check_endpoint(settings)
     config = botocore.config.Config(
         region_name=settings.s3_region or "us-east-1",
-        # One attempt per call: retry_call below owns retries and their bound.
-        retries={"total_max_attempts": 1, "mode": "standard"},
+        retries={"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS},
         connect_timeout=10,
         read_timeout=60,
         # S3-compatible stores behind a custom endpoint rarely serve virtual hosts;
@@ -174,84 +181,65 @@ class _NoSuchBucket(Exception):
     pass
 
 
-def retry_call(
-    call: Callable[..., Mapping[str, Any]],
-    what: str,
-    retry: RetryPolicy,
-    sleep: Callable[[float], None],
-    **kwargs: Any,
-) -> Mapping[str, Any]:
-    """Run one S3 call, retrying transient failures; raise a CsiError otherwise."""
-    for attempt in range(1, retry.attempts + 1):
-        try:
-            return call(**kwargs)
-        except botocore.exceptions.ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code == "NoSuchBucket":
-                raise _NoSuchBucket from None
-            detail = f"{code or 'error'} (HTTP {status})"
-            if code not in RETRYABLE_CODES and status not in RETRYABLE_STATUS:
-                raise errors.Internal(f"S3 {what} failed: {detail}") from None
-        except (
-            botocore.exceptions.ConnectionError,
-            botocore.exceptions.HTTPClientError,
-        ) as exc:
-            detail = type(exc).__name__
-        except botocore.exceptions.NoCredentialsError:
-            raise errors.FailedPrecondition(
-                f"S3 {what}: no credentials; put AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "in the provisioner secret"
-            ) from None
-        except botocore.exceptions.BotoCoreError as exc:
-            raise errors.Internal(f"S3 {what} failed: {type(exc).__name__}") from None
-        if attempt == retry.attempts:
+@contextlib.contextmanager
+def _s3_errors(what: str) -> Iterator[None]:
+    """Turn what botocore raises, once its own retries are spent, into a CsiError."""
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        metadata = exc.response.get("ResponseMetadata", {})
+        status = metadata.get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            raise _NoSuchBucket from None
+        detail = f"{code or 'error'} (HTTP {status})"
+        if code in RETRYABLE_CODES or status == 429 or (status or 0) >= 500:
+            attempts = metadata.get("RetryAttempts", 0) + 1
             raise errors.Unavailable(
-                f"S3 {what} still failing after {retry.attempts} attempts: {detail}"
-            )
-        log.info("S3 %s failed (%s), retry %d of %d", what, detail, attempt, retry.attempts - 1)
-        sleep(retry.delay(attempt))
-    raise AssertionError("unreachable: the loop returns or raises")
+                f"S3 {what} still failing after {attempts} attempts: {detail}"
+            ) from None
+        raise errors.Internal(f"S3 {what} failed: {detail}") from None
+    except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as exc:
+        raise errors.Unavailable(f"S3 {what} failed: {type(exc).__name__}") from None
+    except botocore.exceptions.NoCredentialsError:
+        raise errors.FailedPrecondition(
+            f"S3 {what}: no credentials; put AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "in the provisioner secret"
+        ) from None
+    except botocore.exceptions.PaginationError:
+        raise errors.Internal(
+            f"S3 {what} returned the continuation token it had just returned"
+        ) from None
+    except botocore.exceptions.BotoCoreError as exc:
+        raise errors.Internal(f"S3 {what} failed: {type(exc).__name__}") from None
 
 
-def _list_keys(
-    client: Any, target: CleanupTarget, retry: RetryPolicy, sleep: Callable[[float], None]
-) -> list[str]:
+def _list_keys(client: Any, target: CleanupTarget) -> list[str]:
     """Every key under the prefix; FailedPrecondition if any key lies outside it.
 
     The whole listing is held before anything is deleted, so that a bad key on any
     page stops the call with nothing deleted. ZeroFS packs data into segment objects,
-    so a volume lists to far fewer keys than it has blocks.
+    so a volume lists to far fewer keys than it has blocks. A truncated page without a
+    continuation token ends the listing early: the check after deleting then finds
+    what was not listed.
     """
     keys: list[str] = []
-    token: str | None = None
-    seen_tokens: set[str] = set()
-    while True:
-        kwargs: dict[str, Any] = {
-            "Bucket": target.bucket,
-            "Prefix": target.prefix,
-            "MaxKeys": LIST_PAGE_MAX,
-        }
-        if token is not None:
-            kwargs["ContinuationToken"] = token
-        page = retry_call(client.list_objects_v2, "ListObjectsV2", retry, sleep, **kwargs)
-        for entry in page.get("Contents", []):
-            key = entry.get("Key")
-            if not isinstance(key, str) or not key.startswith(target.prefix):
-                raise errors.FailedPrecondition(
-                    f"refusing to delete anything under {target}: the listing returned "
-                    f"key {key!r}, which is outside the prefix"
-                )
-            keys.append(key)
-        if not page.get("IsTruncated"):
-            return keys
-        token = page.get("NextContinuationToken")
-        if not token or token in seen_tokens:
-            raise errors.Internal(
-                f"S3 ListObjectsV2 under {target} returned a truncated page without a new "
-                "continuation token"
-            )
-        seen_tokens.add(token)
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=target.bucket,
+        Prefix=target.prefix,
+        PaginationConfig={"PageSize": LIST_PAGE_MAX},
+    )
+    with _s3_errors("ListObjectsV2"):
+        for page in pages:
+            for entry in page.get("Contents", []):
+                key = entry.get("Key")
+                if not isinstance(key, str) or not key.startswith(target.prefix):
+                    raise errors.FailedPrecondition(
+                        f"refusing to delete anything under {target}: the listing returned "
+                        f"key {key!r}, which is outside the prefix"
+                    )
+                keys.append(key)
+    return keys
 
 
 def _batches(keys: list[str], size: int) -> Iterator[list[str]]:
@@ -263,21 +251,18 @@ def _delete_batch(
     client: Any,
     target: CleanupTarget,
     batch: list[str],
-    retry: RetryPolicy,
+    retry: KeyRetryPolicy,
     sleep: Callable[[float], None],
 ) -> int:
     """Delete one batch; retry keys that failed with a transient code. Returns the count."""
     pending = batch
     deleted = 0
     for attempt in range(1, retry.attempts + 1):
-        response = retry_call(
-            client.delete_objects,
-            "DeleteObjects",
-            retry,
-            sleep,
-            Bucket=target.bucket,
-            Delete={"Objects": [{"Key": key} for key in pending], "Quiet": True},
-        )
+        with _s3_errors("DeleteObjects"):
+            response = client.delete_objects(
+                Bucket=target.bucket,
+                Delete={"Objects": [{"Key": key} for key in pending], "Quiet": True},
+            )
         failures = response.get("Errors") or []
         failed_keys = [failure.get("Key") for failure in failures]
         if not set(failed_keys) <= set(pending):
@@ -309,7 +294,7 @@ def delete_volume_data(
     secrets: VolumeSecrets,
     *,
     client: Any = None,
-    retry: RetryPolicy | None = None,
+    key_retry: KeyRetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Delete every object under the volume's prefix; return how many were deleted.
@@ -317,15 +302,16 @@ def delete_volume_data(
     ``client`` defaults to ``make_s3_client(settings, secrets)``. A missing bucket
     counts as nothing to delete. Raises FailedPrecondition when a guardrail refuses,
     UNAVAILABLE when S3 keeps failing or objects remain afterwards, INTERNAL for
-    non-transient S3 errors; the caller must then fail DeleteVolume.
+    non-transient S3 errors; the caller must then fail DeleteVolume. ``key_retry`` and
+    ``sleep`` pace the retries of keys a DeleteObjects answer reports as failed.
     """
-    retry = retry or RetryPolicy()
+    key_retry = key_retry or KeyRetryPolicy()
     target = cleanup_target(settings, volume_id)
     check_endpoint(settings)
     if client is None:
         client = make_s3_client(settings, secrets)
     try:
-        keys = _list_keys(client, target, retry, sleep)
+        keys = _list_keys(client, target)
     except _NoSuchBucket:
         log.warning("S3 bucket %r does not exist: nothing to delete for %s", target.bucket, target)
         return 0
@@ -333,17 +319,12 @@ def delete_volume_data(
     deleted = 0
     try:
         for batch in _batches(keys, DELETE_BATCH_MAX):
-            deleted += _delete_batch(client, target, batch, retry, sleep)
+            deleted += _delete_batch(client, target, batch, key_retry, sleep)
             log.debug("deleted %d of %d objects under %s", deleted, len(keys), target)
-        remaining = retry_call(
-            client.list_objects_v2,
-            "ListObjectsV2",
-            retry,
-            sleep,
-            Bucket=target.bucket,
-            Prefix=target.prefix,
-            MaxKeys=1,
-        )
+        with _s3_errors("ListObjectsV2"):
+            remaining = client.list_objects_v2(
+                Bucket=target.bucket, Prefix=target.prefix, MaxKeys=1
+            )
     except _NoSuchBucket:
         raise errors.Unavailable(f"S3 bucket vanished while deleting {target}") from None
     if remaining.get("KeyCount", len(remaining.get("Contents", []))):
