@@ -12,7 +12,7 @@ CSI_TEST_VERSION := v5.6.0
 CSI_SANITY := .cache/csi-sanity/$(CSI_TEST_VERSION)/csi-sanity
 
 .PHONY: all bootstrap build proto lint kube-assets cluster-build cluster-images cluster-runtime-check test test-unit test-s3 test-vm vm-prepare demo bench \
-	nbd-regression chaos soak logs wheel clean
+	nbd-regression chaos soak logs wheel lock clean
 
 all: build
 
@@ -149,6 +149,17 @@ logs:
 
 wheel: bootstrap
 	$(PY) -m build --wheel --outdir dist .
+
+# The exact versions, with their hashes, that the image installs: pyproject.toml's runtime
+# dependencies (requirements/image.lock) and build requirements (requirements/build.lock),
+# resolved for the image's Python 3.11 on Debian 12 (glibc 2.36) at today's newest.
+LOCK := .venv/bin/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_36 --custom-compile-command "make lock"
+
+lock: bootstrap
+	$(LOCK) --output-file requirements/image.lock pyproject.toml
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(LOCK) --output-file requirements/build.lock -
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

@@ -15,10 +15,14 @@ import shlex
 import shutil
 import subprocess
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from chart.conftest import CHART, ROOT, Helm, container, find
 from zerofs_csi.host import filesystems
@@ -26,6 +30,7 @@ from zerofs_csi.host import filesystems
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 HOST_PACKAGES = ROOT / "tools" / "host-packages.txt"
+LOCKS = ROOT / "requirements"
 PXD = ROOT / "src" / "zerofs_csi" / "nbd" / "_nbd_linux.pxd"
 INCLUDE_DIRS = (Path("/usr/include"), Path("/usr/include/x86_64-linux-gnu"))
 
@@ -204,3 +209,87 @@ def test_build_context_holds_what_the_dockerfile_copies(stages: list[Stage]) -> 
         "proto/csi.proto",
     ):
         assert (ROOT / needed).exists()
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: str
+    version: str
+    hashes: tuple[str, ...]
+
+
+def read_lock(path: Path) -> dict[str, Pin]:
+    """A hashed requirements file: ``name==version --hash=sha256:... ...`` entries."""
+    pins: dict[str, Pin] = {}
+    joined = re.sub(r"\\\n", " ", path.read_text())
+    for raw in joined.splitlines():
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        requirement = Requirement(words[0])
+        (specifier,) = requirement.specifier
+        assert specifier.operator == "==", f"{path.name}: {words[0]} is not pinned exactly"
+        hashes = tuple(w.removeprefix("--hash=") for w in words[1:] if w.startswith("--hash="))
+        assert hashes, f"{path.name}: {words[0]} has no hash"
+        pins[canonicalize_name(requirement.name)] = Pin(
+            canonicalize_name(requirement.name), specifier.version, hashes
+        )
+    return pins
+
+
+@pytest.mark.parametrize(
+    ("lock", "requirements"),
+    [
+        ("image.lock", lambda pyproject: pyproject["project"]["dependencies"]),
+        ("build.lock", lambda pyproject: pyproject["build-system"]["requires"]),
+    ],
+)
+def test_locks_pin_every_requirement_of_pyproject(
+    lock: str, requirements: Callable[[dict[str, Any]], list[str]]
+) -> None:
+    """A dependency added to pyproject.toml without `make lock` fails here, not in the
+    image build (where pip check would only say so after installing everything)."""
+    pins = read_lock(LOCKS / lock)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for line in requirements(pyproject):
+        wanted = Requirement(line)
+        pin = pins.get(canonicalize_name(wanted.name))
+        assert pin is not None, f"{wanted.name} is not in requirements/{lock}: run make lock"
+        assert wanted.specifier.contains(pin.version, prereleases=True), (
+            f"requirements/{lock} pins {pin.name}=={pin.version}, outside {line!r}: "
+            "run make lock"
+        )
+        assert all(h.startswith("sha256:") for h in pin.hashes), pin
+
+
+def test_stages_install_only_from_the_locks(stages: list[Stage]) -> None:
+    (build,) = [s for s in stages if s.name == "build"]
+    runtime = stages[-1]
+
+    def pip_commands(stage: Stage) -> list[list[str]]:
+        commands = []
+        for keyword, argument in stage.instructions:
+            if keyword != "RUN":
+                continue
+            lexer = shlex.shlex(argument, posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True
+            words: list[str] = []
+            for word in [*lexer, "&&"]:
+                if word not in ("&&", ";", "||"):
+                    words.append(word)
+                    continue
+                if words[:3] == ["python", "-m", "pip"]:
+                    commands.append(words[3:])
+                words = []
+        return commands
+
+    locked = ["install", "--no-cache-dir", "--require-hashes", "--no-deps", "-r"]
+    build_pip = pip_commands(build)
+    assert build_pip[0] == [*locked, "requirements/build.lock"]
+    (wheel,) = [c for c in build_pip if c[0] == "wheel"]
+    assert {"--no-build-isolation", "--no-deps"} <= set(wheel)
+    runtime_pip = pip_commands(runtime)
+    assert runtime_pip[0] == [*locked, "/tmp/requirements/image.lock"]
+    project = runtime_pip[1]
+    assert project[0] == "install" and {"--no-deps", "--no-index"} <= set(project)
+    assert runtime_pip[2:] == [["check"]]
