@@ -256,8 +256,7 @@ def test_locks_pin_every_requirement_of_pyproject(
         pin = pins.get(canonicalize_name(wanted.name))
         assert pin is not None, f"{wanted.name} is not in requirements/{lock}: run make lock"
         assert wanted.specifier.contains(pin.version, prereleases=True), (
-            f"requirements/{lock} pins {pin.name}=={pin.version}, outside {line!r}: "
-            "run make lock"
+            f"requirements/{lock} pins {pin.name}=={pin.version}, outside {line!r}: run make lock"
         )
         assert all(h.startswith("sha256:") for h in pin.hashes), pin
 
