@@ -22,10 +22,8 @@ from typing import Any
 import pytest
 from radosgw import RadosGateway
 from standin.servers import (
-    NBD_REP_ERR_UNKNOWN,
     STANDIN,
     NbdClient,
-    NbdRefused,
     alive,
     cmdline,
     environ,
@@ -36,6 +34,7 @@ from standin.servers import (
 
 from zerofs_csi.bench.plugin import free_tcp_port as free_port
 from zerofs_csi.controller.s3cleanup import delete_volume_data
+from zerofs_csi.nbd._nbd import ExportNotFound
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.zerofs_config import render_zerofs_config
 from zerofs_csi.volume.secrets import VolumeSecrets
@@ -325,9 +324,8 @@ def test_deleting_the_prefix_with_s3cleanup_leaves_only_the_others(
     assert objects(s3, bucket) == bystanders
     # Started again on the emptied prefix, the volume has no export any more.
     standin.start()
-    with pytest.raises(NbdRefused) as refused:
+    with pytest.raises(ExportNotFound):
         NbdClient(standin.nbd, VOLUME)
-    assert refused.value.reply == NBD_REP_ERR_UNKNOWN
     assert ninep.export_size(standin.ninep, VOLUME) is None
 
 

@@ -1,4 +1,9 @@
-"""Start and stop the real servers the tests talk to, and look at processes in /proc."""
+"""Start and stop the real servers the tests talk to, and look at processes in /proc.
+
+The NBD handshake and /proc/PID/stat are read by the driver's own code (the extension's
+greet, list_exports and negotiate; zerofs_csi.host.procfs); the NBD client here speaks
+only the transmission phase, over the socket the extension negotiated.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ from types import ModuleType
 
 import pytest
 
+from zerofs_csi.host.procfs import stat_fields
+from zerofs_csi.nbd import _nbd
+
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tools" / "zerofs-standin"
 
@@ -33,18 +41,6 @@ def load_standin() -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-# NBD protocol (NBD's doc/proto.md): the newstyle greeting, client flags and options.
-NBD_MAGIC = b"NBDMAGIC"
-NBD_IHAVEOPT = 0x49484156454F5054
-NBD_OPT_REPLY_MAGIC = 0x3E889045565A9
-NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
-NBD_FLAG_NO_ZEROES = 1 << 1
-NBD_OPT_ABORT = 2
-NBD_OPT_LIST = 3
-NBD_REP_ACK = 1
-NBD_REP_SERVER = 2
 
 
 def require_tool(name: str) -> str:
@@ -117,43 +113,13 @@ def recv_exact(sock: socket.socket, count: int) -> bytes:
 
 
 def nbd_list_exports(socket_path: Path, timeout: float = 5.0) -> tuple[int, list[str]]:
-    """Fixed-newstyle handshake, NBD_OPT_LIST, NBD_OPT_ABORT.
-
-    Returns the server's handshake flags and the export names it lists.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(socket_path))
-        magic, opt_magic, flags = struct.unpack(">8sQH", recv_exact(sock, 18))
-        if magic != NBD_MAGIC or opt_magic != NBD_IHAVEOPT:
-            raise AssertionError(f"not an NBD newstyle greeting: {magic!r} {opt_magic:#x}")
-        sock.sendall(struct.pack(">I", NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
-        sock.sendall(struct.pack(">QII", NBD_IHAVEOPT, NBD_OPT_LIST, 0))
-        names = []
-        while True:
-            reply_magic, option, reply, length = struct.unpack(">QIII", recv_exact(sock, 20))
-            assert reply_magic == NBD_OPT_REPLY_MAGIC and option == NBD_OPT_LIST
-            payload = recv_exact(sock, length)
-            if reply == NBD_REP_ACK:
-                break
-            assert reply == NBD_REP_SERVER, f"unexpected NBD reply {reply:#x}"
-            (name_length,) = struct.unpack(">I", payload[:4])
-            names.append(payload[4 : 4 + name_length].decode())
-        sock.sendall(struct.pack(">QII", NBD_IHAVEOPT, NBD_OPT_ABORT, 0))
-        return flags, names
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (field 3 onward), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text[text.rindex(")") + 2 :].split()
+    """The server's handshake flags (its greeting) and the export names NBD_OPT_LIST gives."""
+    flags = _nbd.greet(str(socket_path), timeout)
+    return flags, [name for name, _description in _nbd.list_exports(str(socket_path), timeout)]
 
 
 def alive(pid: int) -> bool:
-    fields = proc_stat(pid)
+    fields = stat_fields(pid)
     return fields is not None and fields[0] != "Z"
 
 
@@ -163,7 +129,7 @@ def session_members(session_id: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        fields = proc_stat(int(entry.name))
+        fields = stat_fields(int(entry.name))
         # Field 6 of stat is the session id; fields[] starts at field 3.
         if fields is not None and fields[0] != "Z" and int(fields[3]) == session_id:
             members.append(int(entry.name))
@@ -180,9 +146,6 @@ def environ(pid: int) -> dict[str, str]:
 
 
 # NBD transmission phase (NBD's doc/proto.md).
-NBD_OPT_GO = 7
-NBD_REP_INFO = 3
-NBD_INFO_EXPORT = 0
 NBD_REQUEST_MAGIC = 0x25609513
 NBD_SIMPLE_REPLY_MAGIC = 0x67446698
 NBD_CMD_READ = 0
@@ -192,49 +155,20 @@ NBD_CMD_FLUSH = 3
 NBD_CMD_WRITE_ZEROES = 6
 NBD_CMD_FLAG_FUA = 1 << 0
 NBD_CMD_FLAG_NO_HOLE = 1 << 1
-NBD_REP_ERR_UNKNOWN = (1 << 31) + 6
-NBD_FLAG_HAS_FLAGS = 1 << 0
-NBD_FLAG_SEND_FLUSH = 1 << 2
-NBD_FLAG_SEND_FUA = 1 << 3
-NBD_FLAG_CAN_MULTI_CONN = 1 << 8
-
-
-class NbdRefused(ConnectionError):
-    """The server answered NBD_OPT_GO with an error reply."""
-
-    def __init__(self, reply: int, payload: bytes) -> None:
-        super().__init__(f"NBD_OPT_GO refused: reply {reply:#x} {payload!r}")
-        self.reply = reply
 
 
 class NbdClient:
-    """A minimal fixed-newstyle NBD client: NBD_OPT_GO, then read/write/zero/flush."""
+    """A minimal NBD client: the extension's handshake (NBD_OPT_GO), then
+    read/write/zero/flush. An unknown export raises the extension's ExportNotFound."""
 
     def __init__(self, socket_path: Path, export: str, timeout: float = 10.0) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with _nbd.negotiate(str(socket_path), export, timeout_s=timeout) as negotiated:
+            (fd,) = negotiated.socket_fds
+            self._sock = socket.socket(fileno=os.dup(fd))
+            self.size = negotiated.size_bytes
+            self.flags = negotiated.transmission_flags
         self._sock.settimeout(timeout)
-        self._sock.connect(str(socket_path))
         self._handle = 0
-        magic, opt_magic, _flags = struct.unpack(">8sQH", recv_exact(self._sock, 18))
-        assert magic == NBD_MAGIC and opt_magic == NBD_IHAVEOPT
-        self._sock.sendall(struct.pack(">I", NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
-        name = export.encode()
-        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-        self._sock.sendall(struct.pack(">QII", NBD_IHAVEOPT, NBD_OPT_GO, len(data)) + data)
-        self.size = -1
-        self.flags = 0
-        while True:
-            reply_magic, option, reply, length = struct.unpack(">QIII", recv_exact(self._sock, 20))
-            assert reply_magic == NBD_OPT_REPLY_MAGIC and option == NBD_OPT_GO
-            payload = recv_exact(self._sock, length)
-            if reply == NBD_REP_ACK:
-                break
-            if reply != NBD_REP_INFO:
-                self._sock.close()
-                raise NbdRefused(reply, payload)
-            (info_type,) = struct.unpack(">H", payload[:2])
-            if info_type == NBD_INFO_EXPORT:
-                self.size, self.flags = struct.unpack(">QH", payload[2:12])
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

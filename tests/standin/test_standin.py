@@ -14,9 +14,6 @@ from pathlib import Path
 import pytest
 
 from standin.servers import (
-    NBD_FLAG_CAN_MULTI_CONN,
-    NBD_FLAG_SEND_FLUSH,
-    NBD_FLAG_SEND_FUA,
     STANDIN,
     NbdClient,
     alive,
@@ -26,6 +23,11 @@ from standin.servers import (
     session_members,
     wait_for_socket,
     write_standin_config,
+)
+from zerofs_csi.nbd._nbd import (
+    NBD_FLAG_CAN_MULTI_CONN,
+    NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_FUA,
 )
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.zerofs_config import ENV_ENCRYPTION_PASSWORD, render_zerofs_config
