@@ -834,10 +834,14 @@ def serve(config: StandinConfig) -> int:
             nbdkit_env["AWS_CONFIG_FILE"] = str(aws_config)
             nbdkit_env["AWS_SHARED_CREDENTIALS_FILE"] = str(private_dir / "no-credentials")
         private_socket = private_dir / "diod.sock"
-        argv = [diod, "-f", "-n", "-N", "-e", str(config.storage_dir)]
+        argv = [diod, "-f", "-n", "-e", str(config.storage_dir)]
         argv += ["-l", str(private_socket), "-L", "stderr"]
-        if os.geteuid() != 0:
-            argv.append("-S")  # a non-root diod serves every user as itself
+        if os.geteuid() == 0:
+            argv.append("-N")  # root serves each attaching uid, named in no user database
+        else:
+            # A non-root diod serves everyone as its own user, which it looks up by name
+            # (ZeroFS's image names uid 1001): with -N it cannot, and refuses every attach.
+            argv.append("-S")
         # diod raises its own core limit: a crash must dump in the private dir, not
         # in whatever directory the stand-in was started from.
         children["diod"] = subprocess.Popen(

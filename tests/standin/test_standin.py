@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -305,7 +308,9 @@ class Running:
         return {Path(cmdline(pid)[0]).name: pid for pid in pids}
 
 
-def start_standin(tmp_path: Path, *, env: dict[str, str] | None = None) -> Running:
+def start_standin(
+    tmp_path: Path, *, env: dict[str, str] | None = None, user: str | None = None
+) -> Running:
     storage = tmp_path / "data" / "pvc-1"
     config = write_standin_config(
         tmp_path / "config.toml",
@@ -322,6 +327,9 @@ def start_standin(tmp_path: Path, *, env: dict[str, str] | None = None) -> Runni
             stderr=out,
             env=env if env is not None else {**os.environ, "STANDIN_TEST_PASSWORD": "pw"},
             start_new_session=True,
+            user=user,
+            group=user,
+            extra_groups=[] if user else None,
         )
     running = Running(
         process, config, storage, tmp_path / "run" / "nbd.sock", tmp_path / "run" / "9p.sock", log
@@ -355,6 +363,22 @@ def test_serves_the_same_directory_over_9p_and_nbd(server: Running) -> None:
     ninep.prepare_export(server.ninep, "pvc-1", 16 << 20)
     with NbdClient(server.nbd, "pvc-1") as nbd:
         assert nbd.size == 16 << 20
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts the stand-in as another user")
+def test_serves_9p_to_the_node_when_run_as_a_user_as_in_zerofs_image() -> None:
+    """ZeroFS's image runs as its own user (uid 1001, named in its /etc/passwd), and so
+    does the per-volume pod: diod, not root, must still attach the node's session."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as home:
+        shutil.chown(home, "daemon", "daemon")
+        running = start_standin(Path(home), user="daemon")
+        try:
+            assert ninep.prepare_export(running.ninep, "pvc-1", 8 << 20).size_bytes == 8 << 20
+            export = running.storage / ".nbd" / "pvc-1"
+            assert export.stat().st_uid == pwd.getpwnam("daemon").pw_uid
+        finally:
+            running.process.terminate()
+            running.process.wait(10)
 
 
 def test_connections_see_each_others_flushed_writes(server: Running) -> None:
