@@ -25,6 +25,7 @@ import pytest
 
 from zerofs_csi.nbd import _nbd
 from zerofs_csi.nbd import attach as nbd
+from zerofs_csi.nbd.index_choice import COOLDOWN_S
 
 pytestmark = pytest.mark.privileged
 
@@ -304,7 +305,7 @@ def test_attach_prefers_a_device_that_has_as_many_hardware_queues(
     four = nbd.hardware_queues_for(4)
     assert four > 1, "needs a machine with at least two CPUs"
     assert (hardware_queues(kept.index), hardware_queues(rotated.index)) == (four, 1)
-    time.sleep(nbd._COOLDOWN_S + 0.1)  # both out of their post-detach cooldown
+    time.sleep(COOLDOWN_S + 0.1)  # both out of their post-detach cooldown
 
     again = attacher.attach(server.sock, "vol", prefix + "again", connections=4)
 

@@ -20,6 +20,7 @@ import pytest
 from zerofs_csi.bench.plugin import accepts, wait_until
 from zerofs_csi.nbd import _nbd
 from zerofs_csi.nbd import attach as nbd
+from zerofs_csi.nbd.tuning import block_size_for
 
 CAPTURE = json.loads(
     (Path(__file__).parents[1] / "privileged" / "data" / "kernel_replies.json").read_text()
@@ -625,8 +626,8 @@ def test_block_size_follows_the_server_minimum(start_nbdkit: StartNbdkit) -> Non
     server = start_nbdkit("--filter=blocksize-policy", params=("blocksize-minimum=2048",))
     with _nbd.negotiate(server.sock, "disk1") as neg:
         assert neg.min_block_size == 2048
-        assert nbd._block_size_for(512, neg) == 2048
-        assert nbd._block_size_for(4096, neg) == 4096
+        assert block_size_for(512, neg) == 2048
+        assert block_size_for(4096, neg) == 4096
 
 
 def test_timeout_defaults_suit_a_restarting_server() -> None:
