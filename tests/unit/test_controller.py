@@ -17,8 +17,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from zerofs_csi import errors
+from zerofs_csi.controller.arguments import DEFAULT_CAPACITY_BYTES
 from zerofs_csi.controller.nodes import LocalNodes, NodeDirectory
-from zerofs_csi.controller.service import DEFAULT_CAPACITY_BYTES, ControllerService, DataDeleter
+from zerofs_csi.controller.service import ControllerService, DataDeleter
 from zerofs_csi.controller.store import FileVolumeStore
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.observability.metrics import Metrics

@@ -15,6 +15,8 @@ import pytest
 
 CONTROLLER_MODULES = (
     "zerofs_csi.controller.service",
+    "zerofs_csi.controller.arguments",
+    "zerofs_csi.controller.create_request",
     "zerofs_csi.controller.store",
     "zerofs_csi.controller.store_kube",
     "zerofs_csi.controller.nodes",

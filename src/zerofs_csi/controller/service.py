@@ -15,29 +15,41 @@ driver can know or that a volume would use up (buckets grow on demand, quotas li
 the store's own administration), so any number reported would be invented. Volumes
 are reachable from every node, so no topology is reported either.
 
-Every mutating call holds the volume's try-lock (a concurrent call on the same volume
-gets ABORTED at once); the store's compare-and-swap guards against other controller
-processes. A publish to a node with an attach limit also holds the node's lock, so that
-the count of its volumes and the new one are one step.
+Arguments are checked before any state is touched, in ``arguments`` and, for
+CreateVolume, ``create_request``. Every mutating call holds the volume's try-lock (a
+concurrent call on the same volume gets ABORTED at once); the store's compare-and-swap
+guards against other controller processes. A publish to a node with an attach limit
+also holds the node's lock, so that the count of its volumes and the new one are one
+step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
 
 import grpc
 
-from zerofs_csi.config import NODE_ID_RULE, node_id_fits
 from zerofs_csi.controller import s3cleanup
+from zerofs_csi.controller.arguments import (
+    LIST_TOKEN_PREFIX,
+    capacity_for,
+    listing_start,
+    node_id_argument,
+    request_parameters,
+    volume_id_argument,
+)
+from zerofs_csi.controller.create_request import (
+    ConfigMapReader,
+    check_compatible,
+    config_maps_unavailable,
+    create_request,
+)
 from zerofs_csi.controller.nodes import NodeDirectory
 from zerofs_csi.controller.store import VolumeRecord, VolumeStore
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.errors import (
-    Aborted,
-    AlreadyExists,
     CsiError,
     FailedPrecondition,
     InvalidArgument,
@@ -46,34 +58,16 @@ from zerofs_csi.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from zerofs_csi.host import filesystems
 from zerofs_csi.observability.events import EventRecorder, LogEventRecorder
 from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.rpc.servicer import answer_unimplemented
 from zerofs_csi.volume.capabilities import check_capability, unsupported_reason
 from zerofs_csi.volume.context import build_volume_context
-from zerofs_csi.volume.id import validate_volume_id, volume_id_for_name
 from zerofs_csi.volume.secrets import VolumeSecrets
-from zerofs_csi.volume.settings import (
-    CONFIG_MAP_PARAMETER,
-    RESERVED_PREFIXES,
-    VolumeSettings,
-    config_map_name,
-    parse_volume_settings,
-)
+from zerofs_csi.volume.settings import VolumeSettings, parse_volume_settings
 
 log = logging.getLogger(__name__)
-
-GiB = 1 << 30
-DEFAULT_CAPACITY_BYTES = 1 * GiB
-# Sizes are whole 4 KiB blocks: the largest block size of the filesystems offered, and
-# the NBD block size the node uses.
-CAPACITY_ALIGNMENT = 4096
-# capacity_bytes is an int64 on the wire (csi.proto, Volume.capacity_bytes).
-MAX_CAPACITY_BYTES = (2**63 - 1) // CAPACITY_ALIGNMENT * CAPACITY_ALIGNMENT
-# ListVolumes' next_token: this prefix and the last volume id of the page.
-LIST_TOKEN_PREFIX = "after:"
 
 RPC = csi_pb2.ControllerServiceCapability.RPC
 CONTROLLER_CAPABILITIES = (
@@ -86,21 +80,10 @@ CONTROLLER_CAPABILITIES = (
     RPC.SINGLE_NODE_MULTI_WRITER,
 )
 
-# name -> data of a ConfigMap named by ``configMapName``.
-ConfigMapReader = Callable[[str], Mapping[str, str]]
 # Removes every per-volume server object of a volume, on any node; idempotent.
 ServerRemover = Callable[[str], None]
 # Deletes the volume's objects from the store; returns how many were deleted.
 DataDeleter = Callable[[VolumeSettings, str, VolumeSecrets], int]
-
-
-def config_maps_unavailable(name: str) -> Mapping[str, str]:
-    """The ConfigMap reader without Kubernetes: every ``configMapName`` is refused."""
-    raise InvalidArgument(
-        f"StorageClass parameter {CONFIG_MAP_PARAMETER!r} ({name!r}) needs the Kubernetes "
-        "API, and this controller runs without it (--backend local): put the settings in "
-        "the parameters instead"
-    )
 
 
 def no_server_objects(volume_id: str) -> None:
@@ -111,97 +94,11 @@ def _delete_volume_data(settings: VolumeSettings, volume_id: str, secrets: Volum
     return s3cleanup.delete_volume_data(settings, volume_id, secrets)
 
 
-def _volume_id(value: str, field: str = "volume_id") -> str:
-    if not value:
-        raise InvalidArgument(f"{field} is required")
-    try:
-        return validate_volume_id(value)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"{field}: {exc.message}") from None
-
-
-def _node_id(value: str) -> str:
-    if not value:
-        raise InvalidArgument("node_id is required")
-    if not node_id_fits(value):
-        raise InvalidArgument(f"node_id {NODE_ID_RULE}")
-    return value
-
-
-def _request_parameters(parameters: Mapping[str, str]) -> dict[str, str]:
-    """The parameters that define a volume, without the CO's own metadata keys."""
-    return {k: v for k, v in parameters.items() if not k.startswith(RESERVED_PREFIXES)}
-
-
-def _round_up(value: int) -> int:
-    return -(-value // CAPACITY_ALIGNMENT) * CAPACITY_ALIGNMENT
-
-
-def capacity_for(capacity_range: csi_pb2.CapacityRange | None) -> int:
-    """The size to provision for a CreateVolume capacity range.
-
-    No range (or neither bound): DEFAULT_CAPACITY_BYTES, or the largest whole number of
-    blocks within the limit when the limit is smaller. Otherwise the required size
-    rounded up to CAPACITY_ALIGNMENT, which must stay within the limit.
-    """
-    required = capacity_range.required_bytes if capacity_range is not None else 0
-    limit = capacity_range.limit_bytes if capacity_range is not None else 0
-    if required < 0 or limit < 0:
-        raise InvalidArgument("capacity_range: required_bytes and limit_bytes must not be negative")
-    if limit and required > limit:
-        raise OutOfRange(
-            f"capacity_range: required_bytes ({required}) is greater than limit_bytes ({limit})"
-        )
-    if required == 0:
-        if limit == 0 or limit >= DEFAULT_CAPACITY_BYTES:
-            return DEFAULT_CAPACITY_BYTES
-        capacity = limit // CAPACITY_ALIGNMENT * CAPACITY_ALIGNMENT
-        if capacity == 0:
-            raise OutOfRange(
-                f"capacity_range: limit_bytes ({limit}) is smaller than one "
-                f"{CAPACITY_ALIGNMENT}-byte block"
-            )
-        return capacity
-    capacity = _round_up(required)
-    if capacity > MAX_CAPACITY_BYTES:
-        raise OutOfRange(f"capacity_range: required_bytes ({required}) is too large")
-    if limit and capacity > limit:
-        raise OutOfRange(
-            f"capacity_range: sizes are whole {CAPACITY_ALIGNMENT}-byte blocks, and "
-            f"{required} bytes round up to {capacity}, above limit_bytes ({limit})"
-        )
-    return capacity
-
-
-def _fits(capacity: int, capacity_range: csi_pb2.CapacityRange | None) -> bool:
-    if capacity_range is None:
-        return True
-    required, limit = capacity_range.required_bytes, capacity_range.limit_bytes
-    return capacity >= required and (limit == 0 or capacity <= limit)
-
-
 def _volume_message(record: VolumeRecord) -> csi_pb2.Volume:
     return csi_pb2.Volume(
         volume_id=record.volume_id,
         capacity_bytes=record.capacity_bytes,
         volume_context=dict(record.volume_context),
-    )
-
-
-def _listing_start(token: str) -> str:
-    """The volume id a ListVolumes ``starting_token`` continues after.
-
-    A token names the last volume of the previous page, so a page still continues
-    where it ended when that volume is deleted meanwhile. Anything else did not come
-    from this plugin, which the spec answers with ABORTED.
-    """
-    volume_id = token.removeprefix(LIST_TOKEN_PREFIX)
-    if volume_id != token:
-        with contextlib.suppress(InvalidArgument):
-            return validate_volume_id(volume_id)
-    raise Aborted(
-        f"starting_token {token[:80]!r} is not a token of this driver: start the listing "
-        "again without one"
     )
 
 
@@ -258,69 +155,26 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     # -- create / delete ---------------------------------------------------------
 
-    def _settings(self, parameters: Mapping[str, str]) -> VolumeSettings:
-        cm_name = config_map_name(parameters)
-        config_map_data = self._read_config_map(cm_name) if cm_name is not None else None
-        settings = parse_volume_settings(parameters, config_map_data)
-        if settings.ignored_legacy_keys:
-            log.warning(
-                "ConfigMap %s keys have no effect with this driver: %s",
-                cm_name,
-                ", ".join(settings.ignored_legacy_keys),
-            )
-        return settings
-
     def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateVolumeResponse:
-        name = request.name
-        vid = volume_id_for_name(name)
-        if not request.volume_capabilities:
-            raise InvalidArgument("volume_capabilities is required")
-        checked = [
-            check_capability(cap, f"volume_capabilities[{index}]")
-            for index, cap in enumerate(request.volume_capabilities)
-        ]
-        capacity_range = request.capacity_range if request.HasField("capacity_range") else None
-        capacity = capacity_for(capacity_range)
-        if request.HasField("volume_content_source"):
-            raise InvalidArgument(
-                "volume_content_source is not supported: this driver creates empty volumes "
-                "only (no snapshots or clones)"
-            )
-        if request.mutable_parameters:
-            raise InvalidArgument(
-                "mutable_parameters are not supported: this driver does not modify volumes"
-            )
-        settings = self._settings(request.parameters)
-        for cap in checked:
-            if cap.access_type == "mount":
-                filesystems.check_capacity(cap.fs_type or settings.filesystem, capacity)
-        if settings.delete_data_on_pvc_delete:
-            # DeleteVolume will need these; a StorageClass without them would leave
-            # volumes that can never be deleted, so refuse it now.
-            try:
-                VolumeSecrets.from_csi_secrets(request.secrets)
-            except InvalidArgument as exc:
-                raise InvalidArgument(
-                    "deleteDataOnPVCDelete needs the provisioner secret "
-                    "(csi.storage.k8s.io/provisioner-secret-name and -namespace): " + exc.message
-                ) from None
-        wanted = _request_parameters(request.parameters)
-
+        wanted = create_request(request, self._read_config_map)
+        vid, name, capacity = wanted.volume_id, wanted.name, wanted.capacity_bytes
         with self._locks.hold(vid, "CreateVolume"):
             existing = self._store.get(vid)
             if existing is not None:
-                self._check_compatible(existing, name, capacity_range, wanted)
+                check_compatible(existing, wanted)
                 return csi_pb2.CreateVolumeResponse(volume=_volume_message(existing))
             record = self._store.create(
                 VolumeRecord(
                     volume_id=vid,
                     name=name,
                     capacity_bytes=capacity,
-                    parameters=settings.to_parameters(),
-                    request_parameters=wanted,
-                    volume_context=build_volume_context(settings, capacity, request.parameters),
+                    parameters=wanted.settings.to_parameters(),
+                    request_parameters=wanted.parameters,
+                    volume_context=build_volume_context(
+                        wanted.settings, capacity, request.parameters
+                    ),
                 )
             )
         log.info(
@@ -329,41 +183,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
         return csi_pb2.CreateVolumeResponse(volume=_volume_message(record))
 
-    @staticmethod
-    def _check_compatible(
-        existing: VolumeRecord,
-        name: str,
-        capacity_range: csi_pb2.CapacityRange | None,
-        parameters: Mapping[str, str],
-    ) -> None:
-        vid = existing.volume_id
-        if existing.name != name:
-            # Only a name spelling out another name's derived id gets here.
-            raise AlreadyExists(
-                f"volume id {vid}, which the name {name!r} maps to, belongs to the volume "
-                f"named {existing.name!r}: choose another name"
-            )
-        if not _fits(existing.capacity_bytes, capacity_range):
-            assert capacity_range is not None
-            raise AlreadyExists(
-                f"volume {vid} exists with {existing.capacity_bytes} bytes, outside the "
-                f"requested range (required {capacity_range.required_bytes}, limit "
-                f"{capacity_range.limit_bytes or 'none'})"
-            )
-        if dict(existing.request_parameters) != dict(parameters):
-            differing = sorted(
-                key
-                for key in set(existing.request_parameters) | set(parameters)
-                if existing.request_parameters.get(key) != parameters.get(key)
-            )
-            raise AlreadyExists(
-                f"volume {vid} exists with other parameters (differing: {', '.join(differing)})"
-            )
-
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteVolumeResponse:
-        vid = _volume_id(request.volume_id)
+        vid = volume_id_argument(request.volume_id)
         with self._locks.hold(vid, "DeleteVolume"):
             record = self._store.get(vid)
             if record is not None and record.published_node:
@@ -423,8 +246,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerPublishVolume(
         self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerPublishVolumeResponse:
-        vid = _volume_id(request.volume_id)
-        node = _node_id(request.node_id)
+        vid = volume_id_argument(request.volume_id)
+        node = node_id_argument(request.node_id)
         check_capability(
             request.volume_capability if request.HasField("volume_capability") else None,
             "volume_capability",
@@ -469,8 +292,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerUnpublishVolume(
         self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerUnpublishVolumeResponse:
-        vid = _volume_id(request.volume_id)
-        node = _node_id(request.node_id) if request.node_id else ""
+        vid = volume_id_argument(request.volume_id)
+        node = node_id_argument(request.node_id) if request.node_id else ""
         with self._locks.hold(vid, "ControllerUnpublishVolume"):
             record = self._store.get(vid)
             if record is None or not record.published_node:
@@ -486,7 +309,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
-        vid = _volume_id(request.volume_id)
+        vid = volume_id_argument(request.volume_id)
         if not request.volume_capabilities:
             raise InvalidArgument("volume_capabilities is required")
         record = self._store.get(vid)
@@ -500,7 +323,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 problems.append(f"volume_capabilities[{index}]: {reason}")
         if request.volume_context and dict(request.volume_context) != dict(record.volume_context):
             problems.append("volume_context differs from the one the volume was created with")
-        if request.parameters and _request_parameters(request.parameters) != dict(
+        if request.parameters and request_parameters(request.parameters) != dict(
             record.request_parameters
         ):
             problems.append("parameters differ from the ones the volume was created with")
@@ -521,7 +344,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ListVolumesResponse:
         if request.max_entries < 0:
             raise InvalidArgument("max_entries must not be negative")
-        start = _listing_start(request.starting_token) if request.starting_token else ""
+        start = listing_start(request.starting_token) if request.starting_token else ""
         records = [r for r in self._store.list() if r.volume_id > start]
         page = records[: request.max_entries] if request.max_entries else records
         Entry = csi_pb2.ListVolumesResponse.Entry
@@ -541,7 +364,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerGetVolume(
         self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerGetVolumeResponse:
-        vid = _volume_id(request.volume_id)
+        vid = volume_id_argument(request.volume_id)
         record = self._store.get(vid)
         if record is None:
             raise NotFound(f"volume {vid} does not exist")
@@ -557,7 +380,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerExpandVolumeResponse:
-        vid = _volume_id(request.volume_id)
+        vid = volume_id_argument(request.volume_id)
         if request.capacity_range.required_bytes <= 0:
             raise InvalidArgument("capacity_range.required_bytes is required and must be positive")
         if request.HasField("volume_capability"):
