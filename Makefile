@@ -7,9 +7,11 @@ ITERATIONS ?= 20
 DURATION  ?= 600
 CHAOS     ?= 0
 SEED      ?=
+# Builds shared by every clone on this machine (tools/cache-dir says where and why).
+CACHE     := $(shell tools/cache-dir)
 # csi-sanity, the CSI conformance suite: the kubernetes-csi/csi-test release it is built from.
 CSI_TEST_VERSION := v5.6.0
-CSI_SANITY := .cache/csi-sanity/$(CSI_TEST_VERSION)/csi-sanity
+CSI_SANITY := $(CACHE)/csi-sanity/$(CSI_TEST_VERSION)/csi-sanity
 
 .PHONY: all bootstrap build proto lint kube-assets cluster-build cluster-images cluster-runtime-check test test-unit test-s3 test-vm vm-prepare demo bench \
 	nbd-regression chaos soak logs wheel lock clean
@@ -36,7 +38,7 @@ lint: build
 		zerofs_csi.nbd._nbd
 	$(PY) tools/gen_proto.py --check
 
-# kube-apiserver, etcd and kubectl built from their Go modules into .cache/kube/ (envtest
+# kube-apiserver, etcd and kubectl built from their Go modules into $(CACHE)/kube/ (envtest
 # layout): the API server the Kubernetes-backend tests run against besides the fake.
 # Nothing to do when they are built at the versions in tools/cluster/versions.env.
 KUBE_ASSETS = $(shell tools/cluster/build.sh --print-dir)
@@ -101,12 +103,11 @@ e2e: build cluster-images
 
 .PHONY: csi-sanity sanity-controller sanity-vm
 
-# Built once from its Go module; the module and build caches stay under .cache/go.
+# Built once from its Go module; Go's module and build caches stay in their default places.
 # GOTOOLCHAIN=auto: a Go older than the module asks for fetches the one it needs.
 $(CSI_SANITY):
 	@command -v go >/dev/null || { echo "building csi-sanity needs Go: https://go.dev/dl/" >&2; exit 1; }
-	GOBIN=$(CURDIR)/$(@D) GOMODCACHE=$(CURDIR)/.cache/go/mod GOCACHE=$(CURDIR)/.cache/go/build \
-		GOFLAGS=-modcacherw GOTOOLCHAIN=auto \
+	GOBIN=$(@D) GOFLAGS=-modcacherw GOTOOLCHAIN=auto \
 		go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$(CSI_TEST_VERSION)
 
 csi-sanity: $(CSI_SANITY)

@@ -3,8 +3,8 @@
 
 Usage: python3 tests/vm/runner.py [options] -- CMD ARGS...
 
-The guest runs Debian's stock kernel (downloaded with apt-get, cached under
-<repo>/.cache/vm/) with the host root mounted read-only over 9p and the
+The guest runs Debian's stock kernel (downloaded with apt-get, cached in the folder
+tools/cache-dir names) with the host root mounted read-only over 9p and the
 repository work tree mounted read-write at its host path, so the repo's .venv
 and absolute paths work unchanged. The command's stdout and stderr are streamed
 live over virtio-serial ports; the kernel console goes to a log file.
@@ -43,7 +43,17 @@ EXIT_VM_FAILURE = 125
 
 VM_DIR = Path(__file__).resolve().parent
 REPO_ROOT = VM_DIR.parent.parent
-CACHE_DIR = REPO_ROOT / ".cache" / "vm"
+# The kernel and initramfs, shared by every clone on the machine (tools/cache-dir).
+CACHE_DIR = (
+    Path(
+        subprocess.run(
+            [str(REPO_ROOT / "tools" / "cache-dir")], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    / "vm"
+)
+# Each run's directory (console log, status), in this clone.
+RUNS_DIR = REPO_ROOT / ".cache" / "vm" / "runs"
 STAGE1_INIT = VM_DIR / "initramfs_init.sh"
 STAGE2_INIT = VM_DIR / "guest_init.sh"
 
@@ -1084,7 +1094,7 @@ def main(argv: Sequence[str]) -> int:
         if args.prepare_only:
             log(f"kernel {prepared.boot_image}, initramfs {prepared.initramfs}")
             return 0
-        runs_dir = CACHE_DIR / "runs"
+        runs_dir = RUNS_DIR
         prune_old_runs(runs_dir)
         runs_dir.mkdir(parents=True, exist_ok=True)
         run_dir = runs_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds Kubernetes components from their Go modules (through the module proxy) into
-# .cache/kube/<release>/, the envtest layout the tests take as KUBEBUILDER_ASSETS.
+# <cache>/kube/<release>/ (tools/cache-dir), the envtest layout the tests take as
+# KUBEBUILDER_ASSETS.
 # Usage: tools/cluster/build.sh [--print-dir] COMPONENT...
 #   kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd
 #   csi-provisioner csi-attacher csi-resizer (at the tags charts/zerofs-csi/values.yaml pins)
@@ -14,7 +15,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=versions.env
 source "$here/tools/cluster/versions.env"
-out="$here/.cache/kube/$KUBE_VERSION"
+out="$("$here/tools/cache-dir")/kube/$KUBE_VERSION"
 
 if [[ ${1-} == --print-dir ]]; then
     echo "$out"
@@ -30,6 +31,9 @@ fail() {
 command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
 command -v go >/dev/null || fail "go is not installed (/usr/local/go/bin or PATH)"
 mkdir -p "$out/logs" "$out/modules" "$out/.built"
+# Every clone on the machine builds into the same folder: one build at a time.
+exec 8>"$out/.lock"
+flock 8
 
 # Where the module proxy put a module's source; prints its directory, or go's error.
 module_dir() {

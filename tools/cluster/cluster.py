@@ -47,7 +47,17 @@ from control_plane import (  # noqa: E402
 from node_tunnel import NodeTunnel  # noqa: E402
 from pki import ensure_pki  # noqa: E402
 
-STATE_DIR = REPO / ".cache" / "cluster"
+# Each run's directory (logs, kubeconfigs, sockets), in this clone.
+RUNS_DIR = REPO / ".cache" / "cluster"
+# Kept between runs by every clone on the machine (tools/cache-dir): the CA, the node disk.
+CACHE_DIR = (
+    Path(
+        subprocess.run(
+            [str(REPO / "tools" / "cache-dir")], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    / "cluster"
+)
 NODE_NAME = "zerofs-vm"
 # QEMU user networking (tests/vm/runner.py): the guest's address, and the address its
 # forwards to the host's loopback answer on.
@@ -61,7 +71,7 @@ KUBELET_PORT = 10250
 NODE_PACKAGES = {"iptables": "iptables", "conntrack": "conntrack"}
 VM_MEMORY_MIB = 6144
 # containerd's images between runs (node.sh): sparse, so it takes what the images take.
-NODE_DISK = STATE_DIR / "node-disk.img"
+NODE_DISK = CACHE_DIR / "node-disk.img"
 NODE_DISK_BYTES = 16 << 30
 
 
@@ -159,14 +169,15 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
     ensure_node_packages()
     binaries = binaries_dir()
     images = image_list()
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
     pki = ensure_pki(
-        STATE_DIR / "pki",
+        CACHE_DIR / "pki",
         NODE_NAME,
         NODE_IP,
         ("127.0.0.1", FORWARD_ADDRESS, SERVICE_API_ADDRESS),
     )
-    run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%dT%H%M%S-"), dir=STATE_DIR))
+    run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%dT%H%M%S-"), dir=RUNS_DIR))
     log(f"run directory {run_dir} (logs in {run_dir / 'logs'})")
     endpoints = Endpoints(
         api_port=free_port(),

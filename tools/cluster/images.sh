@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds every image the test cluster runs as an OCI archive in .cache/kube/<release>/images/,
+# Builds every image the test cluster runs as an OCI archive in <cache>/kube/<release>/images/,
 # for the node's containerd to import (no registry is reachable here), each named as the
 # chart and the driver refer to it:
 #   pause                      registry.k8s.io/pause, the pod sandbox (make cluster-build)
@@ -22,9 +22,10 @@
 #                              the validation chart's pods (sh, dd, sha256sum)
 # An image is rebuilt only when what it is made of changed: <archive>.inputs holds the
 # digest of its inputs (sources, recipe, and its base's digest). A failed build names the
-# image and its log (.cache/kube/<release>/logs/image-<name>.log). buildah's storage
-# (vfs) is .cache/buildah/. Builds hold images/.lock, which readers of the archives may
-# hold shared (flock --shared) so that no archive is replaced under them.
+# image and its log (<cache>/kube/<release>/logs/image-<name>.log; <cache> is what
+# tools/cache-dir prints). buildah's storage (vfs) is <cache>/buildah/. Builds hold
+# images/.lock, which readers of the archives may hold shared (flock --shared) so that no
+# archive is replaced under them.
 #
 # Usage: tools/cluster/images.sh [--built] [--references] [IMAGE...]   (default: all)
 #   prints "<archive> <repository>" per image (the archive holds one image, tagged; its
@@ -37,7 +38,7 @@ here=$(cd "$(dirname "$0")/../.." && pwd)
 out=$("$here/tools/cluster/build.sh" --print-dir)
 images=$out/images
 logs=$out/logs
-store=$here/.cache/buildah
+store=$("$here/tools/cache-dir")/buildah
 
 fail() {
     echo "images.sh: $*" >&2

@@ -2,7 +2,8 @@
 
     python tools/harness/sanity.py --run controller|all --csi-sanity PATH
 
-PATH is the binary the Makefile builds, ``.cache/csi-sanity/<csi-test release>/csi-sanity``.
+PATH is the binary the Makefile builds, ``<cache>/csi-sanity/<csi-test release>/csi-sanity``
+(``<cache>``: what tools/cache-dir prints).
 
 ``--run controller`` (``make sanity-controller``, on any host): the controller role
 (``--role controller``, local backend) on csi-sanity's controller endpoint, and the
