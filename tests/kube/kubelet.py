@@ -200,8 +200,9 @@ class KubeletStandIn:
                     self._note("never_ready", pod)
                     return
                 time.sleep(0.1)
-            self._write_status(pod, ready=True)
+            # Noted first: whoever sees the Ready status must find it in the journal.
             self._note("ready", pod)
+            self._write_status(pod, ready=True)
 
     def _finish_deletion(self, pod: Obj) -> None:
         time.sleep(self.stop_delay)
