@@ -7,6 +7,7 @@
                                            last generation of every slot
     workload.py capacity DIR 0 MIB         fails unless DIR's filesystem holds MIB MiB
 
+Several actions run in turn when separated by ``--`` (``verify ... -- churn ...``).
 Every I/O error ends the run with status 1 and the error on stderr; ``churn`` prints the
 longest write-plus-fsync pause it saw, which the end-to-end test reports.
 """
@@ -72,6 +73,11 @@ def churn(path: str, seed: int, mib: int, stop: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if "--" in argv:
+        cut = argv.index("--")
+        main(argv[:cut])
+        main(argv[cut + 1 :])
+        return
     action, path, seed, mib = argv[0], argv[1], int(argv[2]), int(argv[3])
     try:
         if action == "write":
