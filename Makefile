@@ -18,7 +18,7 @@ CSI_SANITY := $(CACHE)/csi-sanity/$(CSI_TEST_VERSION)/csi-sanity
 MINIO_VERSION := v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO := $(CACHE)/minio/$(MINIO_VERSION)/minio
 
-.PHONY: all bootstrap build proto lint kube-assets cluster-build cluster-images cluster-runtime-check test test-unit test-e2e test-s3 test-vm vm-prepare demo bench \
+.PHONY: all bootstrap build proto lint kube-assets cluster-build cluster-images cluster-runtime-check test test-unit test-e2e test-s3 test-vm test-long privileged-suite vm-prepare demo bench \
 	nbd-regression chaos soak logs wheel lock clean
 
 all: build
@@ -89,10 +89,17 @@ vm-prepare:
 
 # Privileged tests: directly where this host has NBD and root, otherwise in the microVM.
 test-vm: build
+	@$(MAKE) --no-print-directory privileged-suite MARKS="privileged and not long"
+
+# The privileged tests make test leaves to its cluster e2e (marker "long").
+test-long: build
+	@$(MAKE) --no-print-directory privileged-suite MARKS="privileged and long"
+
+privileged-suite:
 	@if [ "$$(id -u)" = 0 ] && [ -e /dev/nbd0 ] && [ -r /sys/module/nbd ]; then \
-		$(PYTEST) -m privileged -q tests/privileged; \
+		$(PYTEST) -m "$(MARKS)" -q tests/privileged; \
 	else \
-		$(VM) --timeout $(VM_TIMEOUT) -- $(PYTEST) -m privileged -q -p no:cacheprovider tests/privileged; \
+		$(VM) --timeout $(VM_TIMEOUT) -- $(PYTEST) -m "$(MARKS)" -q -p no:cacheprovider tests/privileged; \
 	fi
 
 .PHONY: cluster e2e

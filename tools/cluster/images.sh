@@ -151,8 +151,14 @@ in_store() { # REFERENCE
         && buildah_ tag "$id" "$1"
 }
 
+# The plugin's build keeps its steps' layers (--layers), so that a change of the source
+# rebuilds and re-imports only the layers from the wheel on, not the packages below it.
+# Those layers are unnamed images, which a prune would remove: storage past this size is
+# pruned whole, and the next build starts its cache again.
+STORE_PRUNE_BYTES=$((6 << 30))
+
 # Drops REPOSITORY's images tagged other than TAG from buildah's storage and their
-# archives, and layers nothing uses any more.
+# archives; prunes the storage when it is past STORE_PRUNE_BYTES.
 drop_older() { # REPOSITORY TAG
     local old
     for old in $(buildah_ images --noheading --format '{{.Name}}:{{.Tag}}'); do
@@ -161,7 +167,9 @@ drop_older() { # REPOSITORY TAG
     for old in "$images/${1##*/}"-*.tar; do
         [[ -e $old && $old != "$images/${1##*/}-$2.tar" ]] && rm -f "$old" "$old.inputs"
     done
-    buildah_ rmi --prune >/dev/null 2>&1 || true
+    if (($(du -sb "$store" | cut -f1) > STORE_PRUNE_BYTES)); then
+        buildah_ rmi --prune >/dev/null 2>&1 || true
+    fi
 }
 
 # --- what each image is made of, and how it is built -----------------------------------
@@ -198,7 +206,7 @@ plugin_inputs() {
 
 build_plugin() { # REFERENCE
     in_store "$PYTHON_BASE"
-    bud --build-arg "PYTHON_IMAGE=$PYTHON_BASE" -f "$here/Dockerfile" -t "$1" "$here"
+    bud --layers --build-arg "PYTHON_IMAGE=$PYTHON_BASE" -f "$here/Dockerfile" -t "$1" "$here"
 }
 
 # The stand-ins' programs and the APIs they speak.
