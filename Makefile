@@ -52,7 +52,7 @@ kube-assets:
 	@tools/cluster/build.sh kube-apiserver etcd kubectl
 
 # Everything the single-node test cluster runs, built from source into the same folder
-# (README: "Test cluster"). Not part of make test until the cluster runs end to end.
+# (README: "Test cluster"); make test runs it through test-e2e.
 CLUSTER_COMPONENTS := kube-apiserver etcd kubectl kube-controller-manager kube-scheduler \
 	kubelet kube-proxy csi-provisioner csi-attacher csi-resizer \
 	containerd containerd-shim-runc-v2 ctr runc cni pause
@@ -147,7 +147,7 @@ sanity-controller: build $(CSI_SANITY)
 sanity-vm: build $(CSI_SANITY)
 	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/harness/sanity.py --run all --csi-sanity $(CSI_SANITY)
 
-test: lint test-unit test-s3 test-vm sanity-controller sanity-vm
+test: lint test-unit test-s3 test-vm sanity-controller sanity-vm test-e2e
 
 demo: build
 	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/demo.py

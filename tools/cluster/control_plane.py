@@ -130,6 +130,8 @@ class ControlPlane:
         """A kubeconfig for one identity of the PKI; ``for_node``: the node's address."""
         url = self.endpoints.node_url if for_node else self.endpoints.host_url
         path = self.run_dir / f"{identity}{'-node' if for_node else ''}.kubeconfig"
+        # Its owner's only, as kubectl and helm expect of a file naming a client key.
+        path.touch(mode=0o600)
         path.write_text(
             "apiVersion: v1\nkind: Config\n"
             "clusters:\n- name: zerofs-test\n  cluster:\n"

@@ -60,7 +60,8 @@ def log(message: str) -> None:
 def run(*argv: str, input: str | None = None, check: bool = True) -> str:
     result = subprocess.run(argv, input=input, capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise StepFailed(f"{' '.join(argv[:4])} ... failed: {result.stderr.strip()[-2000:]}")
+        output = (result.stdout.strip() + "\n" + result.stderr.strip()).strip()
+        raise StepFailed(f"{' '.join(argv[:4])} ... failed: {output[-2000:]}")
     return result.stdout
 
 
@@ -567,7 +568,7 @@ def validation_chart(table: Table, images: Images) -> None:
             "--timeout", "30m",
         )  # fmt: skip
         notes.append(f"{output.count('Succeeded')} test phases succeeded")
-        run(str(HELM), "uninstall", "zerofs-validation", "-n", WORKLOAD_NAMESPACE, "--wait")
+        run(str(HELM), "uninstall", "zerofs-validation", "-n", WORKLOAD_NAMESPACE)
 
 
 def uninstall(table: Table) -> None:
@@ -578,7 +579,8 @@ def uninstall(table: Table) -> None:
             lambda: not kube_json("get", "pv")["items"],
             900,
         )
-        run(str(HELM), "uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout", "15m")
+        # Helm 3.6 (tools/helm.sh) has no uninstall --wait: the pods are awaited below.
+        run(str(HELM), "uninstall", RELEASE, "-n", NAMESPACE, "--timeout", "15m")
         wait_until(
             f"no pod in {NAMESPACE}",
             lambda: not kube_json("-n", NAMESPACE, "get", "pods")["items"],
