@@ -78,14 +78,18 @@ class _ConnectHandler(socketserver.StreamRequestHandler):
 
 
 def _relay(left: socket.socket, right: socket.socket) -> None:
-    """Copy both ways until either side closes."""
+    """Copy both ways until either side closes or resets (the end of an exec or a log
+    stream, not an error)."""
     with selectors.DefaultSelector() as selector:
         selector.register(left, selectors.EVENT_READ, right)
         selector.register(right, selectors.EVENT_READ, left)
         while True:
             for key, _ in selector.select():
                 source: socket.socket = key.fileobj  # type: ignore[assignment]
-                data = source.recv(65536)
-                if not data:
+                try:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    key.data.sendall(data)
+                except (BrokenPipeError, ConnectionResetError):
                     return
-                key.data.sendall(data)
