@@ -111,7 +111,7 @@ cluster: build cluster-images
 
 # The chart installed as the README says and the user's path through it (build/e2e.md).
 e2e: build cluster-images
-	$(PY) tools/cluster/cluster.py run --s3 --timeout 3600 -- $(PY) tools/cluster/e2e.py
+	$(PY) tools/cluster/cluster.py run --s3 --timeout 7200 -- $(PY) tools/cluster/e2e.py
 
 # make test's part of it (README: "Test cluster"), its table in build/e2e-short.md.
 test-e2e: build cluster-images
