@@ -79,9 +79,10 @@ cluster-runtime-check: bootstrap cluster-images
 test-unit: build kube-assets
 	KUBEBUILDER_ASSETS=$(KUBE_ASSETS) $(PYTEST) -m "not privileged and not s3" -q
 
-# Against a real S3 server: a single-node Ceph radosgw on loopback, started by the fixture.
-test-s3: build
-	$(PYTEST) -m s3 -q tests
+# Against real S3 servers, started by the fixtures: a single-node Ceph radosgw on loopback,
+# and for the S3 clean-up tests also a distributed MinIO set (tests/s3/minio.py).
+test-s3: build minio
+	MINIO_BIN=$(MINIO) $(PYTEST) -m s3 -q tests
 
 # Installs QEMU and the guest tools, downloads the Debian kernel, builds the initramfs.
 vm-prepare:

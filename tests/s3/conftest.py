@@ -1,7 +1,9 @@
-"""Fixtures for tests against a real S3 server: Ceph radosgw started once per session."""
+"""Fixtures for tests against real S3 servers, each started once per session: Ceph
+radosgw, and a distributed MinIO set (only for the tests that ask for it)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -14,7 +16,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from minio import MinioSet, MinioUnavailable, check_runnable  # noqa: E402
 from radosgw import RadosGateway, RadosGatewayUnavailable, ensure_installed  # noqa: E402
+from s3store import S3Store  # noqa: E402
 
 _STARTUP_REPORT: list[str] = []
 
@@ -46,21 +50,55 @@ def radosgw() -> Iterator[RadosGateway]:
         gateway.stop()
 
 
-def s3_client_for(gateway: RadosGateway) -> Any:
+@pytest.fixture(scope="session")
+def minio() -> Iterator[MinioSet]:
+    """Two MinIO servers with two drives each, each in a network namespace of its own
+    (tests/s3/minio.py); the binary is the one make minio builds (MINIO_BIN)."""
+    binary = os.environ.get("MINIO_BIN")
+    if not binary:
+        pytest.skip("MINIO_BIN is not set: make test-s3 builds MinIO (make minio) and sets it")
+    try:
+        check_runnable(Path(binary))
+    except MinioUnavailable as exc:
+        pytest.skip(str(exc))
+    minio_set = MinioSet(Path(tempfile.mkdtemp(prefix="zerofs-csi-minio-")), Path(binary))
+    try:
+        minio_set.start()
+    except BaseException:
+        minio_set.stop()
+        raise
+    _STARTUP_REPORT.append(
+        f"MinIO ({minio_set.version}) set of 2 servers x 2 drives started in "
+        f"{minio_set.startup_seconds:.1f} s at {minio_set.endpoint}"
+    )
+    try:
+        yield minio_set
+    finally:
+        minio_set.stop()
+
+
+@pytest.fixture
+def store(radosgw: RadosGateway) -> S3Store:
+    """The store the s3 and bucket fixtures use; a test module overrides it to run its
+    tests against others too."""
+    return radosgw
+
+
+def s3_client_for(store: S3Store) -> Any:
     """A plain boto3 client used by the tests to seed and inspect the bucket."""
     return boto3.session.Session().client(
         "s3",
-        endpoint_url=gateway.endpoint,
-        aws_access_key_id=gateway.access_key,
-        aws_secret_access_key=gateway.secret_key,
-        region_name=gateway.region,
+        endpoint_url=store.endpoint,
+        aws_access_key_id=store.access_key,
+        aws_secret_access_key=store.secret_key,
+        region_name=store.region,
         config=botocore.config.Config(s3={"addressing_style": "path"}),
     )
 
 
 @pytest.fixture
-def s3(radosgw: RadosGateway) -> Any:
-    return s3_client_for(radosgw)
+def s3(store: S3Store) -> Any:
+    return s3_client_for(store)
 
 
 @pytest.fixture

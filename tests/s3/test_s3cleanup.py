@@ -1,16 +1,25 @@
-"""deleteDataOnPVCDelete against a real S3 server (Ceph radosgw), plus its guardrails."""
+"""deleteDataOnPVCDelete against real S3 servers, plus its guardrails.
+
+The tests that talk to a store run against Ceph radosgw and against the distributed
+MinIO set (tests/s3/minio.py); the last ones kill one of the set's servers, or cut it
+off, in the middle of a delete.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
+from minio import SERVERS, MinioSet
 from radosgw import RadosGateway
 from s3relay import Refusal, S3Relay, s3_relay
+from s3store import S3Store
 
 from zerofs_csi import errors
 from zerofs_csi.bench.plugin import free_tcp_port
@@ -46,20 +55,34 @@ BYSTANDERS = [
 ]
 
 
-def secrets_for(gateway: RadosGateway) -> VolumeSecrets:
+# MinIO keeps each object as a directory on its drives: it accepts an object named like
+# the prefix of others ("base/pvc-1" beside "base/pvc-1/manifest"), which then hides
+# every object under that prefix from listings, so that nothing can be found to delete.
+# No ZeroFS volume writes such a key; the tests leave it out on MinIO.
+HIDES_THE_VOLUME_ON_MINIO = "base/pvc-1"
+
+
+@pytest.fixture
+def bystanders(store: S3Store) -> list[str]:
+    if isinstance(store, MinioSet):
+        return [key for key in BYSTANDERS if key != HIDES_THE_VOLUME_ON_MINIO]
+    return BYSTANDERS
+
+
+def secrets_for(store: S3Store) -> VolumeSecrets:
     return VolumeSecrets(
         encryption_password="unused-here",
-        access_key_id=gateway.access_key,
-        secret_access_key=gateway.secret_key,
+        access_key_id=store.access_key,
+        secret_access_key=store.secret_key,
     )
 
 
-def settings_for(gateway: RadosGateway, bucket: str, path: str = "base") -> VolumeSettings:
+def settings_for(store: S3Store, bucket: str, path: str = "base") -> VolumeSettings:
     return VolumeSettings(
         storage_url=StorageUrl("s3", bucket, path),
-        s3_endpoint=gateway.endpoint,
+        s3_endpoint=store.endpoint,
         s3_allow_http=True,
-        s3_region=gateway.region,
+        s3_region=store.region,
         delete_data_on_pvc_delete=True,
     )
 
@@ -102,9 +125,16 @@ class CallLog:
         self.batch_sizes.append(len(params["Delete"]["Objects"]))
 
 
+@pytest.fixture(params=["radosgw", "minio"])
+def store(request: pytest.FixtureRequest) -> S3Store:
+    """Every test here that talks to a store runs against radosgw and the MinIO set."""
+    chosen: S3Store = request.getfixturevalue(request.param)
+    return chosen
+
+
 @pytest.fixture
-def relay(radosgw: RadosGateway) -> Iterator[S3Relay]:
-    with s3_relay(radosgw.endpoint) as relay:
+def relay(store: S3Store) -> Iterator[S3Relay]:
+    with s3_relay(store.endpoint) as relay:
         yield relay
 
 
@@ -117,19 +147,19 @@ def through(relay: S3Relay, settings: VolumeSettings) -> VolumeSettings:
 
 @pytest.mark.s3
 def test_deletes_only_the_volume_objects_across_pages_and_batches(
-    radosgw: RadosGateway, s3: Any, bucket: str
+    store: S3Store, s3: Any, bucket: str, bystanders: list[str]
 ) -> None:
     mine = volume_keys(DELETE_BATCH_MAX + 50)
-    put_all(s3, bucket, mine + BYSTANDERS)
-    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    put_all(s3, bucket, mine + bystanders)
+    client = make_s3_client(settings_for(store, bucket), secrets_for(store))
     calls = CallLog(client)
 
     deleted = delete_volume_data(
-        settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), client=client
+        settings_for(store, bucket), VOLUME, secrets_for(store), client=client
     )
 
     assert deleted == len(mine)
-    assert all_keys(s3, bucket) == set(BYSTANDERS)
+    assert all_keys(s3, bucket) == set(bystanders)
     assert calls.batch_sizes == [DELETE_BATCH_MAX, 50]
     # Two listing pages, two delete batches, one final check that nothing remains.
     assert calls.operations == [
@@ -142,28 +172,32 @@ def test_deletes_only_the_volume_objects_across_pages_and_batches(
 
 
 @pytest.mark.s3
-def test_storage_url_at_the_bucket_root(radosgw: RadosGateway, s3: Any, bucket: str) -> None:
-    put_all(s3, bucket, volume_keys(5, "pvc-1/") + BYSTANDERS)
-    settings = settings_for(radosgw, bucket, path="")
-    deleted = delete_volume_data(settings, VOLUME, secrets_for(radosgw))
+def test_storage_url_at_the_bucket_root(
+    store: S3Store, s3: Any, bucket: str, bystanders: list[str]
+) -> None:
+    put_all(s3, bucket, volume_keys(5, "pvc-1/") + bystanders)
+    settings = settings_for(store, bucket, path="")
+    deleted = delete_volume_data(settings, VOLUME, secrets_for(store))
     # "pvc-1/manifest" is both a bystander of the "base" layout and one of ours here.
     assert deleted == 5
-    assert all_keys(s3, bucket) == set(BYSTANDERS) - {"pvc-1/manifest"}
+    assert all_keys(s3, bucket) == set(bystanders) - {"pvc-1/manifest"}
 
 
 @pytest.mark.s3
-def test_second_delete_finds_nothing(radosgw: RadosGateway, s3: Any, bucket: str) -> None:
-    put_all(s3, bucket, volume_keys(3) + BYSTANDERS)
-    settings = settings_for(radosgw, bucket)
-    assert delete_volume_data(settings, VOLUME, secrets_for(radosgw)) == 3
-    assert delete_volume_data(settings, VOLUME, secrets_for(radosgw)) == 0
-    assert all_keys(s3, bucket) == set(BYSTANDERS)
+def test_second_delete_finds_nothing(
+    store: S3Store, s3: Any, bucket: str, bystanders: list[str]
+) -> None:
+    put_all(s3, bucket, volume_keys(3) + bystanders)
+    settings = settings_for(store, bucket)
+    assert delete_volume_data(settings, VOLUME, secrets_for(store)) == 3
+    assert delete_volume_data(settings, VOLUME, secrets_for(store)) == 0
+    assert all_keys(s3, bucket) == set(bystanders)
 
 
 @pytest.mark.s3
-def test_missing_bucket_means_nothing_to_delete(radosgw: RadosGateway) -> None:
-    settings = settings_for(radosgw, "no-such-bucket-zerofs")
-    assert delete_volume_data(settings, VOLUME, secrets_for(radosgw)) == 0
+def test_missing_bucket_means_nothing_to_delete(store: S3Store) -> None:
+    settings = settings_for(store, "no-such-bucket-zerofs")
+    assert delete_volume_data(settings, VOLUME, secrets_for(store)) == 0
 
 
 # --------------------------------------------------------------------- guardrails
@@ -241,46 +275,47 @@ REFUSALS: list[tuple[str, Callable[[VolumeSettings], VolumeSettings], str, type]
     ("case", "mutate", "volume_id", "error"), REFUSALS, ids=[r[0] for r in REFUSALS]
 )
 def test_every_refusal_deletes_nothing_and_sends_nothing(
-    radosgw: RadosGateway,
+    store: S3Store,
     s3: Any,
     bucket: str,
+    bystanders: list[str],
     case: str,
     mutate: Callable[[VolumeSettings], VolumeSettings],
     volume_id: str,
     error: type,
 ) -> None:
-    everything = volume_keys(4) + ["base/base/pvc-1/x", "base/x/pvc-1/y"] + BYSTANDERS
+    everything = volume_keys(4) + ["base/base/pvc-1/x", "base/x/pvc-1/y"] + bystanders
     put_all(s3, bucket, everything)
-    settings = mutate(settings_for(radosgw, bucket))
-    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    settings = mutate(settings_for(store, bucket))
+    client = make_s3_client(settings_for(store, bucket), secrets_for(store))
     calls = CallLog(client)
     with pytest.raises(error) as info:
-        delete_volume_data(settings, volume_id, secrets_for(radosgw), client=client)
+        delete_volume_data(settings, volume_id, secrets_for(store), client=client)
     assert info.value.message
     assert calls.operations == []
     assert all_keys(s3, bucket) == set(everything)
 
 
 @pytest.mark.s3
-def test_plain_http_is_refused_unless_allowed(radosgw: RadosGateway, s3: Any, bucket: str) -> None:
+def test_plain_http_is_refused_unless_allowed(store: S3Store, s3: Any, bucket: str) -> None:
     put_all(s3, bucket, volume_keys(3))
-    refused = dataclasses.replace(settings_for(radosgw, bucket), s3_allow_http=False)
+    refused = dataclasses.replace(settings_for(store, bucket), s3_allow_http=False)
     with pytest.raises(errors.FailedPrecondition, match="plain http"):
-        delete_volume_data(refused, VOLUME, secrets_for(radosgw))
+        delete_volume_data(refused, VOLUME, secrets_for(store))
     with pytest.raises(errors.FailedPrecondition, match="plain http"):
-        make_s3_client(refused, secrets_for(radosgw))
+        make_s3_client(refused, secrets_for(store))
     assert len(all_keys(s3, bucket)) == 3
-    allowed = settings_for(radosgw, bucket)
-    assert delete_volume_data(allowed, VOLUME, secrets_for(radosgw)) == 3
+    allowed = settings_for(store, bucket)
+    assert delete_volume_data(allowed, VOLUME, secrets_for(store)) == 3
 
 
 @pytest.mark.s3
 def test_a_listed_key_outside_the_prefix_aborts_before_any_delete(
-    radosgw: RadosGateway, s3: Any, bucket: str
+    store: S3Store, s3: Any, bucket: str, bystanders: list[str]
 ) -> None:
     mine = volume_keys(DELETE_BATCH_MAX + 10)
-    put_all(s3, bucket, mine + BYSTANDERS)
-    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    put_all(s3, bucket, mine + bystanders)
+    client = make_s3_client(settings_for(store, bucket), secrets_for(store))
     calls = CallLog(client)
     pages = 0
 
@@ -293,11 +328,9 @@ def test_a_listed_key_outside_the_prefix_aborts_before_any_delete(
 
     client.meta.events.register("after-call.s3.ListObjectsV2", inject_foreign_key)
     with pytest.raises(errors.FailedPrecondition, match="outside the prefix"):
-        delete_volume_data(
-            settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), client=client
-        )
+        delete_volume_data(settings_for(store, bucket), VOLUME, secrets_for(store), client=client)
     assert "DeleteObjects" not in calls.operations
-    assert all_keys(s3, bucket) == set(mine + BYSTANDERS)
+    assert all_keys(s3, bucket) == set(mine + bystanders)
 
 
 # --------------------------------------------------------------------- failures and retries
@@ -305,35 +338,33 @@ def test_a_listed_key_outside_the_prefix_aborts_before_any_delete(
 
 @pytest.mark.s3
 def test_throttled_requests_are_retried(
-    radosgw: RadosGateway, s3: Any, bucket: str, relay: S3Relay
+    store: S3Store, s3: Any, bucket: str, bystanders: list[str], relay: S3Relay
 ) -> None:
     mine = volume_keys(20)
-    put_all(s3, bucket, mine + BYSTANDERS)
+    put_all(s3, bucket, mine + bystanders)
     relay.refuse(Refusal("GET", "list-type", 503, "SlowDown", times=1))
     relay.refuse(Refusal("POST", "delete", 503, "SlowDown", times=2))
 
     deleted = delete_volume_data(
-        through(relay, settings_for(radosgw, bucket)), VOLUME, secrets_for(radosgw)
+        through(relay, settings_for(store, bucket)), VOLUME, secrets_for(store)
     )
 
     assert deleted == len(mine)
     # The listing, then the final check that nothing remains.
     assert relay.statuses("GET", "list-type") == [503, 200, 200]
     assert relay.statuses("POST", "delete") == [503, 503, 200]
-    assert all_keys(s3, bucket) == set(BYSTANDERS)
+    assert all_keys(s3, bucket) == set(bystanders)
 
 
 @pytest.mark.s3
 def test_endless_server_errors_fail_retryably_and_delete_nothing(
-    radosgw: RadosGateway, s3: Any, bucket: str, relay: S3Relay
+    store: S3Store, s3: Any, bucket: str, relay: S3Relay
 ) -> None:
     mine = volume_keys(10)
     put_all(s3, bucket, mine)
     relay.refuse(Refusal("POST", "delete", 503, "ServiceUnavailable"))
     with pytest.raises(errors.Unavailable) as info:
-        delete_volume_data(
-            through(relay, settings_for(radosgw, bucket)), VOLUME, secrets_for(radosgw)
-        )
+        delete_volume_data(through(relay, settings_for(store, bucket)), VOLUME, secrets_for(store))
     assert info.value.code is grpc.StatusCode.UNAVAILABLE
     assert info.value.message == (
         f"S3 DeleteObjects still failing after {S3_MAX_ATTEMPTS} attempts: "
@@ -345,11 +376,11 @@ def test_endless_server_errors_fail_retryably_and_delete_nothing(
 
 @pytest.mark.s3
 def test_a_repeated_continuation_token_stops_the_listing_before_any_delete(
-    radosgw: RadosGateway, s3: Any, bucket: str
+    store: S3Store, s3: Any, bucket: str
 ) -> None:
     mine = volume_keys(DELETE_BATCH_MAX + 10)
     put_all(s3, bucket, mine)
-    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    client = make_s3_client(settings_for(store, bucket), secrets_for(store))
     calls = CallLog(client)
     tokens: list[str] = []
 
@@ -363,9 +394,7 @@ def test_a_repeated_continuation_token_stops_the_listing_before_any_delete(
 
     client.meta.events.register("after-call.s3.ListObjectsV2", repeat_the_first_token)
     with pytest.raises(errors.Internal, match="continuation token"):
-        delete_volume_data(
-            settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), client=client
-        )
+        delete_volume_data(settings_for(store, bucket), VOLUME, secrets_for(store), client=client)
     assert calls.operations == ["ListObjectsV2", "ListObjectsV2"]
     assert all_keys(s3, bucket) == set(mine)
 
@@ -380,7 +409,7 @@ def test_a_repeated_continuation_token_stops_the_listing_before_any_delete(
     ],
 )
 def test_per_key_errors_are_failures(
-    radosgw: RadosGateway,
+    store: S3Store,
     s3: Any,
     bucket: str,
     code: str,
@@ -389,7 +418,7 @@ def test_per_key_errors_are_failures(
 ) -> None:
     mine = volume_keys(8)
     put_all(s3, bucket, mine)
-    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    client = make_s3_client(settings_for(store, bucket), secrets_for(store))
     injected = 0
     retried_batches: list[int] = []
 
@@ -407,31 +436,29 @@ def test_per_key_errors_are_failures(
     call = dict(client=client, key_retry=FAST, sleep=lambda seconds: None)
     if outcome is None:
         assert delete_volume_data(
-            settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), **call
+            settings_for(store, bucket), VOLUME, secrets_for(store), **call
         ) == len(mine)
         assert retried_batches == [len(mine), 1]  # only the failed key is sent again
         assert all_keys(s3, bucket) == set()
     else:
         with pytest.raises(outcome) as info:
-            delete_volume_data(settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), **call)
+            delete_volume_data(settings_for(store, bucket), VOLUME, secrets_for(store), **call)
         assert code in info.value.message
 
 
 @pytest.mark.s3
 def test_objects_written_during_deletion_keep_delete_failing(
-    radosgw: RadosGateway, s3: Any, bucket: str
+    store: S3Store, s3: Any, bucket: str
 ) -> None:
     put_all(s3, bucket, volume_keys(5))
-    client = make_s3_client(settings_for(radosgw, bucket), secrets_for(radosgw))
+    client = make_s3_client(settings_for(store, bucket), secrets_for(store))
 
     def late_writer(**kwargs: Any) -> None:
         s3.put_object(Bucket=bucket, Key="base/pvc-1/segments/late", Body=b"late")
 
     client.meta.events.register("after-call.s3.DeleteObjects", late_writer)
     with pytest.raises(errors.Unavailable, match="objects remain"):
-        delete_volume_data(
-            settings_for(radosgw, bucket), VOLUME, secrets_for(radosgw), client=client
-        )
+        delete_volume_data(settings_for(store, bucket), VOLUME, secrets_for(store), client=client)
 
 
 @pytest.mark.s3
@@ -447,18 +474,108 @@ def test_unreachable_endpoint_is_unavailable(radosgw: RadosGateway) -> None:
 
 @pytest.mark.s3
 def test_rejected_credentials_fail_at_once_without_showing_them(
-    radosgw: RadosGateway, s3: Any, bucket: str, relay: S3Relay
+    store: S3Store, s3: Any, bucket: str, relay: S3Relay
 ) -> None:
     put_all(s3, bucket, volume_keys(3))
     wrong = VolumeSecrets(
         encryption_password="pw",
-        access_key_id=radosgw.access_key,
-        secret_access_key="wrong-secret-value-" + radosgw.secret_key[:4],
+        access_key_id=store.access_key,
+        secret_access_key="wrong-secret-value-" + store.secret_key[:4],
     )
     with pytest.raises(errors.Internal) as info:
-        delete_volume_data(through(relay, settings_for(radosgw, bucket)), VOLUME, wrong)
+        delete_volume_data(through(relay, settings_for(store, bucket)), VOLUME, wrong)
     assert "SignatureDoesNotMatch" in info.value.message or "403" in info.value.message
     assert wrong.secret_access_key not in info.value.message
-    assert radosgw.access_key not in info.value.message
+    assert store.access_key not in info.value.message
     assert relay.statuses("GET", "list-type") == [403]  # not retried
     assert len(all_keys(s3, bucket)) == 3
+
+
+# --------------------------------------------------------------------- a MinIO server lost
+
+# How long a lost server stays away: the delete in flight waits for it (MinIO's write
+# locks need both servers of a two-server set), well inside the driver's 60 s read
+# timeout, so the same call finishes once the set heals.
+OUTAGE_S = 5.0
+# A fault and its undoing, as MinioSet methods.
+FAULTS = {"kill": ("kill", "restart"), "cut-off": ("cut_off", "restore")}
+
+
+def heal(minio: MinioSet) -> None:
+    """Bring every server back and wait for write quorum, for the tests after this one."""
+    for server in SERVERS:
+        minio.restore(server)
+        if not minio.running(server):
+            minio.restart(server)
+    minio.wait_healthy()
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("store", ["minio"], indirect=True)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_server_lost_mid_delete_holds_the_delete_until_the_set_heals(
+    minio: MinioSet, s3: Any, bucket: str, bystanders: list[str], fault: str
+) -> None:
+    mine = volume_keys(DELETE_BATCH_MAX + 50)
+    put_all(s3, bucket, mine + bystanders)
+    settings = settings_for(minio, bucket)
+    client = make_s3_client(settings, secrets_for(minio))
+    calls = CallLog(client)
+    lose, bring_back = (getattr(minio, name) for name in FAULTS[fault])
+    timeline: dict[str, float] = {}
+
+    def bring_back_b() -> None:
+        bring_back("b")
+        timeline["back"] = time.monotonic()
+
+    returning = threading.Timer(OUTAGE_S, bring_back_b)
+
+    def lose_b_after_the_first_batch(**kwargs: Any) -> None:
+        if "lost" not in timeline:
+            lose("b")
+            timeline["lost"] = time.monotonic()
+            returning.start()
+
+    client.meta.events.register("after-call.s3.DeleteObjects", lose_b_after_the_first_batch)
+    try:
+        deleted = delete_volume_data(settings, VOLUME, secrets_for(minio), client=client)
+        finished = time.monotonic()
+    finally:
+        if "lost" in timeline:
+            returning.join()
+        heal(minio)
+
+    assert deleted == len(mine)
+    # The second batch was sent with server b gone, and answered only once it was back.
+    assert calls.batch_sizes[:2] == [DELETE_BATCH_MAX, 50]
+    assert finished > timeline["back"]
+    assert all_keys(s3, bucket) == set(bystanders)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("store", ["minio"], indirect=True)
+def test_the_endpoint_server_killed_mid_delete_fails_retryably_and_a_retry_finishes(
+    minio: MinioSet, s3: Any, bucket: str, bystanders: list[str]
+) -> None:
+    mine = volume_keys(DELETE_BATCH_MAX + 50)
+    put_all(s3, bucket, mine + bystanders)
+    settings = settings_for(minio, bucket)
+    client = make_s3_client(settings, secrets_for(minio))
+    calls = CallLog(client)
+
+    def kill_a_after_the_first_batch(**kwargs: Any) -> None:
+        if minio.running("a"):
+            minio.kill("a")
+
+    client.meta.events.register("after-call.s3.DeleteObjects", kill_a_after_the_first_batch)
+    try:
+        with pytest.raises(errors.Unavailable, match="EndpointConnectionError"):
+            delete_volume_data(settings, VOLUME, secrets_for(minio), client=client)
+        # botocore sent the second batch S3_MAX_ATTEMPTS times to the dead server.
+        assert calls.operations[-S3_MAX_ATTEMPTS:] == ["DeleteObjects"] * S3_MAX_ATTEMPTS
+    finally:
+        heal(minio)
+
+    # The provisioner's retry, once the set has healed, deletes what is left.
+    assert delete_volume_data(settings, VOLUME, secrets_for(minio)) == 50
+    assert all_keys(s3, bucket) == set(bystanders)
