@@ -405,6 +405,9 @@ def test_a_repeated_continuation_token_stops_the_listing_before_any_delete(
     [
         ("InternalError", 1, None),  # transient per-key failure: retried, then success
         ("SlowDown", FAST.attempts, errors.Unavailable),  # never clears: retryable failure
+        # MinIO's answer for a key while its set lacks write quorum, as for seconds after
+        # a server that was down for a while is back.
+        ("SlowDownWrite", FAST.attempts, errors.Unavailable),
         ("AccessDenied", 1, errors.Internal),  # not transient: fails at once
     ],
 )

@@ -53,9 +53,14 @@ S3_MAX_ATTEMPTS = 5
 
 # Error codes S3 (and S3-compatible stores) answer when a request, or one key of a
 # DeleteObjects batch, may succeed later. A per-key error has no HTTP status of its own.
+# MinIO answers SlowDownWrite (SlowDownRead) for a key while its erasure set lacks write
+# (read) quorum, as it does for up to its reconnect interval after a server that was
+# down for half a minute or more is back.
 RETRYABLE_CODES = frozenset(
     {
         "SlowDown",
+        "SlowDownWrite",
+        "SlowDownRead",
         "Throttling",
         "ThrottlingException",
         "RequestLimitExceeded",
