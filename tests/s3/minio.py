@@ -127,9 +127,8 @@ class MinioSet:
         tag = f"{NAMESPACE_PREFIX}{os.getpid()}-{secrets.token_hex(2)}"
         self._hub = f"{tag}-hub"
         self._namespaces = {server: f"{tag}-{server}" for server in SERVERS}
-        # Interface names are at most 15 characters: a short run tag and the server.
-        self._link_tag = "zm" + secrets.token_hex(3)
-        self._host_link = f"{self._link_tag}h"
+        # The host's end of its link, named in the host's namespace: at most 15 characters.
+        self._host_link = f"zminio{secrets.token_hex(3)}"
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
 
     # ------------------------------------------------------------------ lifecycle
