@@ -500,14 +500,14 @@ def faults_under_a_writer(
     churn = ["churn", "/data/churn", seed, str(DATA_MIB), "/data/stop"]
     args = [*verify_first, "--", *churn] if verify_first else churn
     apply(workload_pod(writer, claim, images.workload, args, False))
-    step = f"{claim}: writer pod running" + (", earlier data verified" if verify_first else "")
+    step = f"{claim}: writer pod rewriting" + (", earlier data verified" if verify_first else "")
 
     def writing() -> bool:
         phase = pod_phase(writer)
         output = kubectl("-n", WORKLOAD_NAMESPACE, "logs", writer, check=False)
         if phase in ("Failed", "Succeeded"):
             raise StepFailed(f"pod {writer} ended ({phase}) before the faults: {output[-500:]}")
-        return phase == "Running" and (not verify_first or "verify:" in output)
+        return phase == "Running" and "churn: rewriting" in output
 
     with table.step(step):
         wait_until(f"pod {writer} writing", writing, 900)

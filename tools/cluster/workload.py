@@ -52,6 +52,7 @@ def verify(path: str, seed: int, mib: int, generations: list[int] | None = None)
 def churn(path: str, seed: int, mib: int, stop: str) -> None:
     generations = [0] * mib
     write(path, seed, mib)
+    print("churn: rewriting", flush=True)  # what the e2e waits for before its faults
     fd = os.open(path, os.O_WRONLY)
     longest = 0.0
     step = 0
