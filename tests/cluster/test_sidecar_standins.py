@@ -22,6 +22,8 @@ import grpc
 import pytest
 from chart.conftest import CHART, Helm, container, find
 
+from zerofs_csi.bench.plugin import free_tcp_port, wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 SIDECARS = ROOT / "tools" / "cluster" / "sidecars"
 REGISTRAR = SIDECARS / "node_driver_registrar.py"
@@ -30,19 +32,6 @@ DRIVER = "zerofs.csi.driver"
 # Where the chart's DaemonSet mounts the plugin's socket directory in every container.
 CHART_SOCKET = "/csi/csi.sock"
 START_TIMEOUT_S = 60.0
-
-
-def wait_until(condition: object, what: str, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g}s"
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -154,7 +143,9 @@ def start_plugin(processes: list[Process], workdir: Path, role: str) -> Path:
         workdir / "plugin.log",
     ).start()  # fmt: skip
     processes.append(plugin)
-    wait_until(lambda: socket_path.exists() or not plugin.running(), "the plugin's socket")
+    wait_until(
+        lambda: socket_path.exists() or not plugin.running(), START_TIMEOUT_S, "the plugin's socket"
+    )
     assert plugin.running(), plugin.output()
     return socket_path
 
@@ -198,7 +189,7 @@ def test_registrar_serves_kubelet_registration_and_exits_when_refused(
     csi_socket = start_plugin(processes, tmp_path / "node", "node")
     registry = tmp_path / "plugins_registry"
     registry.mkdir()
-    port = free_port()
+    port = free_tcp_port()
     registrar = start_sidecar(
         processes,
         REGISTRAR,
@@ -207,7 +198,11 @@ def test_registrar_serves_kubelet_registration_and_exits_when_refused(
         stubs,
     )
     reg_socket = registry / f"{DRIVER}-reg.sock"
-    wait_until(lambda: reg_socket.exists() or not registrar.running(), "the registration socket")
+    wait_until(
+        lambda: reg_socket.exists() or not registrar.running(),
+        START_TIMEOUT_S,
+        "the registration socket",
+    )
     mode = reg_socket.stat().st_mode
     assert stat.S_ISSOCK(mode)
     assert mode & 0o077 == 0, f"registration socket mode {oct(mode)}: others may connect"
@@ -250,7 +245,7 @@ def test_registrar_waits_for_the_driver_and_removes_its_socket_on_sigterm(
     workdir = tmp_path / "node"
     registry = tmp_path / "plugins_registry"
     registry.mkdir()
-    port = free_port()
+    port = free_tcp_port()
     reg_socket = registry / f"{DRIVER}-reg.sock"
     # A socket left by an earlier registrar is replaced.
     with socket.socket(socket.AF_UNIX) as stale:
@@ -297,7 +292,7 @@ def test_registrar_leaves_a_file_that_is_not_a_socket_alone(
     registrar = start_sidecar(
         processes,
         REGISTRAR,
-        registrar_args(chart_args, csi_socket, registry, free_port()),
+        registrar_args(chart_args, csi_socket, registry, free_tcp_port()),
         tmp_path / "registrar.log",
         stubs,
     )
@@ -327,7 +322,7 @@ def start_livenessprobe(
         with socket.socket() as client:
             return client.connect_ex(("127.0.0.1", port)) == 0
 
-    wait_until(listening, "the livenessprobe's HTTP server")
+    wait_until(listening, START_TIMEOUT_S, "the livenessprobe's HTTP server")
     assert probe.running(), probe.output()
     return probe
 
@@ -339,7 +334,7 @@ def test_livenessprobe_is_ok_while_the_controller_answers_and_fails_once_it_is_g
     chart_args: dict[tuple[str, str], list[str]],
 ) -> None:
     csi_socket = start_plugin(processes, tmp_path / "controller", "controller")
-    port = free_port()
+    port = free_tcp_port()
     start_livenessprobe(
         processes,
         stubs,
@@ -373,7 +368,7 @@ def test_livenessprobe_fails_with_the_reason_of_an_unhealthy_node_plugin(
     if Path("/sys/module/nbd").exists():
         pytest.skip("the kernel's nbd driver is loaded here, so the node plugin is healthy")
     csi_socket = start_plugin(processes, tmp_path / "node", "node")
-    port = free_port()
+    port = free_tcp_port()
     start_livenessprobe(
         processes,
         stubs,

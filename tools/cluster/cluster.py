@@ -23,7 +23,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ from control_plane import (  # noqa: E402
 )
 from node_tunnel import NodeTunnel  # noqa: E402
 from pki import ensure_pki  # noqa: E402
+
+from zerofs_csi.bench.plugin import free_tcp_port  # noqa: E402
 
 # Each run's directory (logs, kubeconfigs, sockets), in this clone.
 RUNS_DIR = REPO / ".cache" / "cluster"
@@ -77,12 +78,6 @@ NODE_DISK_BYTES = 16 << 30
 
 def log(message: str) -> None:
     print(f"cluster: {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def binaries_dir() -> Path:
@@ -180,13 +175,13 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
     run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%dT%H%M%S-"), dir=RUNS_DIR))
     log(f"run directory {run_dir} (logs in {run_dir / 'logs'})")
     endpoints = Endpoints(
-        api_port=free_port(),
-        etcd_port=free_port(),
-        etcd_peer_port=free_port(),
+        api_port=free_tcp_port(),
+        etcd_port=free_tcp_port(),
+        etcd_peer_port=free_tcp_port(),
         advertise_address=FORWARD_ADDRESS,
     )
     plane = ControlPlane(binaries, pki, run_dir, endpoints)
-    kubelet_port = free_port()
+    kubelet_port = free_tcp_port()
     # The API server dials the node by its name or its address, whichever it prefers.
     kubelet = ("127.0.0.1", kubelet_port)
     tunnel = NodeTunnel(

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zerofs_csi.bench import plugin
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 HELM = REPO / "tools" / "helm.sh"
@@ -78,12 +80,10 @@ def apply(manifest: Json) -> None:
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout_s: float, every_s: float = 2) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(every_s)
-    raise StepFailed(f"{what}: not within {timeout_s:g} s")
+    try:
+        plugin.wait_until(check, timeout_s, what, every_s)
+    except TimeoutError as exc:
+        raise StepFailed(str(exc)) from None
 
 
 @dataclass
