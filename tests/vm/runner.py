@@ -43,15 +43,16 @@ EXIT_VM_FAILURE = 125
 
 VM_DIR = Path(__file__).resolve().parent
 REPO_ROOT = VM_DIR.parent.parent
-# The kernel and initramfs, shared by every clone on the machine (tools/cache-dir).
-CACHE_DIR = (
-    Path(
-        subprocess.run(
-            [str(REPO_ROOT / "tools" / "cache-dir")], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    )
-    / "vm"
-)
+
+
+def machine_cache_dir() -> Path:
+    """Where builds are cached, shared by every clone on the machine (tools/cache-dir)."""
+    command = [str(REPO_ROOT / "tools" / "cache-dir")]
+    return Path(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip())
+
+
+# The kernel and initramfs.
+CACHE_DIR = machine_cache_dir() / "vm"
 # Each run's directory (console log, status), in this clone.
 RUNS_DIR = REPO_ROOT / ".cache" / "vm" / "runs"
 STAGE1_INIT = VM_DIR / "initramfs_init.sh"

@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests" / "s3"))
+sys.path.insert(0, str(REPO / "tests" / "vm"))
 
 from control_plane import (  # noqa: E402
     POD_CIDR,
@@ -45,20 +46,14 @@ from control_plane import (  # noqa: E402
 )
 from node_tunnel import NodeTunnel  # noqa: E402
 from pki import ensure_pki  # noqa: E402
+from runner import machine_cache_dir  # noqa: E402
 
 from zerofs_csi.bench.plugin import free_tcp_port  # noqa: E402
 
 # Each run's directory (logs, kubeconfigs, sockets), in this clone.
 RUNS_DIR = REPO / ".cache" / "cluster"
-# Kept between runs by every clone on the machine (tools/cache-dir): the CA, the node disk.
-CACHE_DIR = (
-    Path(
-        subprocess.run(
-            [str(REPO / "tools" / "cache-dir")], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    )
-    / "cluster"
-)
+# Kept between runs by every clone on the machine: the CA, the node disk.
+CACHE_DIR = machine_cache_dir() / "cluster"
 NODE_NAME = "zerofs-vm"
 # QEMU user networking (tests/vm/runner.py): the guest's address, and the address its
 # forwards to the host's loopback answer on.
