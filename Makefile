@@ -77,7 +77,7 @@ cluster-runtime-check: bootstrap cluster-images
 # Host tests: everything not needing the kernel's NBD driver or an S3 server; the
 # Kubernetes-backend tests against the real kube-apiserver too (KUBEBUILDER_ASSETS).
 test-unit: build kube-assets
-	KUBEBUILDER_ASSETS=$(KUBE_ASSETS) $(PYTEST) -m "not privileged and not s3" -q
+	KUBEBUILDER_ASSETS=$(KUBE_ASSETS) $(PYTEST) -m "not privileged and not s3" -q --durations=10
 
 # Against real S3 servers, started by the fixtures: a single-node Ceph radosgw on loopback,
 # and for the S3 clean-up tests also a distributed MinIO set (tests/s3/minio.py).
@@ -98,9 +98,10 @@ test-long: build
 
 privileged-suite:
 	@if [ "$$(id -u)" = 0 ] && [ -e /dev/nbd0 ] && [ -r /sys/module/nbd ]; then \
-		$(PYTEST) -m "$(MARKS)" -q tests/privileged; \
+		$(PYTEST) -m "$(MARKS)" -q --durations=15 tests/privileged; \
 	else \
-		$(VM) --timeout $(VM_TIMEOUT) -- $(PYTEST) -m "$(MARKS)" -q -p no:cacheprovider tests/privileged; \
+		$(VM) --timeout $(VM_TIMEOUT) -- $(PYTEST) -m "$(MARKS)" -q -p no:cacheprovider \
+			--durations=15 tests/privileged; \
 	fi
 
 .PHONY: cluster e2e
