@@ -537,17 +537,24 @@ def delete_until_done(
             return failures
 
 
+def two_batches_to_delete(
+    minio: MinioSet, s3: Any, bucket: str, bystanders: list[str]
+) -> tuple[VolumeSettings, Any, CallLog]:
+    """A volume of two DeleteObjects batches beside the bystanders; its settings, a
+    client for the driver's delete and the log of that client's calls."""
+    put_all(s3, bucket, volume_keys(DELETE_BATCH_MAX + 50) + bystanders)
+    settings = settings_for(minio, bucket)
+    client = make_s3_client(settings, secrets_for(minio))
+    return settings, client, CallLog(client)
+
+
 @pytest.mark.s3
 @pytest.mark.parametrize("store", ["minio"], indirect=True)
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_server_lost_mid_delete_holds_the_delete_until_the_set_heals(
     minio: MinioSet, s3: Any, bucket: str, bystanders: list[str], fault: str
 ) -> None:
-    mine = volume_keys(DELETE_BATCH_MAX + 50)
-    put_all(s3, bucket, mine + bystanders)
-    settings = settings_for(minio, bucket)
-    client = make_s3_client(settings, secrets_for(minio))
-    calls = CallLog(client)
+    settings, client, calls = two_batches_to_delete(minio, s3, bucket, bystanders)
     lose, bring_back = (getattr(minio, name) for name in FAULTS[fault])
     timeline: dict[str, float] = {}
 
@@ -583,11 +590,7 @@ def test_a_server_lost_mid_delete_holds_the_delete_until_the_set_heals(
 def test_the_endpoint_server_killed_mid_delete_fails_retryably_and_a_retry_finishes(
     minio: MinioSet, s3: Any, bucket: str, bystanders: list[str]
 ) -> None:
-    mine = volume_keys(DELETE_BATCH_MAX + 50)
-    put_all(s3, bucket, mine + bystanders)
-    settings = settings_for(minio, bucket)
-    client = make_s3_client(settings, secrets_for(minio))
-    calls = CallLog(client)
+    settings, client, calls = two_batches_to_delete(minio, s3, bucket, bystanders)
 
     def kill_a_after_the_first_batch(**kwargs: Any) -> None:
         if minio.running("a"):
@@ -603,6 +606,7 @@ def test_the_endpoint_server_killed_mid_delete_fails_retryably_and_a_retry_finis
         heal(minio)
 
     # The first batch (the listing's first keys) is gone, the second untouched.
+    mine = volume_keys(DELETE_BATCH_MAX + 50)
     assert all_keys(s3, bucket) == set(sorted(mine)[DELETE_BATCH_MAX:] + bystanders)
     # The provisioner's retries, once the set has healed, delete what is left.
     delete_until_done(settings, secrets_for(minio))
