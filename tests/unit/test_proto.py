@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -40,6 +41,8 @@ def load_gen_proto() -> ModuleType:
     spec = importlib.util.spec_from_file_location("gen_proto", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is built.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -94,13 +97,15 @@ def test_committed_stubs_match_proto() -> None:
 
 def test_check_reports_a_modified_stub(tmp_path: Path) -> None:
     gen_proto = load_gen_proto()
-    for name in gen_proto.GENERATED_FILES:
-        shutil.copyfile(gen_proto.STUB_DIR / name, tmp_path / name)
-    with (tmp_path / "csi_pb2_grpc.py").open("a", encoding="utf-8") as stub:
+    target = gen_proto.TARGETS[0]
+    for name, path in target.outputs(tmp_path).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(target.outputs(REPO_ROOT)[name], path)
+    with target.outputs(tmp_path)["csi_pb2_grpc.py"].open("a", encoding="utf-8") as stub:
         stub.write("# edited by hand\n")
-    stale = gen_proto.stale_files(tmp_path, gen_proto.STUB_DIR)
+    stale = gen_proto.stale_files(target, tmp_path)
     assert list(stale) == ["csi_pb2_grpc.py"]
-    assert "-# edited by hand\n" in stale["csi_pb2_grpc.py"]
+    assert "+# edited by hand\n" in stale["csi_pb2_grpc.py"]
 
 
 def test_file_descriptor_identity() -> None:
