@@ -27,6 +27,14 @@ where ZeroFS does, and then serves the volume:
   path as ``aname``, while ZeroFS ignores ``aname``; the relay rewrites the aname of
   Tattach/Tauth to the exported directory and passes every other byte through.
 
+- The admin service (``zerofs.admin.AdminService``: checkpoints and flush) on
+  ``[servers.rpc] unix_socket`` when the config has one, and the CLI commands that call
+  it, ``checkpoint create|list|delete|info -c CONFIG [NAME]`` and ``flush -c CONFIG``;
+  ``run --checkpoint NAME`` serves a checkpoint and ``run --read-only`` the live volume,
+  both read-only (NBD and 9P), file:// storage only. See zerofs_standin_admin.py. Unlike
+  ZeroFS, whose read-only NBD exports fail writes without saying so at negotiation, the
+  stand-in's advertise NBD_FLAG_READ_ONLY (nbdkit --readonly).
+
 It stays in the foreground. SIGTERM/SIGINT stop both servers and remove the sockets
 (exit 0); nbdkit is killed rather than stopped, so that, as with ZeroFS, a client sees
 its connections close and never an error reply. If either server dies, the other is
@@ -54,10 +62,14 @@ import threading
 import time
 import tomllib
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import zerofs_standin_admin as admin  # noqa: E402
 
 PROGRAM = "zerofs-standin"
 
@@ -118,7 +130,7 @@ PR_SET_PDEATHSIG = 1
 
 # The directory of NBD exports in the served tree, as in ZeroFS; on S3 the size records
 # of the exports have the same name under the prefix, their blocks the other one.
-EXPORT_DIRECTORY = ".nbd"
+EXPORT_DIRECTORY = admin.EXPORT_DIRECTORY
 BLOCKS_DIRECTORY = ".nbd-blocks"
 # S3 object size of the exports' blocks: the largest request the kernel's NBD client
 # sends by default on the nodes' kernel (max_sectors_kb 128 on Debian 12's 6.1), so that
@@ -195,6 +207,7 @@ class StandinConfig:
     nbd_socket: Path
     ninep_socket: Path
     s3: S3Storage | None = None
+    rpc_socket: Path | None = None  # the admin service's ([servers.rpc] unix_socket)
 
 
 def expand_variables(value: str, environ: Mapping[str, str], where: str) -> str:
@@ -391,7 +404,7 @@ def load_config(path: Path, environ: Mapping[str, str]) -> StandinConfig:
         document["storage"]["encryption_password"], environ, "storage.encryption_password"
     )
     sockets = {}
-    for name in ("nbd", "ninep"):
+    for name in ("nbd", "ninep", "rpc"):
         table = document["servers"].get(name, {})
         if table.get("addresses"):
             raise ConfigError(
@@ -399,13 +412,15 @@ def load_config(path: Path, environ: Mapping[str, str]) -> StandinConfig:
                 "(ZeroFS's NBD server has no authentication: keep it off the network)"
             )
         if "unix_socket" not in table:
+            if name == "rpc":  # the admin service is optional, as in ZeroFS
+                continue
             raise ConfigError(f"servers.{name}.unix_socket is required by the stand-in")
         where = f"servers.{name}.unix_socket"
         sockets[name] = Path(expand_variables(table["unix_socket"], environ, where))
         if not sockets[name].is_absolute():
             raise ConfigError(f"{where} must be an absolute path")
-    if sockets["nbd"] == sockets["ninep"]:
-        raise ConfigError("the NBD and 9P unix sockets must be different paths")
+    if len(set(sockets.values())) != len(sockets):
+        raise ConfigError("the NBD, 9P and RPC unix sockets must be different paths")
     if storage_scheme(url) in S3_SCHEMES:
         s3 = s3_storage(url, expanded["aws"], environ)
         # The 9P tree is local: only the exports' sizes and blocks are kept in S3.
@@ -419,6 +434,7 @@ def load_config(path: Path, environ: Mapping[str, str]) -> StandinConfig:
         nbd_socket=sockets["nbd"],
         ninep_socket=sockets["ninep"],
         s3=s3,
+        rpc_socket=sockets.get("rpc"),
     )
 
 
@@ -783,13 +799,39 @@ def _nbdkit_s3_plugin(nbdkit: str, storage: S3Storage, tree: Path, error_file: P
     return argv
 
 
-def serve(config: StandinConfig) -> int:
-    nbd_dir = config.storage_dir / EXPORT_DIRECTORY
-    nbd_dir.mkdir(parents=True, exist_ok=True)
+def served_tree(config: StandinConfig, read_only: bool, checkpoint: str | None) -> Path:
+    """The tree to serve: the volume's, or the copy a checkpoint holds (ConfigError when
+    no checkpoint has that name). A writable server creates the tree's ``.nbd/``."""
+    if (read_only or checkpoint is not None) and config.s3 is not None:
+        raise ConfigError(
+            "the stand-in serves s3:// storage read-write only (--read-only and "
+            "--checkpoint need file:// storage)"
+        )
+    if checkpoint is None:
+        if not read_only:
+            (config.storage_dir / EXPORT_DIRECTORY).mkdir(parents=True, exist_ok=True)
+        return config.storage_dir
+    checkpoints = admin.FileCheckpoints(config.storage_dir, pause=None)
+    found = checkpoints.find(checkpoint)
+    if found is None:
+        raise ConfigError(f"no checkpoint is named {checkpoint.strip()!r}")
+    return checkpoints.exports(found)
+
+
+def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | None = None) -> int:
+    """Serve the volume until SIGTERM/SIGINT (status 0) or a server dies (status 1).
+    ``read_only`` (``run --read-only``) serves the live volume read-only; ``checkpoint``
+    (``run --checkpoint NAME``) serves the named checkpoint, read-only too."""
+    read_only = read_only or checkpoint is not None
+    tree = served_tree(config, read_only, checkpoint)
+    nbd_dir = tree / EXPORT_DIRECTORY
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     nbdkit = _find("nbdkit", "nbdkit")
     diod = _find("diod", "diod")
-    for path in (config.nbd_socket, config.ninep_socket):
+    sockets = [config.nbd_socket, config.ninep_socket]
+    if config.rpc_socket is not None:
+        sockets.append(config.rpc_socket)
+    for path in sockets:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_socket(path)  # left by a stand-in that was killed
 
@@ -810,10 +852,28 @@ def serve(config: StandinConfig) -> int:
     nbdkit_error = private_dir / "nbdkit-error"
     children: dict[str, subprocess.Popen[bytes]] = {}
     relay: NinePRelay | None = None
+    admin_server: admin.AdminServer | None = None
     status = 1
+
+    @contextlib.contextmanager
+    def nbd_paused() -> Iterator[None]:
+        # SIGSTOP stops every thread of nbdkit once its system call returns: a write is
+        # in the file whole or not at all until SIGCONT.
+        process = children.get("nbdkit")
+        if process is None or process.poll() is not None:
+            yield
+            return
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+
     try:
         nbd_plugin = ["file", f"dir={nbd_dir}"]
         served = f"file://{config.storage_dir}"
+        if checkpoint is not None:
+            served += f" at checkpoint {checkpoint.strip()!r}"
         if config.s3 is not None:
             nbd_plugin = _nbdkit_s3_plugin(nbdkit, config.s3, config.storage_dir, nbdkit_error)
             served = config.s3.url
@@ -834,8 +894,10 @@ def serve(config: StandinConfig) -> int:
             nbdkit_env["AWS_CONFIG_FILE"] = str(aws_config)
             nbdkit_env["AWS_SHARED_CREDENTIALS_FILE"] = str(private_dir / "no-credentials")
         private_socket = private_dir / "diod.sock"
-        argv = [diod, "-f", "-n", "-e", str(config.storage_dir)]
+        argv = [diod, "-f", "-n", "-e", str(tree)]
         argv += ["-l", str(private_socket), "-L", "stderr"]
+        if read_only:
+            argv += ["-o", "ro"]
         if os.geteuid() == 0:
             argv.append("-N")  # root serves each attaching uid, named in no user database
         else:
@@ -852,8 +914,18 @@ def serve(config: StandinConfig) -> int:
             preexec_fn=_die_with_parent,
         )
         _wait_for_socket(private_socket, children["diod"], DIOD_START_TIMEOUT_S, "diod")
-        relay = NinePRelay(config.ninep_socket, private_socket, config.storage_dir)
-        # Last, so that the NBD socket answering means both servers are up.
+        relay = NinePRelay(config.ninep_socket, private_socket, tree)
+        if config.rpc_socket is not None:
+            checkpoints = None
+            if config.s3 is None:
+                checkpoints = admin.FileCheckpoints(config.storage_dir, pause=nbd_paused)
+            try:
+                admin_server = admin.AdminServer(
+                    config.rpc_socket, checkpoints, read_only=read_only
+                )
+            except admin.CheckpointError as exc:
+                raise ConfigError(str(exc)) from None
+        # Last, so that the NBD socket answering means every server is up.
         children["nbdkit"] = subprocess.Popen(
             [
                 nbdkit,
@@ -862,6 +934,7 @@ def serve(config: StandinConfig) -> int:
                 "--log=stderr",
                 "--unix",
                 str(config.nbd_socket),
+                *(["--readonly"] if read_only else []),
                 *nbd_plugin,
             ],
             stdin=subprocess.DEVNULL,
@@ -913,10 +986,51 @@ def serve(config: StandinConfig) -> int:
             _stop(children["diod"], "diod")
         if relay is not None:
             relay.close()
-        for path in (config.nbd_socket, config.ninep_socket):
+        if admin_server is not None:
+            admin_server.close()
+        for path in sockets:
             _remove_socket(path)
         shutil.rmtree(private_dir, ignore_errors=True)
     return status
+
+
+def _admin_command(args: argparse.Namespace, config: StandinConfig) -> int:
+    """``checkpoint create|list|delete|info`` and ``flush``: calls of the running
+    server's admin service, as ZeroFS's CLI makes them."""
+    if config.rpc_socket is None:
+        say("the config has no [servers.rpc] unix_socket: the server has no admin service")
+        return 1
+    try:
+        with admin.admin_client(config.rpc_socket) as client:
+            if args.command == "flush":
+                client.call("Flush")
+                print("flushed")
+            elif args.action == "create":
+                made = client.call("CreateCheckpoint", name=args.name).checkpoint
+                print(f"checkpoint {made.name!r} created: id {made.id}, at "
+                      f"{admin.shown_time(made.created_at.seconds)}")  # fmt: skip
+            elif args.action == "list":
+                listed = client.call("ListCheckpoints").checkpoints
+                if not listed:
+                    print("no checkpoints")
+                for entry in listed:
+                    print(f"{entry.name}\t{entry.id}\t{admin.shown_time(entry.created_at.seconds)}")
+            elif args.action == "delete":
+                client.call("DeleteCheckpoint", name=args.name)
+                print(f"checkpoint {args.name.strip()!r} deleted")
+            else:
+                try:
+                    found = client.call("GetCheckpointInfo", name=args.name).checkpoint
+                except admin.CheckpointNotFound:
+                    # As ZeroFS's CLI: a missing checkpoint is an answer, not a failure.
+                    print(f"no checkpoint is named {args.name.strip()!r}")
+                    return 0
+                print(f"name: {found.name}\nid: {found.id}\n"
+                      f"created at: {admin.shown_time(found.created_at.seconds)}")  # fmt: skip
+    except admin.CheckpointError as exc:
+        say(str(exc))
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -924,14 +1038,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve the volume described by a ZeroFS config")
     run.add_argument("-c", "--config", type=Path, required=True, help="ZeroFS TOML config")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--read-only", action="store_true", help="serve the volume read-only")
+    mode.add_argument("--checkpoint", metavar="NAME", help="serve a checkpoint (read-only)")
+    checkpoint = commands.add_parser("checkpoint", help="the running server's checkpoints")
+    actions = checkpoint.add_subparsers(dest="action", required=True)
+    for action, what in (
+        ("create", "record a checkpoint named NAME (unique)"),
+        ("list", "list the checkpoints"),
+        ("delete", "delete the checkpoint named NAME"),
+        ("info", "show the checkpoint named NAME"),
+    ):
+        command = actions.add_parser(action, help=what)
+        command.add_argument("-c", "--config", type=Path, required=True, help="ZeroFS TOML config")
+        if action != "list":
+            command.add_argument("name", metavar="NAME")
+    flush = commands.add_parser("flush", help="make the running server's writes durable")
+    flush.add_argument("-c", "--config", type=Path, required=True, help="ZeroFS TOML config")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, os.environ)
     except ConfigError as exc:
         say(f"config error: {exc}")
         return 1
+    if args.command != "run":
+        return _admin_command(args, config)
     try:
-        return serve(config)
+        return serve(config, read_only=args.read_only, checkpoint=args.checkpoint)
     except ConfigError as exc:
         say(str(exc))
         return 1

@@ -223,8 +223,9 @@ def write_standin_config(
     ninep_socket: Path,
     cache_dir: Path,
     password: str = "${STANDIN_TEST_PASSWORD}",
+    rpc_socket: Path | None = None,
 ) -> Path:
-    path.write_text(
+    text = (
         "[cache]\n"
         f'dir = "{cache_dir}"\n'
         "disk_size_gb = 1.0\n\n"
@@ -236,4 +237,7 @@ def write_standin_config(
         "[servers.ninep]\n"
         f'unix_socket = "{ninep_socket}"\n'
     )
+    if rpc_socket is not None:
+        text += f'\n[servers.rpc]\nunix_socket = "{rpc_socket}"\n'
+    path.write_text(text)
     return path

@@ -239,7 +239,7 @@ build_standin_sidecar() { # PROGRAM VERSION REFERENCE
 server_inputs() {
     {
         cat "$here/tools/cluster/zerofs-standin.Containerfile"
-        tree_digest 'tools/zerofs_standin*.py' tools/zerofs-standin
+        tree_digest 'tools/zerofs_standin*.py' tools/zerofs_standin_admin.pb tools/zerofs-standin
         echo "$python_base_digest"
     } | digest
 }
