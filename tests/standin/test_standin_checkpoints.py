@@ -8,6 +8,7 @@ checkpoints are read back over NBD from a second stand-in started with ``run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import uuid
@@ -38,6 +39,7 @@ class Standin:
     admin: Path
     log: Path
 
+    @contextlib.contextmanager
     def stub(self) -> Iterator[admin_pb2_grpc.AdminServiceStub]:
         with grpc.insecure_channel(f"unix:{self.admin}") as channel:
             yield admin_pb2_grpc.AdminServiceStub(channel)
@@ -95,7 +97,8 @@ def server(tmp_path: Path) -> Iterator[Standin]:
 
 @pytest.fixture
 def admin(server: Standin) -> Iterator[admin_pb2_grpc.AdminServiceStub]:
-    yield from server.stub()
+    with server.stub() as stub:
+        yield stub
 
 
 def create(stub: admin_pb2_grpc.AdminServiceStub, name: str) -> admin_pb2.CheckpointInfo:
@@ -134,7 +137,7 @@ def test_a_checkpoint_holds_the_volume_as_of_its_instant(
             with pytest.raises(OSError):
                 nbd.write(0, b"x" * 512)
         # A checkpoint server is read-only: it records no checkpoint, but lists them.
-        for stub in reader.stub():
+        with reader.stub() as stub:
             assert code_of(lambda: create(stub, "snap-2")) == grpc.StatusCode.INTERNAL
             listed = stub.ListCheckpoints(admin_pb2.ListCheckpointsRequest(), timeout=30)
             assert [c.name for c in listed.checkpoints] == ["snap-1"]
@@ -205,7 +208,7 @@ def test_read_only_server_serves_the_live_volume_and_records_nothing(
         with NbdClient(reader.nbd, EXPORT) as nbd:
             assert nbd.read(0, 512) == b"live" * 128
             assert nbd.flags & NBD_FLAG_READ_ONLY
-        for stub in reader.stub():
+        with reader.stub() as stub:
             assert code_of(lambda: create(stub, "ro")) == grpc.StatusCode.INTERNAL
     finally:
         stop_process(reader.process)
