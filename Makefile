@@ -1,7 +1,9 @@
 # zerofs-csi: every target sets up what it needs (tools/bootstrap.sh is idempotent).
 PY        := .venv/bin/python
 PYTEST    := .venv/bin/pytest
-VM        := python3 tests/vm/runner.py
+# ZEROFS_BIN (a ZeroFS binary; see src/zerofs_csi/bench/zerofs_server.py) reaches the
+# microVM's commands, which run it instead of the stand-in.
+VM        := python3 tests/vm/runner.py --env ZEROFS_BIN
 VM_TIMEOUT ?= 2400
 ITERATIONS ?= 20
 DURATION  ?= 600
@@ -156,8 +158,7 @@ demo: build
 
 bench: build
 	@mkdir -p build
-	$(VM) --timeout 3600 -- $(PY) -m zerofs_csi.bench --output build/bench.json --chart build/bench.png \
-		--zerofs-command tools/zerofs-standin
+	$(VM) --timeout 3600 -- $(PY) -m zerofs_csi.bench --output build/bench.json --chart build/bench.png
 
 # Stage/publish/write/verify/unpublish/unstage cycles; CHAOS=1 adds seeded faults (SEED= replays).
 nbd-regression: build

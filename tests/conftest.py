@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from zerofs_csi.bench.zerofs_server import ServerNotFound, zerofs_server
+
 
 def nbd_unavailable_reason() -> str | None:
     """Why the kernel NBD path cannot be exercised here, or None when it can."""
@@ -22,6 +24,14 @@ def nbd_unavailable_reason() -> str | None:
         )
     os.close(fd)
     return None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which per-volume server the tests that start one run."""
+    try:
+        return f"per-volume server: {zerofs_server().describe()}"
+    except ServerNotFound as exc:
+        return f"per-volume server: none: {exc}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,7 +1,7 @@
 """The main job, end to end: one volume's whole life through the CSI gRPC API.
 
-Starts the plugin (both roles, local backend) with a real ZeroFS when `zerofs` is on
-PATH, else the stand-in (nbdkit + diod over the same config), then: CreateVolume,
+Starts the plugin (both roles, local backend) with a real ZeroFS (`ZEROFS_BIN`, else
+`zerofs` on PATH), else the stand-in (nbdkit + diod over the same config), then: CreateVolume,
 ControllerPublish, NodeStage (fresh: mkfs), NodePublish, write and checksum data,
 unpublish, unstage, stage again, verify the checksum, expand (offline: unpublished,
 still staged), and delete. Prints a table of every step's time; a failing step stops
@@ -27,9 +27,9 @@ from typing import Any
 
 import grpc
 
+from zerofs_csi.bench.zerofs_server import zerofs_server
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 
-REPO = Path(__file__).resolve().parent.parent
 GiB = 1 << 30
 MiB = 1 << 20
 NODE = "demo-node"
@@ -47,7 +47,8 @@ class Demo:
         self.socket = workdir / "csi.sock"
         self.plugin: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "plugin.log"
-        self.zerofs = shutil.which("zerofs") or str(REPO / "tools" / "zerofs-standin")
+        self.server = zerofs_server()
+        self.zerofs = self.server.command
 
     def step(self, name: str, action: Callable[[], Any], detail: str = "") -> Any:
         start = time.monotonic()
@@ -294,6 +295,7 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="zerofs-csi-demo-"))
     demo = Demo(workdir, args.data_mib)
+    print(f"demo: server: {demo.server.describe()}", flush=True)
     status = 0
     try:
         demo.run()
@@ -310,7 +312,10 @@ def main() -> int:
         if not args.keep and status == 0:
             shutil.rmtree(workdir, ignore_errors=True)
     if status == 0:
-        print("demo: OK: data written, unstaged, restaged, verified, expanded and deleted")
+        print(
+            "demo: OK: data written, unstaged, restaged, verified, expanded and deleted, "
+            f"with {demo.server.describe()}"
+        )
     return status
 
 

@@ -1,8 +1,9 @@
 """Fixtures for the node tests: the plugin as a subprocess, a CSI client, leftover checks.
 
 The plugin runs exactly as a user runs it (``python -m zerofs_csi --role all --backend
-local``) with the ZeroFS stand-in as its server command, so every test goes through the
-real gRPC API, the real process backend, the real kernel NBD driver and real mounts.
+local``) with ZeroFS as its server command when there is one (``ZEROFS_BIN``, or
+``zerofs`` on PATH), else the ZeroFS stand-in, so every test goes through the real gRPC
+API, the real process backend, the real kernel NBD driver and real mounts.
 """
 
 from __future__ import annotations
@@ -35,15 +36,18 @@ from zerofs_csi.bench.plugin import (
     stop_plugin,
     wait_until,
 )
+from zerofs_csi.bench.zerofs_server import zerofs_server
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tools" / "zerofs-standin"
+SERVER = zerofs_server()
 
 # Names the node tests import from here, besides the fixtures.
 __all__ = [
     "NODE_ID",
     "RPC_TIMEOUT_S",
     "SECRETS",
+    "SERVER",
     "STANDIN",
     "MiB",
     "Mode",
@@ -70,9 +74,9 @@ __all__ = [
 
 @dataclass
 class PluginProcess(harness.PluginProcess):
-    """The plugin with the ZeroFS stand-in of this checkout as its server command."""
+    """The plugin with the run's per-volume server (ZeroFS, else the stand-in)."""
 
-    zerofs_command: str = str(STANDIN)
+    zerofs_command: str = SERVER.command
     cwd: Path | None = REPO
 
 

@@ -3,6 +3,7 @@ the ratio chart."""
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from pathlib import Path
@@ -10,8 +11,12 @@ from pathlib import Path
 import pytest
 
 from zerofs_csi.bench import chart as bench_chart
-from zerofs_csi.bench.measure import Comparison, write_results
+from zerofs_csi.bench.measure import Comparison, print_table, write_results
 from zerofs_csi.bench.node import ConcurrentComparison
+from zerofs_csi.bench.zerofs_server import ZeroFSServer
+
+STANDIN = ZeroFSServer("/repo/tools/zerofs-standin", real=False, version="stand-in")
+ZEROFS = ZeroFSServer("/opt/zerofs", real=True, version="zerofs 2.3.0")
 
 ENTRY_KEYS = {"name", "unit", "ours", "baseline", "ratio_p50"}
 
@@ -33,10 +38,21 @@ def test_concurrent_entry_keeps_the_format_and_adds_failures() -> None:
 
 def test_node_entries_merge_into_an_existing_bench_file(tmp_path: Path) -> None:
     path = tmp_path / "bench.json"
-    write_results(path, [Comparison("attach", "ms", [1.0], "nbd-client", [10.0])])
-    write_results(path, [Comparison("stage_fresh", "ms", [2.0, 3.0], "go", [10.0, 12.0])])
-    names = [r["name"] for r in json.loads(path.read_text())["results"]]
-    assert names == ["attach", "stage_fresh"]
+    write_results(path, [Comparison("attach", "ms", [1.0], "nbd-client", [10.0])], STANDIN)
+    write_results(path, [Comparison("stage_fresh", "ms", [2.0, 3.0], "go", [10.0, 12.0])], ZEROFS)
+    results = json.loads(path.read_text())["results"]
+    assert [r["name"] for r in results] == ["attach", "stage_fresh"]
+    # Each entry keeps the server of the run that measured it.
+    assert [r["server"] for r in results] == [
+        {"command": "/repo/tools/zerofs-standin", "real": False, "version": "stand-in"},
+        {"command": "/opt/zerofs", "real": True, "version": "zerofs 2.3.0"},
+    ]
+
+
+def test_table_names_the_server() -> None:
+    table = io.StringIO()
+    print_table([Comparison("stage_fresh", "ms", [2.0], "go", [10.0])], ZEROFS, table)
+    assert table.getvalue().splitlines()[0] == "server: ZeroFS (zerofs 2.3.0, /opt/zerofs)"
 
 
 def test_bars_skip_entries_without_a_ratio() -> None:

@@ -1,8 +1,8 @@
 """The local process backend running real servers on the host (no kernel NBD needed).
 
 Every test runs with the ZeroFS stand-in (tools/zerofs-standin: nbdkit + diod), and
-again with a real ``zerofs`` when one is on PATH. Storage is ``file://`` under the
-test's temporary directory, which both serve.
+again with a real ZeroFS when there is one (``ZEROFS_BIN``, or ``zerofs`` on PATH).
+Storage is ``file://`` under the test's temporary directory, which both serve.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -32,6 +31,7 @@ from standin.servers import (
 
 from zerofs_csi import errors
 from zerofs_csi.bench.plugin import wait_until
+from zerofs_csi.bench.zerofs_server import zerofs_server
 from zerofs_csi.observability.sanitize import MASK
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.local import ProcessBackend, nbd_server_answers
@@ -43,8 +43,8 @@ from zerofs_csi.volume.storage_url import StorageUrl
 PASSWORD = "pw-Zq8-never-shown"
 VOLUME = "pvc-test-1"
 COMMANDS = {"standin": [str(STANDIN)]}
-if shutil.which("zerofs"):
-    COMMANDS["zerofs"] = ["zerofs"]
+if (SERVER := zerofs_server()).real:
+    COMMANDS["zerofs"] = [SERVER.command]
 
 
 def file_storage(directory: Path) -> StorageUrl:

@@ -3,9 +3,10 @@
     python tools/harness/chaos.py [--rounds N] [--seed S] [--max-stall S] [--hung-after S]
 
 Needs the kernel's NBD driver and root: ``make chaos`` runs it in the microVM. One plugin
-(``--role all``, local backend, the ZeroFS stand-in) and one ext4 volume staged and
-published through the CSI API. A writer writes 4 MiB at a time and fsyncs every 16 MiB
-the whole run long while, round after round, one fault drawn from the seed strikes:
+(``--role all``, local backend; ZeroFS from ``ZEROFS_BIN`` or PATH, else the stand-in)
+and one ext4 volume staged and published through the CSI API. A writer writes 4 MiB at a
+time and fsyncs every 16 MiB the whole run long while, round after round, one fault
+drawn from the seed strikes:
 
 - stall: the volume server's process group is stopped (SIGSTOP) for 5 s up to
   ``--max-stall`` seconds, then continued; at least one stall outlasts ``--hung-after``
@@ -55,6 +56,7 @@ from common import (  # noqa: E402
     kill_server,
     plugin_process,
     run_and_close,
+    server,
     server_pid,
     verify_file,
     write_results,
@@ -405,7 +407,7 @@ def run(
     plan = draw_rounds(random.Random(seed), rounds, max_stall, hung_after)
     log(
         f"chaos: seed {seed}, {rounds} rounds, stalls up to {max_stall:g} s, "
-        f"hung after {hung_after:g} s"
+        f"hung after {hung_after:g} s, server {server().describe()}"
     )
     for r in plan:
         log(f"  planned: round {r.number}: {r.kind}" + (f" ({r.seconds:g} s)" if r.seconds else ""))
@@ -432,7 +434,10 @@ def run(
         log(f"chaos: FAILED (seed {seed}): {failure}")
         log(chaos.plugin.log_tail(30))
     else:
-        log(f"chaos: OK: {rounds} rounds, seed {seed}, {results['durable_mib']} MiB verified")
+        log(
+            f"chaos: OK: {rounds} rounds, seed {seed}, {results['durable_mib']} MiB verified, "
+            f"against {server().describe()}"
+        )
     return results
 
 

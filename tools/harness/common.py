@@ -8,21 +8,23 @@ tests do.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
 
 from zerofs_csi.bench.plugin import PluginProcess
+from zerofs_csi.bench.zerofs_server import ZeroFSServer, zerofs_server
 
 REPO = Path(__file__).resolve().parents[2]
-STANDIN = REPO / "tools" / "zerofs-standin"
 RESULTS_DIR = REPO / "build" / "harness"
 MiB = 1 << 20
 # Codes a CSI sidecar retries: the volume is busy (ABORTED) or the plugin is restarting
@@ -33,9 +35,15 @@ DEFAULT_RETRY_BOUND_S = 180.0
 T = TypeVar("T")
 
 
+@functools.cache
+def server() -> ZeroFSServer:
+    """The per-volume server of this run: ZeroFS when there is one, else the stand-in."""
+    return zerofs_server()
+
+
 def plugin_process(workdir: Path, **options: Any) -> PluginProcess:
-    """The plugin with this checkout's ZeroFS stand-in, as the privileged tests run it."""
-    return PluginProcess(workdir, zerofs_command=str(STANDIN), cwd=REPO, **options)
+    """The plugin with the run's per-volume server, as the privileged tests run it."""
+    return PluginProcess(workdir, zerofs_command=server().command, cwd=REPO, **options)
 
 
 def call_with_retry(
@@ -130,7 +138,8 @@ def kill_server(volume: object) -> int | None:
 
 
 def write_results(name: str, results: dict[str, object], directory: Path = RESULTS_DIR) -> Path:
+    """``results`` as ``<directory>/<name>.json``, with the server that ran them."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path.write_text(json.dumps({"server": asdict(server()), **results}, indent=2) + "\n")
     return path

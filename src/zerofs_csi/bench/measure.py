@@ -1,8 +1,10 @@
 """Samples and their comparison, the table and the results file of every benchmark.
 
 Results are written as ``{"results": [{"name", "unit", "ours": {"p50", "p95"},
-"baseline": {"name", "p50", "p95"}, "ratio_p50"}, ...]}``; an existing file's entries of
-other names are kept, so benchmarks run apart can write to the same file.
+"baseline": {"name", "p50", "p95"}, "ratio_p50", "server": {"command", "real",
+"version"}}, ...]}``, ``server`` being the per-volume server of the run that measured the
+entry; an existing file's entries of other names are kept, so benchmarks run apart can
+write to the same file.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
+
+from zerofs_csi.bench.zerofs_server import ZeroFSServer
 
 DEFAULT_OUTPUT = Path("build/bench.json")
 
@@ -77,9 +81,15 @@ class Timer:
             self.ms = (time.perf_counter() - started) * 1000
 
 
-def print_table(comparisons: Sequence[Comparison], out: TextIO = sys.stdout) -> None:
+def print_table(
+    comparisons: Sequence[Comparison], server: ZeroFSServer, out: TextIO = sys.stdout
+) -> None:
     header = f"{'name':<26}{'ours p50':>10}{'ours p95':>10}  {'baseline':<16}{'p50':>9}{'p95':>9}"
-    lines = [header + f"{'ratio p50':>11}", "-" * (len(header) + 11)]
+    lines = [
+        f"server: {server.describe()}",
+        header + f"{'ratio p50':>11}",
+        "-" * (len(header) + 11),
+    ]
     for comparison in comparisons:
         r = comparison.result()
         ours = r["ours"]
@@ -92,8 +102,8 @@ def print_table(comparisons: Sequence[Comparison], out: TextIO = sys.stdout) -> 
     print("\n".join(lines), file=out)
 
 
-def write_results(path: Path, comparisons: Sequence[Comparison]) -> None:
-    fresh = [c.result() for c in comparisons]
+def write_results(path: Path, comparisons: Sequence[Comparison], server: ZeroFSServer) -> None:
+    fresh = [{**c.result(), "server": asdict(server)} for c in comparisons]
     names = {r["name"] for r in fresh}
     kept: list[dict[str, object]] = []
     if path.exists():

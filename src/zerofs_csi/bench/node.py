@@ -2,7 +2,8 @@
 exec sequence (``go_driver``), and 32 NodeStage calls at once.
 
 Ours is the plugin as users run it (``python -m zerofs_csi --role all --backend local``
-with ``--zerofs-command``: ZeroFS, or in a checkout the stand-in), driven over gRPC. The
+with ``--zerofs-command``: ZeroFS, or in a checkout the stand-in; see ``zerofs_server``),
+driven over gRPC. The
 baseline runs the same server program and storage, in the same VM.
 
 Both sides start and stop a server per stage and unstage, as both drivers do. That is

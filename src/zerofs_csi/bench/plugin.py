@@ -4,7 +4,8 @@ regression, chaos and soak harnesses (tools/harness) drive the node with too.
 
 It ships with the package so that ``python -m zerofs_csi.bench`` runs from an installed
 wheel: the ZeroFS command is a parameter (``zerofs`` on PATH by default; a checkout's
-tests and harnesses pass the stand-in, tools/zerofs-standin).
+tests, benchmarks and harnesses pass what ``zerofs_server`` chooses: ZeroFS when there is
+one, else the stand-in, tools/zerofs-standin).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ recovery ones, then the table, ``build/bench.json`` and the ratio chart.
 
 Runs as root where the kernel has NBD (the microVM). ``--heavy-cycles`` is for the
 benchmarks whose every cycle starts servers, makes filesystems, runs fio or attaches 32
-devices (a few cycles already take minutes under TCG), and ``--chart`` for the PNG.
+devices (a few cycles already take minutes under TCG), and ``--chart`` for the PNG. The
+per-volume server is ZeroFS (``ZEROFS_BIN``, else ``zerofs`` on PATH), else a checkout's
+stand-in; the table and every result say which ran.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from zerofs_csi.bench.measure import (
     print_table,
     write_results,
 )
+from zerofs_csi.bench.zerofs_server import ServerNotFound, zerofs_server
 
 DEFAULT_CHART = Path("build/bench.png")
 DEFAULT_HEAVY_CYCLES = 5
@@ -66,11 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=SERVER_THREADS,
         help="nbdkit worker threads per connection",
     )
-    parser.add_argument(
-        "--zerofs-command",
-        default="zerofs",
-        help="the per-volume server of the node benchmarks (a checkout: tools/zerofs-standin)",
-    )
     parser.add_argument("--only", action="append", choices=sorted(benchmarks), default=[])
     args = parser.parse_args(argv)
     if min(args.cycles, args.heavy_cycles, args.server_threads) < 1 or args.warmup < 0:
@@ -78,14 +76,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--cycles, --heavy-cycles and --server-threads must be at least 1, "
             "--warmup not negative"
         )
+    try:
+        server = zerofs_server()
+    except ServerNotFound as exc:
+        parser.error(str(exc))
+    print(f"bench: server: {server.describe()}", flush=True)
     comparisons: list[Comparison] = []
     for name in args.only or list(benchmarks):
         cycles, warmup = cycles_for(name, args.cycles, args.heavy_cycles, args.warmup)
         print(f"bench: {name}", flush=True)
-        run = RunOptions(cycles, warmup, args.server_threads, args.zerofs_command)
+        run = RunOptions(cycles, warmup, args.server_threads, server.command)
         comparisons.extend(benchmarks[name](run))
-    print_table(comparisons)
-    write_results(args.output, comparisons)
+    print_table(comparisons, server)
+    write_results(args.output, comparisons, server)
     print(f"wrote {args.output}")
     drawn = chart.draw_file(args.output, args.chart)
     print(f"wrote {args.chart} ({drawn} ratios)")
