@@ -14,6 +14,10 @@ from chart.conftest import CHART, DRIVER_VALUES, Helm, find
 
 # The least time a container gets to answer its first probe.
 STARTUP_BUDGET_S = 300
+# The longest a serving container waits to count as started, and then as ready: each
+# second of it delays a rollout of the DaemonSet on every node.
+STARTUP_PERIOD_S = 2
+READINESS_PERIOD_S = 5
 
 
 def _budget(probe: dict[str, int]) -> int:
@@ -36,3 +40,7 @@ def test_every_container_with_a_liveness_probe_gets_time_to_start(
         assert _budget(startup) >= STARTUP_BUDGET_S, container["name"]
         # The same endpoint: once it answers, the liveness probe takes over.
         assert startup["httpGet"] == container["livenessProbe"]["httpGet"], container["name"]
+        assert startup.get("periodSeconds", 10) <= STARTUP_PERIOD_S, container["name"]
+        readiness = container.get("readinessProbe")
+        if readiness:
+            assert readiness.get("periodSeconds", 10) <= READINESS_PERIOD_S, container["name"]
