@@ -31,10 +31,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
-import botocore.config
-import botocore.exceptions
-
 from zerofs_csi import errors
 from zerofs_csi.volume.id import validate_volume_id
 from zerofs_csi.volume.secrets import VolumeSecrets
@@ -161,6 +157,12 @@ def make_s3_client(settings: VolumeSettings, secrets: VolumeSecrets) -> Any:
     Without an access key in ``secrets`` boto3's default credential chain applies
     (web identity, instance metadata).
     """
+    # Imported here, not with the module: every role's process imports the controller
+    # service, and boto3 is the slowest of the plugin's imports (seconds on a small
+    # node), which each start of a node plugin would wait for.
+    import boto3.session
+    import botocore.config
+
     endpoint = check_endpoint(settings)
     config = botocore.config.Config(
         region_name=settings.s3_region or "us-east-1",
@@ -189,6 +191,8 @@ class _NoSuchBucket(Exception):
 @contextlib.contextmanager
 def _s3_errors(what: str) -> Iterator[None]:
     """Turn what botocore raises, once its own retries are spent, into a CsiError."""
+    import botocore.exceptions
+
     try:
         yield
     except botocore.exceptions.ClientError as exc:
