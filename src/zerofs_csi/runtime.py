@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 
 from zerofs_csi import link_keeper
 from zerofs_csi.config import Backend, Config
+from zerofs_csi.controller.checkpoints import LocalCheckpoints
 from zerofs_csi.controller.nodes import LocalNodes
 from zerofs_csi.controller.service import ControllerService
+from zerofs_csi.controller.snapshot_store import FileSnapshotStore
 from zerofs_csi.controller.store import FileVolumeStore
 from zerofs_csi.nbd import attach as nbd
 from zerofs_csi.node.attach import NodeAttacher
@@ -173,7 +175,13 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
         # Local state lives in one host's state directory: its one node is --node-id.
         nodes = LocalNodes([config.node_id] if config.node_id else [], config.max_volumes_per_node)
         return ControllerService(
-            FileVolumeStore(config.state_dir / "volumes"), metrics, nodes=nodes
+            FileVolumeStore(config.state_dir / "volumes"),
+            metrics,
+            nodes=nodes,
+            snapshot_store=FileSnapshotStore(config.state_dir / "snapshots"),
+            checkpoints=LocalCheckpoints(
+                config.state_dir, config.socket_root, [config.zerofs_command]
+            ),
         )
     from zerofs_csi.controller.nodes_kube import CsiNodeDirectory
     from zerofs_csi.controller.store_kube import KubernetesConfigMapReader, KubernetesVolumeStore

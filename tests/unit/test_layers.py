@@ -22,6 +22,9 @@ CONTROLLER_MODULES = (
     "zerofs_csi.controller.nodes",
     "zerofs_csi.controller.nodes_kube",
     "zerofs_csi.controller.s3cleanup",
+    "zerofs_csi.controller.snapshots",
+    "zerofs_csi.controller.snapshot_store",
+    "zerofs_csi.controller.checkpoints",
 )
 NBD_EXTENSION = "zerofs_csi.nbd._nbd"
 MOUNT_CALLS = "zerofs_csi.host.mounts"

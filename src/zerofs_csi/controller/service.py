@@ -40,6 +40,7 @@ from zerofs_csi.controller.arguments import (
     request_parameters,
     volume_id_argument,
 )
+from zerofs_csi.controller.checkpoints import VolumeCheckpoints
 from zerofs_csi.controller.create_request import (
     ConfigMapReader,
     check_compatible,
@@ -47,6 +48,8 @@ from zerofs_csi.controller.create_request import (
     create_request,
 )
 from zerofs_csi.controller.nodes import NodeDirectory
+from zerofs_csi.controller.snapshot_store import SnapshotStore
+from zerofs_csi.controller.snapshots import SnapshotRpcs
 from zerofs_csi.controller.store import VolumeRecord, VolumeStore
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.errors import (
@@ -57,6 +60,7 @@ from zerofs_csi.errors import (
     OutOfRange,
     ResourceExhausted,
     Unavailable,
+    Unimplemented,
 )
 from zerofs_csi.observability.events import EventRecorder, LogEventRecorder
 from zerofs_csi.observability.metrics import Metrics
@@ -79,6 +83,8 @@ CONTROLLER_CAPABILITIES = (
     RPC.GET_VOLUME,
     RPC.SINGLE_NODE_MULTI_WRITER,
 )
+# Offered where the controller can reach the volumes' servers (``checkpoints``).
+SNAPSHOT_CAPABILITIES = (RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS)
 
 # Removes every per-volume server object of a volume, on any node; idempotent.
 ServerRemover = Callable[[str], None]
@@ -112,7 +118,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ``nodes`` says which nodes exist and their attach limits; ``read_config_map``
     resolves ``configMapName`` (Kubernetes: the driver's namespace); ``remove_servers``
     removes a volume's server objects on every node; ``delete_data`` deletes a volume's
-    objects for ``deleteDataOnPVCDelete``.
+    objects for ``deleteDataOnPVCDelete``. With ``snapshot_store`` and ``checkpoints``
+    the snapshot RPCs are offered (``snapshots``).
     """
 
     def __init__(
@@ -125,6 +132,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         remove_servers: ServerRemover = no_server_objects,
         delete_data: DataDeleter = _delete_volume_data,
         events: EventRecorder | None = None,
+        snapshot_store: SnapshotStore | None = None,
+        checkpoints: VolumeCheckpoints | None = None,
     ) -> None:
         self._store = store
         self._nodes = nodes
@@ -134,6 +143,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self._remove_servers = remove_servers
         self._delete_data = delete_data
         self._locks = VolumeLocks()
+        self._snapshots: SnapshotRpcs | None = None
+        if snapshot_store is not None and checkpoints is not None:
+            self._snapshots = SnapshotRpcs(store, snapshot_store, checkpoints, self._locks)
         self._node_locks_guard = threading.Lock()
         self._node_locks: dict[str, threading.Lock] = {}
 
@@ -147,10 +159,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
         capability = csi_pb2.ControllerServiceCapability
+        offered = list(CONTROLLER_CAPABILITIES)
+        if self._snapshots is not None:
+            offered += SNAPSHOT_CAPABILITIES
         return csi_pb2.ControllerGetCapabilitiesResponse(
-            capabilities=[
-                capability(rpc=capability.RPC(type=rpc)) for rpc in CONTROLLER_CAPABILITIES
-            ]
+            capabilities=[capability(rpc=capability.RPC(type=rpc)) for rpc in offered]
         )
 
     # -- create / delete ---------------------------------------------------------
@@ -194,6 +207,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     f"volume {vid} is still published to node {record.published_node}; "
                     "ControllerUnpublishVolume it first"
                 )
+            if self._snapshots is not None:
+                self._snapshots.check_volume_has_none(vid)
             # Also without a record: a volume of the Go driver has none, and its server
             # pod must still go.
             with self._metrics.stage("delete", "remove_server", vid):
@@ -404,6 +419,28 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ControllerExpandVolumeResponse(
             capacity_bytes=record.capacity_bytes, node_expansion_required=True
         )
+
+    # -- snapshots (snapshots.py) --------------------------------------------------
+
+    def _snapshot_rpcs(self, name: str) -> SnapshotRpcs:
+        if self._snapshots is None:
+            raise Unimplemented(f"Controller.{name} is not supported by this controller's backend")
+        return self._snapshots
+
+    def CreateSnapshot(
+        self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateSnapshotResponse:
+        return self._snapshot_rpcs("CreateSnapshot").CreateSnapshot(request, context)
+
+    def DeleteSnapshot(
+        self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteSnapshotResponse:
+        return self._snapshot_rpcs("DeleteSnapshot").DeleteSnapshot(request, context)
+
+    def ListSnapshots(
+        self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListSnapshotsResponse:
+        return self._snapshot_rpcs("ListSnapshots").ListSnapshots(request, context)
 
 
 answer_unimplemented(ControllerService, csi_pb2_grpc.ControllerServicer, "Controller")

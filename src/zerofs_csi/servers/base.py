@@ -27,11 +27,17 @@ class ServerSockets:
     nbd: Path
     ninep: Path
 
+    @property
+    def admin(self) -> Path:
+        """ZeroFS's admin service (``[servers.rpc]``: checkpoints, flush), where the
+        backend configures one."""
+        return self.directory / "admin.sock"
+
     @classmethod
     def under(cls, socket_root: Path, volume_id: str) -> ServerSockets:
         directory = socket_root / volume_id
         sockets = cls(directory, directory / "nbd.sock", directory / "9p.sock")
-        for path in (sockets.nbd, sockets.ninep):
+        for path in (sockets.nbd, sockets.ninep, sockets.admin):
             if len(str(path).encode()) > UNIX_PATH_MAX:
                 raise ValueError(
                     f"socket path {path} is longer than the {UNIX_PATH_MAX} bytes a unix "

@@ -3,7 +3,9 @@
 For tests and for hosts without Kubernetes. The server runs ``COMMAND run -c CONFIG``
 (``zerofs``, or the stand-in ``tools/zerofs-standin``) in its own session, so it
 survives a kill -9 of the node plugin. Everything needed to find, adopt, restart and
-stop it lives under ``<state_dir>/servers/<volume>/``:
+stop it lives under ``<state_dir>/servers/<volume>/``, and its sockets (NBD, 9P, and
+ZeroFS's admin service, through which the controller checkpoints a staged volume) under
+``<socket_root>/<volume>/``:
 
 - ``config.toml``: the rendered ZeroFS config (0600). It holds only ``${VAR}``
   placeholders for secrets (see zerofs_config).
@@ -168,6 +170,7 @@ class ProcessBackend:
             cache_dir=str(paths.cache),
             nbd_socket=str(sockets.nbd),
             ninep_socket=str(sockets.ninep),
+            rpc_socket=str(sockets.admin),
         )
         secret_env = dict(rendered.secret_env)
         REDACTOR.remember(list(secret_env.values()))
@@ -282,7 +285,7 @@ class ProcessBackend:
         paths = self._paths(server.volume_id)
         sockets = self.sockets(server.volume_id)
         sockets.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
-        for path in (sockets.nbd, sockets.ninep):
+        for path in (sockets.nbd, sockets.ninep, sockets.admin):
             remove_socket(path)  # a dead server's sockets would make bind() fail
         paths.cache.mkdir(exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
@@ -405,7 +408,7 @@ class ProcessBackend:
     def _remove_run_files(self, volume_id: str) -> None:
         sockets = self.sockets(volume_id)
         paths = self._paths(volume_id)
-        for path in (sockets.nbd, sockets.ninep):
+        for path in (sockets.nbd, sockets.ninep, sockets.admin):
             remove_socket(path)
         with contextlib.suppress(FileNotFoundError):
             sockets.directory.rmdir()

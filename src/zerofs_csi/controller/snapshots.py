@@ -1,0 +1,216 @@
+"""CSI snapshot RPCs of the Controller service: CreateSnapshot, DeleteSnapshot and
+ListSnapshots (capabilities CREATE_DELETE_SNAPSHOT and LIST_SNAPSHOTS).
+
+A snapshot is a ZeroFS checkpoint of the volume's whole storage, taken by the volume's
+server after a flush (``checkpoints``): per-volume and crash-consistent, every write
+acknowledged before it included. It lives in the volume's own storage, under the
+volume's prefix. It is ready to use once the checkpoint exists, which CreateSnapshot
+waits for; its size is the volume's at that instant.
+
+Names and ids. The snapshot's key is derived from its CreateSnapshot name as a volume id
+is (``volume_id_for_name``: the name itself when it is a DNS label of at most 49
+characters, else a slug and a hash), and names both its record and its checkpoint. The
+snapshot id is ``<source volume id>@<key>``: what is needed to find the checkpoint, and
+unambiguous since neither part holds '@'. A repeated CreateSnapshot (same name, same
+source) answers the same snapshot; the same name for another source is ALREADY_EXISTS.
+
+DeleteVolume of a volume that has snapshots is refused (FAILED_PRECONDITION, naming
+them): its checkpoints live in its storage, so deleting the volume's data would take
+them along, and keeping the data of a deleted volume for its snapshots would leave
+storage that no volume owns. Delete the snapshots first.
+
+Every call that changes something holds the source volume's try-lock (shared with the
+volume RPCs) and the snapshot key's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from zerofs_csi.controller.arguments import request_parameters, volume_id_argument
+from zerofs_csi.controller.checkpoints import VolumeCheckpoints
+from zerofs_csi.controller.snapshot_store import SnapshotRecord, SnapshotStore
+from zerofs_csi.controller.store import VolumeStore
+from zerofs_csi.csi import csi_pb2
+from zerofs_csi.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from zerofs_csi.rpc.locks import VolumeLocks
+from zerofs_csi.volume.id import validate_volume_id, volume_id_for_name
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = "@"
+# ListSnapshots' next_token: this prefix and the last snapshot key of the page.
+LIST_TOKEN_PREFIX = "after:"
+# How many snapshot ids of a volume a refused DeleteVolume names.
+NAMED_IN_REFUSAL = 5
+
+
+def snapshot_id(volume_id: str, key: str) -> str:
+    return f"{volume_id}{SEPARATOR}{key}"
+
+
+def parse_snapshot_id(value: str) -> tuple[str, str] | None:
+    """The source volume id and key of a snapshot id of this driver, None for any other
+    string (which names no snapshot of it)."""
+    volume_id, separator, key = value.partition(SEPARATOR)
+    if not separator:
+        return None
+    try:
+        return validate_volume_id(volume_id), validate_volume_id(key)
+    except InvalidArgument:
+        return None
+
+
+def _lock_name(key: str) -> str:
+    return f"snapshot {key}"
+
+
+def _snapshot_message(record: SnapshotRecord) -> csi_pb2.Snapshot:
+    return csi_pb2.Snapshot(
+        size_bytes=record.size_bytes,
+        snapshot_id=record.snapshot_id,
+        source_volume_id=record.source_volume_id,
+        creation_time=Timestamp(seconds=record.created_at_seconds),
+        ready_to_use=True,
+    )
+
+
+class SnapshotRpcs:
+    """The snapshot RPCs over ``volumes`` (the volume records), ``snapshots`` (the
+    snapshot records) and ``checkpoints`` (the volumes' servers). ``locks`` are the
+    controller's per-volume try-locks."""
+
+    def __init__(
+        self,
+        volumes: VolumeStore,
+        snapshots: SnapshotStore,
+        checkpoints: VolumeCheckpoints,
+        locks: VolumeLocks,
+    ) -> None:
+        self._volumes = volumes
+        self._snapshots = snapshots
+        self._checkpoints = checkpoints
+        self._locks = locks
+
+    def CreateSnapshot(
+        self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateSnapshotResponse:
+        vid = volume_id_argument(request.source_volume_id, "source_volume_id")
+        key = volume_id_for_name(request.name)
+        unknown = sorted(request_parameters(request.parameters))
+        if unknown:
+            raise InvalidArgument(
+                f"snapshot parameters are not supported (got {', '.join(unknown)}): a snapshot "
+                "is a checkpoint of the volume as it is"
+            )
+        with (
+            self._locks.hold(vid, "CreateSnapshot"),
+            self._locks.hold(_lock_name(key), "CreateSnapshot"),
+        ):
+            existing = self._snapshots.get(key)
+            if existing is not None:
+                if existing.name != request.name:
+                    raise AlreadyExists(
+                        f"snapshot key {key}, which the name {request.name!r} maps to, belongs "
+                        f"to the snapshot named {existing.name!r}: choose another name"
+                    )
+                if existing.source_volume_id != vid:
+                    raise AlreadyExists(
+                        f"a snapshot named {request.name!r} exists of volume "
+                        f"{existing.source_volume_id}, not of {vid}"
+                    )
+                return csi_pb2.CreateSnapshotResponse(snapshot=_snapshot_message(existing))
+            volume = self._volumes.get(vid)
+            if volume is None:
+                raise NotFound(f"source volume {vid} does not exist")
+            checkpoint = self._checkpoints.create(
+                vid, volume.parameters, bool(volume.published_node), key, request.secrets
+            )
+            record = SnapshotRecord(
+                key=key,
+                name=request.name,
+                snapshot_id=snapshot_id(vid, key),
+                source_volume_id=vid,
+                checkpoint_id=checkpoint.id,
+                size_bytes=volume.capacity_bytes,
+                created_at_seconds=int(checkpoint.created_at.timestamp()),
+                parameters=dict(volume.parameters),
+            )
+            self._snapshots.create(record)
+        log.info(
+            "snapshot created",
+            extra={"volume_id": vid, "snapshot_id": record.snapshot_id, "checkpoint": key},
+        )
+        return csi_pb2.CreateSnapshotResponse(snapshot=_snapshot_message(record))
+
+    def DeleteSnapshot(
+        self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteSnapshotResponse:
+        if not request.snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        parsed = parse_snapshot_id(request.snapshot_id)
+        if parsed is None:
+            return csi_pb2.DeleteSnapshotResponse()  # names no snapshot of this driver
+        vid, key = parsed
+        with (
+            self._locks.hold(vid, "DeleteSnapshot"),
+            self._locks.hold(_lock_name(key), "DeleteSnapshot"),
+        ):
+            record = self._snapshots.get(key)
+            if record is None or record.snapshot_id != request.snapshot_id:
+                return csi_pb2.DeleteSnapshotResponse()
+            volume = self._volumes.get(vid)
+            published = volume is not None and bool(volume.published_node)
+            self._checkpoints.delete(vid, record.parameters, published, key, request.secrets)
+            self._snapshots.delete(key)
+        log.info("snapshot deleted", extra={"volume_id": vid, "snapshot_id": record.snapshot_id})
+        return csi_pb2.DeleteSnapshotResponse()
+
+    def ListSnapshots(
+        self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListSnapshotsResponse:
+        if request.max_entries < 0:
+            raise InvalidArgument("max_entries must not be negative")
+        start = _listing_start(request.starting_token) if request.starting_token else ""
+        records = self._snapshots.list()
+        if request.snapshot_id:
+            records = [r for r in records if r.snapshot_id == request.snapshot_id]
+        if request.source_volume_id:
+            records = [r for r in records if r.source_volume_id == request.source_volume_id]
+        records = [r for r in records if r.key > start]
+        page = records[: request.max_entries] if request.max_entries else records
+        Entry = csi_pb2.ListSnapshotsResponse.Entry
+        return csi_pb2.ListSnapshotsResponse(
+            entries=[Entry(snapshot=_snapshot_message(record)) for record in page],
+            next_token=LIST_TOKEN_PREFIX + page[-1].key if len(page) < len(records) else "",
+        )
+
+    def check_volume_has_none(self, volume_id: str) -> None:
+        """FAILED_PRECONDITION when ``volume_id`` has snapshots (for DeleteVolume)."""
+        ids = [r.snapshot_id for r in self._snapshots.list() if r.source_volume_id == volume_id]
+        if ids:
+            named = ", ".join(ids[:NAMED_IN_REFUSAL]) + (
+                ", ..." if len(ids) > NAMED_IN_REFUSAL else ""
+            )
+            raise FailedPrecondition(
+                f"volume {volume_id} has {len(ids)} snapshots ({named}), which live in its "
+                "storage: delete them first"
+            )
+
+
+def _listing_start(token: str) -> str:
+    """The snapshot key a ListSnapshots ``starting_token`` continues after; ABORTED for a
+    token this driver did not hand out, as the spec says."""
+    key = token.removeprefix(LIST_TOKEN_PREFIX)
+    if key != token:
+        try:
+            return validate_volume_id(key)
+        except InvalidArgument:
+            pass
+    raise Aborted(
+        f"starting_token {token[:80]!r} is not a token of this driver: start the listing "
+        "again without one"
+    )

@@ -1,0 +1,319 @@
+"""The Controller's snapshot RPCs over a real gRPC socket, checkpointing through the real
+ZeroFS stand-in: a short-lived server for a volume staged nowhere, the running server of
+a staged one. Storage is file://, where the stand-in keeps a checkpoint as a copy of the
+exports in ``<volume dir>/.checkpoints/<id>/.nbd/``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+from standin.servers import STANDIN, NbdClient, stop_process, wait_for_socket
+
+from zerofs_csi.controller.checkpoints import LocalCheckpoints
+from zerofs_csi.controller.nodes import LocalNodes
+from zerofs_csi.controller.service import ControllerService
+from zerofs_csi.controller.snapshot_store import FileSnapshotStore
+from zerofs_csi.controller.store import FileVolumeStore
+from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
+from zerofs_csi.observability.metrics import Metrics
+from zerofs_csi.observability.sanitize import REDACTOR
+from zerofs_csi.rpc.interceptor import CsiInterceptor
+from zerofs_csi.servers import ninep
+from zerofs_csi.servers.base import ServerSockets
+from zerofs_csi.servers.zerofs_config import render_zerofs_config
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import parse_volume_settings
+
+Mode = csi_pb2.VolumeCapability.AccessMode
+RPC = csi_pb2.ControllerServiceCapability.RPC
+SECRETS = {"ZEROFS_ENCRYPTION_PASSWORD": "pw-snapshot-test"}
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+@dataclass
+class Controller:
+    stub: csi_pb2_grpc.ControllerStub
+    state: Path
+    store: Path  # the file:// storage: one directory per volume
+
+    def create_volume(self, name: str) -> str:
+        reply = self.stub.CreateVolume(
+            csi_pb2.CreateVolumeRequest(
+                name=name,
+                capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+                volume_capabilities=[
+                    csi_pb2.VolumeCapability(
+                        block=csi_pb2.VolumeCapability.BlockVolume(),
+                        access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER),
+                    )
+                ],
+                parameters={"storageUrl": f"file://{self.store}"},
+            ),
+            timeout=30,
+        )
+        return reply.volume.volume_id
+
+    def snapshot(
+        self, name: str, volume_id: str, secrets: dict[str, str] | None = None
+    ) -> csi_pb2.Snapshot:
+        request = csi_pb2.CreateSnapshotRequest(
+            name=name, source_volume_id=volume_id, secrets=SECRETS if secrets is None else secrets
+        )
+        return self.stub.CreateSnapshot(request, timeout=120).snapshot
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        request = csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot_id, secrets=SECRETS)
+        self.stub.DeleteSnapshot(request, timeout=120)
+
+    def listing(self, **fields: object) -> csi_pb2.ListSnapshotsResponse:
+        return self.stub.ListSnapshots(csi_pb2.ListSnapshotsRequest(**fields), timeout=30)
+
+    def checkpoints(self, volume_id: str) -> dict[str, str]:
+        """The stand-in's checkpoints of the volume: name -> id."""
+        root = self.store / volume_id / ".checkpoints"
+        if not root.is_dir():
+            return {}
+        infos = [json.loads((d / "checkpoint.json").read_text()) for d in root.iterdir()]
+        return {info["name"]: info["id"] for info in infos}
+
+
+@pytest.fixture
+def controller() -> Iterator[Controller]:
+    # Short: the volume servers' unix socket paths live under the state directory.
+    with tempfile.TemporaryDirectory(prefix="zs-") as directory:
+        root = Path(directory)
+        state, store = root / "state", root / "store"
+        store.mkdir()
+        service = ControllerService(
+            FileVolumeStore(state / "volumes"),
+            Metrics("", CollectorRegistry()),
+            nodes=LocalNodes(["node-a"], max_volumes_per_node=0),
+            snapshot_store=FileSnapshotStore(state / "snapshots"),
+            checkpoints=LocalCheckpoints(state, state / "sockets", [str(STANDIN)]),
+        )
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4), interceptors=[CsiInterceptor(REDACTOR)]
+        )
+        csi_pb2_grpc.add_ControllerServicer_to_server(service, server)
+        server.add_insecure_port(f"unix://{root}/csi.sock")
+        server.start()
+        with grpc.insecure_channel(f"unix://{root}/csi.sock") as channel:
+            yield Controller(csi_pb2_grpc.ControllerStub(channel), state, store)
+        server.stop(grace=None).wait()
+
+
+def fails(call: Callable[[], object], code: grpc.StatusCode, *needles: str) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() is code, info.value.details()
+    for needle in needles:
+        assert needle in info.value.details()
+    return str(info.value.details())
+
+
+def write_export(controller: Controller, volume_id: str, offset: int, data: bytes) -> None:
+    """Data in the volume's export as a server would have left it (file:// layout)."""
+    export = controller.store / volume_id / ".nbd" / volume_id
+    export.parent.mkdir(parents=True, exist_ok=True)
+    with export.open("r+b" if export.exists() else "w+b") as f:
+        f.truncate(SIZE)
+        f.seek(offset)
+        f.write(data)
+
+
+def read_checkpoint(controller: Controller, volume_id: str, name: str, length: int) -> bytes:
+    checkpoint_id = controller.checkpoints(volume_id)[name]
+    copy = controller.store / volume_id / ".checkpoints" / checkpoint_id / ".nbd" / volume_id
+    return copy.read_bytes()[:length]
+
+
+def standin_processes(controller: Controller) -> list[str]:
+    """The stand-ins running with a config under this controller's state directory."""
+    found = subprocess.run(
+        ["pgrep", "-af", f"zerofs-standin run -c {controller.state}/"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return found.stdout.splitlines()
+
+
+def test_snapshot_capabilities_are_offered(controller: Controller) -> None:
+    reply = controller.stub.ControllerGetCapabilities(
+        csi_pb2.ControllerGetCapabilitiesRequest(), timeout=10
+    )
+    offered = {c.rpc.type for c in reply.capabilities}
+    assert {RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS} <= offered
+
+
+def test_a_volume_staged_nowhere_is_checkpointed_by_a_short_lived_server(
+    controller: Controller,
+) -> None:
+    vid = controller.create_volume("pvc-a")
+    write_export(controller, vid, MiB, b"first" * 100)
+    assert standin_processes(controller) == []
+
+    made = controller.snapshot("snap-a", vid)
+    assert made.snapshot_id == f"{vid}@snap-a"
+    assert (made.source_volume_id, made.size_bytes, made.ready_to_use) == (vid, SIZE, True)
+    assert made.creation_time.seconds > 0
+    assert read_checkpoint(controller, vid, "snap-a", MiB + 500)[MiB:] == b"first" * 100
+    # The short-lived server is gone, and its directory with it.
+    assert standin_processes(controller) == []
+    assert list((controller.state / "ck").iterdir()) == []
+
+    # Same name and source: the same snapshot, no second checkpoint.
+    write_export(controller, vid, MiB, b"later" * 100)
+    again = controller.snapshot("snap-a", vid)
+    assert again == made
+    assert list(controller.checkpoints(vid)) == ["snap-a"]
+
+
+def test_create_snapshot_refusals_leave_nothing(controller: Controller) -> None:
+    vid = controller.create_volume("pvc-b")
+    other = controller.create_volume("pvc-c")
+    controller.snapshot("taken", vid)
+
+    fails(lambda: controller.snapshot("", vid), grpc.StatusCode.INVALID_ARGUMENT, "name")
+    fails(
+        lambda: controller.snapshot("s", ""), grpc.StatusCode.INVALID_ARGUMENT, "source_volume_id"
+    )
+    fails(lambda: controller.snapshot("s", "pvc-none"), grpc.StatusCode.NOT_FOUND, "pvc-none")
+    fails(lambda: controller.snapshot("taken", other), grpc.StatusCode.ALREADY_EXISTS, vid)
+    fails(
+        lambda: controller.snapshot("s", other, secrets={}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "snapshotter-secret",
+    )
+    with_parameters = csi_pb2.CreateSnapshotRequest(
+        name="s", source_volume_id=other, parameters={"speed": "fast"}, secrets=SECRETS
+    )
+    fails(
+        lambda: controller.stub.CreateSnapshot(with_parameters, timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "speed",
+    )
+    listed = controller.listing()
+    assert [e.snapshot.snapshot_id for e in listed.entries] == [f"{vid}@taken"]
+    assert controller.checkpoints(other) == {}
+
+
+def test_delete_snapshot_removes_the_checkpoint_and_is_idempotent(controller: Controller) -> None:
+    vid = controller.create_volume("pvc-d")
+    made = controller.snapshot("snap-d", vid)
+    assert list(controller.checkpoints(vid)) == ["snap-d"]
+
+    fails(
+        lambda: controller.stub.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        made.snapshot_id,
+    )
+    controller.delete_snapshot(made.snapshot_id)
+    assert controller.checkpoints(vid) == {}
+    assert controller.listing().entries == []
+    controller.delete_snapshot(made.snapshot_id)
+    controller.delete_snapshot("not-a-snapshot-id-of-this-driver")
+    fails(
+        lambda: controller.stub.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "snapshot_id",
+    )
+    controller.stub.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=30)
+
+
+def test_list_snapshots_filters_and_pages(controller: Controller) -> None:
+    first, second = controller.create_volume("pvc-e"), controller.create_volume("pvc-f")
+    ids = [controller.snapshot(f"s{n}", first).snapshot_id for n in range(3)]
+    ids.append(controller.snapshot("s3", second).snapshot_id)
+
+    assert [e.snapshot.snapshot_id for e in controller.listing().entries] == ids
+    by_source = controller.listing(source_volume_id=second).entries
+    assert [e.snapshot.snapshot_id for e in by_source] == [ids[3]]
+    assert controller.listing(source_volume_id="pvc-none").entries == []
+    assert [e.snapshot.snapshot_id for e in controller.listing(snapshot_id=ids[1]).entries] == [
+        ids[1]
+    ]
+    assert controller.listing(snapshot_id=f"{first}@nothing").entries == []
+
+    seen, token = [], ""
+    while True:
+        page = controller.listing(max_entries=2, starting_token=token)
+        seen += [e.snapshot.snapshot_id for e in page.entries]
+        token = page.next_token
+        if not token:
+            break
+    assert seen == ids
+    fails(lambda: controller.listing(starting_token="bogus"), grpc.StatusCode.ABORTED, "bogus")
+    fails(lambda: controller.listing(max_entries=-1), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def start_staged_server(controller: Controller, volume_id: str) -> subprocess.Popen[bytes]:
+    """The volume's server as the local backend runs a staged volume's: its sockets under
+    ``<state>/sockets/<volume>/``, its admin service on ``admin.sock``."""
+    sockets = ServerSockets.under(controller.state / "sockets", volume_id)
+    sockets.directory.mkdir(parents=True)
+    rendered = render_zerofs_config(
+        parse_volume_settings({"storageUrl": f"file://{controller.store}"}),
+        volume_id,
+        VolumeSecrets.from_csi_secrets(SECRETS),
+        cache_dir=str(controller.state / "staged-cache"),
+        nbd_socket=str(sockets.nbd),
+        ninep_socket=str(sockets.ninep),
+        rpc_socket=str(sockets.admin),
+    )
+    config = controller.state / "staged.toml"
+    config.write_text(rendered.toml_text)
+    process = subprocess.Popen(
+        [str(STANDIN), "run", "-c", str(config)],
+        env={"PATH": "/usr/bin:/bin", **rendered.secret_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for_socket(sockets.nbd, timeout=30)
+    ninep.prepare_export(sockets.ninep, volume_id, SIZE)
+    return process
+
+
+def test_a_staged_volume_is_checkpointed_by_its_running_server(controller: Controller) -> None:
+    vid = controller.create_volume("pvc-g")
+    controller.stub.ControllerPublishVolume(
+        csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=vid,
+            node_id="node-a",
+            volume_capability=csi_pb2.VolumeCapability(
+                block=csi_pb2.VolumeCapability.BlockVolume(),
+                access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER),
+            ),
+        ),
+        timeout=30,
+    )
+    # Published, and its server not answering: no second server is started for it.
+    fails(lambda: controller.snapshot("early", vid), grpc.StatusCode.UNAVAILABLE, "retry")
+    assert controller.checkpoints(vid) == {}
+
+    server = start_staged_server(controller, vid)
+    try:
+        sockets = ServerSockets.under(controller.state / "sockets", vid)
+        with NbdClient(sockets.nbd, vid) as nbd:
+            nbd.write(0, b"as-of-snapshot" * 64)
+        # No secrets needed: the running server already has them.
+        made = controller.snapshot("live", vid, secrets={})
+        with NbdClient(sockets.nbd, vid) as nbd:
+            nbd.write(0, b"after-snapshot" * 64)
+        assert read_checkpoint(controller, vid, "live", 14 * 64) == b"as-of-snapshot" * 64
+        controller.delete_snapshot(made.snapshot_id)
+        assert controller.checkpoints(vid) == {}
+    finally:
+        stop_process(server)
