@@ -321,3 +321,44 @@ def test_arguments_split_at_the_double_dash() -> None:
         runner.parse_args(["--timeout", "5"])
     with pytest.raises(SystemExit):
         runner.parse_args(["--timeout", "0", "--", "true"])
+
+
+# A script's main whose clean-up takes a while after ^C or SIGTERM, as stopping QEMU or
+# the cluster's control plane does.
+SLOW_CLEAN_UP = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("vm_runner", sys.argv[1])
+runner = importlib.util.module_from_spec(spec)
+sys.modules["vm_runner"] = runner
+spec.loader.exec_module(runner)
+
+def main(argv):
+    try:
+        print("running", flush=True)
+        time.sleep(60)
+        return 0
+    finally:
+        print("cleaning up", flush=True)
+        time.sleep(1.5)
+        print("cleaned up", flush=True)
+
+runner.exit_through_clean_up(main)
+"""
+
+
+def test_sigterm_takes_the_clean_up_path_and_a_second_one_does_not_cut_it_short() -> None:
+    script = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLEAN_UP, str(RUNNER_PATH)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert script.stdout is not None
+    assert script.stdout.readline() == "running\n"
+    script.terminate()
+    assert script.stdout.readline() == "cleaning up\n"
+    script.terminate()  # as timeout(1) and a shell both passing the signal on
+    out, err = script.communicate(timeout=30)
+    assert out == "cleaned up\n", err
+    assert script.returncode == 130
+    assert "interrupted" in err

@@ -33,10 +33,10 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 EXIT_TIMEOUT = 124
 EXIT_VM_FAILURE = 125
@@ -1127,14 +1127,26 @@ def main(argv: Sequence[str]) -> int:
 
 
 def raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    # Once: a second signal (timeout(1) and a shell both passing one on) must not cut
+    # the clean-up short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
-if __name__ == "__main__":
-    # SIGTERM (e.g. from CI) takes the same path as ^C: QEMU is stopped on the way out.
+def exit_through_clean_up(
+    main: Callable[[list[str]], int], say: Callable[[str], None] = log
+) -> NoReturn:
+    """Runs ``main`` on the command line's arguments and exits with its status; SIGTERM
+    (e.g. from CI) takes ^C's way out, through every clean-up (QEMU stopped, child
+    processes in sessions of their own ended)."""
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         sys.exit(main(sys.argv[1:]))
     except KeyboardInterrupt:
-        log("interrupted")
+        say("interrupted")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    exit_through_clean_up(main)

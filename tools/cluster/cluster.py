@@ -22,7 +22,6 @@ import fcntl
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from control_plane import (  # noqa: E402
 )
 from node_tunnel import NodeTunnel  # noqa: E402
 from pki import ensure_pki  # noqa: E402
-from runner import machine_cache_dir  # noqa: E402
+from runner import exit_through_clean_up, machine_cache_dir  # noqa: E402
 
 from zerofs_csi.bench.plugin import free_tcp_port  # noqa: E402
 
@@ -322,20 +321,6 @@ def main(argv: Sequence[str]) -> int:
     return run_cluster(command, with_s3=args.s3, timeout_s=args.timeout)
 
 
-def raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    # Once: a second signal (timeout(1) and a shell both passing one on) must not cut
-    # the clean-up short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    # SIGTERM takes ^C's way out, through every clean-up: the control plane's processes
-    # live in sessions of their own and would outlive us.
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        log("interrupted")
-        sys.exit(130)
+    # The control plane's processes live in sessions of their own and would outlive us.
+    exit_through_clean_up(main, log)
