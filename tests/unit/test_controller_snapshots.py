@@ -317,3 +317,76 @@ def test_a_staged_volume_is_checkpointed_by_its_running_server(controller: Contr
         assert controller.checkpoints(vid) == {}
     finally:
         stop_process(server)
+
+
+def create_from_snapshot(
+    controller: Controller, name: str, snapshot_id: str, required: int, limit: int = 0
+) -> csi_pb2.Volume:
+    request = csi_pb2.CreateVolumeRequest(
+        name=name,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=required, limit_bytes=limit),
+        volume_capabilities=[
+            csi_pb2.VolumeCapability(
+                block=csi_pb2.VolumeCapability.BlockVolume(),
+                access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER),
+            )
+        ],
+        parameters={"storageUrl": f"file://{controller.store}"},
+        volume_content_source=csi_pb2.VolumeContentSource(
+            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id)
+        ),
+        secrets=SECRETS,
+    )
+    return controller.stub.CreateVolume(request, timeout=120).volume
+
+
+def test_a_volume_created_from_a_snapshot_holds_its_data(controller: Controller) -> None:
+    vid = controller.create_volume("pvc-h")
+    write_export(controller, vid, 3 * MiB, b"restore-me" * 50)
+    write_export(controller, vid, SIZE - 4096, b"tail" * 1024)
+    made = controller.snapshot("snap-h", vid)
+    write_export(controller, vid, 3 * MiB, b"overwrite!" * 50)
+
+    restored = create_from_snapshot(controller, "pvc-h-restored", made.snapshot_id, 2 * SIZE)
+    assert restored.capacity_bytes == 2 * SIZE
+    assert restored.content_source.snapshot.snapshot_id == made.snapshot_id
+    export = controller.store / restored.volume_id / ".nbd" / restored.volume_id
+    data = export.read_bytes()
+    assert len(data) == 2 * SIZE
+    assert data[3 * MiB : 3 * MiB + 500] == b"restore-me" * 50
+    assert data[SIZE - 4096 : SIZE] == b"tail" * 1024
+    assert data[SIZE:] == bytes(SIZE)
+    # Only what the snapshot holds was written: the rest of the export is holes.
+    assert export.stat().st_blocks * 512 < 2 * MiB
+    assert list((controller.state / "ck").iterdir()) == []
+
+    again = create_from_snapshot(controller, "pvc-h-restored", made.snapshot_id, 2 * SIZE)
+    assert again == restored
+    other = controller.snapshot("snap-h2", vid)
+    fails(
+        lambda: create_from_snapshot(controller, "pvc-h-restored", other.snapshot_id, 2 * SIZE),
+        grpc.StatusCode.ALREADY_EXISTS,
+    )
+    # The snapshot's source volume can go once its snapshots are gone; the copy stays.
+    for snapshot_id in (made.snapshot_id, other.snapshot_id):
+        controller.delete_snapshot(snapshot_id)
+    controller.stub.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=30)
+    assert export.read_bytes()[3 * MiB : 3 * MiB + 500] == b"restore-me" * 50
+
+
+def test_create_from_a_snapshot_refusals_leave_nothing(controller: Controller) -> None:
+    vid = controller.create_volume("pvc-i")
+    made = controller.snapshot("snap-i", vid)
+    fails(
+        lambda: create_from_snapshot(controller, "pvc-j", f"{vid}@missing", SIZE),
+        grpc.StatusCode.NOT_FOUND,
+        "missing",
+    )
+    fails(
+        lambda: create_from_snapshot(controller, "pvc-j", made.snapshot_id, MiB, limit=MiB),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "limit_bytes",
+    )
+    listed = controller.stub.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=30)
+    assert [e.volume.volume_id for e in listed.entries] == [vid]
+    assert not (controller.store / "pvc-j").exists()

@@ -140,8 +140,18 @@ def sanity_command(
         workdir / "parameters.yaml",
         {"storageUrl": f"file://{workdir / 'store'}", "filesystem": "ext4"},
     )
-    # Stage needs the encryption password; no other call of these specs needs a secret.
-    secrets = write_yaml(workdir / "secrets.yaml", {"NodeStageVolumeSecret": SECRETS})
+    # Stage needs the encryption password, and so do the snapshot calls and a CreateVolume
+    # from a snapshot, which start short-lived servers of volumes staged nowhere; no other
+    # call of these specs needs one.
+    secrets = write_yaml(
+        workdir / "secrets.yaml",
+        {
+            "NodeStageVolumeSecret": SECRETS,
+            "CreateVolumeSecret": SECRETS,
+            "CreateSnapshotSecret": SECRETS,
+            "DeleteSnapshotSecret": SECRETS,
+        },
+    )
     junit = RESULTS_DIR / f"{run}.xml"
     command = [
         str(binary),

@@ -40,14 +40,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import subprocess
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from zerofs_csi import errors
+from zerofs_csi.servers import ninep
 from zerofs_csi.servers.admin import AdminClient, CheckpointInfo
-from zerofs_csi.servers.base import ServerSockets
+from zerofs_csi.servers.base import UNIX_PATH_MAX
 from zerofs_csi.servers.brief import brief_server
+from zerofs_csi.volume.id import validate_volume_id
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import parse_volume_settings
 
@@ -81,9 +85,39 @@ class VolumeCheckpoints(Protocol):
         """Delete the volume's checkpoint ``name``; succeeds when there is none."""
         ...
 
+    def restore(
+        self,
+        source: CheckpointSource,
+        volume_id: str,
+        parameters: Mapping[str, str],
+        capacity_bytes: int,
+        csi_secrets: Mapping[str, str],
+    ) -> None:
+        """Fill the new volume ``volume_id`` (staged nowhere) with the export of the
+        checkpoint ``source``: its export created at ``capacity_bytes`` (at least the
+        source's), the source's data copied into it, flushed."""
+        ...
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A checkpoint of a volume, to read a new volume's data from."""
+
+    volume_id: str
+    parameters: Mapping[str, str]  # the volume's settings
+    checkpoint: str  # its name
+
 
 class LocalCheckpoints:
-    """Checkpoints through the local backend's servers (see the module docstring)."""
+    """Checkpoints through the local backend's servers (see the module docstring).
+
+    ``restore`` runs two short-lived servers: the source volume's serving the checkpoint
+    (``run --checkpoint``, read-only, which ZeroFS allows beside the volume's writer) and
+    the new volume's, and copies the one export into the other with nbdcopy (libnbd):
+    holes and zero blocks are skipped (the new export is all zeroes), memory bounded by
+    its requests in flight. The new volume's server gets the CreateVolume secrets, and
+    so does the source's: a restore reads a snapshot with the new volume's secrets.
+    """
 
     def __init__(self, state_dir: Path, socket_root: Path, command: Sequence[str]) -> None:
         self._state_dir = state_dir
@@ -117,6 +151,51 @@ class LocalCheckpoints:
             if server.find(name) is not None:
                 server.delete(name)
 
+    def restore(
+        self,
+        source: CheckpointSource,
+        volume_id: str,
+        parameters: Mapping[str, str],
+        capacity_bytes: int,
+        csi_secrets: Mapping[str, str],
+    ) -> None:
+        secrets = _volume_secrets(volume_id, csi_secrets, "CreateVolume", "provisioner")
+        reader = brief_server(
+            self._command,
+            self._directory(f"{source.volume_id}@{source.checkpoint}"),
+            source.volume_id,
+            parse_volume_settings(source.parameters),
+            secrets,
+            run_args=("--checkpoint", source.checkpoint),
+        )
+        writer = brief_server(
+            self._command,
+            self._directory(volume_id),
+            volume_id,
+            parse_volume_settings(parameters),
+            secrets,
+        )
+        with reader as checkpoint, writer as target:
+            source_size = _export_size(checkpoint.ninep, source.volume_id)
+            if source_size is not None and source_size > capacity_bytes:
+                raise errors.OutOfRange(
+                    f"the snapshot holds {source_size} bytes, more than the {capacity_bytes} "
+                    "bytes asked for"
+                )
+            try:
+                ninep.prepare_export(target.ninep, volume_id, capacity_bytes)
+            except OSError as exc:
+                raise errors.Internal(
+                    f"creating the export of volume {volume_id}: {exc.strerror}"
+                ) from None
+            if source_size:  # a volume never staged has no export to copy
+                copy_export(checkpoint.nbd, source.volume_id, target.nbd, volume_id)
+            target.admin.flush()
+
+    def _directory(self, what: str) -> Path:
+        # Short: the server's sockets' paths must fit a unix socket address (107 bytes).
+        return self._state_dir / "ck" / hashlib.sha256(what.encode()).hexdigest()[:12]
+
     @contextlib.contextmanager
     def _server(
         self,
@@ -125,26 +204,73 @@ class LocalCheckpoints:
         published: bool,
         csi_secrets: Mapping[str, str],
     ) -> Iterator[AdminClient]:
-        sockets = ServerSockets.of_volume(self._socket_root, volume_id)
-        with AdminClient(sockets.admin, f"server of volume {volume_id}") as running:
-            if sockets.admin.exists() and running.answers():
-                yield running
-                return
+        # Where the node backend's server listens (ServerSockets.under); a path too long
+        # for a socket address means no server of the volume can run here.
+        admin_socket = self._socket_root / validate_volume_id(volume_id) / "admin.sock"
+        if len(bytes(admin_socket)) <= UNIX_PATH_MAX and admin_socket.exists():
+            with AdminClient(admin_socket, f"server of volume {volume_id}") as running:
+                if running.answers():
+                    yield running
+                    return
         if published or (self._state_dir / "servers" / volume_id / "server.json").exists():
             raise errors.Unavailable(
                 f"volume {volume_id} is staged or about to be on this host, and its server "
-                f"does not answer on {sockets.admin}: retry once it is back"
+                f"does not answer on {admin_socket}: retry once it is back"
             )
-        try:
-            secrets = VolumeSecrets.from_csi_secrets(csi_secrets)
-        except errors.InvalidArgument as exc:
-            raise errors.InvalidArgument(
-                f"volume {volume_id} is not staged, and starting its server needs its secrets "
-                "(the VolumeSnapshotClass's csi.storage.k8s.io/snapshotter-secret-name and "
-                f"-namespace): {exc.message}"
-            ) from None
-        # Short: its sockets' paths must fit a unix socket address (107 bytes).
-        directory = self._state_dir / "ck" / hashlib.sha256(volume_id.encode()).hexdigest()[:12]
+        secrets = _volume_secrets(volume_id, csi_secrets, "the snapshot call", "snapshotter")
         settings = parse_volume_settings(parameters)
+        directory = self._directory(volume_id)
         with brief_server(self._command, directory, volume_id, settings, secrets) as server:
-            yield server
+            yield server.admin
+
+
+def _volume_secrets(
+    volume_id: str, csi_secrets: Mapping[str, str], call: str, secret_kind: str
+) -> VolumeSecrets:
+    try:
+        return VolumeSecrets.from_csi_secrets(csi_secrets)
+    except errors.InvalidArgument as exc:
+        raise errors.InvalidArgument(
+            f"starting a server of volume {volume_id} for {call} needs the volume's secrets "
+            f"(csi.storage.k8s.io/{secret_kind}-secret-name and -namespace): {exc.message}"
+        ) from None
+
+
+def _export_size(ninep_socket: Path, export: str) -> int | None:
+    try:
+        return ninep.export_size(ninep_socket, export)
+    except OSError as exc:
+        raise errors.Internal(f"reading the size of export {export}: {exc.strerror}") from None
+
+
+# nbdcopy: sparse-aware, bounded memory (libnbd-bin, a Debian package).
+NBDCOPY = "nbdcopy"
+COPY_TIMEOUT_S = 6 * 3600.0
+
+
+def copy_export(source_socket: Path, source: str, target_socket: Path, target: str) -> None:
+    """Copy the NBD export ``source`` into ``target``, which reads as zeroes: only the
+    source's non-zero blocks are written. Internal with nbdcopy's message on failure."""
+    argv = [
+        NBDCOPY,
+        "--destination-is-zero",
+        "--flush",
+        f"nbd+unix:///{source}?socket={source_socket}",
+        f"nbd+unix:///{target}?socket={target_socket}",
+    ]
+    try:
+        copied = subprocess.run(
+            argv, capture_output=True, text=True, timeout=COPY_TIMEOUT_S, check=False
+        )
+    except FileNotFoundError:
+        raise errors.FailedPrecondition(
+            f"{NBDCOPY} is not installed: install the Debian package libnbd-bin"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise errors.DeadlineExceeded(
+            f"copying export {source} into {target} took longer than {COPY_TIMEOUT_S:g}s"
+        ) from None
+    if copied.returncode != 0:
+        raise errors.Internal(
+            f"copying export {source} into {target} failed: {copied.stderr.strip()[-2000:]}"
+        )

@@ -49,6 +49,8 @@ class CreateRequest:
     settings: VolumeSettings
     # The parameters that define the volume, to tell a repeated request from another.
     parameters: dict[str, str]
+    # The snapshot the volume's data comes from (volume_content_source), if any.
+    source_snapshot_id: str = ""
 
 
 def volume_settings(
@@ -79,11 +81,16 @@ def create_request(
     ]
     capacity_range = request.capacity_range if request.HasField("capacity_range") else None
     capacity = capacity_for(capacity_range)
+    source_snapshot_id = ""
     if request.HasField("volume_content_source"):
-        raise InvalidArgument(
-            "volume_content_source is not supported: this driver creates empty volumes "
-            "only (no snapshots or clones)"
-        )
+        source = request.volume_content_source
+        if source.WhichOneof("type") != "snapshot":
+            raise InvalidArgument(
+                "volume_content_source: only a snapshot is supported (no CLONE_VOLUME)"
+            )
+        source_snapshot_id = source.snapshot.snapshot_id
+        if not source_snapshot_id:
+            raise InvalidArgument("volume_content_source.snapshot.snapshot_id is required")
     if request.mutable_parameters:
         raise InvalidArgument(
             "mutable_parameters are not supported: this driver does not modify volumes"
@@ -109,6 +116,7 @@ def create_request(
         capacity_bytes=capacity,
         settings=settings,
         parameters=request_parameters(request.parameters),
+        source_snapshot_id=source_snapshot_id,
     )
 
 
@@ -128,6 +136,11 @@ def check_compatible(existing: VolumeRecord, wanted: CreateRequest) -> None:
             f"volume {vid} exists with {existing.capacity_bytes} bytes, outside the "
             f"requested range (required {capacity_range.required_bytes}, limit "
             f"{capacity_range.limit_bytes or 'none'})"
+        )
+    if existing.source_snapshot_id != wanted.source_snapshot_id:
+        raise AlreadyExists(
+            f"volume {vid} exists with another content source "
+            f"({existing.source_snapshot_id or 'none'})"
         )
     if dict(existing.request_parameters) != dict(parameters):
         differing = sorted(

@@ -101,11 +101,14 @@ def _delete_volume_data(settings: VolumeSettings, volume_id: str, secrets: Volum
 
 
 def _volume_message(record: VolumeRecord) -> csi_pb2.Volume:
-    return csi_pb2.Volume(
+    volume = csi_pb2.Volume(
         volume_id=record.volume_id,
         capacity_bytes=record.capacity_bytes,
         volume_context=dict(record.volume_context),
     )
+    if record.source_snapshot_id:
+        volume.content_source.snapshot.snapshot_id = record.source_snapshot_id
+    return volume
 
 
 def _published_nodes(record: VolumeRecord) -> list[str]:
@@ -173,11 +176,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.CreateVolumeResponse:
         wanted = create_request(request, self._read_config_map)
         vid, name, capacity = wanted.volume_id, wanted.name, wanted.capacity_bytes
+        if wanted.source_snapshot_id and self._snapshots is None:
+            raise InvalidArgument(
+                "volume_content_source: snapshots are not supported by this controller's backend"
+            )
         with self._locks.hold(vid, "CreateVolume"):
             existing = self._store.get(vid)
             if existing is not None:
                 check_compatible(existing, wanted)
                 return csi_pb2.CreateVolumeResponse(volume=_volume_message(existing))
+            if wanted.source_snapshot_id:
+                assert self._snapshots is not None
+                # The data first: a failure leaves no record, and a retry copies again.
+                capacity = self._snapshots.restore(wanted, request.secrets)
             record = self._store.create(
                 VolumeRecord(
                     volume_id=vid,
@@ -188,6 +199,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     volume_context=build_volume_context(
                         wanted.settings, capacity, request.parameters
                     ),
+                    source_snapshot_id=wanted.source_snapshot_id,
                 )
             )
         log.info(

@@ -14,6 +14,11 @@ snapshot id is ``<source volume id>@<key>``: what is needed to find the checkpoi
 unambiguous since neither part holds '@'. A repeated CreateSnapshot (same name, same
 source) answers the same snapshot; the same name for another source is ALREADY_EXISTS.
 
+CreateVolume with a snapshot as its content source (``restore``) creates the new
+volume's export, at least as large as the snapshot's volume, and copies the checkpoint's
+export into it (``VolumeCheckpoints.restore``) before the volume is recorded; the volume
+then names its snapshot in its ``content_source``. Cloning a volume is not offered.
+
 DeleteVolume of a volume that has snapshots is refused (FAILED_PRECONDITION, naming
 them): its checkpoints live in its storage, so deleting the volume's data would take
 them along, and keeping the data of a deleted volume for its snapshots would leave
@@ -26,16 +31,25 @@ volume RPCs) and the snapshot key's.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from zerofs_csi.controller.arguments import request_parameters, volume_id_argument
-from zerofs_csi.controller.checkpoints import VolumeCheckpoints
+from zerofs_csi.controller.checkpoints import CheckpointSource, VolumeCheckpoints
+from zerofs_csi.controller.create_request import CreateRequest
 from zerofs_csi.controller.snapshot_store import SnapshotRecord, SnapshotStore
 from zerofs_csi.controller.store import VolumeStore
 from zerofs_csi.csi import csi_pb2
-from zerofs_csi.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from zerofs_csi.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+)
 from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.volume.id import validate_volume_id, volume_id_for_name
 
@@ -187,6 +201,36 @@ class SnapshotRpcs:
             entries=[Entry(snapshot=_snapshot_message(record)) for record in page],
             next_token=LIST_TOKEN_PREFIX + page[-1].key if len(page) < len(records) else "",
         )
+
+    def restore(self, wanted: CreateRequest, csi_secrets: Mapping[str, str]) -> int:
+        """Fill the new volume of ``wanted`` from its source snapshot; returns its
+        capacity: the one asked for, or the snapshot's size when that is larger (within
+        the request's limit, else OUT_OF_RANGE). NOT_FOUND for an unknown snapshot."""
+        snapshot_id_ = wanted.source_snapshot_id
+        parsed = parse_snapshot_id(snapshot_id_)
+        record = self._snapshots.get(parsed[1]) if parsed is not None else None
+        if record is None or record.snapshot_id != snapshot_id_:
+            raise NotFound(f"snapshot {snapshot_id_[:200]!r} does not exist")
+        capacity = max(wanted.capacity_bytes, record.size_bytes)
+        limit = wanted.capacity_range.limit_bytes if wanted.capacity_range is not None else 0
+        if limit and capacity > limit:
+            raise OutOfRange(
+                f"snapshot {snapshot_id_} is of a {record.size_bytes}-byte volume, more than "
+                f"capacity_range.limit_bytes ({limit})"
+            )
+        with self._locks.hold(_lock_name(record.key), "CreateVolume"):
+            self._checkpoints.restore(
+                CheckpointSource(record.source_volume_id, record.parameters, record.key),
+                wanted.volume_id,
+                wanted.settings.to_parameters(),
+                capacity,
+                csi_secrets,
+            )
+        log.info(
+            "volume data restored from snapshot",
+            extra={"volume_id": wanted.volume_id, "snapshot_id": snapshot_id_},
+        )
+        return capacity
 
     def check_volume_has_none(self, volume_id: str) -> None:
         """FAILED_PRECONDITION when ``volume_id`` has snapshots (for DeleteVolume)."""

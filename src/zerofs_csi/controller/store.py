@@ -48,6 +48,7 @@ class VolumeRecord:
     CreateVolume name the id was derived from (``volume_id.volume_id_for_name``); a
     record written before names were kept reads its id as its name, which it was.
     ``version`` is the store's compare-and-swap token, empty for a record not yet stored.
+    ``source_snapshot_id`` names the snapshot the volume was created from, if any.
     """
 
     volume_id: str
@@ -59,6 +60,7 @@ class VolumeRecord:
     name: str = ""
     created_at: str = field(default_factory=utc_now)
     version: str = ""
+    source_snapshot_id: str = ""
 
     def replace(self, **changes: Any) -> VolumeRecord:
         return dataclasses.replace(self, **changes)
@@ -74,6 +76,8 @@ class VolumeRecord:
             "volumeContext": dict(self.volume_context),
             "publishedNode": self.published_node,
             "createdAt": self.created_at,
+            # Only when set: records of volumes not restored stay as they were written.
+            **({"sourceSnapshotId": self.source_snapshot_id} if self.source_snapshot_id else {}),
         }
 
     def to_json(self) -> str:
@@ -109,6 +113,9 @@ class VolumeRecord:
                 published_node=_typed(body, "publishedNode", (str, type(None))),
                 created_at=_typed(body, "createdAt", str),
                 version=version,
+                source_snapshot_id=(
+                    _typed(body, "sourceSnapshotId", str) if "sourceSnapshotId" in body else ""
+                ),
             )
         except (KeyError, TypeError) as exc:
             raise errors.Internal(f"volume record {where}: {exc.args[0]}") from None

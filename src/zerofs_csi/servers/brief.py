@@ -15,9 +15,11 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from zerofs_csi import errors
@@ -33,6 +35,13 @@ LOG_TAIL_LINES = 10
 INHERITED_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 
 
+@dataclass(frozen=True)
+class BriefServer:
+    admin: AdminClient
+    nbd: Path  # its NBD socket
+    ninep: Path  # its 9P socket
+
+
 @contextlib.contextmanager
 def brief_server(
     command: Sequence[str],
@@ -40,9 +49,12 @@ def brief_server(
     volume_id: str,
     settings: VolumeSettings,
     secrets: VolumeSecrets,
-) -> Iterator[AdminClient]:
+    run_args: Sequence[str] = (),
+) -> Iterator[BriefServer]:
     """The volume's server, running in ``directory`` (created, and removed afterwards),
-    until the block ends; yields a client of its admin service once that answers.
+    until the block ends; yields it once its admin service answers and its NBD socket
+    accepts. ``run_args`` follow ``run -c CONFIG`` (``--checkpoint NAME`` serves a
+    checkpoint, read-only).
 
     Raises FailedPrecondition when the command cannot be run, Unavailable when the
     server exits while starting, DeadlineExceeded when it does not answer within the
@@ -51,13 +63,14 @@ def brief_server(
     shutil.rmtree(directory, ignore_errors=True)  # a leftover of a killed controller
     directory.mkdir(parents=True, mode=0o700)
     admin_socket = directory / "admin.sock"
+    nbd_socket, ninep_socket = directory / "nbd.sock", directory / "9p.sock"
     rendered = render_zerofs_config(
         settings,
         volume_id,
         secrets,
         cache_dir=str(directory / "cache"),
-        nbd_socket=str(directory / "nbd.sock"),
-        ninep_socket=str(directory / "9p.sock"),
+        nbd_socket=str(nbd_socket),
+        ninep_socket=str(ninep_socket),
         rpc_socket=str(admin_socket),
     )
     secret_env = dict(rendered.secret_env)
@@ -71,7 +84,7 @@ def brief_server(
     try:
         with log_path.open("ab") as log:
             process = subprocess.Popen(
-                [*command, "run", "-c", str(config)],
+                [*command, "run", "-c", str(config), *run_args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -89,7 +102,7 @@ def brief_server(
     client = AdminClient(admin_socket, f"short-lived server of volume {volume_id}")
     try:
         deadline = time.monotonic() + settings.pod_ready_timeout_seconds
-        while not (admin_socket.exists() and client.answers(timeout=2.0)):
+        while not (_accepts(nbd_socket) and client.answers(timeout=2.0)):
             if process.poll() is not None:
                 raise errors.Unavailable(
                     f"the short-lived server of volume {volume_id} exited with status "
@@ -102,11 +115,20 @@ def brief_server(
                     + _log_tail(log_path, secret_env)
                 )
             time.sleep(0.05)
-        yield client
+        yield BriefServer(client, nbd_socket, ninep_socket)
     finally:
         client.close()
         _stop(process)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
