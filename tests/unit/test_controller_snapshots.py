@@ -154,7 +154,8 @@ def test_snapshot_capabilities_are_offered(controller: Controller) -> None:
         csi_pb2.ControllerGetCapabilitiesRequest(), timeout=10
     )
     offered = {c.rpc.type for c in reply.capabilities}
-    assert {RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS} <= offered
+    wanted = {RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS, RPC.GET_SNAPSHOT, RPC.CLONE_VOLUME}
+    assert wanted <= offered
 
 
 def test_a_volume_staged_nowhere_is_checkpointed_by_a_short_lived_server(
@@ -390,3 +391,50 @@ def test_create_from_a_snapshot_refusals_leave_nothing(controller: Controller) -
     listed = controller.stub.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=30)
     assert [e.volume.volume_id for e in listed.entries] == [vid]
     assert not (controller.store / "pvc-j").exists()
+
+
+def test_a_clone_holds_the_source_volumes_data_and_leaves_no_checkpoint(
+    controller: Controller,
+) -> None:
+    vid = controller.create_volume("pvc-k")
+    write_export(controller, vid, 5 * MiB, b"clone-me" * 64)
+    request = csi_pb2.CreateVolumeRequest(
+        name="pvc-k-clone",
+        capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+        volume_capabilities=[
+            csi_pb2.VolumeCapability(
+                block=csi_pb2.VolumeCapability.BlockVolume(),
+                access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER),
+            )
+        ],
+        parameters={"storageUrl": f"file://{controller.store}"},
+        volume_content_source=csi_pb2.VolumeContentSource(
+            volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=vid)
+        ),
+        secrets=SECRETS,
+    )
+    clone = controller.stub.CreateVolume(request, timeout=120).volume
+    assert clone.content_source.volume.volume_id == vid
+    export = controller.store / clone.volume_id / ".nbd" / clone.volume_id
+    assert export.read_bytes()[5 * MiB : 5 * MiB + 512] == b"clone-me" * 64
+    assert controller.checkpoints(vid) == {}
+    assert controller.stub.CreateVolume(request, timeout=120).volume == clone
+
+    request.name = "pvc-l"
+    request.volume_content_source.volume.volume_id = "pvc-none"
+    fails(lambda: controller.stub.CreateVolume(request, timeout=60), grpc.StatusCode.NOT_FOUND)
+
+
+def test_get_snapshot(controller: Controller) -> None:
+    vid = controller.create_volume("pvc-m")
+    made = controller.snapshot("snap-m", vid)
+    got = controller.stub.GetSnapshot(
+        csi_pb2.GetSnapshotRequest(snapshot_id=made.snapshot_id), timeout=30
+    ).snapshot
+    assert got == made
+    missing = csi_pb2.GetSnapshotRequest(snapshot_id=f"{vid}@other")
+    fails(lambda: controller.stub.GetSnapshot(missing, timeout=30), grpc.StatusCode.NOT_FOUND)
+    fails(
+        lambda: controller.stub.GetSnapshot(csi_pb2.GetSnapshotRequest(), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )

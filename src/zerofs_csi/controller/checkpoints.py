@@ -159,7 +159,7 @@ class LocalCheckpoints:
         capacity_bytes: int,
         csi_secrets: Mapping[str, str],
     ) -> None:
-        secrets = _volume_secrets(volume_id, csi_secrets, "CreateVolume", "provisioner")
+        secrets = _volume_secrets(volume_id, csi_secrets)
         reader = brief_server(
             self._command,
             self._directory(f"{source.volume_id}@{source.checkpoint}"),
@@ -217,22 +217,22 @@ class LocalCheckpoints:
                 f"volume {volume_id} is staged or about to be on this host, and its server "
                 f"does not answer on {admin_socket}: retry once it is back"
             )
-        secrets = _volume_secrets(volume_id, csi_secrets, "the snapshot call", "snapshotter")
+        secrets = _volume_secrets(volume_id, csi_secrets)
         settings = parse_volume_settings(parameters)
         directory = self._directory(volume_id)
         with brief_server(self._command, directory, volume_id, settings, secrets) as server:
             yield server.admin
 
 
-def _volume_secrets(
-    volume_id: str, csi_secrets: Mapping[str, str], call: str, secret_kind: str
-) -> VolumeSecrets:
+def _volume_secrets(volume_id: str, csi_secrets: Mapping[str, str]) -> VolumeSecrets:
     try:
         return VolumeSecrets.from_csi_secrets(csi_secrets)
     except errors.InvalidArgument as exc:
         raise errors.InvalidArgument(
-            f"starting a server of volume {volume_id} for {call} needs the volume's secrets "
-            f"(csi.storage.k8s.io/{secret_kind}-secret-name and -namespace): {exc.message}"
+            f"volume {volume_id} is staged nowhere, and starting its server needs its secrets "
+            "in the call (a VolumeSnapshotClass's csi.storage.k8s.io/snapshotter-secret-name "
+            "and -namespace; for a restore or a clone, the StorageClass's "
+            f"provisioner-secret-name and -namespace): {exc.message}"
         ) from None
 
 

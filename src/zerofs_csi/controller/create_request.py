@@ -49,8 +49,13 @@ class CreateRequest:
     settings: VolumeSettings
     # The parameters that define the volume, to tell a repeated request from another.
     parameters: dict[str, str]
-    # The snapshot the volume's data comes from (volume_content_source), if any.
+    # The snapshot or volume the volume's data comes from (volume_content_source), if any.
     source_snapshot_id: str = ""
+    source_volume_id: str = ""
+
+    @property
+    def has_source(self) -> bool:
+        return bool(self.source_snapshot_id or self.source_volume_id)
 
 
 def volume_settings(
@@ -81,16 +86,16 @@ def create_request(
     ]
     capacity_range = request.capacity_range if request.HasField("capacity_range") else None
     capacity = capacity_for(capacity_range)
-    source_snapshot_id = ""
+    source_snapshot_id = source_volume_id = ""
     if request.HasField("volume_content_source"):
         source = request.volume_content_source
-        if source.WhichOneof("type") != "snapshot":
-            raise InvalidArgument(
-                "volume_content_source: only a snapshot is supported (no CLONE_VOLUME)"
-            )
-        source_snapshot_id = source.snapshot.snapshot_id
-        if not source_snapshot_id:
-            raise InvalidArgument("volume_content_source.snapshot.snapshot_id is required")
+        kind = source.WhichOneof("type")
+        if kind == "snapshot":
+            source_snapshot_id = source.snapshot.snapshot_id
+        elif kind == "volume":
+            source_volume_id = source.volume.volume_id
+        if not (source_snapshot_id or source_volume_id):
+            raise InvalidArgument("volume_content_source: a snapshot_id or volume_id is required")
     if request.mutable_parameters:
         raise InvalidArgument(
             "mutable_parameters are not supported: this driver does not modify volumes"
@@ -117,6 +122,7 @@ def create_request(
         settings=settings,
         parameters=request_parameters(request.parameters),
         source_snapshot_id=source_snapshot_id,
+        source_volume_id=source_volume_id,
     )
 
 
@@ -137,10 +143,11 @@ def check_compatible(existing: VolumeRecord, wanted: CreateRequest) -> None:
             f"requested range (required {capacity_range.required_bytes}, limit "
             f"{capacity_range.limit_bytes or 'none'})"
         )
-    if existing.source_snapshot_id != wanted.source_snapshot_id:
+    existing_source = (existing.source_snapshot_id, existing.source_volume_id)
+    if existing_source != (wanted.source_snapshot_id, wanted.source_volume_id):
         raise AlreadyExists(
             f"volume {vid} exists with another content source "
-            f"({existing.source_snapshot_id or 'none'})"
+            f"({existing.source_snapshot_id or existing.source_volume_id or 'none'})"
         )
     if dict(existing.request_parameters) != dict(parameters):
         differing = sorted(

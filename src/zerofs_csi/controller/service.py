@@ -84,7 +84,12 @@ CONTROLLER_CAPABILITIES = (
     RPC.SINGLE_NODE_MULTI_WRITER,
 )
 # Offered where the controller can reach the volumes' servers (``checkpoints``).
-SNAPSHOT_CAPABILITIES = (RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS)
+SNAPSHOT_CAPABILITIES = (
+    RPC.CREATE_DELETE_SNAPSHOT,
+    RPC.LIST_SNAPSHOTS,
+    RPC.GET_SNAPSHOT,
+    RPC.CLONE_VOLUME,
+)
 
 # Removes every per-volume server object of a volume, on any node; idempotent.
 ServerRemover = Callable[[str], None]
@@ -108,6 +113,8 @@ def _volume_message(record: VolumeRecord) -> csi_pb2.Volume:
     )
     if record.source_snapshot_id:
         volume.content_source.snapshot.snapshot_id = record.source_snapshot_id
+    elif record.source_volume_id:
+        volume.content_source.volume.volume_id = record.source_volume_id
     return volume
 
 
@@ -176,16 +183,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.CreateVolumeResponse:
         wanted = create_request(request, self._read_config_map)
         vid, name, capacity = wanted.volume_id, wanted.name, wanted.capacity_bytes
-        if wanted.source_snapshot_id and self._snapshots is None:
+        if wanted.has_source and self._snapshots is None:
             raise InvalidArgument(
-                "volume_content_source: snapshots are not supported by this controller's backend"
+                "volume_content_source: snapshots and clones are not supported by this "
+                "controller's backend"
             )
         with self._locks.hold(vid, "CreateVolume"):
             existing = self._store.get(vid)
             if existing is not None:
                 check_compatible(existing, wanted)
                 return csi_pb2.CreateVolumeResponse(volume=_volume_message(existing))
-            if wanted.source_snapshot_id:
+            if wanted.has_source:
                 assert self._snapshots is not None
                 # The data first: a failure leaves no record, and a retry copies again.
                 capacity = self._snapshots.restore(wanted, request.secrets)
@@ -200,6 +208,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                         wanted.settings, capacity, request.parameters
                     ),
                     source_snapshot_id=wanted.source_snapshot_id,
+                    source_volume_id=wanted.source_volume_id,
                 )
             )
         log.info(
@@ -453,6 +462,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListSnapshotsResponse:
         return self._snapshot_rpcs("ListSnapshots").ListSnapshots(request, context)
+
+    def GetSnapshot(
+        self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetSnapshotResponse:
+        return self._snapshot_rpcs("GetSnapshot").GetSnapshot(request, context)
 
 
 answer_unimplemented(ControllerService, csi_pb2_grpc.ControllerServicer, "Controller")

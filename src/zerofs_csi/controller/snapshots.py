@@ -1,5 +1,6 @@
-"""CSI snapshot RPCs of the Controller service: CreateSnapshot, DeleteSnapshot and
-ListSnapshots (capabilities CREATE_DELETE_SNAPSHOT and LIST_SNAPSHOTS).
+"""CSI snapshot RPCs of the Controller service: CreateSnapshot, DeleteSnapshot,
+ListSnapshots and GetSnapshot (capabilities CREATE_DELETE_SNAPSHOT, LIST_SNAPSHOTS and
+GET_SNAPSHOT), and the data of a CreateVolume from a snapshot or a volume (CLONE_VOLUME).
 
 A snapshot is a ZeroFS checkpoint of the volume's whole storage, taken by the volume's
 server after a flush (``checkpoints``): per-volume and crash-consistent, every write
@@ -17,7 +18,9 @@ source) answers the same snapshot; the same name for another source is ALREADY_E
 CreateVolume with a snapshot as its content source (``restore``) creates the new
 volume's export, at least as large as the snapshot's volume, and copies the checkpoint's
 export into it (``VolumeCheckpoints.restore``) before the volume is recorded; the volume
-then names its snapshot in its ``content_source``. Cloning a volume is not offered.
+then names its snapshot in its ``content_source``. A clone (a volume as the content
+source) is a restore from a checkpoint of the source volume taken for it (named
+``clone:<new volume id>``, which no snapshot key can be) and deleted once copied.
 
 DeleteVolume of a volume that has snapshots is refused (FAILED_PRECONDITION, naming
 them): its checkpoints live in its storage, so deleting the volume's data would take
@@ -30,6 +33,7 @@ volume RPCs) and the snapshot key's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 
@@ -45,6 +49,7 @@ from zerofs_csi.csi import csi_pb2
 from zerofs_csi.errors import (
     Aborted,
     AlreadyExists,
+    CsiError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -203,21 +208,17 @@ class SnapshotRpcs:
         )
 
     def restore(self, wanted: CreateRequest, csi_secrets: Mapping[str, str]) -> int:
-        """Fill the new volume of ``wanted`` from its source snapshot; returns its
-        capacity: the one asked for, or the snapshot's size when that is larger (within
-        the request's limit, else OUT_OF_RANGE). NOT_FOUND for an unknown snapshot."""
+        """Fill the new volume of ``wanted`` from its source snapshot or volume; returns
+        its capacity: the one asked for, or the source's size when that is larger (within
+        the request's limit, else OUT_OF_RANGE). NOT_FOUND for an unknown source."""
+        if wanted.source_volume_id:
+            return self._clone(wanted, csi_secrets)
         snapshot_id_ = wanted.source_snapshot_id
         parsed = parse_snapshot_id(snapshot_id_)
         record = self._snapshots.get(parsed[1]) if parsed is not None else None
         if record is None or record.snapshot_id != snapshot_id_:
             raise NotFound(f"snapshot {snapshot_id_[:200]!r} does not exist")
-        capacity = max(wanted.capacity_bytes, record.size_bytes)
-        limit = wanted.capacity_range.limit_bytes if wanted.capacity_range is not None else 0
-        if limit and capacity > limit:
-            raise OutOfRange(
-                f"snapshot {snapshot_id_} is of a {record.size_bytes}-byte volume, more than "
-                f"capacity_range.limit_bytes ({limit})"
-            )
+        capacity = _capacity(wanted, record.size_bytes, f"snapshot {snapshot_id_}")
         with self._locks.hold(_lock_name(record.key), "CreateVolume"):
             self._checkpoints.restore(
                 CheckpointSource(record.source_volume_id, record.parameters, record.key),
@@ -232,6 +233,57 @@ class SnapshotRpcs:
         )
         return capacity
 
+    def _clone(self, wanted: CreateRequest, csi_secrets: Mapping[str, str]) -> int:
+        """A clone is a restore from a checkpoint taken for it and deleted after."""
+        source_id = wanted.source_volume_id
+        try:
+            validate_volume_id(source_id)
+        except InvalidArgument:
+            raise NotFound(f"source volume {source_id[:200]!r} does not exist") from None
+        with self._locks.hold(source_id, "CreateVolume"):
+            source = self._volumes.get(source_id)
+            if source is None:
+                raise NotFound(f"source volume {source_id} does not exist")
+            capacity = _capacity(wanted, source.capacity_bytes, f"volume {source_id}")
+            published = bool(source.published_node)
+            # Not a snapshot key (those have no ':'), so never a snapshot's checkpoint.
+            checkpoint = f"clone:{wanted.volume_id}"
+            self._checkpoints.create(
+                source_id, source.parameters, published, checkpoint, csi_secrets
+            )
+            try:
+                self._checkpoints.restore(
+                    CheckpointSource(source_id, source.parameters, checkpoint),
+                    wanted.volume_id,
+                    wanted.settings.to_parameters(),
+                    capacity,
+                    csi_secrets,
+                )
+            except BaseException:
+                # The restore's error is the one to answer with; a retry deletes the
+                # checkpoint if this cannot.
+                with contextlib.suppress(CsiError):
+                    self._checkpoints.delete(
+                        source_id, source.parameters, published, checkpoint, csi_secrets
+                    )
+                raise
+            self._checkpoints.delete(
+                source_id, source.parameters, published, checkpoint, csi_secrets
+            )
+        log.info("volume data cloned", extra={"volume_id": wanted.volume_id, "source": source_id})
+        return capacity
+
+    def GetSnapshot(
+        self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetSnapshotResponse:
+        if not request.snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        parsed = parse_snapshot_id(request.snapshot_id)
+        record = self._snapshots.get(parsed[1]) if parsed is not None else None
+        if record is None or record.snapshot_id != request.snapshot_id:
+            raise NotFound(f"snapshot {request.snapshot_id[:200]!r} does not exist")
+        return csi_pb2.GetSnapshotResponse(snapshot=_snapshot_message(record))
+
     def check_volume_has_none(self, volume_id: str) -> None:
         """FAILED_PRECONDITION when ``volume_id`` has snapshots (for DeleteVolume)."""
         ids = [r.snapshot_id for r in self._snapshots.list() if r.source_volume_id == volume_id]
@@ -243,6 +295,18 @@ class SnapshotRpcs:
                 f"volume {volume_id} has {len(ids)} snapshots ({named}), which live in its "
                 "storage: delete them first"
             )
+
+
+def _capacity(wanted: CreateRequest, source_bytes: int, source: str) -> int:
+    """The new volume's size: the one asked for, at least the source's."""
+    capacity = max(wanted.capacity_bytes, source_bytes)
+    limit = wanted.capacity_range.limit_bytes if wanted.capacity_range is not None else 0
+    if limit and capacity > limit:
+        raise OutOfRange(
+            f"{source} is of a {source_bytes}-byte volume, more than "
+            f"capacity_range.limit_bytes ({limit})"
+        )
+    return capacity
 
 
 def _listing_start(token: str) -> str:

@@ -48,7 +48,8 @@ class VolumeRecord:
     CreateVolume name the id was derived from (``volume_id.volume_id_for_name``); a
     record written before names were kept reads its id as its name, which it was.
     ``version`` is the store's compare-and-swap token, empty for a record not yet stored.
-    ``source_snapshot_id`` names the snapshot the volume was created from, if any.
+    ``source_snapshot_id`` or ``source_volume_id`` names the snapshot or volume the
+    volume's data was copied from, if any.
     """
 
     volume_id: str
@@ -61,6 +62,7 @@ class VolumeRecord:
     created_at: str = field(default_factory=utc_now)
     version: str = ""
     source_snapshot_id: str = ""
+    source_volume_id: str = ""
 
     def replace(self, **changes: Any) -> VolumeRecord:
         return dataclasses.replace(self, **changes)
@@ -78,6 +80,7 @@ class VolumeRecord:
             "createdAt": self.created_at,
             # Only when set: records of volumes not restored stay as they were written.
             **({"sourceSnapshotId": self.source_snapshot_id} if self.source_snapshot_id else {}),
+            **({"sourceVolumeId": self.source_volume_id} if self.source_volume_id else {}),
         }
 
     def to_json(self) -> str:
@@ -115,6 +118,9 @@ class VolumeRecord:
                 version=version,
                 source_snapshot_id=(
                     _typed(body, "sourceSnapshotId", str) if "sourceSnapshotId" in body else ""
+                ),
+                source_volume_id=(
+                    _typed(body, "sourceVolumeId", str) if "sourceVolumeId" in body else ""
                 ),
             )
         except (KeyError, TypeError) as exc:
