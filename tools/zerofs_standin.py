@@ -31,7 +31,8 @@ where ZeroFS does, and then serves the volume:
   ``[servers.rpc] unix_socket`` when the config has one, and the CLI commands that call
   it, ``checkpoint create|list|delete|info -c CONFIG [NAME]`` and ``flush -c CONFIG``;
   ``run --checkpoint NAME`` serves a checkpoint and ``run --read-only`` the live volume,
-  both read-only (NBD and 9P), file:// storage only. See zerofs_standin_admin.py. Unlike
+  both read-only (NBD and 9P). See zerofs_standin_admin.py, and ``S3Checkpoints`` for
+  s3:// storage. Unlike
   ZeroFS, whose read-only NBD exports fail writes without saying so at negotiation, the
   stand-in's advertise NBD_FLAG_READ_ONLY (nbdkit --readonly).
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -62,6 +64,7 @@ import threading
 import time
 import tomllib
 import urllib.parse
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -588,6 +591,104 @@ def restore_exports(client: Any, layout: S3Layout, tree: Path) -> dict[str, int]
     return sizes
 
 
+class S3Checkpoints:
+    """The checkpoints of an s3:// volume, inside its prefix so that deleting the prefix
+    deletes them: ``.checkpoints/<id>/`` holds a server-side copy of the exports' size
+    records and blocks (``.nbd/``, ``.nbd-blocks/``), taken with nbdkit stopped (``pause``),
+    and ``checkpoint.json``, written last: a checkpoint without it is unfinished and not
+    listed. Its layout is the volume's one level down, so ``run --checkpoint`` serves it
+    with the same S3 plugin. Same interface as ``zerofs_standin_admin.FileCheckpoints``.
+    """
+
+    def __init__(self, client: Any, layout: S3Layout, pause: Any) -> None:
+        self._client = client
+        self._layout = layout
+        self._pause = pause
+        self._root = layout.key(admin.CHECKPOINT_DIRECTORY)
+        self._lock = threading.Lock()
+
+    def layout_of(self, checkpoint: admin.Checkpoint) -> S3Layout:
+        return S3Layout(self._layout.bucket, f"{self._root}/{checkpoint.id}")
+
+    def _keys(self, prefix: str) -> list[str]:
+        keys = []
+        for page in self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self._layout.bucket, Prefix=prefix
+        ):
+            keys += [entry["Key"] for entry in page.get("Contents", [])]
+        return keys
+
+    def list(self) -> list[admin.Checkpoint]:
+        found = []
+        for key in self._keys(self._root + "/"):
+            if not key.endswith(f"/{admin.CHECKPOINT_INFO}"):
+                continue
+            body = self._client.get_object(Bucket=self._layout.bucket, Key=key)["Body"]
+            with contextlib.closing(body):
+                checkpoint = admin.parse_info(body.read())
+            if checkpoint is not None:
+                found.append(checkpoint)
+        return sorted(found, key=lambda c: (c.created_at, c.name))
+
+    def find(self, name: str) -> admin.Checkpoint | None:
+        name = name.strip()
+        return next((c for c in self.list() if c.name == name), None)
+
+    def flush(self) -> None:
+        """Nothing to do: every write was stored in S3 before it was answered."""
+
+    def create(self, name: str) -> admin.Checkpoint:
+        name = name.strip()
+        if not name:
+            raise admin.CheckpointError("the checkpoint name is empty")
+        with self._lock:
+            if self.find(name) is not None:
+                raise admin.CheckpointError(f"a checkpoint named {name!r} exists already")
+            checkpoint = admin.Checkpoint(str(uuid.uuid4()), name, int(time.time()))
+            target = self.layout_of(checkpoint)
+            try:
+                with self._pause():
+                    for directory in (EXPORT_DIRECTORY, BLOCKS_DIRECTORY):
+                        source_prefix = self._layout.key(directory) + "/"
+                        for key in self._keys(source_prefix):
+                            self._client.copy_object(
+                                Bucket=self._layout.bucket,
+                                Key=target.key(directory, key[len(source_prefix) :]),
+                                CopySource={"Bucket": self._layout.bucket, "Key": key},
+                            )
+                info = {"id": checkpoint.id, "name": name, "created_at": checkpoint.created_at}
+                self._client.put_object(
+                    Bucket=self._layout.bucket,
+                    Key=target.key(admin.CHECKPOINT_INFO),
+                    Body=json.dumps(info).encode(),
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._delete_objects(target.key() + "/")
+                raise
+        return checkpoint
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            checkpoint = self.find(name)
+            if checkpoint is None:
+                raise admin.CheckpointNotFound(f"no checkpoint is named {name.strip()!r}")
+            target = self.layout_of(checkpoint)
+            # Its record first: from then on it is not listed, whatever is left of it.
+            self._client.delete_object(
+                Bucket=self._layout.bucket, Key=target.key(admin.CHECKPOINT_INFO)
+            )
+            self._delete_objects(target.key() + "/")
+
+    def _delete_objects(self, prefix: str) -> None:
+        keys = self._keys(prefix)
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
+            self._client.delete_objects(
+                Bucket=self._layout.bucket, Delete={"Objects": batch, "Quiet": True}
+            )
+
+
 # ---------------------------------------------------------------------------------
 # 9P relay
 
@@ -781,9 +882,11 @@ def _nbdkit_plugin_directory(nbdkit: str) -> Path:
     raise ConfigError(f"{nbdkit} --dump-config names no plugindir")
 
 
-def _nbdkit_s3_plugin(nbdkit: str, storage: S3Storage, tree: Path, error_file: Path) -> list[str]:
-    """nbdkit's plugin arguments serving the tree's exports from S3 (no secret); the
-    plugin writes why it could not start to ``error_file``."""
+def _nbdkit_s3_plugin(
+    nbdkit: str, storage: S3Storage, layout: S3Layout, tree: Path, error_file: Path
+) -> list[str]:
+    """nbdkit's plugin arguments serving the tree's exports from S3 where ``layout`` says
+    (no secret); the plugin writes why it could not start to ``error_file``."""
     plugins = _nbdkit_plugin_directory(nbdkit)
     s3_plugin = plugins / "nbdkit-S3-plugin"
     if not (plugins / "nbdkit-python-plugin.so").exists() or not s3_plugin.exists():
@@ -792,30 +895,57 @@ def _nbdkit_s3_plugin(nbdkit: str, storage: S3Storage, tree: Path, error_file: P
             "nbdkit-plugin-python and python3-boto3"
         )
     argv = ["python", str(S3_PLUGIN_SCRIPT), f"root={tree}", f"s3-plugin={s3_plugin}"]
-    argv += [f"bucket={storage.bucket}", f"prefix={storage.prefix}", f"url={storage.url}"]
+    argv += [f"bucket={layout.bucket}", f"prefix={layout.prefix}", f"url={storage.url}"]
     argv += [f"object-size={OBJECT_SIZE}", f"error-file={error_file}"]
     if storage.endpoint is not None:
         argv.append(f"endpoint-url={storage.endpoint}")
     return argv
 
 
-def served_tree(config: StandinConfig, read_only: bool, checkpoint: str | None) -> Path:
-    """The tree to serve: the volume's, or the copy a checkpoint holds (ConfigError when
-    no checkpoint has that name). A writable server creates the tree's ``.nbd/``."""
-    if (read_only or checkpoint is not None) and config.s3 is not None:
-        raise ConfigError(
-            "the stand-in serves s3:// storage read-write only (--read-only and "
-            "--checkpoint need file:// storage)"
-        )
-    if checkpoint is None:
+Checkpoints = admin.FileCheckpoints | S3Checkpoints
+
+
+def checkpoint_store(config: StandinConfig, pause: Any) -> Checkpoints:
+    """The volume's checkpoints; ``pause`` holds the NBD server's writes back."""
+    if config.s3 is None:
+        return admin.FileCheckpoints(config.storage_dir, pause)
+    try:
+        client = s3_client(config.s3.endpoint, config.s3.environment, timeout=S3_CHECK_TIMEOUT_S)
+    except Exception as exc:
+        reason = s3_failure(config.s3.url, config.s3.bucket, config.s3.endpoint, exc)
+        raise ConfigError(reason or str(exc)) from None
+    return S3Checkpoints(client, config.s3.layout, pause)
+
+
+def served_tree(
+    config: StandinConfig, read_only: bool, checkpoint: str | None, store: Checkpoints | None
+) -> tuple[Path, S3Layout | None]:
+    """The tree to serve over 9P, whose ``.nbd/`` files are the NBD exports, and for
+    s3:// storage where the exports' blocks are: the volume's, or a checkpoint's
+    (ConfigError when no checkpoint has that name). On s3:// a read-only server keeps a
+    tree of its own, rebuilt from S3 at start as the writer's is."""
+    if checkpoint is not None:
+        assert store is not None
+        try:
+            found = store.find(checkpoint)
+        except Exception as exc:
+            assert config.s3 is not None  # a file:// store raises nothing but OSError
+            reason = s3_failure(config.s3.url, config.s3.bucket, config.s3.endpoint, exc)
+            raise ConfigError(reason or str(exc)) from None
+        if found is None:
+            raise ConfigError(f"no checkpoint is named {checkpoint.strip()!r}")
+        if isinstance(store, admin.FileCheckpoints):
+            return store.exports(found), None
+        tree = config.cache_dir / f"standin-9p-checkpoint-{found.id}"
+        (tree / EXPORT_DIRECTORY).mkdir(parents=True, exist_ok=True)
+        return tree, store.layout_of(found)
+    if config.s3 is None:
         if not read_only:
             (config.storage_dir / EXPORT_DIRECTORY).mkdir(parents=True, exist_ok=True)
-        return config.storage_dir
-    checkpoints = admin.FileCheckpoints(config.storage_dir, pause=None)
-    found = checkpoints.find(checkpoint)
-    if found is None:
-        raise ConfigError(f"no checkpoint is named {checkpoint.strip()!r}")
-    return checkpoints.exports(found)
+        return config.storage_dir, None
+    tree = config.cache_dir / "standin-9p-read-only" if read_only else config.storage_dir
+    (tree / EXPORT_DIRECTORY).mkdir(parents=True, exist_ok=True)
+    return tree, config.s3.layout
 
 
 def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | None = None) -> int:
@@ -823,8 +953,6 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
     ``read_only`` (``run --read-only``) serves the live volume read-only; ``checkpoint``
     (``run --checkpoint NAME``) serves the named checkpoint, read-only too."""
     read_only = read_only or checkpoint is not None
-    tree = served_tree(config, read_only, checkpoint)
-    nbd_dir = tree / EXPORT_DIRECTORY
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     nbdkit = _find("nbdkit", "nbdkit")
     diod = _find("diod", "diod")
@@ -858,7 +986,8 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
     @contextlib.contextmanager
     def nbd_paused() -> Iterator[None]:
         # SIGSTOP stops every thread of nbdkit once its system call returns: a write is
-        # in the file whole or not at all until SIGCONT.
+        # in the file whole or not at all until SIGCONT. On s3://, a PUT it was sending
+        # is one it has not answered: the checkpoint may or may not hold it.
         process = children.get("nbdkit")
         if process is None or process.poll() is not None:
             yield
@@ -870,13 +999,20 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
             os.kill(process.pid, signal.SIGCONT)
 
     try:
-        nbd_plugin = ["file", f"dir={nbd_dir}"]
+        store = None
+        if config.rpc_socket is not None or checkpoint is not None:
+            store = checkpoint_store(config, nbd_paused)
+        tree, layout = served_tree(config, read_only, checkpoint, store)
+        nbd_plugin = ["file", f"dir={tree / EXPORT_DIRECTORY}"]
         served = f"file://{config.storage_dir}"
         if checkpoint is not None:
             served += f" at checkpoint {checkpoint.strip()!r}"
         if config.s3 is not None:
-            nbd_plugin = _nbdkit_s3_plugin(nbdkit, config.s3, config.storage_dir, nbdkit_error)
+            assert layout is not None
+            nbd_plugin = _nbdkit_s3_plugin(nbdkit, config.s3, layout, tree, nbdkit_error)
             served = config.s3.url
+            if checkpoint is not None:
+                served += f" at checkpoint {checkpoint.strip()!r}"
             if config.s3.ignored_options:
                 say(
                     "ignoring S3 options the stand-in does not implement: "
@@ -916,13 +1052,8 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
         _wait_for_socket(private_socket, children["diod"], DIOD_START_TIMEOUT_S, "diod")
         relay = NinePRelay(config.ninep_socket, private_socket, tree)
         if config.rpc_socket is not None:
-            checkpoints = None
-            if config.s3 is None:
-                checkpoints = admin.FileCheckpoints(config.storage_dir, pause=nbd_paused)
             try:
-                admin_server = admin.AdminServer(
-                    config.rpc_socket, checkpoints, read_only=read_only
-                )
+                admin_server = admin.AdminServer(config.rpc_socket, store, read_only=read_only)
             except admin.CheckpointError as exc:
                 raise ConfigError(str(exc)) from None
         # Last, so that the NBD socket answering means every server is up.

@@ -19,8 +19,8 @@ filesystem shares them, holes kept otherwise), with nbdkit stopped (SIGSTOP) for
 copy so that no write lands in the middle of it. Writes nbdkit acknowledged are in the
 files already (its file plugin writes before it answers), so the copy holds every one of
 them: crash-consistent, as ZeroFS's checkpoint of its flushed state. ``run --checkpoint
-NAME`` serves that copy read-only. Checkpoints of s3:// storage are not implemented by
-the stand-in (a real ZeroFS has them).
+NAME`` serves that copy read-only. For s3:// storage see ``zerofs_standin.S3Checkpoints``:
+a server-side copy of the export objects inside the volume's prefix.
 
 The messages are built at run time from ``zerofs_standin_admin.pb``, the descriptor set
 tools/gen_proto.py writes from the project's proto/zerofs_admin.proto: the stand-in runs
@@ -71,6 +71,15 @@ class Checkpoint:
     created_at: int  # seconds since the epoch
 
 
+def parse_info(data: bytes) -> Checkpoint | None:
+    """A checkpoint's ``checkpoint.json``; None when it is not one."""
+    try:
+        info = json.loads(data)
+        return Checkpoint(str(info["id"]), str(info["name"]), int(info["created_at"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class FileCheckpoints:
     """The checkpoints of a file:// volume whose directory is ``tree``.
 
@@ -95,11 +104,10 @@ class FileCheckpoints:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                info = json.loads((entry / CHECKPOINT_INFO).read_text())
-                found.append(
-                    Checkpoint(str(info["id"]), str(info["name"]), int(info["created_at"]))
-                )
+            with contextlib.suppress(OSError):
+                checkpoint = parse_info((entry / CHECKPOINT_INFO).read_bytes())
+                if checkpoint is not None:
+                    found.append(checkpoint)
         return sorted(found, key=lambda c: (c.created_at, c.name))
 
     def find(self, name: str) -> Checkpoint | None:
@@ -264,13 +272,11 @@ class AdminServer:
     """``zerofs.admin.AdminService`` on a unix socket, over ``checkpoints``.
 
     ``read_only``: the server was started with ``--read-only`` or ``--checkpoint``, and
-    refuses to create checkpoints, as ZeroFS does. ``checkpoints`` is None where the
-    storage has none (s3:// in the stand-in): checkpoint calls then fail UNIMPLEMENTED.
+    refuses to create checkpoints, as ZeroFS does. ``checkpoints`` is a
+    ``FileCheckpoints`` or the stand-in's ``S3Checkpoints`` (same methods).
     """
 
-    def __init__(
-        self, socket_path: Path, checkpoints: FileCheckpoints | None, *, read_only: bool
-    ) -> None:
+    def __init__(self, socket_path: Path, checkpoints: Any, *, read_only: bool) -> None:
         grpc = _grpc()
         self._grpc = grpc
         self._messages = AdminMessages()
@@ -295,20 +301,11 @@ class AdminServer:
     def close(self) -> None:
         self._server.stop(grace=None).wait(5)
 
-    def _store(self, context: Any) -> FileCheckpoints:
-        if self._checkpoints is None:
-            context.abort(
-                self._grpc.StatusCode.UNIMPLEMENTED,
-                "the stand-in keeps checkpoints of file:// storage only",
-            )
-        assert self._checkpoints is not None
-        return self._checkpoints
-
     def _fail(self, context: Any, what: str, exc: Exception) -> None:
         context.abort(self._grpc.StatusCode.INTERNAL, f"{what}: {exc}")
 
     def CreateCheckpoint(self, request: Any, context: Any) -> Any:
-        store = self._store(context)
+        store = self._checkpoints
         try:
             if self._read_only:
                 raise CheckpointError(
@@ -316,26 +313,26 @@ class AdminServer:
                     "without either to create checkpoints"
                 )
             checkpoint = store.create(request.name)
-        except (CheckpointError, OSError) as exc:
+        except Exception as exc:  # the store's failures: OSError, S3's
             self._fail(context, "creating the checkpoint failed", exc)
         return self._messages.CreateCheckpointResponse(checkpoint=self._messages.info(checkpoint))
 
     def ListCheckpoints(self, request: Any, context: Any) -> Any:
-        checkpoints = self._store(context).list()
+        checkpoints = self._checkpoints.list()
         return self._messages.ListCheckpointsResponse(
             checkpoints=[self._messages.info(c) for c in checkpoints]
         )
 
     def DeleteCheckpoint(self, request: Any, context: Any) -> Any:
-        store = self._store(context)
+        store = self._checkpoints
         try:
             store.delete(request.name)
-        except (CheckpointError, OSError) as exc:
+        except Exception as exc:
             self._fail(context, "deleting the checkpoint failed", exc)
         return self._messages.DeleteCheckpointResponse()
 
     def GetCheckpointInfo(self, request: Any, context: Any) -> Any:
-        checkpoint = self._store(context).find(request.name)
+        checkpoint = self._checkpoints.find(request.name)
         if checkpoint is None:
             context.abort(
                 self._grpc.StatusCode.NOT_FOUND, f"no checkpoint is named {request.name.strip()!r}"
@@ -343,7 +340,7 @@ class AdminServer:
         return self._messages.GetCheckpointInfoResponse(checkpoint=self._messages.info(checkpoint))
 
     def Flush(self, request: Any, context: Any) -> Any:
-        if self._checkpoints is not None and not self._read_only:
+        if not self._read_only:
             try:
                 self._checkpoints.flush()
             except OSError as exc:

@@ -179,7 +179,8 @@ def open(readonly: bool) -> Handle:
         if export is None:
             export = Export(_layout, name, nbdkit.parse_size(_parameters["object-size"]))
             _exports[name] = export
-    export.record(_layout, status.st_size)
+    if not readonly:  # a read-only server (--read-only, --checkpoint) writes nothing
+        export.record(_layout, status.st_size)
     # The S3 plugin makes a boto3 client per connection from boto3's default session,
     # which must not make two at once.
     with _exports_lock:
