@@ -180,7 +180,11 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
             nodes=nodes,
             snapshot_store=FileSnapshotStore(config.state_dir / "snapshots"),
             checkpoints=LocalCheckpoints(
-                config.state_dir, config.socket_root, [config.zerofs_command]
+                config.state_dir,
+                config.socket_root,
+                [config.zerofs_command],
+                # The node role's stage records, in the state directory both roles share.
+                mounted_filesystem=RecordStore(config.state_dir).mounted_filesystem,
             ),
         )
     from zerofs_csi.controller.nodes_kube import CsiNodeDirectory

@@ -11,7 +11,11 @@ controller finds them there, so both roles must share ``--state-dir`` (``--role 
 does). For a volume:
 
 - its server answers on ``admin.sock``: the volume is staged here, and the checkpoint is
-  taken through that server, under the writes of its workload;
+  taken through that server. When its filesystem is mounted (the node's stage record
+  says where, ``mounted_filesystem``), the filesystem is frozen (FIFREEZE) for the flush
+  and the checkpoint and thawed after, so the snapshot is a clean filesystem, not only a
+  crash-consistent device; writers wait meanwhile. It is frozen only when the mount there
+  is of the volume's device;
 - no server answers but one is expected (the node backend keeps a state file for it, it
   is restarting, or the volume is published, so a NodeStage may start one at any
   moment): UNAVAILABLE, to be retried, so that never two servers write one volume;
@@ -40,13 +44,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from zerofs_csi import errors
+from zerofs_csi.host import freeze, mounts
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.admin import AdminClient, CheckpointInfo
 from zerofs_csi.servers.base import UNIX_PATH_MAX
@@ -54,6 +60,11 @@ from zerofs_csi.servers.brief import brief_server
 from zerofs_csi.volume.id import validate_volume_id
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import parse_volume_settings
+
+log = logging.getLogger(__name__)
+
+# volume id -> (mount path, device) of its filesystem when it is staged and mounted here.
+MountedFilesystem = Callable[[str], tuple[str, str] | None]
 
 
 class VolumeCheckpoints(Protocol):
@@ -119,10 +130,17 @@ class LocalCheckpoints:
     so does the source's: a restore reads a snapshot with the new volume's secrets.
     """
 
-    def __init__(self, state_dir: Path, socket_root: Path, command: Sequence[str]) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        socket_root: Path,
+        command: Sequence[str],
+        mounted_filesystem: MountedFilesystem = lambda volume_id: None,
+    ) -> None:
         self._state_dir = state_dir
         self._socket_root = socket_root
         self._command = list(command)
+        self._mounted_filesystem = mounted_filesystem
 
     def create(
         self,
@@ -136,8 +154,26 @@ class LocalCheckpoints:
             existing = server.find(name)
             if existing is not None:
                 return existing
-            server.flush()
-            return server.create(name)
+            with self._frozen(volume_id):
+                server.flush()
+                return server.create(name)
+
+    @contextlib.contextmanager
+    def _frozen(self, volume_id: str) -> Iterator[None]:
+        """The volume's mounted filesystem frozen, if it is mounted here."""
+        mounted = self._mounted_filesystem(volume_id)
+        entry = mounts.find_mount(mounted[0]) if mounted is not None else None
+        if mounted is None or entry is None or entry.source != mounted[1]:
+            yield  # nothing of this volume is mounted here: nothing writes through it
+            return
+        try:
+            with freeze.frozen(mounted[0]):
+                log.info("filesystem frozen", extra={"volume_id": volume_id})
+                yield
+        except OSError as exc:
+            raise errors.Internal(
+                f"freezing the filesystem of volume {volume_id} at {mounted[0]}: {exc.strerror}"
+            ) from None
 
     def delete(
         self,

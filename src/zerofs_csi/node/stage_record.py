@@ -139,6 +139,19 @@ class RecordStore:
             return None
         return str(data["staging_path"])
 
+    def mounted_filesystem(self, volume_id: str) -> tuple[str, str] | None:
+        """Where the volume's filesystem is mounted when it is staged here with one, and
+        its device: (mount path, /dev/nbdX); None otherwise (not staged, a block volume,
+        a stage not finished, an unreadable record)."""
+        try:
+            staging_path = self.staging_path_of(volume_id)
+            record = self.read(staging_path) if staging_path is not None else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if record is None or record.access_type != "mount" or record.phase != STAGED:
+            return None
+        return record.mount_path, record.device
+
     def indexed_volumes(self) -> list[str]:
         if not self.index_dir.is_dir():
             return []
