@@ -261,7 +261,7 @@ def test_list_snapshots_filters_and_pages(controller: Controller) -> None:
 
 def start_staged_server(controller: Controller, volume_id: str) -> subprocess.Popen[bytes]:
     """The volume's server as the local backend runs a staged volume's: its sockets under
-    ``<state>/sockets/<volume>/``, its admin service on ``admin.sock``."""
+    ``<state>/sockets/<volume>/``, its admin service on ``rpc.sock``."""
     sockets = ServerSockets.under(controller.state / "sockets", volume_id)
     sockets.directory.mkdir(parents=True)
     rendered = render_zerofs_config(

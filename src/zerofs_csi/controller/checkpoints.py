@@ -10,7 +10,7 @@ plugin on this host with their sockets under ``<state_dir>/sockets/<volume>/``; 
 controller finds them there, so both roles must share ``--state-dir`` (``--role all``
 does). For a volume:
 
-- its server answers on ``admin.sock``: the volume is staged here, and the checkpoint is
+- its server answers on ``rpc.sock``: the volume is staged here, and the checkpoint is
   taken through that server. When its filesystem is mounted (the node's stage record
   says where, ``mounted_filesystem``), the filesystem is frozen (FIFREEZE) for the flush
   and the checkpoint and thawed after, so the snapshot is a clean filesystem, not only a
@@ -55,7 +55,7 @@ from zerofs_csi import errors
 from zerofs_csi.host import freeze, mounts
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.admin import AdminClient, CheckpointInfo
-from zerofs_csi.servers.base import UNIX_PATH_MAX
+from zerofs_csi.servers.base import ADMIN_SOCKET, UNIX_PATH_MAX
 from zerofs_csi.servers.brief import brief_server
 from zerofs_csi.volume.id import validate_volume_id
 from zerofs_csi.volume.secrets import VolumeSecrets
@@ -242,7 +242,7 @@ class LocalCheckpoints:
     ) -> Iterator[AdminClient]:
         # Where the node backend's server listens (ServerSockets.under); a path too long
         # for a socket address means no server of the volume can run here.
-        admin_socket = self._socket_root / validate_volume_id(volume_id) / "admin.sock"
+        admin_socket = self._socket_root / validate_volume_id(volume_id) / ADMIN_SOCKET
         if len(bytes(admin_socket)) <= UNIX_PATH_MAX and admin_socket.exists():
             with AdminClient(admin_socket, f"server of volume {volume_id}") as running:
                 if running.answers():

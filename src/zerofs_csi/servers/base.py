@@ -17,6 +17,9 @@ from zerofs_csi.volume.id import validate_volume_id
 
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL (man 7 unix).
 UNIX_PATH_MAX = 107
+# ZeroFS's admin service ([servers.rpc]) in a server's socket directory: named as long
+# as nbd.sock, so that it fits wherever that does.
+ADMIN_SOCKET = "rpc.sock"
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class ServerSockets:
     def admin(self) -> Path:
         """ZeroFS's admin service (``[servers.rpc]``: checkpoints, flush), where the
         backend configures one."""
-        return self.directory / "admin.sock"
+        return self.directory / ADMIN_SOCKET
 
     @classmethod
     def under(cls, socket_root: Path, volume_id: str) -> ServerSockets:
