@@ -8,10 +8,15 @@ API, the real process backend, the real kernel NBD driver and real mounts.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import os
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -24,6 +29,7 @@ from zerofs_csi.bench.plugin import (
     SECRETS,
     MiB,
     Mode,
+    S3Storage,
     Volume,
     VolumeFactory,
     block_capability,
@@ -41,6 +47,29 @@ from zerofs_csi.bench.zerofs_server import zerofs_server
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tools" / "zerofs-standin"
 SERVER = zerofs_server()
+
+sys.path.insert(0, str(REPO / "tests" / "s3"))
+
+from minio_server import MinioServer  # noqa: E402
+
+
+@functools.cache
+def volume_store() -> S3Storage | None:
+    """Where the node tests' volumes live: ``file://`` for the stand-in; for ZeroFS,
+    which refuses ``file://``, a bucket of one MinIO server started for the session
+    (``MINIO_BIN``, which make minio builds)."""
+    if not SERVER.real:
+        return None
+    binary = os.environ.get("MINIO_BIN")
+    if not binary:
+        pytest.fail("ZeroFS needs an S3 store with conditional put: set MINIO_BIN (make minio)")
+    server = MinioServer(Path(tempfile.mkdtemp(prefix="zerofs-csi-minio-")), Path(binary))
+    server.start()
+    atexit.register(server.stop)
+    return S3Storage(
+        server.endpoint, server.make_bucket("node-tests"), server.access_key, server.secret_key
+    )
+
 
 # Names the node tests import from here, besides the fixtures.
 __all__ = [
@@ -77,6 +106,7 @@ class PluginProcess(harness.PluginProcess):
     """The plugin with the run's per-volume server (ZeroFS, else the stand-in)."""
 
     zerofs_command: str = SERVER.command
+    s3: S3Storage | None = field(default_factory=volume_store)
     cwd: Path | None = REPO
 
 

@@ -132,12 +132,38 @@ def processes_mentioning(*needles: str) -> list[tuple[int, str]]:
 # -- the plugin ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class S3Storage:
+    """A bucket the volumes live in instead of ``file://`` under the work directory:
+    ZeroFS 2.3 refuses ``file://`` for a writable server (its local store has no
+    conditional put, which its fencing needs)."""
+
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    region: str = "us-east-1"
+
+    def parameters(self, prefix: str) -> dict[str, str]:
+        """StorageClass parameters of a volume under ``<bucket>/<prefix>``."""
+        return {
+            "storageUrl": f"s3://{self.bucket}/{prefix}",
+            "s3Endpoint": self.endpoint,
+            "s3AllowHttp": str(self.endpoint.startswith("http://")).lower(),
+            "s3Region": self.region,
+        }
+
+    def secrets(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+
+
 @dataclass
 class PluginProcess:
     """``python -m zerofs_csi`` with the local backend under ``workdir``."""
 
     workdir: Path
     zerofs_command: str = "zerofs"
+    s3: S3Storage | None = None  # None: file:// under ``store``
     node_id: str = NODE_ID
     metrics_address: str = ""
     log_level: str = "debug"
@@ -159,6 +185,17 @@ class PluginProcess:
     @property
     def store(self) -> Path:
         return self.workdir / "store"
+
+    def storage_parameters(self) -> dict[str, str]:
+        """The StorageClass parameters that place this plugin's volumes."""
+        if self.s3 is None:
+            return {"storageUrl": f"file://{self.store}"}
+        return self.s3.parameters(self.workdir.name)
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        """The CSI secrets of this plugin's volumes."""
+        return {**SECRETS, **(self.s3.secrets() if self.s3 is not None else {})}
 
     @property
     def log_path(self) -> Path:
@@ -317,7 +354,7 @@ class Volume:
             staging_target_path=self.staging,
             volume_capability=capability or self.capability,
             volume_context=self.context,
-            secrets=SECRETS,
+            secrets=self.plugin.secrets,
         )
 
     def stage(
@@ -369,7 +406,7 @@ class Volume:
 
     def delete(self, timeout: float = RPC_TIMEOUT_S) -> csi_pb2.DeleteVolumeResponse:
         return self.plugin.controller.DeleteVolume(
-            csi_pb2.DeleteVolumeRequest(volume_id=self.volume_id, secrets=SECRETS),
+            csi_pb2.DeleteVolumeRequest(volume_id=self.volume_id, secrets=self.plugin.secrets),
             timeout=timeout,
         )
 
@@ -423,11 +460,11 @@ def create_volume(
             capacity_range=csi_pb2.CapacityRange(required_bytes=size),
             volume_capabilities=[capability],
             parameters={
-                "storageUrl": f"file://{plugin.store}",
+                **plugin.storage_parameters(),
                 "filesystem": fs_type,
                 **(parameters or {}),
             },
-            secrets=SECRETS,
+            secrets=plugin.secrets,
         ),
         timeout=RPC_TIMEOUT_S,
     )

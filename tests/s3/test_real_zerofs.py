@@ -1,0 +1,166 @@
+"""The local process backend with a real ZeroFS (``ZEROFS_BIN``, or ``zerofs`` on PATH) on
+a MinIO bucket: what the driver relies on of ZeroFS, checked against ZeroFS itself
+(docs/zerofs-compatibility.md). Skipped where there is no real ZeroFS or no MinIO
+(``MINIO_BIN``, which make minio builds).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from minio_server import MinioServer
+from standin.servers import NbdClient
+
+from zerofs_csi import errors
+from zerofs_csi.bench.zerofs_server import zerofs_server
+from zerofs_csi.nbd import _nbd
+from zerofs_csi.servers import ninep
+from zerofs_csi.servers.local import ProcessBackend
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import VolumeSettings
+from zerofs_csi.volume.storage_url import StorageUrl
+
+SERVER = zerofs_server()
+pytestmark = [
+    pytest.mark.s3,
+    pytest.mark.skipif(not SERVER.real, reason="no real ZeroFS (ZEROFS_BIN, zerofs on PATH)"),
+]
+
+MiB = 1 << 20
+VOLUME = "pvc-real-zerofs"
+PASSWORD = "pw-real-zerofs-never-shown"
+NBD_CMD_TRIM = 4
+NBD_FLAG_SEND_TRIM = 1 << 5
+NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6
+NBD_FLAG_CAN_MULTI_CONN = 1 << 8
+# ZeroFS 2.3's largest request (zerofs/src/nbd/server.rs MAX_REQUEST_LENGTH).
+MAX_REQUEST = 128 * MiB
+
+
+@pytest.fixture(scope="module")
+def minio() -> Iterator[MinioServer]:
+    binary = os.environ.get("MINIO_BIN")
+    if not binary:
+        pytest.skip("MINIO_BIN is not set: make minio builds MinIO")
+    server = MinioServer(Path(tempfile.mkdtemp(prefix="zerofs-csi-minio-")), Path(binary))
+    server.start()
+    server.make_bucket("real-zerofs")
+    yield server
+    server.stop()
+
+
+def s3_settings(minio: MinioServer, prefix: str) -> VolumeSettings:
+    return VolumeSettings(
+        storage_url=StorageUrl.parse(f"s3://real-zerofs/{prefix}"),
+        s3_endpoint=minio.endpoint,
+        s3_region=minio.region,
+        s3_allow_http=True,
+        pod_ready_timeout_seconds=120,
+    )
+
+
+def s3_secrets(minio: MinioServer) -> VolumeSecrets:
+    return VolumeSecrets(
+        encryption_password=PASSWORD,
+        access_key_id=minio.access_key,
+        secret_access_key=minio.secret_key,
+    )
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[ProcessBackend]:
+    instance = ProcessBackend(tmp_path / "state", command=[SERVER.command], stop_timeout=30)
+    yield instance
+    for volume_id in instance.running():
+        instance.stop(volume_id)
+    instance.close()
+
+
+def test_file_storage_is_refused_at_start(backend: ProcessBackend, tmp_path: Path) -> None:
+    """ZeroFS 2.3 checks at start that its store has put-if-match; object_store's local
+    filesystem has none, so a writable server on file:// exits."""
+    settings = VolumeSettings(
+        storage_url=StorageUrl.parse(f"file://{tmp_path / 'data'}"), pod_ready_timeout_seconds=60
+    )
+    with pytest.raises(errors.Unavailable) as info:
+        backend.ensure(VOLUME, settings, VolumeSecrets(encryption_password=PASSWORD))
+    assert "does not support conditional writes" in str(info.value)
+    assert PASSWORD not in str(info.value)
+
+
+def test_serves_nbd_and_9p_with_only_the_export_info(
+    backend: ProcessBackend, minio: MinioServer, tmp_path: Path
+) -> None:
+    sockets = backend.ensure(VOLUME, s3_settings(minio, tmp_path.name), s3_secrets(minio))
+    # The server made .nbd/ itself: the export's file is created without a mkdir.
+    assert ninep.prepare_export(sockets.ninep, VOLUME, 64 * MiB).size_bytes == 64 * MiB
+
+    with _nbd.negotiate(str(sockets.nbd), VOLUME) as negotiated:
+        assert negotiated.used_go and negotiated.size_bytes == 64 * MiB
+        # NBD_INFO_EXPORT only: no block size constraints.
+        assert (negotiated.min_block_size, negotiated.max_block_size) == (0, 0)
+        wanted = NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_CAN_MULTI_CONN
+        assert negotiated.transmission_flags & wanted == wanted
+
+    data = os.urandom(1 * MiB)
+    with NbdClient(sockets.nbd, VOLUME) as client:
+        client.write(5 * MiB, data, fua=True)
+        client.flush()
+        assert client.read(5 * MiB, len(data)) == data
+
+    # Everything is under the volume's prefix, in SlateDB's layout (a manifest first).
+    listed = minio.client().list_objects_v2(Bucket="real-zerofs")  # type: ignore[attr-defined]
+    keys = [entry["Key"] for entry in listed.get("Contents", [])]
+    volume_prefix = f"{tmp_path.name}/{VOLUME}/"
+    assert keys and all(key.startswith(volume_prefix) for key in keys), keys
+    assert any(key.startswith(f"{volume_prefix}manifest/") for key in keys), keys
+
+
+def test_requests_over_128_mib_are_refused_and_sizes_are_fixed_at_connect(
+    backend: ProcessBackend, minio: MinioServer, tmp_path: Path
+) -> None:
+    sockets = backend.ensure(VOLUME, s3_settings(minio, tmp_path.name), s3_secrets(minio))
+    ninep.prepare_export(sockets.ninep, VOLUME, 512 * MiB)
+    with NbdClient(sockets.nbd, VOLUME) as client:
+        # A TRIM as large as the kernel may send one (discard_max_bytes is 2^32 - 512 on
+        # an NBD device): EINVAL, and the connection goes on.
+        with pytest.raises(OSError) as refused:
+            client._reply(client._request(NBD_CMD_TRIM, 0, 0, 2 * MAX_REQUEST))
+        assert refused.value.errno == errno.EINVAL
+        client._reply(client._request(NBD_CMD_TRIM, 0, 0, MAX_REQUEST))
+
+        # Grown over 9P, the export keeps its old size on this connection ...
+        ninep.prepare_export(sockets.ninep, VOLUME, 1024 * MiB)
+        with pytest.raises(OSError):
+            client.read(600 * MiB, 4096)
+        assert client.read(0, 4096) == bytes(4096)
+    # ... and a new one sees the new size.
+    with NbdClient(sockets.nbd, VOLUME) as client:
+        assert client.size == 1024 * MiB
+        assert client.read(600 * MiB, 4096) == bytes(4096)
+
+
+def test_unknown_config_keys_are_rejected(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "[cache]\n"
+        f'dir = "{tmp_path / "cache"}"\n'
+        "disk_size_gb = 1.0\n"
+        "no_such_key = 1\n\n"
+        "[storage]\n"
+        'url = "memory:///"\n'
+        'encryption_password = "pw-unknown-key"\n\n'
+        "[servers.nbd]\n"
+        f'unix_socket = "{tmp_path / "nbd.sock"}"\n'
+    )
+    done = subprocess.run(
+        [SERVER.command, "run", "-c", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "unknown field `no_such_key`" in done.stdout + done.stderr
