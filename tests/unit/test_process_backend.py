@@ -1,8 +1,9 @@
 """The local process backend running real servers on the host (no kernel NBD needed).
 
-Every test runs with the ZeroFS stand-in (tools/zerofs-standin: nbdkit + diod), and
-again with a real ZeroFS when there is one (``ZEROFS_BIN``, or ``zerofs`` on PATH).
-Storage is ``file://`` under the test's temporary directory, which both serve.
+Every test runs with the ZeroFS stand-in (tools/zerofs-standin: nbdkit + diod) on
+``file://`` storage under the test's temporary directory. A real ZeroFS 2.3 refuses
+``file://`` for a writable server (no conditional put): tests/s3/test_real_zerofs.py runs
+the backend with it on a MinIO bucket.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from standin.servers import (
 
 from zerofs_csi import errors
 from zerofs_csi.bench.plugin import wait_until
-from zerofs_csi.bench.zerofs_server import zerofs_server
 from zerofs_csi.observability.sanitize import MASK
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.local import ProcessBackend, nbd_server_answers
@@ -43,8 +43,6 @@ from zerofs_csi.volume.storage_url import StorageUrl
 PASSWORD = "pw-Zq8-never-shown"
 VOLUME = "pvc-test-1"
 COMMANDS = {"standin": [str(STANDIN)]}
-if (SERVER := zerofs_server()).real:
-    COMMANDS["zerofs"] = [SERVER.command]
 
 
 def file_storage(directory: Path) -> StorageUrl:
