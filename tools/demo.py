@@ -30,6 +30,10 @@ import grpc
 from zerofs_csi.bench.zerofs_server import zerofs_server
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "s3"))
+
+from minio_server import volume_store  # noqa: E402
+
 GiB = 1 << 30
 MiB = 1 << 20
 NODE = "demo-node"
@@ -108,6 +112,12 @@ class Demo:
             ),
         )
         secrets = {"ZEROFS_ENCRYPTION_PASSWORD": "demo-encryption-password"}
+        # ZeroFS refuses file:// storage (no conditional put): its volume goes to MinIO.
+        placement = {"storageUrl": f"file://{store}"}
+        s3 = volume_store(self.server)
+        if s3 is not None:
+            placement = s3.parameters("demo")
+            secrets.update(s3.secrets())
         staging = str(self.workdir / "kubelet" / "staging" / "pvc-demo")
         target = str(self.workdir / "kubelet" / "pods" / "demo-pod" / "volume")
         data_file = Path(target) / "data.bin"
@@ -122,7 +132,7 @@ class Demo:
                     name="pvc-demo",
                     capacity_range=csi_pb2.CapacityRange(required_bytes=GiB),
                     volume_capabilities=[capability],
-                    parameters={"storageUrl": f"file://{store}", "filesystem": "ext4"},
+                    parameters={**placement, "filesystem": "ext4"},
                     secrets=secrets,
                 ),
                 timeout=120,

@@ -8,12 +8,8 @@ API, the real process backend, the real kernel NBD driver and real mounts.
 
 from __future__ import annotations
 
-import atexit
-import functools
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,25 +46,15 @@ SERVER = zerofs_server()
 
 sys.path.insert(0, str(REPO / "tests" / "s3"))
 
-from minio_server import MinioServer  # noqa: E402
+from minio_server import volume_store  # noqa: E402
 
 
-@functools.cache
-def volume_store() -> S3Storage | None:
-    """Where the node tests' volumes live: ``file://`` for the stand-in; for ZeroFS,
-    which refuses ``file://``, a bucket of one MinIO server started for the session
-    (``MINIO_BIN``, which make minio builds)."""
-    if not SERVER.real:
-        return None
-    binary = os.environ.get("MINIO_BIN")
-    if not binary:
-        pytest.fail("ZeroFS needs an S3 store with conditional put: set MINIO_BIN (make minio)")
-    server = MinioServer(Path(tempfile.mkdtemp(prefix="zerofs-csi-minio-")), Path(binary))
-    server.start()
-    atexit.register(server.stop)
-    return S3Storage(
-        server.endpoint, server.make_bucket("node-tests"), server.access_key, server.secret_key
-    )
+def plugin_store() -> S3Storage | None:
+    """The node tests' volumes: file:// for the stand-in, a MinIO bucket for ZeroFS."""
+    try:
+        return volume_store(SERVER)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 # Names the node tests import from here, besides the fixtures.
@@ -106,7 +92,7 @@ class PluginProcess(harness.PluginProcess):
     """The plugin with the run's per-volume server (ZeroFS, else the stand-in)."""
 
     zerofs_command: str = SERVER.command
-    s3: S3Storage | None = field(default_factory=volume_store)
+    s3: S3Storage | None = field(default_factory=plugin_store)
     cwd: Path | None = REPO
 
 

@@ -1,17 +1,20 @@
-"""One MinIO server on loopback with one drive: the object store of the tests that run a
-real ZeroFS, which refuses ``file://`` storage (no conditional put) and needs a store
-with both put-if-not-exists and put-if-match. The binary is the one ``make minio`` builds
-(``MINIO_BIN``); the root credentials are random and reach the server through its
-environment only.
+"""One MinIO server on loopback with one drive: the object store of the tests, the demo
+and the harnesses when they run a real ZeroFS, which refuses ``file://`` storage (no
+conditional put) and needs a store with both put-if-not-exists and put-if-match. The
+binary is the one ``make minio`` builds (``MINIO_BIN``); the root credentials are random
+and reach the server through its environment only.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +22,9 @@ from pathlib import Path
 
 import boto3
 import botocore.config
+
+from zerofs_csi.bench.plugin import S3Storage
+from zerofs_csi.bench.zerofs_server import ZeroFSServer
 
 START_TIMEOUT_S = 300.0
 
@@ -103,3 +109,22 @@ class MinioServer:
                 process.kill()
                 process.wait(timeout=15)
         shutil.rmtree(self.workdir / "drive", ignore_errors=True)
+
+
+@functools.cache
+def volume_store(server: ZeroFSServer) -> S3Storage | None:
+    """Where a run's volumes live: ``file://`` (None) for the stand-in; for ZeroFS a
+    bucket on a MinIO server started once per process and stopped at its exit."""
+    if not server.real:
+        return None
+    binary = os.environ.get("MINIO_BIN")
+    if not binary:
+        raise RuntimeError(
+            "ZeroFS needs an S3 store with conditional put: set MINIO_BIN (make minio builds it)"
+        )
+    minio = MinioServer(Path(tempfile.mkdtemp(prefix="zerofs-csi-minio-")), Path(binary))
+    minio.start()
+    atexit.register(minio.stop)
+    return S3Storage(
+        minio.endpoint, minio.make_bucket("volumes"), minio.access_key, minio.secret_key
+    )

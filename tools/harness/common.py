@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,6 +26,10 @@ from zerofs_csi.bench.plugin import PluginProcess
 from zerofs_csi.bench.zerofs_server import ZeroFSServer, zerofs_server
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "s3"))
+
+from minio_server import volume_store  # noqa: E402
+
 RESULTS_DIR = REPO / "build" / "harness"
 MiB = 1 << 20
 # Codes a CSI sidecar retries: the volume is busy (ABORTED) or the plugin is restarting
@@ -42,8 +47,15 @@ def server() -> ZeroFSServer:
 
 
 def plugin_process(workdir: Path, **options: Any) -> PluginProcess:
-    """The plugin with the run's per-volume server, as the privileged tests run it."""
-    return PluginProcess(workdir, zerofs_command=server().command, cwd=REPO, **options)
+    """The plugin with the run's per-volume server, as the privileged tests run it (on
+    a MinIO bucket for ZeroFS, which refuses file://)."""
+    return PluginProcess(
+        workdir,
+        zerofs_command=server().command,
+        s3=volume_store(server()),
+        cwd=REPO,
+        **options,
+    )
 
 
 def call_with_retry(
