@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zerofs_csi.bench.plugin import SECRETS, accepts, wait_until
+from zerofs_csi.bench.plugin import SECRETS, S3Storage, accepts, wait_until
 from zerofs_csi.host import mounts
 from zerofs_csi.servers.base import ServerSockets
 from zerofs_csi.servers.zerofs_config import render_zerofs_config
@@ -95,6 +95,7 @@ class GoStyleVolume:
     fs_type: str
     reservations: DeviceReservations
     zerofs_command: str
+    s3: S3Storage | None = None  # None: file:// under ``workdir/store``
     server: subprocess.Popen[bytes] | None = None
     device_index: int | None = None
     ready_timeout_s: float = START_TIMEOUT_S
@@ -111,17 +112,28 @@ class GoStyleVolume:
 
     def start_server(self) -> None:
         """The Go driver creates the volume's pod and waits for its 9P socket."""
-        settings = VolumeSettings(
-            storage_url=StorageUrl.parse(f"file://{self.workdir / 'store'}"),
-            filesystem=self.fs_type,
-        )
+        if self.s3 is None:
+            settings = VolumeSettings(
+                storage_url=StorageUrl.parse(f"file://{self.workdir / 'store'}"),
+                filesystem=self.fs_type,
+            )
+            secrets = SECRETS
+        else:
+            settings = VolumeSettings(
+                storage_url=StorageUrl.parse(f"s3://{self.s3.bucket}/go-driver"),
+                filesystem=self.fs_type,
+                s3_endpoint=self.s3.endpoint,
+                s3_region=self.s3.region,
+                s3_allow_http=self.s3.endpoint.startswith("http://"),
+            )
+            secrets = {**SECRETS, **self.s3.secrets()}
         directory = self.workdir / "servers" / self.volume_id
         directory.mkdir(parents=True, exist_ok=True)
         self.sockets.directory.mkdir(parents=True, exist_ok=True)
         rendered = render_zerofs_config(
             settings,
             self.volume_id,
-            VolumeSecrets.from_csi_secrets(SECRETS),
+            VolumeSecrets.from_csi_secrets(secrets),
             cache_dir=str(directory / "cache"),
             nbd_socket=str(self.sockets.nbd),
             ninep_socket=str(self.sockets.ninep),

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
+from zerofs_csi.bench.plugin import S3Storage
 from zerofs_csi.bench.zerofs_server import ZeroFSServer
 
 DEFAULT_OUTPUT = Path("build/bench.json")
@@ -32,6 +33,7 @@ class RunOptions:
     warmup: int  # unmeasured cycles first
     server_threads: int  # nbdkit worker threads per connection (attach-path benchmarks)
     zerofs_command: str  # the per-volume server the node benchmarks start
+    s3: S3Storage | None = None  # where the node benchmarks' volumes live; None: file://
 
 
 def percentile(samples: Sequence[float], q: float) -> float:

@@ -35,6 +35,7 @@ from zerofs_csi.bench.go_driver import DeviceReservations, GoStyleVolume, requir
 from zerofs_csi.bench.measure import Benchmark, Comparison, Timer
 from zerofs_csi.bench.plugin import (
     PluginProcess,
+    S3Storage,
     create_volume,
     free_tcp_port,
     running_plugin,
@@ -55,11 +56,14 @@ RPC_TIMEOUT_S = 600.0
 # -- the benchmarks ---------------------------------------------------------------------------
 
 
-def _plugin(workdir: Path, zerofs_command: str, workers: int = 16) -> PluginProcess:
+def _plugin(
+    workdir: Path, zerofs_command: str, workers: int = 16, s3: S3Storage | None = None
+) -> PluginProcess:
     """Ours, as users run it, with its metrics (the stage durations) on a loopback port."""
     return PluginProcess(
         workdir,
         zerofs_command=zerofs_command,
+        s3=s3,
         node_id=NODE_ID,
         metrics_address=f"127.0.0.1:{free_tcp_port()}",
         log_level="warning",
@@ -71,7 +75,11 @@ STAGE_SAMPLES = ("fresh", "existing", "unstage")
 
 
 def bench_stage(
-    zerofs_command: str, cycles: int, warmup: int, fs_type: str = "ext4"
+    zerofs_command: str,
+    cycles: int,
+    warmup: int,
+    fs_type: str = "ext4",
+    s3: S3Storage | None = None,
 ) -> list[Comparison]:
     """stage_fresh, stage_existing and unstage, with and without the server's start and
     stop: ours over gRPC against the Go sequence, interleaved cycle by cycle (each cycle
@@ -89,7 +97,7 @@ def bench_stage(
         workdir = Path(tmp)
         reservations = DeviceReservations(workdir / "go" / "reservations")
         (workdir / "go" / "store").mkdir(parents=True)
-        with running_plugin(_plugin(workdir / "ours", zerofs_command)) as plugin:
+        with running_plugin(_plugin(workdir / "ours", zerofs_command, s3=s3)) as plugin:
 
             def keep(side: str, name: str, whole_ms: float, server_ms: float) -> None:
                 samples[(side, name, True)].append(whole_ms)
@@ -122,6 +130,7 @@ def bench_stage(
                     fs_type,
                     reservations,
                     zerofs_command,
+                    s3=s3,
                 )
                 try:
                     for name, action in (
@@ -310,6 +319,6 @@ def summarize(errors: list[str]) -> str:
 
 # The node benchmarks run the ZeroFS stand-in, not the bench's nbdkit: no server threads.
 BENCHMARKS: dict[str, Benchmark] = {
-    "stage": lambda run: bench_stage(run.zerofs_command, run.cycles, run.warmup),
+    "stage": lambda run: bench_stage(run.zerofs_command, run.cycles, run.warmup, s3=run.s3),
     "concurrent_stage": lambda run: bench_concurrent_stage(run.zerofs_command),
 }

@@ -7,12 +7,16 @@ Runs as root where the kernel has NBD (the microVM). ``--heavy-cycles`` is for t
 benchmarks whose every cycle starts servers, makes filesystems, runs fio or attaches 32
 devices (a few cycles already take minutes under TCG), and ``--chart`` for the PNG. The
 per-volume server is ZeroFS (``ZEROFS_BIN``, else ``zerofs`` on PATH), else a checkout's
-stand-in; the table and every result say which ran.
+stand-in; the table and every result say which ran. ZeroFS refuses ``file://`` storage,
+so with ZeroFS the stage benchmark puts both sides' volumes in the bucket of
+``--s3-endpoint`` and ``--s3-bucket`` (credentials from ``AWS_ACCESS_KEY_ID`` and
+``AWS_SECRET_ACCESS_KEY``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from zerofs_csi.bench.measure import (
     print_table,
     write_results,
 )
+from zerofs_csi.bench.plugin import S3Storage
 from zerofs_csi.bench.zerofs_server import ServerNotFound, zerofs_server
 
 DEFAULT_CHART = Path("build/bench.png")
@@ -70,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="nbdkit worker threads per connection",
     )
     parser.add_argument("--only", action="append", choices=sorted(benchmarks), default=[])
+    parser.add_argument("--s3-endpoint", help="S3 endpoint of the node benchmarks' volumes")
+    parser.add_argument("--s3-bucket", help="their bucket (with --s3-endpoint)")
+    parser.add_argument("--s3-region", default="us-east-1")
     args = parser.parse_args(argv)
     if min(args.cycles, args.heavy_cycles, args.server_threads) < 1 or args.warmup < 0:
         parser.error(
@@ -80,12 +88,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = zerofs_server()
     except ServerNotFound as exc:
         parser.error(str(exc))
+    s3 = None
+    if args.s3_endpoint or args.s3_bucket:
+        if not (args.s3_endpoint and args.s3_bucket):
+            parser.error("--s3-endpoint and --s3-bucket go together")
+        s3 = S3Storage(
+            args.s3_endpoint,
+            args.s3_bucket,
+            os.environ.get("AWS_ACCESS_KEY_ID", ""),
+            os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+            args.s3_region,
+        )
     print(f"bench: server: {server.describe()}", flush=True)
     comparisons: list[Comparison] = []
     for name in args.only or list(benchmarks):
         cycles, warmup = cycles_for(name, args.cycles, args.heavy_cycles, args.warmup)
         print(f"bench: {name}", flush=True)
-        run = RunOptions(cycles, warmup, args.server_threads, server.command)
+        run = RunOptions(cycles, warmup, args.server_threads, server.command, s3)
         comparisons.extend(benchmarks[name](run))
     print_table(comparisons, server)
     write_results(args.output, comparisons, server)
