@@ -164,3 +164,28 @@ def test_unknown_config_keys_are_rejected(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "unknown field `no_such_key`" in done.stdout + done.stderr
+
+
+def test_stop_closes_the_sessions_and_keeps_unflushed_writes(
+    backend: ProcessBackend, minio: MinioServer, tmp_path: Path
+) -> None:
+    """The driver stops a server with SIGTERM: ZeroFS ends its NBD sessions, then makes
+    everything durable before it exits, so a write answered but never flushed is there
+    when a new server opens the volume (as after an unstage and a stage elsewhere)."""
+    settings, secrets = s3_settings(minio, tmp_path.name), s3_secrets(minio)
+    sockets = backend.ensure(VOLUME, settings, secrets)
+    ninep.prepare_export(sockets.ninep, VOLUME, 64 * MiB)
+    data = os.urandom(2 * MiB)
+    client = NbdClient(sockets.nbd, VOLUME)
+    try:
+        client.write(7 * MiB, data)
+        backend.stop(VOLUME)
+        # The session was ended: the next request finds the connection closed.
+        with pytest.raises(OSError):
+            client.read(0, 4096)
+    finally:
+        client._sock.close()
+
+    sockets = backend.ensure(VOLUME, settings, secrets)
+    with NbdClient(sockets.nbd, VOLUME) as again:
+        assert again.read(7 * MiB, len(data)) == data
