@@ -166,6 +166,10 @@ NODE_STAGE = [
     row("cpuRequest whose exponent overflows a decimal", INVALID, "'cpuRequest'",
         volume_context={"capacityBytes": str(GiB), "cpuRequest": "1e999999999999"}),
     row("relative staging path", INVALID, "staging_target_path", staging_target_path="staging"),
+    row("encryption password ZeroFS finds too short", INVALID, "'ZEROFS_ENCRYPTION_PASSWORD'",
+        "at least 8 bytes", secrets={"ZEROFS_ENCRYPTION_PASSWORD": "seven77"}),
+    row("ZeroFS's placeholder encryption password", INVALID, "'ZEROFS_ENCRYPTION_PASSWORD'",
+        "placeholder", secrets={"ZEROFS_ENCRYPTION_PASSWORD": "CHANGEME"}),
 ]  # fmt: skip
 
 
@@ -178,7 +182,7 @@ def stage_request(test_row: Row, volume_id: str, staging: Path) -> csi_pb2.NodeS
         staging_target_path=test_row.fields.get("staging_target_path", str(staging)),
         volume_capability=mount("ext4"),
         volume_context=context,
-        secrets=SECRETS,
+        secrets=test_row.fields.get("secrets", SECRETS),
     )
 
 

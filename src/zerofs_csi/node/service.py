@@ -93,6 +93,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         settings, capacity = parse_volume_context(request.volume_context)
         fs_type = cap.fs_type or settings.filesystem
         secrets = VolumeSecrets.from_csi_secrets(request.secrets)
+        secrets.check_server_accepts_password()
         with self._locks.hold(vid, "NodeStageVolume"), self._event_on_failure(vid, request):
             node_mounts.make(staging, "directory")
             self._stager.stage(
@@ -297,13 +298,21 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 # The server gives a connection the export size it had at negotiation,
                 # and the kernel replaces only dead connections: the device grows by
                 # attaching it again, which the workload must not see. Hence offline.
-                targets = publishing.publications(record)
+                # kubelet expands a filesystem on mount once it has published it to the
+                # pod and before it starts the pod's containers: that one publication is
+                # set aside meanwhile (reattach refuses if a container holds it after all).
+                own = os.path.normpath(request.volume_path)
+                on_mount = record.access_type == "mount"
+                targets = [
+                    t for t in publishing.publications(record) if not (on_mount and t == own)
+                ]
                 if targets:
                     raise FailedPrecondition(
                         f"volume {vid} is published at {', '.join(targets)}; this driver "
                         "expands volumes offline: stop the pods using it, then retry"
                     )
-                record = self._stager.reattach(record)
+                with publishing.set_aside(self._records, record, own):
+                    record = self._stager.reattach(record)
                 if record.size_bytes < size:
                     raise Internal(
                         f"{record.device} came back with {record.size_bytes} bytes after the "

@@ -20,6 +20,11 @@ SECRET_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 SECRET_SESSION_TOKEN = "AWS_SESSION_TOKEN"
 SECRET_ENCRYPTION_PASSWORD = "ZEROFS_ENCRYPTION_PASSWORD"
 SECRET_CONDITIONAL_PUT_URL = "ZEROFS_CONDITIONAL_PUT_URL"
+# ZeroFS 2.3 refuses to start with a shorter encryption password (counted in bytes), or
+# with its config template's placeholder (zerofs/src/cli/password.rs, seen at start:
+# "Password validation failed: Password must be at least 8 characters long").
+MIN_ENCRYPTION_PASSWORD_BYTES = 8
+PLACEHOLDER_ENCRYPTION_PASSWORD = "CHANGEME"
 
 
 @dataclass(frozen=True, repr=False)
@@ -41,6 +46,20 @@ class VolumeSecrets:
         return f"VolumeSecrets(<redacted: {', '.join(present)}>)"
 
     __str__ = __repr__
+
+    def check_server_accepts_password(self) -> None:
+        """InvalidArgument when ZeroFS would refuse the encryption password at start: its
+        server would exit at every start of the volume."""
+        if len(self.encryption_password.encode()) < MIN_ENCRYPTION_PASSWORD_BYTES:
+            raise errors.InvalidArgument(
+                f"secret key {SECRET_ENCRYPTION_PASSWORD!r} must be at least "
+                f"{MIN_ENCRYPTION_PASSWORD_BYTES} bytes long: ZeroFS refuses a shorter one"
+            )
+        if self.encryption_password == PLACEHOLDER_ENCRYPTION_PASSWORD:
+            raise errors.InvalidArgument(
+                f"secret key {SECRET_ENCRYPTION_PASSWORD!r} is ZeroFS's config template "
+                "placeholder, which ZeroFS refuses: choose a password"
+            )
 
     @classmethod
     def from_csi_secrets(cls, secrets: Mapping[str, str]) -> VolumeSecrets:
