@@ -1,5 +1,7 @@
 """NodeExpandVolume through the gRPC API: offline growth of each filesystem and of a block
-volume, refused while published.
+volume, refused while published. A filesystem grows with its one publication at the
+request's volume_path in place, as kubelet asks on mount before it starts the pod's
+containers, unless a container holds that publication after all.
 
 python3 tests/vm/runner.py --timeout 900 -- .venv/bin/pytest -m privileged -x -q \
     tests/privileged/test_node_expand.py
@@ -7,7 +9,10 @@ python3 tests/vm/runner.py --timeout 900 -- .venv/bin/pytest -m privileged -x -q
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -44,6 +49,41 @@ def expand(volume: Volume, new_size: int, volume_path: str) -> int:
     return int(reply.capacity_bytes)
 
 
+def expand_refused(volume: Volume, new_size: int, volume_path: str) -> str:
+    """The details of the FAILED_PRECONDITION the expansion gets; the device kept its size."""
+    size = device_size(volume.device())
+    with pytest.raises(grpc.RpcError) as refused:
+        expand(volume, new_size, volume_path)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+    assert device_size(volume.device()) == size
+    return str(refused.value.details())
+
+
+@contextlib.contextmanager
+def holding_a_copy_of_the_mounts() -> Iterator[None]:
+    """A process in a mount namespace of its own, as a container's: it holds a private
+    copy of every mount there is now, which this namespace can neither see nor unmount."""
+    holder = subprocess.Popen(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 600",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def device_size(device: str) -> int:
     fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -64,20 +104,34 @@ def test_filesystem_grows_offline(volumes: VolumeFactory, fs_type: str) -> None:
     (target / "data").write_bytes(payload)
     old_total = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
 
-    with pytest.raises(grpc.RpcError) as refused:
-        expand(volume, 2 * old_size, str(target))
-    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert str(target) in str(refused.value.details())
-    assert device_size(volume.device()) == old_size
+    # Another publication of the volume is in use as far as the driver knows.
+    other = volume.plugin.workdir / "pods" / f"{volume.volume_id}-other"
+    volume.publish(str(other))
+    refused = expand_refused(volume, 2 * old_size, str(target))
+    assert str(other) in refused and str(target) not in refused
+    volume.unpublish(str(other))
+
+    # A container's private copy of the publication holds the filesystem.
+    with holding_a_copy_of_the_mounts():
+        refused = expand_refused(volume, 2 * old_size, str(target))
+        assert "still mounted elsewhere" in refused
+    assert (target / "data").read_bytes() == payload, "the publication was put back"
+
+    # kubelet's expansion on mount: the pod's publication is made, its containers not.
+    assert expand(volume, 2 * old_size, str(target)) == 2 * old_size
+    assert device_size(volume.device()) == 2 * old_size
+    st = os.statvfs(target)
+    assert st.f_blocks * st.f_frsize > old_total + old_size // 2
+    assert (target / "data").read_bytes() == payload
 
     volume.unpublish(str(target))
     staging_mount = str(Path(volume.staging) / "mount")
-    assert expand(volume, 2 * old_size, staging_mount) == 2 * old_size
-    assert device_size(volume.device()) == 2 * old_size
+    assert expand(volume, 3 * old_size, staging_mount) == 3 * old_size
+    assert device_size(volume.device()) == 3 * old_size
     st = os.statvfs(staging_mount)
-    assert st.f_blocks * st.f_frsize > old_total + old_size // 2
+    assert st.f_blocks * st.f_frsize > old_total + old_size
     assert filesystem_uuid(volume.device()) == uuid
-    assert expand(volume, 2 * old_size, staging_mount) == 2 * old_size  # idempotent
+    assert expand(volume, 3 * old_size, staging_mount) == 3 * old_size  # idempotent
     # Without a capacity range the filesystem fills the device it has.
     reply = volume.node.NodeExpandVolume(
         csi_pb2.NodeExpandVolumeRequest(
@@ -87,7 +141,7 @@ def test_filesystem_grows_offline(volumes: VolumeFactory, fs_type: str) -> None:
         ),
         timeout=RPC_TIMEOUT_S,
     )
-    assert reply.capacity_bytes == 2 * old_size
+    assert reply.capacity_bytes == 3 * old_size
 
     volume.publish(str(target))
     assert (target / "data").read_bytes() == payload

@@ -133,6 +133,19 @@ def make(path: str, kind: str) -> bool:
         return made
 
 
+def unclaimed(device: str) -> bool:
+    """Whether no filesystem holds ``device`` in any mount namespace: an exclusive open
+    fails with EBUSY while one does, also where this process cannot see the mount (a
+    container's private copy of a publication)."""
+    try:
+        os.close(os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return False
+        raise
+    return True
+
+
 def fd_path(fd: int) -> str:
     """The path through which mount(2) reaches what ``fd`` refers to."""
     return f"/proc/self/fd/{fd}"

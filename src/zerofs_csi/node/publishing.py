@@ -9,9 +9,10 @@ directory or mount at the path is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from zerofs_csi.errors import AlreadyExists, FailedPrecondition
 from zerofs_csi.host import mounts
@@ -162,3 +163,25 @@ def unpublish(records: RecordStore, record: StageRecord | None, target: str) -> 
             )
     if listed:
         _recorded(records, record, [p for p in record.publications if p.target != target])
+
+
+@contextlib.contextmanager
+def set_aside(records: RecordStore, record: StageRecord, target: str) -> Iterator[None]:
+    """Unmount the volume's publication at ``target`` for the block and bind it again
+    after, read-only as it was, from the stage the block leaves (also when the block
+    fails). The target stays in place and listed in the record.
+
+    For kubelet's expansion of a filesystem on mount: it calls NodeExpandVolume with the
+    pod's publication made and the pod's containers not yet started."""
+    entry = mounts.find_mount(target) if target in publications(record) else None
+    if entry is None:
+        yield
+        return
+    node_mounts.unmount_own(
+        target, f"volume {record.volume_id}", lambda found: _same_source(found, record)
+    )
+    try:
+        yield
+    finally:
+        staged = records.read(record.staging_path) or record
+        node_mounts.bind(_source(staged), target, entry.readonly)

@@ -308,12 +308,22 @@ class Stager:
     def reattach(self, record: StageRecord) -> StageRecord:
         """Detach the staged volume's device and attach it again, unmounting meanwhile, so
         that fresh connections negotiate the export's current size. Only for a volume
-        that is not published. Returns the updated record."""
+        that is not published. Returns the updated record.
+
+        FailedPrecondition, with the volume mounted again, when its filesystem is still
+        held once unmounted here: a container keeps its own copy of a publication."""
         vid = record.volume_id
         stage = self._metrics.stage
         if record.access_type == MOUNT:
             with stage("expand", "umount", vid):
                 node_mounts.unmount_all(record.mount_path, f"volume {vid}")
+            if not node_mounts.unclaimed(record.device):
+                mount_staged(record)
+                raise FailedPrecondition(
+                    f"the filesystem of volume {vid} is still mounted elsewhere (a running "
+                    "container's copy of a publication); this driver expands volumes "
+                    "offline: stop the pods using it, then retry"
+                )
         with stage("expand", "disconnect_nbd", vid):
             self._attacher.detach(record.device_index, record.backend_id)
         with stage("expand", "connect_nbd", vid):
