@@ -83,8 +83,9 @@ if [[ ! -d /lib/modules/$(uname -r) ]]; then
     mkdir -p "/lib/modules/$(uname -r)"
     mount --bind "$KERNEL_TREE/lib/modules/$(uname -r)" "/lib/modules/$(uname -r)"
 fi
+# loop: kubelet maps a raw block volume into a pod through a loop device of its own.
 for module in overlay br_netfilter bridge veth nf_conntrack iptable_nat iptable_filter \
-    xt_MASQUERADE xt_comment xt_mark xt_conntrack xt_addrtype nf_nat; do
+    xt_MASQUERADE xt_comment xt_mark xt_conntrack xt_addrtype nf_nat loop; do
     "$modprobe" "$module" || fail "cannot load the $module module"
 done
 sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1 \
