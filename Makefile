@@ -2,8 +2,9 @@
 PY        := .venv/bin/python
 PYTEST    := .venv/bin/pytest
 # ZEROFS_BIN (a ZeroFS binary; see src/zerofs_csi/bench/zerofs_server.py) reaches the
-# microVM's commands, which run it instead of the stand-in.
-VM        := python3 tests/vm/runner.py --env ZEROFS_BIN
+# microVM's commands, which run it instead of the stand-in, with their volumes on a MinIO
+# server of MINIO_BIN (ZeroFS 2.3 refuses file:// storage; make minio builds it).
+VM        = python3 tests/vm/runner.py --env ZEROFS_BIN --env MINIO_BIN=$(MINIO)
 VM_TIMEOUT ?= 2400
 ITERATIONS ?= 20
 DURATION  ?= 600
