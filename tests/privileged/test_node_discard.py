@@ -12,7 +12,10 @@ import os
 import struct
 from pathlib import Path
 
+import pytest
 from conftest import SERVER, MiB, VolumeFactory
+
+pytestmark = pytest.mark.privileged
 
 # <linux/fs.h>: _IO(0x12, 119) and _IO(0x12, 127), both taking {u64 start, u64 length}.
 BLKDISCARD = 0x1277
