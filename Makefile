@@ -10,6 +10,8 @@ ITERATIONS ?= 20
 DURATION  ?= 600
 CHAOS     ?= 0
 SEED      ?=
+# The volumes make e2e writes, expands and faults (tools/cluster/e2e.py --volumes).
+E2E_VOLUMES ?= ext4,xfs,raw
 # Builds shared by every clone on this machine (tools/cache-dir says where and why).
 CACHE     := $(shell tools/cache-dir)
 # csi-sanity, the CSI conformance suite: the kubernetes-csi/csi-test release it is built from.
@@ -116,7 +118,8 @@ cluster: build cluster-images
 
 # The chart installed as the README says and the user's path through it (build/e2e.md).
 e2e: build cluster-images
-	$(PY) tools/cluster/cluster.py run --s3 --timeout 7200 -- $(PY) tools/cluster/e2e.py
+	$(PY) tools/cluster/cluster.py run --s3 --timeout 7200 -- $(PY) tools/cluster/e2e.py \
+		--volumes $(E2E_VOLUMES)
 
 # make test's part of it (README: "Test cluster"), its table in build/e2e-short.md.
 test-e2e: build cluster-images
