@@ -2,25 +2,21 @@
 
 ``SnapshotStore`` is the interface; ``FileSnapshotStore`` keeps the records as JSON files
 (``<directory>/<key>.json``, the key being derived from the snapshot's name), written
-atomically under an exclusive flock as ``store.FileVolumeStore`` writes volume records.
+atomically under an exclusive flock (``record_files.RecordFiles``, as volume records are).
 A record says which volume and checkpoint the snapshot is, its size and creation time,
 and the volume's settings, so that the snapshot can be deleted from its record alone.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from zerofs_csi import errors
-from zerofs_csi.volume.id import validate_volume_id
+from zerofs_csi.controller.record_files import RecordFiles
 
 RECORD_SCHEMA = 1
 
@@ -95,88 +91,34 @@ class SnapshotStore(Protocol):
 
 
 class FileSnapshotStore:
-    _SUFFIX = ".json"
+    """Records as ``<directory>/<key>.json`` (``record_files.RecordFiles``)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise errors.Internal(
-                f"cannot create the snapshot metadata directory {directory}: {exc.strerror}"
-            ) from None
-
-    def _path(self, key: str) -> Path:
-        return self.directory / f"{validate_volume_id(key)}{self._SUFFIX}"
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _read(self, path: Path) -> SnapshotRecord | None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise errors.Internal(f"cannot read snapshot record {path}: {exc.strerror}") from None
-        try:
-            body = json.loads(text)
-        except ValueError:
-            raise errors.Internal(f"snapshot record {path} is not valid JSON") from None
-        return SnapshotRecord.from_dict(body, str(path))
+        self._files = RecordFiles(directory, "snapshot", _parse_snapshot_file)
 
     def get(self, key: str) -> SnapshotRecord | None:
-        return self._read(self._path(key))
+        return self._files.read(self._files.path(key))
 
     def create(self, record: SnapshotRecord) -> None:
-        path = self._path(record.key)
-        with self._locked():
+        path = self._files.path(record.key)
+        with self._files.locked():
             if path.exists():
                 raise errors.Aborted(f"snapshot {record.name!r} was created concurrently; retry")
-            temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-            try:
-                with open(temporary, "w", encoding="utf-8") as f:
-                    json.dump(record.to_dict(), f, sort_keys=True, indent=1)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temporary, path)
-                self._sync_directory()
-            except OSError as exc:
-                temporary.unlink(missing_ok=True)
-                raise errors.Internal(
-                    f"cannot write snapshot record {path}: {exc.strerror}"
-                ) from None
+            self._files.write(path, record.to_dict())
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
-        with self._locked():
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                return
-            except OSError as exc:
-                raise errors.Internal(
-                    f"cannot delete snapshot record {path}: {exc.strerror}"
-                ) from None
-            self._sync_directory()
+        path = self._files.path(key)
+        with self._files.locked():
+            self._files.remove(path)
 
     def list(self) -> list[SnapshotRecord]:
-        records = []
-        for path in sorted(self.directory.glob(f"*{self._SUFFIX}")):
-            record = self._read(path)
-            if record is not None:
-                records.append(record)
-        return sorted(records, key=lambda r: r.key)
+        return sorted(self._files.read_all(), key=lambda r: r.key)
 
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+
+def _parse_snapshot_file(text: str, path: Path) -> SnapshotRecord:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise errors.Internal(f"snapshot record {path} is not valid JSON") from None
+    return SnapshotRecord.from_dict(body, str(path))

@@ -12,20 +12,17 @@ the retry sees the current record. Errors carry their gRPC code.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
-import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from zerofs_csi import errors
-from zerofs_csi.volume.id import validate_volume_id
+from zerofs_csi.controller.record_files import SUFFIX, RecordFiles
 
 # Bumped when the record's JSON shape changes incompatibly; a record with another
 # schema is refused rather than misread.
@@ -166,121 +163,63 @@ class VolumeStore(Protocol):
 
 
 class FileVolumeStore:
-    """Records as ``<directory>/<volume id>.json``, each written atomically.
+    """Records as ``<directory>/<volume id>.json`` (``record_files.RecordFiles``).
 
-    Writers hold an exclusive flock on ``<directory>/.lock`` for the read-compare-write,
-    so processes sharing the directory (a restarted controller beside a dying one) never
-    interleave. Readers need no lock: a record file is only ever replaced by rename.
+    Writers hold the directory's flock for the read-compare-write, so processes sharing
+    the directory (a restarted controller beside a dying one) never interleave.
     The version token is a random id written into the file, so a deleted and re-created
     record never matches a token read before the deletion.
     """
 
-    _SUFFIX = ".json"
-
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise errors.Internal(
-                f"cannot create the volume metadata directory {directory}: {exc.strerror}"
-            ) from None
-
-    def _path(self, volume_id: str) -> Path:
-        return self.directory / f"{validate_volume_id(volume_id)}{self._SUFFIX}"
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _read(self, path: Path) -> VolumeRecord | None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise errors.Internal(f"cannot read volume record {path}: {exc.strerror}") from None
-        try:
-            envelope = json.loads(text)
-            version, body = envelope["version"], envelope["record"]
-        except (ValueError, KeyError, TypeError):
-            raise errors.Internal(f"volume record {path} is damaged") from None
-        record = VolumeRecord.from_dict(body, str(version), str(path))
-        if path.name != f"{record.volume_id}{self._SUFFIX}":
-            raise errors.Internal(f"volume record {path} holds volume {record.volume_id!r}")
-        return record
+        self._files = RecordFiles(directory, "volume", _parse_volume_file)
 
     def _write(self, record: VolumeRecord) -> VolumeRecord:
-        path = self._path(record.volume_id)
         stored = record.replace(version=uuid.uuid4().hex)
         envelope = {"version": stored.version, "record": stored.to_dict()}
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(temporary, "w", encoding="utf-8") as f:
-                json.dump(envelope, f, sort_keys=True, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-            self._sync_directory()
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            raise errors.Internal(f"cannot write volume record {path}: {exc.strerror}") from None
+        self._files.write(self._files.path(record.volume_id), envelope)
         return stored
 
-    def _sync_directory(self) -> None:
-        # The rename itself must reach the disk, or a crash could bring back the old record.
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def get(self, volume_id: str) -> VolumeRecord | None:
-        return self._read(self._path(volume_id))
+        return self._files.read(self._files.path(volume_id))
 
     def create(self, record: VolumeRecord) -> VolumeRecord:
-        with self._locked():
-            if self._read(self._path(record.volume_id)) is not None:
+        with self._files.locked():
+            if self.get(record.volume_id) is not None:
                 raise errors.Aborted(
                     f"volume {record.volume_id} was created concurrently; retry to get it"
                 )
             return self._write(record)
 
     def update(self, record: VolumeRecord) -> VolumeRecord:
-        with self._locked():
-            current = self._read(self._path(record.volume_id))
-            _check_version(record, current)
+        with self._files.locked():
+            _check_version(record, self.get(record.volume_id))
             return self._write(record)
 
     def delete(self, record: VolumeRecord) -> None:
-        with self._locked():
-            path = self._path(record.volume_id)
-            current = self._read(path)
+        with self._files.locked():
+            current = self.get(record.volume_id)
             if current is None:
                 return
             _check_version(record, current)
-            try:
-                path.unlink()
-                self._sync_directory()
-            except FileNotFoundError:
-                return
-            except OSError as exc:
-                raise errors.Internal(
-                    f"cannot delete volume record {path}: {exc.strerror}"
-                ) from None
+            self._files.remove(self._files.path(record.volume_id))
 
     def list(self) -> list[VolumeRecord]:
-        records = []
-        for path in sorted(self.directory.glob(f"*{self._SUFFIX}")):
-            record = self._read(path)
-            if record is not None:
-                records.append(record)
-        return sorted(records, key=lambda r: r.volume_id)
+        return sorted(self._files.read_all(), key=lambda r: r.volume_id)
+
+
+def _parse_volume_file(text: str, path: Path) -> VolumeRecord:
+    """A record file holds ``{"version": token, "record": VolumeRecord.to_dict()}``."""
+    try:
+        envelope = json.loads(text)
+        version, body = envelope["version"], envelope["record"]
+    except (ValueError, KeyError, TypeError):
+        raise errors.Internal(f"volume record {path} is damaged") from None
+    record = VolumeRecord.from_dict(body, str(version), str(path))
+    if path.name != f"{record.volume_id}{SUFFIX}":
+        raise errors.Internal(f"volume record {path} holds volume {record.volume_id!r}")
+    return record
 
 
 def _check_version(wanted: VolumeRecord, current: VolumeRecord | None) -> None:
