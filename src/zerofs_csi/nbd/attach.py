@@ -46,6 +46,7 @@ from zerofs_csi.nbd.tuning import (
     block_size_for,
     hardware_queues_for,
     io_timeout_for,
+    limit_discards,
     set_requeue_tick,
     validate_attach,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "ServerAddress",
     "hardware_queues_for",
     "io_timeout_for",
+    "limit_discards",
     "set_requeue_tick",
     "list_exports",
 ]
@@ -339,6 +341,7 @@ class NbdAttacher:
         try:
             if io_timeout_s == 0:
                 set_requeue_tick(new_index)
+            limit_discards(new_index)
             # Straight after CONNECT, before any bookkeeping: udevd got the change event
             # during the call, and whoever locks the disk first makes the other wait.
             # CONNECT answers only after the kernel started the device, which set the
@@ -557,6 +560,7 @@ class NbdAttacher:
             with self._netlink() as nl:
                 nl.reconfigure(index, backend_id=backend_id, size_bytes=size_bytes)
             _nbd.wait_ready(index, size_bytes, ready_timeout_s, dev_dir=self.dev_dir)
+            limit_discards(index)
 
     # -- LINK_DEAD ------------------------------------------------------------------
 

@@ -103,6 +103,24 @@ def block_size_for(requested: int, negotiated: _nbd.Negotiated) -> int:
     )
 
 
+# ZeroFS 2.3 answers a request longer than 128 MiB with EINVAL (a TRIM included), while
+# the kernel sends a discard of up to 4 GiB to an NBD device at once (nbd_set_size sets
+# max_discard_sectors to UINT_MAX at every connect and resize).
+MAX_REQUEST_BYTES = 128 << 20
+
+
+def limit_discards(index: int, max_bytes: int = MAX_REQUEST_BYTES) -> None:
+    """Cap the discards of ``nbd<index>`` at ``max_bytes`` a request (the queue's
+    ``discard_max_bytes``, which the block layer splits discards by). Only lowers it: 0
+    (no TRIM) or a smaller limit stays."""
+    path = f"/sys/block/nbd{index}/queue/discard_max_bytes"
+    with open(path) as f:
+        current = int(f.read())
+    if current > max_bytes:
+        with open(path, "w") as f:
+            f.write(str(max_bytes))
+
+
 def set_requeue_tick(index: int, tick_ms: int = REQUEUE_TICK_MS) -> None:
     """Have the kernel look at the requests of ``nbd<index>`` still in flight every
     ``tick_ms`` (the queue's io_timeout; with NBD_ATTR_TIMEOUT 0 and one connection a
