@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from radosgw import RadosGateway
 from standin.servers import STANDIN, NbdClient, require_tool
 
 from zerofs_csi.controller.s3cleanup import delete_volume_data
+from zerofs_csi.host.unix_socket import accepts
 from zerofs_csi.nbd._nbd import NBD_FLAG_READ_ONLY
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.zerofs_config import render_zerofs_config
@@ -39,15 +39,6 @@ PREFIX = f"base/{VOLUME}/"
 MiB = 1 << 20
 BYSTANDER = "base/pvc-10/.nbd/pvc-10"
 START_TIMEOUT_S = 120.0
-
-
-def accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 @contextlib.contextmanager

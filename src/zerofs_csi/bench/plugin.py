@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.host import mounts
+from zerofs_csi.host.unix_socket import accepts
 
 MiB = 1 << 20
 NODE_ID = "test-node"
@@ -55,16 +56,6 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
-
-
-def accepts(path: Path) -> bool:
-    """Whether something listens on the unix socket ``path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def free_tcp_port() -> int:

@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zerofs_csi import errors
+from zerofs_csi.host.unix_socket import accepts
 from zerofs_csi.observability.sanitize import MASK, REDACTOR
 from zerofs_csi.servers.admin import AdminClient
 from zerofs_csi.servers.zerofs_config import render_zerofs_config
@@ -102,7 +102,7 @@ def brief_server(
     client = AdminClient(admin_socket, f"short-lived server of volume {volume_id}")
     try:
         deadline = time.monotonic() + settings.pod_ready_timeout_seconds
-        while not (_accepts(nbd_socket) and client.answers(timeout=2.0)):
+        while not (accepts(nbd_socket) and client.answers(timeout=2.0)):
             if process.poll() is not None:
                 raise errors.Unavailable(
                     f"the short-lived server of volume {volume_id} exited with status "
@@ -120,15 +120,6 @@ def brief_server(
         client.close()
         _stop(process)
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
