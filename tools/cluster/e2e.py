@@ -515,8 +515,10 @@ def faults_under_a_writer(
     for fault in faults:
         time.sleep(15)
         fault(table, images, volume)
+        check_still_writing(writer, f"after the step '{table.rows[-1][0]}'")
     time.sleep(15)
     with table.step("writer stops and verifies its data") as notes:
+        check_still_writing(writer, "before it was told to stop")
         kubectl("-n", WORKLOAD_NAMESPACE, "exec", writer, "--", "touch", "/data/stop")
         wait_until(f"pod {writer} ends", lambda: pod_phase(writer) in ("Succeeded", "Failed"), 900)
         output = kubectl("-n", WORKLOAD_NAMESPACE, "logs", writer, check=False).strip()
@@ -524,6 +526,24 @@ def faults_under_a_writer(
             raise StepFailed(f"the writer failed: {output[-500:]}")
         notes.append(output.splitlines()[-2] if len(output.splitlines()) > 1 else output)
         kubectl("-n", WORKLOAD_NAMESPACE, "delete", "pod", writer, "--wait=true", "--timeout=600s")
+
+
+def check_still_writing(writer: str, when: str) -> None:
+    """StepFailed with the writer's last words and its container's end when it ended."""
+    phase = pod_phase(writer)
+    if phase not in ("Succeeded", "Failed"):
+        return
+    output = kubectl("-n", WORKLOAD_NAMESPACE, "logs", writer, check=False).strip()
+    statuses = kube_json("-n", WORKLOAD_NAMESPACE, "get", "pod", writer)["status"]
+    ended = [
+        status.get("state", {}).get("terminated", {}) for status in statuses["containerStatuses"]
+    ]
+    how = "; ".join(
+        f"exit {end.get('exitCode')} ({end.get('reason')}) at {end.get('finishedAt')}"
+        for end in ended
+        if end
+    )
+    raise StepFailed(f"the writer pod ended ({phase}, {how}) {when}: {output[-800:]}")
 
 
 def delete_claims(table: Table, claims: Sequence[str]) -> None:
