@@ -980,7 +980,7 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
     nbdkit_error = private_dir / "nbdkit-error"
     children: dict[str, subprocess.Popen[bytes]] = {}
     relay: NinePRelay | None = None
-    admin_server: admin.AdminServer | None = None
+    admin_server: admin.BackgroundAdminServer | None = None
     status = 1
 
     @contextlib.contextmanager
@@ -1003,6 +1003,8 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
         if config.rpc_socket is not None or checkpoint is not None:
             store = checkpoint_store(config, nbd_paused)
         tree, layout = served_tree(config, read_only, checkpoint, store)
+        if config.rpc_socket is not None:
+            admin_server = admin.BackgroundAdminServer(config.rpc_socket, store, read_only=read_only)
         nbd_plugin = ["file", f"dir={tree / EXPORT_DIRECTORY}"]
         served = f"file://{config.storage_dir}"
         if checkpoint is not None:
@@ -1051,12 +1053,8 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
         )
         _wait_for_socket(private_socket, children["diod"], DIOD_START_TIMEOUT_S, "diod")
         relay = NinePRelay(config.ninep_socket, private_socket, tree)
-        if config.rpc_socket is not None:
-            try:
-                admin_server = admin.AdminServer(config.rpc_socket, store, read_only=read_only)
-            except admin.CheckpointError as exc:
-                raise ConfigError(str(exc)) from None
-        # Last, so that the NBD socket answering means every server is up.
+        # Last, so that the NBD socket answering means 9P is up too (the admin service
+        # may come a moment later).
         children["nbdkit"] = subprocess.Popen(
             [
                 nbdkit,
@@ -1094,6 +1092,9 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
                 if child.poll() is not None:
                     say(f"{name} exited unexpectedly with status {child.returncode}")
                     return 1
+            if admin_server is not None and admin_server.error is not None:
+                say(admin_server.error)
+                return 1
             time.sleep(0.1)
     except Stop as stop:
         say(f"{stop.args[0]}: stopping")

@@ -348,6 +348,38 @@ class AdminServer:
         return self._messages.FlushResponse()
 
 
+class BackgroundAdminServer:
+    """An ``AdminServer`` started on a thread of its own, so that the volume is served
+    while gRPC loads: under an emulated CPU its import and start cost a second or two of
+    every start, and NBD and 9P do not need it. Until it listens, ``rpc_socket`` does not
+    exist, which the driver takes for a server not answering yet. ``error`` says why it
+    could not start."""
+
+    def __init__(self, socket_path: Path, checkpoints: Any, *, read_only: bool) -> None:
+        self.error: str | None = None
+        self._server: AdminServer | None = None
+        self._thread = threading.Thread(
+            target=self._start,
+            args=(socket_path, checkpoints, read_only),
+            name="admin-service",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _start(self, socket_path: Path, checkpoints: Any, read_only: bool) -> None:
+        try:
+            self._server = AdminServer(socket_path, checkpoints, read_only=read_only)
+        except CheckpointError as exc:
+            self.error = str(exc)
+        except Exception as exc:  # gRPC's own start failures
+            self.error = f"the admin service did not start: {exc}"
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._server is not None:
+            self._server.close()
+
+
 class AdminClient:
     """Calls the admin service of a running server on ``socket_path``, as ZeroFS's CLI."""
 

@@ -81,6 +81,7 @@ def start(directory: Path, storage: Path, *run_args: str) -> Standin:
     )
     try:
         wait_for_socket(standin.nbd, timeout=30)
+        wait_for_socket(standin.admin, timeout=30)  # it may come after NBD
     except TimeoutError:
         stop_process(process)
         raise AssertionError(f"the stand-in did not start: {log.read_text()}") from None
@@ -229,3 +230,29 @@ def test_run_of_an_unknown_checkpoint_fails_naming_it(tmp_path: Path, server: St
     )
     assert finished.returncode == 1
     assert "no checkpoint is named 'never'" in finished.stderr
+
+
+def test_nbd_is_served_without_waiting_for_the_admin_service(tmp_path: Path) -> None:
+    """The admin service starts beside NBD and 9P, not before them; when it cannot
+    start, the stand-in exits 1 saying why, as when any of its servers dies."""
+    run = tmp_path / "run"
+    config = write_standin_config(
+        tmp_path / "config.toml",
+        storage_dir=tmp_path / "data",
+        nbd_socket=run / "nbd.sock",
+        ninep_socket=run / "9p.sock",
+        cache_dir=tmp_path / "cache",
+        rpc_socket=run / ("a" * 120 + ".sock"),  # longer than a socket address holds
+    )
+    finished = subprocess.run(
+        [str(STANDIN), "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        env=ENVIRONMENT,
+        timeout=60,
+        check=False,
+    )
+    assert finished.returncode == 1
+    serving = finished.stderr.find("serving file://")
+    refused = finished.stderr.find("the admin service did not start")
+    assert 0 <= serving < refused, finished.stderr
