@@ -1004,7 +1004,9 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
             store = checkpoint_store(config, nbd_paused)
         tree, layout = served_tree(config, read_only, checkpoint, store)
         if config.rpc_socket is not None:
-            admin_server = admin.BackgroundAdminServer(config.rpc_socket, store, read_only=read_only)
+            admin_server = admin.BackgroundAdminServer(
+                config.rpc_socket, store, read_only=read_only
+            )
         nbd_plugin = ["file", f"dir={tree / EXPORT_DIRECTORY}"]
         served = f"file://{config.storage_dir}"
         if checkpoint is not None:

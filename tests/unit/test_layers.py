@@ -1,5 +1,6 @@
 """What each side of the driver loads: the controller runs without the NBD extension,
-parsing capabilities loads no mount system calls, and a plugin starts without boto3.
+parsing capabilities loads no mount system calls, and a plugin starts without boto3 or
+importlib.metadata.
 
 Each check imports in a fresh interpreter, so that what the test process already
 imported does not hide what the modules themselves pull in.
@@ -72,3 +73,29 @@ def test_a_plugin_starts_without_boto3(module: str) -> None:
     loaded = loaded_after(module)
     assert module in loaded
     assert not {name for name in loaded if name.split(".")[0] in ("boto3", "botocore")}
+
+
+@pytest.mark.parametrize(
+    "module", ["zerofs_csi.cli", "zerofs_csi.server", "zerofs_csi.link_keeper"]
+)
+def test_a_plugin_starts_without_reading_package_metadata(module: str) -> None:
+    # importlib.metadata (email, zipfile, csv, a scan of sys.path) cost every process
+    # start about two seconds under the test bed's emulated CPU, for the version alone.
+    loaded = loaded_after(module)
+    assert module in loaded
+    assert "importlib.metadata" not in loaded
+
+
+def test_the_version_is_one_everywhere() -> None:
+    import importlib.metadata
+    from pathlib import Path
+
+    import yaml
+
+    import zerofs_csi
+
+    assert importlib.metadata.version("zerofs-csi") == zerofs_csi.__version__
+    charts = Path(__file__).resolve().parents[2] / "charts"
+    for chart in ("zerofs-csi", "zerofs-csi-validation"):
+        meta = yaml.safe_load((charts / chart / "Chart.yaml").read_text())
+        assert str(meta["appVersion"]) == zerofs_csi.__version__, chart
