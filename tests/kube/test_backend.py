@@ -100,6 +100,8 @@ def test_ensure_starts_a_ready_pod_with_its_config_secret(
     assert secret is not None
     config = decoded(secret)[objects.CONFIG_KEY]
     assert f'unix_socket = "{sockets.nbd}"' in config
+    # The admin service too, beside the others: the node plugin checkpoints through it.
+    assert f'unix_socket = "{sockets.admin}"' in config
     assert "s3://zerofs-test/volumes/" + volume in config
     assert [entry[2] for entry in kubelet.journal] == ["started", "ready"]
     assert backend.running() == [volume]

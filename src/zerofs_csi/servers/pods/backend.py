@@ -146,6 +146,9 @@ class KubernetesBackend:
             cache_dir=objects.CACHE_DIR,
             nbd_socket=str(sockets.nbd),
             ninep_socket=str(sockets.ninep),
+            # Its admin service, beside the others in the node's host directory: the node
+            # plugin takes checkpoints through it (node/checkpoint_requests.py).
+            rpc_socket=str(sockets.admin),
         )
         REDACTOR.remember(list(rendered.secret_env.values()))
         secret = self._apply_secret(
@@ -560,7 +563,7 @@ class KubernetesBackend:
             if os.geteuid() == 0:
                 os.chown(sockets.directory, objects.ZEROFS_UID, objects.ZEROFS_UID)
             sockets.directory.chmod(0o770)
-            for path in (sockets.nbd, sockets.ninep):
+            for path in (sockets.nbd, sockets.ninep, sockets.admin):
                 path.unlink(missing_ok=True)
         except OSError as exc:
             raise errors.Internal(
@@ -569,7 +572,7 @@ class KubernetesBackend:
 
     def _clean_socket_directory(self, volume_id: str, sockets: ServerSockets) -> None:
         """Remove the socket directory once no server of the volume runs here."""
-        for path in (sockets.nbd, sockets.ninep):
+        for path in (sockets.nbd, sockets.ninep, sockets.admin):
             path.unlink(missing_ok=True)
         try:
             sockets.directory.rmdir()
