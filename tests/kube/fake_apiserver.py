@@ -75,7 +75,13 @@ KINDS = {
     ("storage.k8s.io", "csinodes"): Kind(
         "storage.k8s.io", "v1", "csinodes", "CSINode", namespaced=False
     ),
+    # The driver's custom resource (charts/zerofs-csi/crds/checkpointrequests.yaml).
+    ("zerofs.csi.driver", "checkpointrequests"): Kind(
+        "zerofs.csi.driver", "v1alpha1", "checkpointrequests", "CheckpointRequest"
+    ),
 }
+# Kinds with a status subresource: a PUT there changes only the status.
+WITH_STATUS = frozenset({"Pod", "CheckpointRequest"})
 
 # Kubernetes' defaults for fields the driver reads back (pkg/apis/core/v1/defaults.go).
 DEFAULT_TERMINATION_GRACE_SECONDS = 30
@@ -594,7 +600,7 @@ class FakeApiServer:
                     raise ApiError(404, "NotFound", "namespace required")
                 if kind.kind == "Namespace" and name is None and method == "POST":
                     ns = ""
-                if sub is not None and (kind.kind != "Pod" or sub != "status"):
+                if sub is not None and (kind.kind not in WITH_STATUS or sub != "status"):
                     raise ApiError(404, "NotFound", f"no subresource {sub}")
                 store = server.store
                 scope = ns if kind.namespaced else ""

@@ -26,6 +26,7 @@ CONTROLLER_MODULES = (
     "zerofs_csi.controller.snapshots",
     "zerofs_csi.controller.snapshot_store",
     "zerofs_csi.controller.checkpoints",
+    "zerofs_csi.controller.checkpoints_kube",
 )
 NBD_EXTENSION = "zerofs_csi.nbd._nbd"
 MOUNT_CALLS = "zerofs_csi.host.mounts"

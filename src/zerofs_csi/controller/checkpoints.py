@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,16 +51,14 @@ from pathlib import Path
 from typing import Protocol
 
 from zerofs_csi import errors
-from zerofs_csi.host import freeze, mounts
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.admin import AdminClient, CheckpointInfo
 from zerofs_csi.servers.base import ADMIN_SOCKET, UNIX_PATH_MAX
 from zerofs_csi.servers.brief import brief_server
+from zerofs_csi.servers.checkpoint import delete_checkpoint, take_checkpoint
 from zerofs_csi.volume.id import validate_volume_id
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import parse_volume_settings
-
-log = logging.getLogger(__name__)
 
 # volume id -> (mount path, device) of its filesystem when it is staged and mounted here.
 MountedFilesystem = Callable[[str], tuple[str, str] | None]
@@ -151,29 +148,7 @@ class LocalCheckpoints:
         csi_secrets: Mapping[str, str],
     ) -> CheckpointInfo:
         with self._server(volume_id, parameters, published, csi_secrets) as server:
-            existing = server.find(name)
-            if existing is not None:
-                return existing
-            with self._frozen(volume_id):
-                server.flush()
-                return server.create(name)
-
-    @contextlib.contextmanager
-    def _frozen(self, volume_id: str) -> Iterator[None]:
-        """The volume's mounted filesystem frozen, if it is mounted here."""
-        mounted = self._mounted_filesystem(volume_id)
-        entry = mounts.find_mount(mounted[0]) if mounted is not None else None
-        if mounted is None or entry is None or entry.source != mounted[1]:
-            yield  # nothing of this volume is mounted here: nothing writes through it
-            return
-        try:
-            with freeze.frozen(mounted[0]):
-                log.info("filesystem frozen", extra={"volume_id": volume_id})
-                yield
-        except OSError as exc:
-            raise errors.Internal(
-                f"freezing the filesystem of volume {volume_id} at {mounted[0]}: {exc.strerror}"
-            ) from None
+            return take_checkpoint(server, volume_id, name, self._mounted_filesystem(volume_id))
 
     def delete(
         self,
@@ -184,8 +159,7 @@ class LocalCheckpoints:
         csi_secrets: Mapping[str, str],
     ) -> None:
         with self._server(volume_id, parameters, published, csi_secrets) as server:
-            if server.find(name) is not None:
-                server.delete(name)
+            delete_checkpoint(server, name)
 
     def restore(
         self,

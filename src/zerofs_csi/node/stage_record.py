@@ -139,6 +139,16 @@ class RecordStore:
             return None
         return str(data["staging_path"])
 
+    def is_staged(self, volume_id: str) -> bool:
+        """Whether the volume is staged here and its stage finished (a filesystem or a
+        block volume); False for an unreadable record."""
+        try:
+            staging_path = self.staging_path_of(volume_id)
+            record = self.read(staging_path) if staging_path is not None else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return record is not None and record.phase == STAGED
+
     def mounted_filesystem(self, volume_id: str) -> tuple[str, str] | None:
         """Where the volume's filesystem is mounted when it is staged here with one, and
         its device: (mount path, /dev/nbdX); None otherwise (not staged, a block volume,

@@ -1,0 +1,301 @@
+"""Checkpoints on the Kubernetes backend: the controller's KubeCheckpoints writes a
+CheckpointRequest, the node plugin's worker carries it out through the admin socket of
+the volume's server (the real ZeroFS stand-in, as the server pod would run it), and the
+outcome comes back through the request's status. Against the fake and (with envtest) a
+real API server with the chart's CRD installed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from kubernetes import client
+from standin.servers import STANDIN, NbdClient, stop_process, wait_for_socket
+
+from kube.cluster import NODE, OTHER_NODE, Cluster
+from kube.conftest import new_volume_id
+from zerofs_csi import errors
+from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints
+from zerofs_csi.controller.store import VolumeRecord
+from zerofs_csi.controller.store_kube import KubernetesVolumeStore
+from zerofs_csi.kube import checkpoint_requests as requests
+from zerofs_csi.kube.api import call_json
+from zerofs_csi.node.checkpoint_requests import CheckpointRequestWorker
+from zerofs_csi.node.stage_record import RecordStore, StageRecord
+from zerofs_csi.rpc.locks import VolumeLocks
+from zerofs_csi.servers import ninep
+from zerofs_csi.servers.admin import AdminClient
+from zerofs_csi.servers.base import ServerSockets
+from zerofs_csi.servers.zerofs_config import render_zerofs_config
+from zerofs_csi.volume.secrets import VolumeSecrets
+from zerofs_csi.volume.settings import parse_volume_settings
+
+CRD = Path(__file__).parents[2] / "charts" / "zerofs-csi" / "crds" / "checkpointrequests.yaml"
+MiB = 1 << 20
+SIZE = 16 * MiB
+SECRETS = VolumeSecrets(encryption_password="pw-checkpoint-requests-test")
+
+_installed: set[str] = set()
+_install_lock = threading.Lock()
+
+
+def install_crd(cluster: Cluster, admin: client.ApiClient) -> None:
+    """The chart's CRD on a real server (once per server), established before use."""
+    if cluster.kind != "real":
+        return
+    with _install_lock:
+        if cluster.url in _installed:
+            return
+        extensions = client.ApiextensionsV1Api(admin)
+        manifest = yaml.safe_load(CRD.read_text())
+        call_json(extensions.create_custom_resource_definition, manifest)
+        for _ in range(100):
+            crd = call_json(
+                extensions.read_custom_resource_definition, manifest["metadata"]["name"]
+            )
+            conditions = (crd.get("status") or {}).get("conditions") or []
+            if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                break
+            threading.Event().wait(0.1)
+        else:
+            raise RuntimeError("the CheckpointRequest CRD was not established in 10s")
+        _installed.add(cluster.url)
+
+
+@dataclass
+class Node:
+    """What the node plugin of NODE has: stage records, locks, its volumes' servers."""
+
+    records: RecordStore
+    locks: VolumeLocks
+    socket_root: Path
+    store: Path  # the file:// storage of the volumes
+    servers: list[subprocess.Popen[bytes]]
+
+    def stage(self, volume_id: str) -> None:
+        staging = self.records.index_dir.parent / "staging" / volume_id
+        staging.mkdir(parents=True)
+        sockets = ServerSockets.under(self.socket_root, volume_id)
+        self.records.write(
+            StageRecord(
+                volume_id=volume_id,
+                backend_id=volume_id,
+                device_index=0,
+                size_bytes=SIZE,
+                access_type="block",
+                fs_type="",
+                server_backend="kubernetes",
+                nbd_socket=str(sockets.nbd),
+                staging_path=str(staging),
+            )
+        )
+
+    def serve(self, volume_id: str) -> ServerSockets:
+        """The volume's server as its pod runs it: its sockets in the host directory."""
+        sockets = ServerSockets.under(self.socket_root, volume_id)
+        sockets.directory.mkdir(parents=True)
+        rendered = render_zerofs_config(
+            parse_volume_settings({"storageUrl": f"file://{self.store}"}),
+            volume_id,
+            SECRETS,
+            cache_dir=str(self.store.parent / f"cache-{volume_id}"),
+            nbd_socket=str(sockets.nbd),
+            ninep_socket=str(sockets.ninep),
+            rpc_socket=str(sockets.admin),
+        )
+        config = self.store.parent / f"{volume_id}.toml"
+        config.write_text(rendered.toml_text)
+        self.servers.append(
+            subprocess.Popen(
+                [str(STANDIN), "run", "-c", str(config)],
+                env={"PATH": "/usr/bin:/bin", **rendered.secret_env},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        wait_for_socket(sockets.nbd, timeout=30)
+        wait_for_socket(sockets.admin, timeout=30)
+        ninep.prepare_export(sockets.ninep, volume_id, SIZE)
+        return sockets
+
+
+@dataclass
+class Setup:
+    cluster: Cluster
+    admin: client.ApiClient
+    node: Node
+    volumes: KubernetesVolumeStore
+    checkpoints: KubeCheckpoints
+
+    def volume(self, published_node: str | None) -> str:
+        volume_id = new_volume_id()
+        self.volumes.create(
+            VolumeRecord(
+                volume_id=volume_id,
+                capacity_bytes=SIZE,
+                parameters={"storageUrl": f"file://{self.node.store}"},
+                request_parameters={},
+                volume_context={},
+                published_node=published_node,
+            )
+        )
+        return volume_id
+
+    def requests(self) -> list[dict[str, Any]]:
+        listed = call_json(
+            client.CustomObjectsApi(self.admin).list_namespaced_custom_object,
+            requests.GROUP,
+            requests.VERSION,
+            self.cluster.namespace,
+            requests.PLURAL,
+        )
+        return list(listed.get("items") or [])
+
+
+@pytest.fixture
+def setup(cluster: Cluster, admin: client.ApiClient, socket_root: Path) -> Iterator[Setup]:
+    install_crd(cluster, admin)
+    with tempfile.TemporaryDirectory(prefix="zc-") as directory:
+        store = Path(directory) / "store"
+        store.mkdir()
+        node = Node(RecordStore(Path(directory) / "node"), VolumeLocks(), socket_root, store, [])
+        worker = CheckpointRequestWorker(
+            cluster.api_client(),
+            namespace=cluster.namespace,
+            node_name=NODE,
+            socket_root=socket_root,
+            locks=node.locks,
+            is_staged=node.records.is_staged,
+            mounted_filesystem=node.records.mounted_filesystem,
+        ).start()
+        volumes = KubernetesVolumeStore(admin, cluster.namespace)
+        checkpoints = KubeCheckpoints(admin, cluster.namespace, volumes, wait_seconds=15.0)
+        try:
+            yield Setup(cluster, admin, node, volumes, checkpoints)
+        finally:
+            worker.stop()
+            for server in node.servers:
+                stop_process(server)
+
+
+def test_a_staged_volume_is_checkpointed_by_its_nodes_plugin(setup: Setup) -> None:
+    vid = setup.volume(published_node=NODE)
+    setup.node.stage(vid)
+    sockets = setup.node.serve(vid)
+    with NbdClient(sockets.nbd, vid) as nbd:
+        nbd.write(0, b"as-of-snapshot" * 64)
+
+    made = setup.checkpoints.create(vid, {}, True, "snap-1", {})
+
+    with NbdClient(sockets.nbd, vid) as nbd:
+        nbd.write(0, b"after-snapshot" * 64)
+    with AdminClient(sockets.admin, "stand-in") as server:
+        found = server.find("snap-1")
+    assert found is not None and found.id == made.id and found.created_at == made.created_at
+    checkpoint_export = setup.node.store / vid / ".checkpoints" / made.id / ".nbd" / vid
+    assert checkpoint_export.read_bytes()[: 14 * 64] == b"as-of-snapshot" * 64
+    # Done requests are deleted; a retried call asks anew and finds the same checkpoint.
+    assert setup.requests() == []
+    assert setup.checkpoints.create(vid, {}, True, "snap-1", {}) == made
+
+    setup.checkpoints.delete(vid, {}, True, "snap-1", {})
+    with AdminClient(sockets.admin, "stand-in") as server:
+        assert server.find("snap-1") is None
+    setup.checkpoints.delete(vid, {}, True, "snap-1", {})  # idempotent
+    assert setup.requests() == []
+
+
+@dataclass(frozen=True)
+class Refusal:
+    published_node: str | None  # the node the controller asks
+    staged: bool  # staged on NODE, whose plugin runs
+    serving: bool  # its server answers on NODE
+    busy: bool  # another node call holds the volume
+    code: grpc.StatusCode
+    says: str
+    request_left: bool = False  # the request stays, waiting for its node
+
+
+REFUSALS = {
+    "staged nowhere": Refusal(
+        None, False, False, False, grpc.StatusCode.FAILED_PRECONDITION, "staged on no node"
+    ),
+    "not staged on its node": Refusal(
+        NODE,
+        False,
+        True,
+        False,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"is not staged on node {NODE}",
+    ),
+    "server not answering": Refusal(
+        NODE, True, False, False, grpc.StatusCode.UNAVAILABLE, "does not answer"
+    ),
+    "volume busy on its node": Refusal(
+        NODE, True, True, True, grpc.StatusCode.ABORTED, "is busy with stage"
+    ),
+    "node without a plugin": Refusal(
+        OTHER_NODE,
+        False,
+        False,
+        False,
+        grpc.StatusCode.UNAVAILABLE,
+        f"waits for the node plugin on node {OTHER_NODE}",
+        request_left=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS.values(), ids=list(REFUSALS))
+@pytest.mark.parametrize("operation", ["create", "delete"])
+def test_refusals_carry_their_code_and_leave_no_checkpoint(
+    setup: Setup, case: Refusal, operation: str
+) -> None:
+    vid = setup.volume(published_node=case.published_node)
+    if case.staged:
+        setup.node.stage(vid)
+    sockets = setup.node.serve(vid) if case.serving else None
+    if operation == "delete" and sockets is not None:
+        with AdminClient(sockets.admin, "stand-in") as server:
+            server.create("snap-1")
+    # Nothing answers for another node: a short wait before UNAVAILABLE.
+    checkpoints = (
+        KubeCheckpoints(setup.admin, setup.cluster.namespace, setup.volumes, wait_seconds=1.0)
+        if case.request_left
+        else setup.checkpoints
+    )
+    method = checkpoints.create if operation == "create" else checkpoints.delete
+
+    def call() -> object:
+        return method(vid, {}, True, "snap-1", {})
+
+    with pytest.raises(errors.CsiError) as info:
+        if case.busy:
+            with setup.node.locks.hold(vid, "stage"):
+                call()
+        else:
+            call()
+
+    assert info.value.code is case.code, info.value.message
+    assert case.says in info.value.message
+    if sockets is not None:
+        with AdminClient(sockets.admin, "stand-in") as server:
+            names = [c.name for c in server.list()]
+        assert names == ([] if operation == "create" else ["snap-1"])
+    left = setup.requests()
+    if case.request_left:
+        # Another node's request: this node's plugin leaves it alone.
+        assert [r["spec"]["node"] for r in left] == [OTHER_NODE]
+        assert "phase" not in (left[0].get("status") or {})
+    else:
+        assert left == []
