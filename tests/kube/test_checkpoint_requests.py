@@ -2,7 +2,8 @@
 CheckpointRequest, the node plugin's worker carries it out through the admin socket of
 the volume's server (the real ZeroFS stand-in, as the server pod would run it), and the
 outcome comes back through the request's status. Against the fake and (with envtest) a
-real API server with the chart's CRD installed.
+real API server with the chart's CRD installed, where the worker runs as the node
+plugin's user bound to a Role of ``kube.rbac.NODE_PLUGIN_RULES``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import yaml
 from kubernetes import client
 from standin.servers import STANDIN, NbdClient, stop_process, wait_for_socket
 
-from kube.cluster import NODE, OTHER_NODE, Cluster
-from kube.conftest import new_volume_id
+from kube.cluster import NODE, NODE_PLUGIN_USER, OTHER_NODE, Cluster
+from kube.conftest import BACKEND_USER_AGENT, new_volume_id
+from kube.test_rbac import WORKER_CALLS, _node_plugin_client
 from zerofs_csi import errors
 from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints
 from zerofs_csi.controller.store import VolumeRecord
@@ -170,7 +172,7 @@ def setup(cluster: Cluster, admin: client.ApiClient, socket_root: Path) -> Itera
         store.mkdir()
         node = Node(RecordStore(Path(directory) / "node"), VolumeLocks(), socket_root, store, [])
         worker = CheckpointRequestWorker(
-            cluster.api_client(),
+            _node_plugin_client(cluster, admin),
             namespace=cluster.namespace,
             node_name=NODE,
             socket_root=socket_root,
@@ -213,6 +215,37 @@ def test_a_staged_volume_is_checkpointed_by_its_nodes_plugin(setup: Setup) -> No
         assert server.find("snap-1") is None
     setup.checkpoints.delete(vid, {}, True, "snap-1", {})  # idempotent
     assert setup.requests() == []
+    if setup.cluster.fake is not None:
+        # What the worker asked of the API is what the node plugin's rules grant for it.
+        served = {
+            (call.verb, call.api_group, call.resource)
+            for call in setup.cluster.fake.calls
+            if call.user_agent == BACKEND_USER_AGENT
+        }
+        assert served == WORKER_CALLS
+
+
+def test_the_node_plugin_may_not_create_or_delete_requests(setup: Setup) -> None:
+    if setup.cluster.kind != "real":
+        pytest.skip("authorization needs the real API server")
+    plugin = client.CustomObjectsApi(
+        setup.cluster.api_client(setup.cluster.user_tokens[NODE_PLUGIN_USER])
+    )
+    request = requests.CheckpointRequest(
+        "create-forged", requests.CREATE, new_volume_id(), "snap-1", NODE
+    )
+    scope = (requests.GROUP, requests.VERSION, setup.cluster.namespace, requests.PLURAL)
+    with pytest.raises(client.ApiException) as refused:
+        call_json(plugin.create_namespaced_custom_object, *scope, request.manifest())
+    assert refused.value.status == 403
+    call_json(
+        client.CustomObjectsApi(setup.admin).create_namespaced_custom_object,
+        *scope,
+        request.manifest(),
+    )
+    with pytest.raises(client.ApiException) as refused:
+        call_json(plugin.delete_namespaced_custom_object, *scope, request.name)
+    assert refused.value.status == 403
 
 
 @dataclass(frozen=True)

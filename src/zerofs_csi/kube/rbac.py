@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from zerofs_csi import DRIVER_NAME
+
 Rule = Mapping[str, Sequence[str]]
+
+# The checkpoint requests of its node (node.checkpoint_requests): listed and watched,
+# their outcome written into the status subresource. Only the controller creates and
+# deletes them.
+CHECKPOINT_REQUEST_RULES: tuple[Rule, ...] = (
+    {"apiGroups": [DRIVER_NAME], "resources": ["checkpointrequests"], "verbs": ["list", "watch"]},
+    {"apiGroups": [DRIVER_NAME], "resources": ["checkpointrequests/status"], "verbs": ["update"]},
+)
 
 NODE_PLUGIN_RULES: tuple[Rule, ...] = (
     # Per-volume ZeroFS pods: find (list/watch by label and node), wait for readiness
@@ -36,6 +46,7 @@ NODE_PLUGIN_RULES: tuple[Rule, ...] = (
     # admission plugin (OpenShift enables it), setting blockOwnerDeletion on a
     # reference to the DaemonSet requires update on its finalizers subresource.
     {"apiGroups": ["apps"], "resources": ["daemonsets/finalizers"], "verbs": ["update"]},
+    *CHECKPOINT_REQUEST_RULES,
 )
 
 
