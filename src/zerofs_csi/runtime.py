@@ -162,6 +162,20 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
     )
     recovery.watch_state_gauges()
     runtime = NodeRuntime(service, recovery, monitor, backend)
+    if api is not None:
+        from zerofs_csi.node.checkpoint_requests import CheckpointRequestWorker
+
+        # The controller's CreateSnapshot and DeleteSnapshot of volumes staged here.
+        worker = CheckpointRequestWorker(
+            api,
+            namespace=config.namespace,
+            node_name=config.node_id,
+            socket_root=config.socket_root,
+            locks=locks,
+            is_staged=records.is_staged,
+            mounted_filesystem=records.mounted_filesystem,
+        )
+        runtime.closers.append(worker.start().stop)
     runtime.closers.append(attacher.nbd.close)
     close_backend = getattr(backend, "close", None)
     if close_backend is not None:  # stops supervising; the servers keep running

@@ -20,12 +20,14 @@ import grpc
 import pytest
 import yaml
 from kubernetes import client
+from prometheus_client import CollectorRegistry
 from standin.servers import STANDIN, NbdClient, stop_process, wait_for_socket
 
-from kube.cluster import NODE, NODE_PLUGIN_USER, OTHER_NODE, Cluster
+from kube.cluster import DAEMONSET, NODE, NODE_PLUGIN_USER, OTHER_NODE, Cluster
 from kube.conftest import BACKEND_USER_AGENT, new_volume_id
 from kube.test_rbac import WORKER_CALLS, _node_plugin_client
-from zerofs_csi import errors
+from zerofs_csi import DRIVER_NAME, errors
+from zerofs_csi.config import Backend, Config, Endpoint, LogFormat, Role
 from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints
 from zerofs_csi.controller.store import VolumeRecord
 from zerofs_csi.controller.store_kube import KubernetesVolumeStore
@@ -33,7 +35,9 @@ from zerofs_csi.kube import checkpoint_requests as requests
 from zerofs_csi.kube.api import call_json
 from zerofs_csi.node.checkpoint_requests import CheckpointRequestWorker
 from zerofs_csi.node.stage_record import RecordStore, StageRecord
+from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.rpc.locks import VolumeLocks
+from zerofs_csi.runtime import build_node
 from zerofs_csi.servers import ninep
 from zerofs_csi.servers.admin import AdminClient
 from zerofs_csi.servers.base import ServerSockets
@@ -332,3 +336,77 @@ def test_refusals_carry_their_code_and_leave_no_checkpoint(
         assert "phase" not in (left[0].get("status") or {})
     else:
         assert left == []
+
+
+def _kubeconfig(cluster: Cluster, path: Path) -> Path:
+    user: dict[str, str] = {}
+    if cluster.kind == "real":
+        user = {"token": cluster.user_tokens[NODE_PLUGIN_USER]}
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": "test",
+                        "cluster": {"server": cluster.url, "insecure-skip-tls-verify": True},
+                    }
+                ],
+                "users": [{"name": "node", "user": user}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "node"}}],
+                "current-context": "test",
+            }
+        )
+    )
+    return path
+
+
+def test_the_node_plugin_as_built_carries_out_its_nodes_requests(
+    cluster: Cluster, admin: client.ApiClient, daemonset: dict[str, Any]
+) -> None:
+    install_crd(cluster, admin)
+    _node_plugin_client(cluster, admin)  # its Role, on the real server
+    with tempfile.TemporaryDirectory(prefix="zn-") as directory:
+        root = Path(directory)
+        config = Config(
+            endpoint=Endpoint("unix", str(root / "csi.sock")),
+            node_id=NODE,
+            role=Role.NODE,
+            driver_name=DRIVER_NAME,
+            metrics_address="",
+            log_level="info",
+            log_format=LogFormat.TEXT,
+            state_dir=root / "state",
+            namespace=cluster.namespace,
+            max_volumes_per_node=0,
+            workers=2,
+            shutdown_grace_seconds=1.0,
+            backend=Backend.KUBERNETES,
+            zerofs_command="zerofs",
+            kubeconfig=str(_kubeconfig(cluster, root / "kubeconfig")),
+            daemonset_name=DAEMONSET,
+            server_removal_timeout_seconds=1.0,
+        )
+        (root / "store").mkdir()
+        runtime = build_node(config, Metrics(NODE, CollectorRegistry()))
+        node = Node(
+            RecordStore(config.state_dir), VolumeLocks(), config.socket_root, root / "store", []
+        )
+        volumes = KubernetesVolumeStore(admin, cluster.namespace)
+        setup = Setup(
+            cluster, admin, node, volumes, KubeCheckpoints(admin, cluster.namespace, volumes)
+        )
+        try:
+            vid = setup.volume(published_node=NODE)
+            with pytest.raises(errors.FailedPrecondition, match=f"not staged on node {NODE}"):
+                setup.checkpoints.create(vid, {}, True, "snap-1", {})
+            node.stage(vid)
+            sockets = node.serve(vid)
+            made = setup.checkpoints.create(vid, {}, True, "snap-1", {})
+            with AdminClient(sockets.admin, "stand-in") as server:
+                assert [c.id for c in server.list()] == [made.id]
+        finally:
+            runtime.close()
+            for server_process in node.servers:
+                stop_process(server_process)
