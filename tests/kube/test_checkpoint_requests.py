@@ -252,6 +252,28 @@ def test_the_node_plugin_may_not_create_or_delete_requests(setup: Setup) -> None
     assert refused.value.status == 403
 
 
+def test_a_request_left_for_the_volumes_former_node_is_replaced(setup: Setup) -> None:
+    vid = setup.volume(published_node=OTHER_NODE)
+    impatient = KubeCheckpoints(
+        setup.admin, setup.cluster.namespace, setup.volumes, wait_seconds=0.5
+    )
+    with pytest.raises(errors.Unavailable, match=f"node plugin on node {OTHER_NODE}"):
+        impatient.create(vid, {}, True, "snap-1", {})
+    assert [r["spec"]["node"] for r in setup.requests()] == [OTHER_NODE]
+    # The volume moved here: the retry asks this node, whose plugin takes the checkpoint.
+    record = setup.volumes.get(vid)
+    assert record is not None
+    setup.volumes.update(record.replace(published_node=NODE))
+    setup.node.stage(vid)
+    sockets = setup.node.serve(vid)
+
+    made = setup.checkpoints.create(vid, {}, True, "snap-1", {})
+
+    with AdminClient(sockets.admin, "stand-in") as server:
+        assert [c.id for c in server.list()] == [made.id]
+    assert setup.requests() == []
+
+
 @dataclass(frozen=True)
 class Refusal:
     published_node: str | None  # the node the controller asks

@@ -26,18 +26,15 @@ does). For a volume:
   DeleteSnapshot secrets (the VolumeSnapshotClass's
   ``csi.storage.k8s.io/snapshotter-secret-*``).
 
-The Kubernetes backend (not built yet) cannot reach the volume's server from here: the
-controller runs on some node and the server pod on the node that staged the volume, its
-admin socket in that node's host directory. The design: CreateSnapshot records a request
-through the API server (an object naming the volume, the checkpoint name and the
-requesting controller, owned by the driver's namespace), which the node plugin of the
-volume's node (``VolumeRecord.published_node``) watches and carries out: FIFREEZE of the
-mounted filesystem, flush and checkpoint through the admin socket, FITHAW, then the
-result written into the object's status, which the controller waits for (the
-snapshotter retries on UNAVAILABLE meanwhile). RBAC: only the controller's service
-account may create these objects and only node plugins may update their status, each
-node plugin acting only on volumes staged on its own node. A volume staged nowhere gets
-a short-lived server pod, started by the controller as the node backend starts one.
+The Kubernetes backend's ``KubeCheckpoints`` (``checkpoints_kube``) cannot reach the
+volume's server from here: the controller runs on some node and the server pod on the
+node that staged the volume, its admin socket in that node's host directory. So
+CreateSnapshot and DeleteSnapshot write a CheckpointRequest through the API server
+(``kube.checkpoint_requests``) for the volume's node (``VolumeRecord.published_node``),
+whose node plugin carries it out (``node.checkpoint_requests``) the way
+``LocalCheckpoints`` does here (``servers.checkpoint``: FIFREEZE, flush, checkpoint,
+FITHAW) and writes the outcome into the request's status. A volume staged nowhere is
+FAILED_PRECONDITION there: no short-lived server pod is started for it.
 """
 
 from __future__ import annotations
