@@ -201,7 +201,9 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
                 mounted_filesystem=RecordStore(config.state_dir).mounted_filesystem,
             ),
         )
+    from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints
     from zerofs_csi.controller.nodes_kube import CsiNodeDirectory
+    from zerofs_csi.controller.snapshot_store_kube import KubernetesSnapshotStore
     from zerofs_csi.controller.store_kube import KubernetesConfigMapReader, KubernetesVolumeStore
     from zerofs_csi.servers.pods.backend import KubernetesBackend
 
@@ -216,11 +218,15 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
         metrics=metrics,
         removal_timeout=config.server_removal_timeout_seconds,
     )
+    volumes = KubernetesVolumeStore(api, config.namespace)
     return ControllerService(
-        KubernetesVolumeStore(api, config.namespace),
+        volumes,
         metrics,
         nodes=CsiNodeDirectory(api, config.driver_name),
         read_config_map=KubernetesConfigMapReader(api, config.namespace),
         remove_servers=servers.remove_everywhere,
         events=_event_recorder(config, api, "zerofs-csi-controller"),
+        snapshot_store=KubernetesSnapshotStore(api, config.namespace),
+        # Taken by the node plugin where the volume is staged, asked through the API.
+        checkpoints=KubeCheckpoints(api, config.namespace, volumes),
     )

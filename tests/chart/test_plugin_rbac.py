@@ -33,7 +33,10 @@ from zerofs_csi.kube.controller_rbac import (
     CONTROLLER_PLUGIN_CLUSTER_RULES,
     CONTROLLER_PLUGIN_RULES,
 )
+from zerofs_csi.node.checkpoint_requests import CheckpointRequestWorker
+from zerofs_csi.node.stage_record import RecordStore
 from zerofs_csi.observability.events import PVC_NAME_KEY, PVC_NAMESPACE_KEY, KubernetesEventRecorder
+from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.server import build
 from zerofs_csi.servers.pods import objects
 
@@ -182,6 +185,14 @@ def _volume_life(
     assert refused.value.code() is grpc.StatusCode.NOT_FOUND
     publish.node_id = "node-a"
     controller.ControllerPublishVolume(publish)
+    # A snapshot asked of node-a's plugin, which has not staged the volume: refused
+    # there, the refusal carried back and the request deleted.
+    snapshot = csi_pb2.CreateSnapshotRequest(name="snap-1", source_volume_id=volume.volume_id)
+    with pytest.raises(grpc.RpcError) as refused:
+        controller.CreateSnapshot(snapshot)
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+    assert "not staged on node node-a" in str(refused.value.details())
+    controller.ListSnapshots(csi_pb2.ListSnapshotsRequest())
     listed = controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=10))
     assert [e.volume.volume_id for e in listed.entries] == [volume.volume_id]
     controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=volume.volume_id))
@@ -236,7 +247,20 @@ def test_controller_calls_are_exactly_the_chart_controller_role(
             "spec": {"drivers": [{"name": DRIVER, "nodeID": "node-a"}]},
         },
     )
-    with _controller(cluster, tmp_path) as controller:
+    # node-a's node plugin, carrying out its checkpoint requests (as the admin: only
+    # the controller's calls are checked here).
+    worker = CheckpointRequestWorker(
+        admin,
+        namespace=cluster.namespace,
+        node_name="node-a",
+        socket_root=tmp_path / "sockets",
+        locks=VolumeLocks(),
+        is_staged=RecordStore(tmp_path / "node").is_staged,
+        mounted_filesystem=RecordStore(tmp_path / "node").mounted_filesystem,
+    ).start()
+    with contextlib.ExitStack() as stack:
+        stack.callback(worker.stop)
+        controller = stack.enter_context(_controller(cluster, tmp_path))
         _volume_life(
             controller,
             "pvc-5d1c9a64-0f1e-4c55-9b7e-2d1f3c4b5a69",

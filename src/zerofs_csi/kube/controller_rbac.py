@@ -7,8 +7,11 @@ with resourceVersion preconditions. A StorageClass's ``configMapName`` is read w
 get in the same namespace. DeleteVolume removes the volume's server pods on every node
 (list and watch them by label, delete) and its config Secret (delete): it never reads a
 Secret. S3 credentials arrive in the CSI calls' secrets, which the external-provisioner
-fetches. ControllerPublishVolume reads the node's CSINode (node_directory_kube): whether
-the node exists and runs this driver's node plugin, and its attach limit.
+fetches. Snapshot records are ConfigMaps too, ``zerofs-snap-<key>``
+(snapshot_store_kube); CreateSnapshot and DeleteSnapshot create, read and delete
+CheckpointRequests (checkpoints_kube). ControllerPublishVolume reads the node's CSINode
+(node_directory_kube): whether the node exists and runs this driver's node plugin, and
+its attach limit.
 
 The Helm chart's controller Role renders exactly the namespaced rules, and its
 controller ClusterRole exactly the cluster-scoped ones; tests/chart checks both, and
@@ -18,6 +21,7 @@ that records every request, so a call the rules do not grant fails there.
 
 from __future__ import annotations
 
+from zerofs_csi import DRIVER_NAME
 from zerofs_csi.kube.rbac import Rule
 
 # Namespaced: bound with a Role in the driver's namespace.
@@ -32,6 +36,13 @@ CONTROLLER_PLUGIN_RULES: tuple[Rule, ...] = (
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "delete"]},
     # ... and its zerofs-config-<volume> Secret.
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["delete"]},
+    # CreateSnapshot, DeleteSnapshot: the checkpoint requests the node plugins carry out
+    # (kube.checkpoint_requests), read for their outcome and deleted once done.
+    {
+        "apiGroups": [DRIVER_NAME],
+        "resources": ["checkpointrequests"],
+        "verbs": ["get", "create", "delete"],
+    },
 )
 
 # Cluster-scoped objects: bound with a ClusterRole.
