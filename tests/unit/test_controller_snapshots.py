@@ -283,6 +283,8 @@ def start_staged_server(controller: Controller, volume_id: str) -> subprocess.Po
         start_new_session=True,
     )
     wait_for_socket(sockets.nbd, timeout=30)
+    # The stand-in starts its admin service on a thread of its own, after NBD.
+    wait_for_socket(sockets.admin, timeout=30)
     ninep.prepare_export(sockets.ninep, volume_id, SIZE)
     return process
 
