@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -318,6 +319,26 @@ def test_a_staged_volume_is_checkpointed_by_its_running_server(controller: Contr
         assert read_checkpoint(controller, vid, "live", 14 * 64) == b"as-of-snapshot" * 64
         controller.delete_snapshot(made.snapshot_id)
         assert controller.checkpoints(vid) == {}
+    finally:
+        stop_process(server)
+
+
+def test_a_snapshot_waits_for_a_starting_servers_admin_service(controller: Controller) -> None:
+    # The node backend records the server before starting it (servers/<volume>/server.json),
+    # and the server answers NBD before its admin service: a snapshot taken right after a
+    # stage waits for the admin service rather than failing UNAVAILABLE at once.
+    vid = controller.create_volume("pvc-starting")
+    record = controller.state / "servers" / vid / "server.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{}")
+    request = csi_pb2.CreateSnapshotRequest(name="right-after-stage", source_volume_id=vid)
+    pending = controller.stub.CreateSnapshot.future(request, timeout=120)
+    time.sleep(1.0)
+    assert not pending.done()
+    server = start_staged_server(controller, vid)
+    try:
+        assert pending.result().snapshot.ready_to_use
+        assert "right-after-stage" in controller.checkpoints(vid)
     finally:
         stop_process(server)
 

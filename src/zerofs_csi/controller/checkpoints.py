@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,12 +215,21 @@ class LocalCheckpoints:
         # Where the node backend's server listens (ServerSockets.under); a path too long
         # for a socket address means no server of the volume can run here.
         admin_socket = self._socket_root / validate_volume_id(volume_id) / ADMIN_SOCKET
-        if len(bytes(admin_socket)) <= UNIX_PATH_MAX and admin_socket.exists():
-            with AdminClient(admin_socket, f"server of volume {volume_id}") as running:
-                if running.answers():
-                    yield running
-                    return
-        if published or (self._state_dir / "servers" / volume_id / "server.json").exists():
+        expected = (self._state_dir / "servers" / volume_id / "server.json").exists()
+        if len(bytes(admin_socket)) <= UNIX_PATH_MAX:
+            # A server started a moment ago serves NBD before its admin service (ZeroFS
+            # starts them independently): give it a few seconds before answering retry.
+            deadline = time.monotonic() + (ADMIN_START_WAIT_S if expected else 0.0)
+            while True:
+                if admin_socket.exists():
+                    with AdminClient(admin_socket, f"server of volume {volume_id}") as running:
+                        if running.answers():
+                            yield running
+                            return
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+        if published or expected:
             raise errors.Unavailable(
                 f"volume {volume_id} is staged or about to be on this host, and its server "
                 f"does not answer on {admin_socket}: retry once it is back"
@@ -252,6 +262,8 @@ def _export_size(ninep_socket: Path, export: str) -> int | None:
 
 # nbdcopy: sparse-aware, bounded memory (libnbd-bin, a Debian package).
 NBDCOPY = "nbdcopy"
+# How long a snapshot waits for the admin service of a volume's running server.
+ADMIN_START_WAIT_S = 15.0
 COPY_TIMEOUT_S = 6 * 3600.0
 
 
