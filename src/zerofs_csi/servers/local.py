@@ -24,9 +24,10 @@ A supervisor thread restarts a server that dies, with exponential backoff bounde
 from the shortest delay. It also probes each running server every ``PROBE_EVERY_S``
 with an NBD handshake bounded by ``PROBE_TIMEOUT_S``: a server that answered none for
 ``hung_after`` seconds (alive but stopped or deadlocked) is killed and restarted like a
-dead one. Until then its I/O waits: the attach path never lets the kernel abandon a
-request to a live server (see ``zerofs_csi.nbd``), so this is the only way a hung
-server's requests move on, resent on the reconnected device.
+dead one, and so at once is one that answered and whose NBD socket is gone. Until then
+its I/O waits: the attach path never lets the kernel abandon a request to a live server
+(see ``zerofs_csi.nbd``), so this is the only way a hung server's requests move on,
+resent on the reconnected device.
 
 ``stop`` sends SIGTERM, waits ``stop_timeout``, then SIGKILLs the server's process
 group, and removes the sockets and run files; the log stays for diagnosis and the
@@ -505,14 +506,21 @@ class ProcessBackend:
         """Handshake with the server; kill it when it answered none for ``hung_after``
         seconds (the next round restarts it as a dead one)."""
         server.probe_at = now + PROBE_EVERY_S
-        if nbd_server_answers(self.sockets(server.volume_id).nbd, PROBE_TIMEOUT_S):
+        nbd_socket = self.sockets(server.volume_id).nbd
+        if nbd_server_answers(nbd_socket, PROBE_TIMEOUT_S):
             server.answered_at = time.monotonic()
             return
         silent = time.monotonic() - server.answered_at
-        if silent < self._hung_after:
+        # A server binds its socket once: one that answered and whose socket is gone (a
+        # cleaner of the directory, a hand) can never be reached again, however long
+        # it is given.
+        unreachable = server.answered_at > server.started_at and not nbd_socket.exists()
+        if silent < self._hung_after and not unreachable:
             return
         log.warning(
-            "volume server answers no NBD handshake: killing it as hung",
+            "volume server's NBD socket is gone: killing it"
+            if unreachable
+            else "volume server answers no NBD handshake: killing it as hung",
             extra=self._fields(server, silent_s=round(silent, 1)),
         )
         # SIGKILL also ends a stopped process; the group takes its children along.
