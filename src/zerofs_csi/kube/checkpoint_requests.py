@@ -36,6 +36,21 @@ FAILED = "Failed"
 Obj = dict[str, Any]
 
 
+# The node a request is for, as a label the node plugin selects on: a hash, since a node
+# name may be longer than a label value (63 characters). A label selector works on every
+# API server, where a field selector on a custom resource needs selectableFields (1.31).
+LABEL_NODE = f"{DRIVER_NAME}/node-hash"
+
+
+def node_label(node: str) -> str:
+    return hashlib.sha256(node.encode()).hexdigest()[:40]
+
+
+def node_selector(node: str) -> str:
+    """The label selector of the requests for ``node``."""
+    return f"{LABEL_NODE}={node_label(node)}"
+
+
 def request_name(operation: str, volume_id: str, checkpoint: str) -> str:
     """The request's object name: the same for every attempt of one call."""
     digest = hashlib.sha256(f"{operation}\0{volume_id}\0{checkpoint}".encode()).hexdigest()
@@ -54,7 +69,7 @@ class CheckpointRequest:
         return {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": KIND,
-            "metadata": {"name": self.name},
+            "metadata": {"name": self.name, "labels": {LABEL_NODE: node_label(self.node)}},
             "spec": {
                 "operation": self.operation,
                 "volumeId": self.volume_id,

@@ -1,13 +1,14 @@
 """The node plugin's side of checkpoints on the Kubernetes backend: it carries out the
 CheckpointRequests for its own node (``kube.checkpoint_requests``).
 
-It watches the requests whose ``spec.node`` is this node, and for each one without a
-status takes or deletes the checkpoint through the admin socket of the volume's server
-pod (in this node's host directory), under the volume's lock as a node call would, and
-writes the outcome into the request's status: Succeeded with the checkpoint's id and
-time, or Failed with the error's gRPC code and message. It acts only on volumes staged
-here: a request naming any other volume fails, saying so. A mounted filesystem is frozen
-for the checkpoint (``servers.checkpoint``).
+It watches the requests labelled for this node (``node_selector``; their ``spec.node``
+is checked too), and for each one without a status takes or deletes the checkpoint
+through the admin socket of the volume's server pod (in this node's host directory),
+under the volume's lock as a node call would, and writes the outcome into the request's
+status: Succeeded with the checkpoint's id and time, or Failed with the error's gRPC
+code and message. It acts only on volumes staged here: a request naming any other
+volume fails, saying so. A mounted filesystem is frozen for the checkpoint
+(``servers.checkpoint``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class CheckpointRequestWorker:
                 self._stopping.wait(RETRY_SECONDS)
 
     def _list_and_watch(self) -> None:
-        selector = f"spec.node={self._node}"
+        selector = requests.node_selector(self._node)
         try:
             listing = call_json(
                 self._custom.list_namespaced_custom_object,
@@ -96,7 +97,7 @@ class CheckpointRequestWorker:
                 requests.VERSION,
                 self._namespace,
                 requests.PLURAL,
-                field_selector=selector,
+                label_selector=selector,
             )
         except Exception as exc:
             raise api_failure(exc, "listing checkpoint requests") from None
@@ -110,7 +111,7 @@ class CheckpointRequestWorker:
                 requests.VERSION,
                 self._namespace,
                 requests.PLURAL,
-                field_selector=selector,
+                label_selector=selector,
                 resource_version=(listing.get("metadata") or {}).get("resourceVersion"),
                 timeout_seconds=WATCH_SECONDS,
                 _request_timeout=(REQUEST_TIMEOUT[0], WATCH_SECONDS + WATCH_READ_SLACK),
