@@ -176,3 +176,57 @@ def test_a_staged_volume_is_snapshotted_through_its_nodes_plugin(controller: Con
     with AdminClient(sockets.admin, "stand-in") as server:
         assert server.list() == []
     assert not controller.stub.ListSnapshots(csi_pb2.ListSnapshotsRequest(), timeout=30).entries
+
+
+def test_no_volume_is_created_from_a_snapshot_or_a_volume(controller: Controller) -> None:
+    rpc = csi_pb2.ControllerServiceCapability.RPC
+    offered = {
+        c.rpc.type
+        for c in controller.stub.ControllerGetCapabilities(
+            csi_pb2.ControllerGetCapabilitiesRequest(), timeout=30
+        ).capabilities
+    }
+    assert rpc.CREATE_DELETE_SNAPSHOT in offered and rpc.CLONE_VOLUME not in offered
+    capability = csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER)
+    )
+    source = controller.stub.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name="pvc-kube-source",
+            capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+            volume_capabilities=[capability],
+            parameters={"storageUrl": f"file://{controller.node.store}"},
+        ),
+        timeout=30,
+    ).volume.volume_id
+    controller.stub.ControllerPublishVolume(
+        csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=source, node_id=NODE, volume_capability=capability
+        ),
+        timeout=30,
+    )
+    controller.node.stage(source)
+    sockets = controller.node.serve(source)
+    Source = csi_pb2.VolumeContentSource
+    for content in (
+        Source(volume=Source.VolumeSource(volume_id=source)),
+        Source(snapshot=Source.SnapshotSource(snapshot_id=f"{source}@snap-1")),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            controller.stub.CreateVolume(
+                csi_pb2.CreateVolumeRequest(
+                    name="pvc-kube-copy",
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+                    volume_capabilities=[capability],
+                    parameters={"storageUrl": f"file://{controller.node.store}"},
+                    volume_content_source=content,
+                ),
+                timeout=60,
+            )
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        assert "creates no volume from a snapshot or a volume" in str(refused.value.details())
+    # Nothing was taken of the source for it.
+    with AdminClient(sockets.admin, "stand-in") as server:
+        assert server.list() == []
+    listed = controller.stub.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=30)
+    assert [e.volume.volume_id for e in listed.entries] == [source]

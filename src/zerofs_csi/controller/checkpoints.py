@@ -68,6 +68,10 @@ class VolumeCheckpoints(Protocol):
     to a node; ``csi_secrets`` the secrets of the CSI call, for a server that must be
     started. Errors carry their gRPC code."""
 
+    # Whether ``restore`` can fill a new volume: CreateVolume from a snapshot or a
+    # volume (CLONE_VOLUME) is offered only then.
+    restores: bool
+
     def create(
         self,
         volume_id: str,
@@ -124,6 +128,8 @@ class LocalCheckpoints:
     its requests in flight. The new volume's server gets the CreateVolume secrets, and
     so does the source's: a restore reads a snapshot with the new volume's secrets.
     """
+
+    restores = True
 
     def __init__(
         self,

@@ -42,6 +42,9 @@ class KubeCheckpoints:
     node is read from ``volumes``. ``custom`` replaces the CustomObjectsApi built from
     ``api`` (to instrument calls in tests)."""
 
+    # Filling a new volume needs short-lived server pods this backend does not start.
+    restores = False
+
     def __init__(
         self,
         api: client.ApiClient,

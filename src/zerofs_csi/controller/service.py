@@ -171,7 +171,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         capability = csi_pb2.ControllerServiceCapability
         offered = list(CONTROLLER_CAPABILITIES)
         if self._snapshots is not None:
-            offered += SNAPSHOT_CAPABILITIES
+            offered += [
+                rpc
+                for rpc in SNAPSHOT_CAPABILITIES
+                if rpc != RPC.CLONE_VOLUME or self._snapshots.restores
+            ]
         return csi_pb2.ControllerGetCapabilitiesResponse(
             capabilities=[capability(rpc=capability.RPC(type=rpc)) for rpc in offered]
         )
@@ -183,10 +187,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.CreateVolumeResponse:
         wanted = create_request(request, self._read_config_map)
         vid, name, capacity = wanted.volume_id, wanted.name, wanted.capacity_bytes
-        if wanted.has_source and self._snapshots is None:
+        if wanted.has_source and (self._snapshots is None or not self._snapshots.restores):
             raise InvalidArgument(
-                "volume_content_source: snapshots and clones are not supported by this "
-                "controller's backend"
+                "volume_content_source: this controller's backend creates no volume from a "
+                "snapshot or a volume"
             )
         with self._locks.hold(vid, "CreateVolume"):
             existing = self._store.get(vid)

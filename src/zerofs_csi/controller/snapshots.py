@@ -114,6 +114,11 @@ class SnapshotRpcs:
         self._checkpoints = checkpoints
         self._locks = locks
 
+    @property
+    def restores(self) -> bool:
+        """Whether volumes can be created from snapshots and volumes here."""
+        return self._checkpoints.restores
+
     def CreateSnapshot(
         self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateSnapshotResponse:
