@@ -229,6 +229,23 @@ def test_a_staged_volume_is_checkpointed_by_its_nodes_plugin(setup: Setup) -> No
         assert served == WORKER_CALLS
 
 
+def test_a_request_naming_no_valid_volume_fails_before_any_path_is_read(setup: Setup) -> None:
+    # A stage record's index where a path escaping the index directory would lead.
+    (setup.node.records.index_dir.parent / "escape.json").parent.mkdir(parents=True, exist_ok=True)
+    (setup.node.records.index_dir.parent / "escape.json").write_text("{}")
+    custom = client.CustomObjectsApi(setup.admin)
+    scope = (requests.GROUP, requests.VERSION, setup.cluster.namespace, requests.PLURAL)
+    forged = requests.CheckpointRequest("create-escape", requests.CREATE, "../escape", "s", NODE)
+    call_json(custom.create_namespaced_custom_object, *scope, forged.manifest())
+    for _ in range(100):
+        status = call_json(custom.get_namespaced_custom_object, *scope, forged.name).get("status")
+        if status:
+            break
+        threading.Event().wait(0.1)
+    assert status is not None and status["phase"] == requests.FAILED
+    assert status["code"] == "INVALID_ARGUMENT"
+
+
 def test_the_node_plugin_may_not_create_or_delete_requests(setup: Setup) -> None:
     if setup.cluster.kind != "real":
         pytest.skip("authorization needs the real API server")

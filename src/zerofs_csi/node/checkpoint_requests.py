@@ -28,6 +28,7 @@ from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.servers.admin import AdminClient
 from zerofs_csi.servers.base import ServerSockets
 from zerofs_csi.servers.checkpoint import Mounted, delete_checkpoint, take_checkpoint
+from zerofs_csi.volume.id import validate_volume_id
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,8 @@ class CheckpointRequestWorker:
             )
 
     def _carry_out(self, request: requests.CheckpointRequest) -> Obj:
-        volume_id = request.volume_id
+        # Checked before it names any path here.
+        volume_id = validate_volume_id(request.volume_id)
         with self._locks.hold(volume_id, f"checkpoint {request.operation.lower()}"):
             if not self._is_staged(volume_id):
                 raise errors.FailedPrecondition(
