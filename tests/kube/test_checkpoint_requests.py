@@ -291,6 +291,28 @@ def test_a_request_left_for_the_volumes_former_node_is_replaced(setup: Setup) ->
     assert setup.requests() == []
 
 
+def test_delete_drops_an_uncollected_create_request_of_the_checkpoint(setup: Setup) -> None:
+    vid = setup.volume(published_node=NODE)
+    setup.node.stage(vid)
+    sockets = setup.node.serve(vid)
+    made = setup.checkpoints.create(vid, {}, True, "snap-1", {})
+    # The same outcome, written again and never collected (a caller that gave up).
+    custom = client.CustomObjectsApi(setup.admin)
+    scope = (requests.GROUP, requests.VERSION, setup.cluster.namespace, requests.PLURAL)
+    name = requests.request_name(requests.CREATE, vid, "snap-1")
+    left = requests.CheckpointRequest(name, requests.CREATE, vid, "snap-1", "node-gone")
+    created = call_json(custom.create_namespaced_custom_object, *scope, left.manifest())
+    created["status"] = requests.succeeded(made.id, int(made.created_at.timestamp()))
+    call_json(custom.replace_namespaced_custom_object_status, *scope, name, created)
+
+    setup.checkpoints.delete(vid, {}, True, "snap-1", {})
+
+    assert setup.requests() == []
+    again = setup.checkpoints.create(vid, {}, True, "snap-1", {})
+    with AdminClient(sockets.admin, "stand-in") as server:
+        assert [c.id for c in server.list()] == [again.id] != [made.id]
+
+
 @dataclass(frozen=True)
 class Refusal:
     published_node: str | None  # the node the controller asks

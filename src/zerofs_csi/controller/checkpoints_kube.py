@@ -86,6 +86,11 @@ class KubeCheckpoints:
         name: str,
         csi_secrets: Mapping[str, str],
     ) -> None:
+        # A create request of the same checkpoint left uncollected would otherwise answer
+        # a later CreateSnapshot of that name with the checkpoint deleted here.
+        left = self._read(requests.request_name(requests.CREATE, volume_id, name))
+        if left is not None:
+            self._delete(left)
         self._outcome(requests.DELETE, volume_id, name)
 
     def restore(
