@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,31 @@ def setup(cluster: Cluster, admin: client.ApiClient, socket_root: Path) -> Itera
             worker.stop()
             for server in node.servers:
                 stop_process(server)
+
+
+def test_the_worker_stops_at_once_at_any_point_of_its_start(
+    cluster: Cluster, admin: client.ApiClient, socket_root: Path
+) -> None:
+    # The node plugin's shutdown waits for it: stopped while listing, or before its watch
+    # has sent its request, it must not wait for the watch's server-side timeout.
+    install_crd(cluster, admin)
+    with tempfile.TemporaryDirectory(prefix="zc-") as directory:
+        records = RecordStore(Path(directory) / "node")
+        node_plugin = _node_plugin_client(cluster, admin)
+        for delay in (0.0, 0.05, 0.1, 0.2, 0.4, 1.0):
+            worker = CheckpointRequestWorker(
+                node_plugin,
+                namespace=cluster.namespace,
+                node_name=NODE,
+                socket_root=socket_root,
+                locks=VolumeLocks(),
+                is_staged=records.is_staged,
+                mounted_filesystem=records.mounted_filesystem,
+            ).start()
+            time.sleep(delay)
+            began = time.monotonic()
+            worker.stop()
+            assert time.monotonic() - began < 3.0, f"stopped {delay} s after its start"
 
 
 def test_a_staged_volume_is_checkpointed_by_its_nodes_plugin(setup: Setup) -> None:

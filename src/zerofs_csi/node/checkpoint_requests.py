@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,9 +73,14 @@ class CheckpointRequestWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
-        if self._watch is not None:
-            self._watch.stop()
-        self._thread.join(timeout)
+        # Watch.stop ends a stream it is reading; one that has not sent its request yet
+        # starts unstopped (stream() clears the flag) and would block until the server's
+        # timeout: stopped again until the thread has gone.
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if self._watch is not None:
+                self._watch.stop()
+            self._thread.join(0.1)
 
     # ------------------------------------------------------------ the loop
 
