@@ -157,13 +157,11 @@ sanity-controller: build $(CSI_SANITY)
 sanity-vm: build $(CSI_SANITY)
 	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/harness/sanity.py --run all --csi-sanity $(CSI_SANITY)
 
-# The host tests, the S3 tests, the privileged suite and the short cluster e2e run side by
-# side, then csi-sanity: none needs another's servers, and each alone left the two cores
-# idle a third to half of its time (waits on faults, on stalled servers, on the emulated
-# node); each one's output is printed whole when it ends.
+# The host tests and the S3 tests run side by side (neither needs the other's servers, and
+# each leaves a core idle much of the time); each one's output is printed whole when it ends.
 test: lint
-	@$(MAKE) --no-print-directory -j4 --output-sync=target test-unit test-s3 test-vm test-e2e
-	@$(MAKE) --no-print-directory sanity-controller sanity-vm
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-unit test-s3
+	@$(MAKE) --no-print-directory test-vm sanity-controller sanity-vm test-e2e
 
 demo: build
 	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/demo.py
