@@ -19,7 +19,6 @@ from unit.test_volume_store import StoreContract, content, make_record
 
 from kube.cluster import Cluster
 from zerofs_csi import errors
-from zerofs_csi.controller import store_kube as volume_store_kube
 from zerofs_csi.controller.nodes import LocalNodes
 from zerofs_csi.controller.service import ControllerService
 from zerofs_csi.controller.store import VolumeStore
@@ -30,6 +29,7 @@ from zerofs_csi.controller.store_kube import (
     config_map_name,
 )
 from zerofs_csi.csi import csi_pb2
+from zerofs_csi.kube import api as kube_api
 from zerofs_csi.observability.metrics import Metrics
 
 
@@ -147,7 +147,7 @@ def test_list_ignores_other_config_maps_and_pages(
             "data": {"x": "y"},
         },
     )
-    monkeypatch.setattr(volume_store_kube, "LIST_PAGE", 2)
+    monkeypatch.setattr(kube_api, "LIST_PAGE", 2)
     assert [r.volume_id for r in store.list()] == ["pvc-1", "pvc-2", "pvc-3"]
 
 

@@ -8,14 +8,12 @@ controller replicas see one state. API access: configmaps get, list, create, del
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from kubernetes import client
 
 from zerofs_csi import errors
 from zerofs_csi.controller.snapshot_store import SnapshotRecord
-from zerofs_csi.controller.store_kube import LIST_PAGE
-from zerofs_csi.kube.api import Obj, api_failure, call_json, is_status
+from zerofs_csi.kube.api import Obj, api_failure, call_json, is_status, listed
 from zerofs_csi.servers.pods.objects import (
     LABEL_COMPONENT,
     LABEL_MANAGED_BY,
@@ -105,21 +103,15 @@ class KubernetesSnapshotStore:
             raise api_failure(exc, f"deleting {where}") from None
 
     def list(self) -> list[SnapshotRecord]:
-        records: list[SnapshotRecord] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"label_selector": SELECTOR, "limit": LIST_PAGE}
-            if token:
-                kwargs["_continue"] = token
-            try:
-                page = call_json(self._core.list_namespaced_config_map, self._namespace, **kwargs)
-            except Exception as exc:
-                raise api_failure(
-                    exc, f"listing snapshot records in namespace {self._namespace}"
-                ) from None
-            for obj in page.get("items") or []:
-                name = str((obj.get("metadata") or {}).get("name", ""))
-                records.append(self._record(obj, f"ConfigMap {self._namespace}/{name}"))
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                return sorted(records, key=lambda r: r.key)
+        records = [
+            self._record(
+                obj, f"ConfigMap {self._namespace}/{(obj.get('metadata') or {}).get('name', '')}"
+            )
+            for obj in listed(
+                self._core.list_namespaced_config_map,
+                self._namespace,
+                label_selector=SELECTOR,
+                what=f"snapshot records in namespace {self._namespace}",
+            )
+        ]
+        return sorted(records, key=lambda r: r.key)

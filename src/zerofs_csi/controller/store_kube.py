@@ -20,7 +20,7 @@ from kubernetes import client
 
 from zerofs_csi import errors
 from zerofs_csi.controller.store import VolumeRecord
-from zerofs_csi.kube.api import Obj, api_failure, call_json, is_status
+from zerofs_csi.kube.api import Obj, api_failure, call_json, is_status, listed
 from zerofs_csi.servers.pods.objects import (
     LABEL_COMPONENT,
     LABEL_MANAGED_BY,
@@ -35,7 +35,6 @@ RECORD_KEY = "volume.json"
 COMPONENT = "volume-metadata"
 SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_COMPONENT}={COMPONENT}"
 # ConfigMaps per list page: bounded responses however many volumes exist.
-LIST_PAGE = 500
 
 
 def config_map_name(volume_id: str) -> str:
@@ -172,24 +171,16 @@ class KubernetesVolumeStore:
             raise api_failure(exc, f"deleting {where}") from None
 
     def list(self) -> list[VolumeRecord]:
-        records: list[VolumeRecord] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"label_selector": SELECTOR, "limit": LIST_PAGE}
-            if token:
-                kwargs["_continue"] = token
-            try:
-                page = call_json(self._core.list_namespaced_config_map, self._namespace, **kwargs)
-            except Exception as exc:
-                raise api_failure(
-                    exc, f"listing volume records in namespace {self._namespace}"
-                ) from None
-            for obj in page.get("items") or []:
-                name = str(_meta(obj).get("name", ""))
-                records.append(self._record(obj, f"ConfigMap {self._namespace}/{name}"))
-            token = _meta(page).get("continue")
-            if not token:
-                return sorted(records, key=lambda r: r.volume_id)
+        records = [
+            self._record(obj, f"ConfigMap {self._namespace}/{_meta(obj).get('name', '')}")
+            for obj in listed(
+                self._core.list_namespaced_config_map,
+                self._namespace,
+                label_selector=SELECTOR,
+                what=f"volume records in namespace {self._namespace}",
+            )
+        ]
+        return sorted(records, key=lambda r: r.volume_id)
 
 
 class KubernetesConfigMapReader:

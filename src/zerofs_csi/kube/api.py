@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +98,22 @@ def call_json(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
     if not isinstance(body, dict):
         raise client.ApiException(status=0, reason="the API answered with something not an object")
     return body
+
+
+# Objects per page of a listing: a namespace's records are listed in pages, not at once.
+LIST_PAGE = 500
+
+
+def listed(method: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> Iterator[Obj]:
+    """Every object of a list call, page by page; a failure is a CSI error listing
+    ``what``."""
+    token: str | None = None
+    while True:
+        try:
+            page = call_json(method, *args, limit=LIST_PAGE, _continue=token, **kwargs)
+        except Exception as exc:
+            raise api_failure(exc, f"listing {what}") from None
+        yield from page.get("items") or []
+        token = (page.get("metadata") or {}).get("continue")
+        if not token:
+            return
