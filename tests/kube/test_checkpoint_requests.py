@@ -22,7 +22,7 @@ import pytest
 import yaml
 from kubernetes import client
 from prometheus_client import CollectorRegistry
-from standin.servers import STANDIN, NbdClient, stop_process, wait_for_socket
+from standin.servers import NbdClient, start_volume_server, stop_process
 
 from kube.cluster import DAEMONSET, NODE, NODE_PLUGIN_USER, OTHER_NODE, Cluster
 from kube.conftest import BACKEND_USER_AGENT, new_volume_id
@@ -39,12 +39,9 @@ from zerofs_csi.node.stage_record import RecordStore, StageRecord
 from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.runtime import build_node
-from zerofs_csi.servers import ninep
 from zerofs_csi.servers.admin import AdminClient
 from zerofs_csi.servers.base import ServerSockets
-from zerofs_csi.servers.zerofs_config import render_zerofs_config
 from zerofs_csi.volume.secrets import VolumeSecrets
-from zerofs_csi.volume.settings import parse_volume_settings
 
 CRD = Path(__file__).parents[2] / "charts" / "zerofs-csi" / "crds" / "checkpointrequests.yaml"
 MiB = 1 << 20
@@ -109,30 +106,9 @@ class Node:
     def serve(self, volume_id: str) -> ServerSockets:
         """The volume's server as its pod runs it: its sockets in the host directory."""
         sockets = ServerSockets.under(self.socket_root, volume_id)
-        sockets.directory.mkdir(parents=True)
-        rendered = render_zerofs_config(
-            parse_volume_settings({"storageUrl": f"file://{self.store}"}),
-            volume_id,
-            SECRETS,
-            cache_dir=str(self.store.parent / f"cache-{volume_id}"),
-            nbd_socket=str(sockets.nbd),
-            ninep_socket=str(sockets.ninep),
-            rpc_socket=str(sockets.admin),
-        )
-        config = self.store.parent / f"{volume_id}.toml"
-        config.write_text(rendered.toml_text)
         self.servers.append(
-            subprocess.Popen(
-                [str(STANDIN), "run", "-c", str(config)],
-                env={"PATH": "/usr/bin:/bin", **rendered.secret_env},
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            start_volume_server(sockets, self.store, volume_id, SECRETS, SIZE, self.store.parent)
         )
-        wait_for_socket(sockets.nbd, timeout=30)
-        wait_for_socket(sockets.admin, timeout=30)
-        ninep.prepare_export(sockets.ninep, volume_id, SIZE)
         return sockets
 
 

@@ -25,6 +25,8 @@ import pytest
 
 from zerofs_csi.host.procfs import stat_fields
 from zerofs_csi.nbd import _nbd
+from zerofs_csi.servers.base import ServerSockets
+from zerofs_csi.volume.secrets import VolumeSecrets
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tools" / "zerofs-standin"
@@ -241,3 +243,45 @@ def write_standin_config(
         text += f'\n[servers.rpc]\nunix_socket = "{rpc_socket}"\n'
     path.write_text(text)
     return path
+
+
+def start_volume_server(
+    sockets: ServerSockets,
+    storage: Path,
+    volume_id: str,
+    secrets: VolumeSecrets,
+    size: int,
+    work_dir: Path,
+) -> subprocess.Popen[bytes]:
+    """The stand-in serving ``volume_id`` of file:// ``storage`` as the driver runs a
+    staged volume's server: its config rendered by the driver (in ``work_dir``), its NBD,
+    9P and admin sockets at ``sockets``; returns once all three listen and the export of
+    ``size`` bytes exists."""
+    from zerofs_csi.servers import ninep
+    from zerofs_csi.servers.zerofs_config import render_zerofs_config
+    from zerofs_csi.volume.settings import parse_volume_settings
+
+    sockets.directory.mkdir(parents=True)
+    rendered = render_zerofs_config(
+        parse_volume_settings({"storageUrl": f"file://{storage}"}),
+        volume_id,
+        secrets,
+        cache_dir=str(work_dir / f"cache-{volume_id}"),
+        nbd_socket=str(sockets.nbd),
+        ninep_socket=str(sockets.ninep),
+        rpc_socket=str(sockets.admin),
+    )
+    config = work_dir / f"{volume_id}.toml"
+    config.write_text(rendered.toml_text)
+    process = subprocess.Popen(
+        [str(STANDIN), "run", "-c", str(config)],
+        env={"PATH": "/usr/bin:/bin", **rendered.secret_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for_socket(sockets.nbd, timeout=30)
+    # The stand-in starts its admin service on a thread of its own, after NBD.
+    wait_for_socket(sockets.admin, timeout=30)
+    ninep.prepare_export(sockets.ninep, volume_id, size)
+    return process

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
-from standin.servers import STANDIN, NbdClient, stop_process, wait_for_socket
+from standin.servers import STANDIN, NbdClient, start_volume_server, stop_process
 
 from zerofs_csi.controller.checkpoints import LocalCheckpoints
 from zerofs_csi.controller.nodes import LocalNodes
@@ -29,11 +29,8 @@ from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.observability.sanitize import REDACTOR
 from zerofs_csi.rpc.interceptor import CsiInterceptor
-from zerofs_csi.servers import ninep
 from zerofs_csi.servers.base import ServerSockets
-from zerofs_csi.servers.zerofs_config import render_zerofs_config
 from zerofs_csi.volume.secrets import VolumeSecrets
-from zerofs_csi.volume.settings import parse_volume_settings
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 RPC = csi_pb2.ControllerServiceCapability.RPC
@@ -264,30 +261,10 @@ def start_staged_server(controller: Controller, volume_id: str) -> subprocess.Po
     """The volume's server as the local backend runs a staged volume's: its sockets under
     ``<state>/sockets/<volume>/``, its admin service on ``rpc.sock``."""
     sockets = ServerSockets.under(controller.state / "sockets", volume_id)
-    sockets.directory.mkdir(parents=True)
-    rendered = render_zerofs_config(
-        parse_volume_settings({"storageUrl": f"file://{controller.store}"}),
-        volume_id,
-        VolumeSecrets.from_csi_secrets(SECRETS),
-        cache_dir=str(controller.state / "staged-cache"),
-        nbd_socket=str(sockets.nbd),
-        ninep_socket=str(sockets.ninep),
-        rpc_socket=str(sockets.admin),
+    secrets = VolumeSecrets.from_csi_secrets(SECRETS)
+    return start_volume_server(
+        sockets, controller.store, volume_id, secrets, SIZE, controller.state
     )
-    config = controller.state / "staged.toml"
-    config.write_text(rendered.toml_text)
-    process = subprocess.Popen(
-        [str(STANDIN), "run", "-c", str(config)],
-        env={"PATH": "/usr/bin:/bin", **rendered.secret_env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    wait_for_socket(sockets.nbd, timeout=30)
-    # The stand-in starts its admin service on a thread of its own, after NBD.
-    wait_for_socket(sockets.admin, timeout=30)
-    ninep.prepare_export(sockets.ninep, volume_id, SIZE)
-    return process
 
 
 def test_a_staged_volume_is_checkpointed_by_its_running_server(controller: Controller) -> None:
