@@ -34,7 +34,6 @@ NAME_PREFIX = "zerofs-meta-"
 RECORD_KEY = "volume.json"
 COMPONENT = "volume-metadata"
 SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_COMPONENT}={COMPONENT}"
-# ConfigMaps per list page: bounded responses however many volumes exist.
 
 
 def config_map_name(volume_id: str) -> str:

@@ -100,7 +100,7 @@ def call_json(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
     return body
 
 
-# Objects per page of a listing: a namespace's records are listed in pages, not at once.
+# Objects per page of a listing: bounded responses however many records a namespace holds.
 LIST_PAGE = 500
 
 
