@@ -85,6 +85,18 @@ class Node:
     store: Path  # the file:// storage of the volumes
     servers: list[subprocess.Popen[bytes]]
 
+    def worker(self, api: client.ApiClient, namespace: str) -> CheckpointRequestWorker:
+        """This node's checkpoint request worker, as its plugin builds it, not started."""
+        return CheckpointRequestWorker(
+            api,
+            namespace=namespace,
+            node_name=NODE,
+            socket_root=self.socket_root,
+            locks=self.locks,
+            is_staged=self.records.is_staged,
+            mounted_filesystem=self.records.mounted_filesystem,
+        )
+
     def stage(self, volume_id: str) -> None:
         staging = self.records.index_dir.parent / "staging" / volume_id
         staging.mkdir(parents=True)
@@ -152,15 +164,7 @@ def setup(cluster: Cluster, admin: client.ApiClient, socket_root: Path) -> Itera
         store = Path(directory) / "store"
         store.mkdir()
         node = Node(RecordStore(Path(directory) / "node"), VolumeLocks(), socket_root, store, [])
-        worker = CheckpointRequestWorker(
-            _node_plugin_client(cluster, admin),
-            namespace=cluster.namespace,
-            node_name=NODE,
-            socket_root=socket_root,
-            locks=node.locks,
-            is_staged=node.records.is_staged,
-            mounted_filesystem=node.records.mounted_filesystem,
-        ).start()
+        worker = node.worker(_node_plugin_client(cluster, admin), cluster.namespace).start()
         volumes = KubernetesVolumeStore(admin, cluster.namespace)
         checkpoints = KubeCheckpoints(admin, cluster.namespace, volumes, wait_seconds=15.0)
         try:
@@ -178,18 +182,12 @@ def test_the_worker_stops_at_once_at_any_point_of_its_start(
     # has sent its request, it must not wait for the watch's server-side timeout.
     install_crd(cluster, admin)
     with tempfile.TemporaryDirectory(prefix="zc-") as directory:
-        records = RecordStore(Path(directory) / "node")
+        node = Node(
+            RecordStore(Path(directory) / "node"), VolumeLocks(), socket_root, Path(directory), []
+        )
         node_plugin = _node_plugin_client(cluster, admin)
         for delay in (0.0, 0.05, 0.1, 0.2, 0.4, 1.0):
-            worker = CheckpointRequestWorker(
-                node_plugin,
-                namespace=cluster.namespace,
-                node_name=NODE,
-                socket_root=socket_root,
-                locks=VolumeLocks(),
-                is_staged=records.is_staged,
-                mounted_filesystem=records.mounted_filesystem,
-            ).start()
+            worker = node.worker(node_plugin, cluster.namespace).start()
             time.sleep(delay)
             began = time.monotonic()
             worker.stop()

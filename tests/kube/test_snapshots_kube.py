@@ -30,7 +30,6 @@ from zerofs_csi.controller.snapshot_store_kube import KubernetesSnapshotStore, c
 from zerofs_csi.controller.store_kube import KubernetesVolumeStore
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.kube.api import call_json
-from zerofs_csi.node.checkpoint_requests import CheckpointRequestWorker
 from zerofs_csi.node.stage_record import RecordStore
 from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.observability.sanitize import REDACTOR
@@ -96,15 +95,7 @@ def controller(
         root = Path(directory)
         (root / "store").mkdir()
         node = Node(RecordStore(root / "node"), VolumeLocks(), socket_root, root / "store", [])
-        worker = CheckpointRequestWorker(
-            cluster.api_client(),
-            namespace=cluster.namespace,
-            node_name=NODE,
-            socket_root=socket_root,
-            locks=node.locks,
-            is_staged=node.records.is_staged,
-            mounted_filesystem=node.records.mounted_filesystem,
-        ).start()
+        worker = node.worker(cluster.api_client(), cluster.namespace).start()
         volumes = KubernetesVolumeStore(admin, cluster.namespace)
         service = ControllerService(
             volumes,
