@@ -778,8 +778,13 @@ def qemu_command(spec: VmSpec, fds: Mapping[str, int]) -> list[str]:
     ]
     if spec.forwards or spec.host_forwards:
         argv += network_arguments(spec.forwards, spec.host_forwards)
+    # werror/rerror=report: a write the host cannot take (its disk full) is the guest's
+    # I/O error, not QEMU's default of pausing the guest until the run's timeout.
     for disk in spec.disks:
-        argv += ["-drive", f"file={disk},format=raw,if=virtio,cache=unsafe"]
+        argv += [
+            "-drive",
+            f"file={disk},format=raw,if=virtio,cache=unsafe,werror=report,rerror=report",
+        ]
     return argv
 
 

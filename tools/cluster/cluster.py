@@ -65,6 +65,12 @@ KUBELET_PORT = 10250
 # masquerade, kube-proxy's rules) and conntrack clean-up.
 NODE_PACKAGES = {"iptables": "iptables", "conntrack": "conntrack"}
 VM_MEMORY_MIB = 6144
+# The node's start, boot to Ready, with every image to import (a node disk made anew):
+# well under this; past it, the run stops with the node's logs instead of waiting out
+# the whole run's timeout.
+NODE_READY_TIMEOUT_S = 1200.0
+# node.sh's components, each logging to RUN_DIR/logs/NAME.log.
+NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy")
 # containerd's images between runs (node.sh): sparse, so it takes what the images take.
 NODE_DISK = CACHE_DIR / "node-disk.img"
 NODE_DISK_BYTES = 16 << 30
@@ -214,7 +220,7 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
                 str(run_dir),
             ]
             with node_disk(), archives_held(binaries), node_vm(vm, run_dir) as node:
-                wait_for_node(node, run_dir, plane, timeout_s)
+                wait_for_node(node, run_dir, plane, min(timeout_s, NODE_READY_TIMEOUT_S))
                 log(f"node Ready {time.monotonic() - started:.1f} s after the start")
                 host_env = {
                     **os.environ,
@@ -281,11 +287,27 @@ def wait_for_node(
         if node.poll() is not None:
             raise ComponentFailed(
                 f"the node's VM exited with status {node.returncode} before the node was "
-                f"Ready; logs: {run_dir / 'logs'}"
+                f"Ready; logs: {run_dir / 'logs'}\n{node_log_tails(run_dir)}"
             )
         if time.monotonic() > deadline:
-            raise ComponentFailed(f"the node was not Ready within {timeout_s:g} s")
+            raise ComponentFailed(
+                f"the node was not Ready within {timeout_s:g} s; logs: {run_dir / 'logs'}\n"
+                f"{node_log_tails(run_dir)}"
+            )
         time.sleep(1)
+
+
+def node_log_tails(run_dir: Path, lines: int = 15) -> str:
+    """The last lines of the node's components' logs: what a CI log shows of a failure."""
+    tails = []
+    for name in NODE_COMPONENTS:
+        path = run_dir / "logs" / f"{name}.log"
+        try:
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+        except FileNotFoundError:
+            continue
+        tails.append(f"--- {path.name} (last {len(text)} lines)\n" + "\n".join(text))
+    return "\n".join(tails) or "(the node wrote no log)"
 
 
 @contextmanager

@@ -59,9 +59,17 @@ mount --make-rshared /
 modprobe=/run/guest-modprobe
 mount -t tmpfs -o mode=755 tmpfs /var/lib
 mkdir -p /var/lib/kubelet /var/lib/containerd /run/containerd /run/cni/net.d
-# The node disk (cluster.py --disk, /dev/vda) keeps containerd's images between runs, so
-# that only new or changed images are unpacked; a disk that is blank or does not check
-# clean is made anew.
+# The node disk (cluster.py --disk, /dev/vda): containerd's images between runs.
+# shellcheck source=tools/cluster/node_disk.sh
+source "$(dirname "${BASH_SOURCE[0]}")/node_disk.sh"
+# Every container stopped and containerd with it, then the disk released.
+release_node_disk() {
+    command kill "$kubelet_pid" "$kube_proxy_pid" 2>/dev/null || true
+    wait "$kubelet_pid" "$kube_proxy_pid" 2>/dev/null || true
+    "${ctr[@]}" tasks ls -q | xargs -r "${ctr[@]}" tasks delete --force >/dev/null 2>&1 || true
+    stop_all
+    node_disk_release "$NODE_DISK" /var/lib/containerd || true
+}
 if [[ -n ${NODE_DISK-} ]]; then
     "$modprobe" virtio_blk || fail "cannot load virtio_blk"
     for _ in $(seq 100); do
@@ -69,10 +77,7 @@ if [[ -n ${NODE_DISK-} ]]; then
         sleep 0.1
     done
     [[ -b $NODE_DISK ]] || fail "no $NODE_DISK"
-    if ! { e2fsck -p "$NODE_DISK" >/dev/null 2>&1 && mount "$NODE_DISK" /var/lib/containerd; }; then
-        mkfs.ext4 -q -F "$NODE_DISK" || fail "cannot make a filesystem on $NODE_DISK"
-        mount "$NODE_DISK" /var/lib/containerd || fail "cannot mount $NODE_DISK"
-    fi
+    node_disk_mount "$NODE_DISK" /var/lib/containerd || fail "cannot use the node disk $NODE_DISK"
 fi
 # A node has its kernel's modules in /lib/modules (the chart's nbd init container mounts
 # it); the host root has none, so an overlay on /usr/lib adds them.
@@ -133,9 +138,10 @@ done
 [[ -S /run/containerd/containerd.sock ]] || fail "containerd did not open its socket"
 phase "containerd up"
 
-ctr() { command ctr --address /run/containerd/containerd.sock -n k8s.io "$@"; }
+# containerd's client on the CRI's namespace, also for xargs (an array, not a function).
+ctr=(ctr --address /run/containerd/containerd.sock -n k8s.io)
 # Nothing of an earlier run but its images: containers left by a run that was cut off go.
-ctr containers ls -q | xargs -r ctr containers rm >/dev/null 2>&1 || true
+"${ctr[@]}" containers ls -q | xargs -r "${ctr[@]}" containers rm >/dev/null 2>&1 || true
 # Every image the cluster runs, from the archives of make cluster-images; with the node
 # disk, an archive imported by an earlier run (same name, size and time) is there already,
 # and an image no archive names any more is removed.
@@ -148,12 +154,12 @@ while read -r archive repository; do
     wanted+=("$repository:${tag%.tar}")
     key="$(basename "$archive") $(stat -c '%s %Y' "$archive")"
     grep -qxF "$key" "$imported" && continue
-    ctr images import --base-name "$repository" "$archive" >/dev/null \
+    "${ctr[@]}" images import --base-name "$repository" "$archive" >/dev/null \
         || fail "cannot import $archive"
     echo "$key" >>"$imported"
 done <"$run_dir/images.txt"
-for image in $(ctr images ls -q); do
-    [[ " ${wanted[*]} " == *" $image "* ]] || ctr images rm "$image" >/dev/null
+for image in $("${ctr[@]}" images ls -q); do
+    [[ " ${wanted[*]} " == *" $image "* ]] || "${ctr[@]}" images rm "$image" >/dev/null
 done
 phase "images imported"
 
@@ -195,17 +201,23 @@ YAML
 start kube-proxy kube-proxy --config=/run/kube-proxy-config.yaml
 kube_proxy_pid=${pids[-1]}
 
-kubectl() { command kubectl --kubeconfig "$ADMIN_KUBECONFIG" "$@"; }
-for _ in $(seq 600); do
+kubectl() { command kubectl --kubeconfig "$ADMIN_KUBECONFIG" --request-timeout=20s "$@"; }
+node_ready() {
+    [[ $(kubectl get node "$NODE_NAME" \
+        -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null) == True ]]
+}
+uptime_s() { cut -d. -f1 /proc/uptime; }
+# Bounded by the guest's clock, not by a count: a call that hangs must not stretch it.
+ready_by=$(($(uptime_s) + 600))
+until node_ready; do
     alive kubelet "$kubelet_pid"
     alive kube-proxy "$kube_proxy_pid"
-    if [[ $(kubectl get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null) == True ]]; then
-        break
+    if (($(uptime_s) > ready_by)); then
+        tail -20 "$logs/kubelet.log" >&2
+        fail "node $NODE_NAME not Ready after 10 min; logs: $logs/kubelet.log"
     fi
     sleep 1
 done
-[[ $(kubectl get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}') == True ]] \
-    || fail "node $NODE_NAME not Ready after 10 min; logs: $logs/kubelet.log"
 phase "node $NODE_NAME Ready"
 echo ready >"$run_dir/node-ready"
 while [[ ! -e $run_dir/stop ]]; do
@@ -213,8 +225,10 @@ while [[ ! -e $run_dir/stop ]]; do
     sleep 2
 done
 phase "stopping"
-stop_all
-trap - EXIT
 if [[ -n ${NODE_DISK-} ]]; then
-    umount -R /var/lib/containerd 2>/dev/null || umount -l /var/lib/containerd
+    release_node_disk
+else
+    stop_all
 fi
+trap - EXIT
+phase "stopped"
