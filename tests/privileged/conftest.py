@@ -48,6 +48,10 @@ sys.path.insert(0, str(REPO / "tests" / "s3"))
 
 from minio_server import volume_store  # noqa: E402
 
+sys.path.insert(0, str(REPO / "tools" / "harness"))
+
+from chaos import KernelLog  # noqa: E402
+
 
 def plugin_store() -> S3Storage | None:
     """The node tests' volumes: file:// for the stand-in, a MinIO bucket for ZeroFS."""
@@ -164,6 +168,16 @@ def assert_unstaged(volume: Volume) -> None:
     assert not mounts_under(Path(volume.staging))
     assert not [p for p in plugin.server_processes() if volume.volume_id in p[1]]
     wait_until(lambda: not devices_of(volume.volume_id), DEVICE_SETTLE_S, "the device to go")
+
+
+@pytest.fixture
+def kernel_log() -> Iterator[KernelLog]:
+    """The kernel's log from the test's start: its ``forbidden`` lines (I/O errors,
+    journal aborts, read-only remounts, suspicious replies)."""
+    log = KernelLog()
+    log.start()
+    yield log
+    log.close()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import KernelLog
 
 from zerofs_csi.nbd import _nbd
 from zerofs_csi.nbd import attach as nbd
@@ -411,6 +412,61 @@ def test_keep_lock_holds_off_udev(
         fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
     finally:
         os.close(probe)
+
+
+def probe_like_udev(path: str, locked: threading.Event, failures: list[OSError]) -> None:
+    """Stand in for udev's worker probing the device: the shared lock on the whole disk,
+    then reads across it for about a second."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        locked.set()
+        for offset in range(0, 16 * MiB, 64 * 1024):
+            os.pread(fd, 64 * 1024, offset)
+            time.sleep(0.004)
+    except OSError as exc:
+        failures.append(exc)
+    finally:
+        os.close(fd)
+
+
+def test_detach_waits_for_a_probe_holding_the_disk(
+    attacher: nbd.NbdAttacher, server: NbdkitServer, prefix: str, kernel_log: KernelLog
+) -> None:
+    server.add_export("vol", 16 * MiB)
+    device = attacher.attach(server.sock, "vol", prefix + "probed", connections=1)
+    locked, failures = threading.Event(), []
+    prober = threading.Thread(target=probe_like_udev, args=(device.path, locked, failures))
+    prober.start()
+    assert locked.wait(10)
+    attacher.detach(device.index, prefix + "probed")
+    prober.join(30)
+    assert not failures, "the probe's reads failed: the disconnect came in the middle"
+    time.sleep(0.3)  # the kernel log is read on a thread of its own
+    assert not [line for line in kernel_log.forbidden if f"nbd{device.index}" in line]
+    wait_released(device.index)
+
+
+def test_detach_waits_for_a_probe_no_longer_than_its_bound(
+    attacher: nbd.NbdAttacher,
+    server: NbdkitServer,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(nbd, "DISCONNECT_LOCK_TIMEOUT_S", 0.5)
+    server.add_export("vol", 4 * MiB)
+    device = attacher.attach(server.sock, "vol", prefix + "stuck", connections=1)
+    # A probe that never ends (a hung udev worker) holds the shared lock throughout.
+    holder = os.open(device.path, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_SH)
+        started = time.monotonic()
+        attacher.detach(device.index, prefix + "stuck")
+        assert 0.4 <= time.monotonic() - started < 5
+        assert attacher.find_device(prefix + "stuck") is None
+    finally:
+        os.close(holder)
+    wait_released(device.index)
 
 
 def test_ready_creates_a_missing_device_node(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import RPC_TIMEOUT_S, MiB, Volume, VolumeFactory, filesystem_uuid
+from conftest import RPC_TIMEOUT_S, KernelLog, MiB, Volume, VolumeFactory, filesystem_uuid
 
 from zerofs_csi.csi import csi_pb2
 
@@ -93,7 +93,9 @@ def device_size(device: str) -> int:
 
 
 @pytest.mark.parametrize("fs_type", ["ext4", "xfs", "btrfs"])
-def test_filesystem_grows_offline(volumes: VolumeFactory, fs_type: str) -> None:
+def test_filesystem_grows_offline(
+    volumes: VolumeFactory, fs_type: str, kernel_log: KernelLog
+) -> None:
     old_size = SIZES[fs_type]
     volume = volumes(fs_type=fs_type, size=old_size)
     volume.stage()
@@ -143,6 +145,8 @@ def test_filesystem_grows_offline(volumes: VolumeFactory, fs_type: str) -> None:
     assert (target / "data").read_bytes() == payload
     stats = volume.stats(str(target))
     assert not stats.volume_condition.abnormal, stats.volume_condition.message
+    # Nothing failed on the way, udev's probe of each reattached device included.
+    assert not kernel_log.forbidden, kernel_log.forbidden
 
 
 def test_block_volume_grows_offline(volumes: VolumeFactory) -> None:

@@ -17,6 +17,7 @@ import grpc
 import pytest
 from conftest import (
     NODE_ID,
+    KernelLog,
     MiB,
     Mode,
     PluginProcess,
@@ -71,7 +72,7 @@ def digest_of(path: Path, limit: int | None = None) -> str:
 
 
 @pytest.mark.parametrize("fs_type", ["ext4", "xfs", "btrfs"])
-def test_filesystem_life(volumes: VolumeFactory, fs_type: str) -> None:
+def test_filesystem_life(volumes: VolumeFactory, fs_type: str, kernel_log: KernelLog) -> None:
     volume = volumes(fs_type=fs_type, size=SIZES[fs_type], mount_flags=("noatime", "nodev"))
     volume.stage()
     device = volume.device()
@@ -132,6 +133,8 @@ def test_filesystem_life(volumes: VolumeFactory, fs_type: str) -> None:
     volume.publish(str(target))
     assert digest_of(target / "data.bin") == digest
     assert (target / "dir").is_dir()
+    # Nothing failed on the way, udev's probe of the unstaged device included.
+    assert not kernel_log.forbidden, kernel_log.forbidden
 
 
 def test_block_life(volumes: VolumeFactory) -> None:

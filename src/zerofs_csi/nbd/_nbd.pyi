@@ -271,6 +271,13 @@ class UeventWatch:
         """False where the uevent socket cannot be opened."""
     def close(self) -> None: ...
 
+def lock_disk(index: int, timeout_s: float = 10.0, dev_dir: str = "/dev") -> int:
+    """Open ``/dev/nbd<index>`` read-only holding LOCK_EX, waiting (GIL released, at most
+    ``timeout_s``) while udev's probe holds its shared lock; returns the descriptor.
+    Held across a DISCONNECT, udev's probe waits until the kernel has cleared the
+    capacity. No I/O: a hung server does not block it. DeviceNotReady (ETIMEDOUT),
+    NbdError."""
+
 def wait_ready(
     index: int,
     size_bytes: int,

@@ -41,6 +41,7 @@ from zerofs_csi.nbd.tuning import (
     DEFAULT_DEAD_CONN_TIMEOUT_S,
     DEFAULT_HANDSHAKE_TIMEOUT_S,
     DEFAULT_READY_TIMEOUT_S,
+    DISCONNECT_LOCK_TIMEOUT_S,
     MULTI_CONN_IO_TIMEOUT_S,
     REQUEUE_TICK_MS,
     block_size_for,
@@ -493,12 +494,21 @@ class NbdAttacher:
         if owned is None:
             pid = _nbd.read_sysfs(index, "pid")
             owned = None if pid is None else (pid, _nbd.read_sysfs(index, "backend"))
-        with self._netlink() as nl:
+        with self._disk_lock(index), self._netlink() as nl:
             nl.disconnect(index)
         self._indexes.detached(index)
         if owned is not None:
             with self._lock:
                 self._disconnecting[index] = owned
+
+    def _disk_lock(self, index: int) -> DiskLock:
+        """The whole disk locked against udev's probe for a DISCONNECT, or, when it cannot
+        be had in time (or the node is missing), a lock that holds nothing: the
+        disconnect goes ahead regardless."""
+        try:
+            return DiskLock(_nbd.lock_disk(index, DISCONNECT_LOCK_TIMEOUT_S, self.dev_dir))
+        except NbdError:
+            return DiskLock(None)
 
     # -- reconnect ------------------------------------------------------------------
 

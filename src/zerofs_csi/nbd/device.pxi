@@ -193,6 +193,37 @@ cdef int _wait_unlocked(int fd, const char *path, double deadline) noexcept nogi
     return rc
 
 
+def lock_disk(int index, double timeout_s=10.0, str dev_dir="/dev"):
+    """Open ``/dev/nbd<index>`` read-only and take LOCK_EX on it, waiting while udev's
+    probe holds its shared lock; returns the descriptor. Held across a DISCONNECT, it
+    keeps udev's probe of the last close off a device whose connections are going: the
+    probe runs once it is closed, when the kernel has cleared the capacity. Opening does
+    no I/O, so a hung server does not block it. Blocks with the GIL released, at most
+    ``timeout_s``. Raises DeviceNotReady (ETIMEDOUT) or NbdError with open's errno."""
+    cdef bytes path_b = _os.fsencode(f"{dev_dir}/nbd{index}")
+    cdef const char *path = path_b
+    cdef double deadline = _now() + timeout_s
+    cdef int fd = -1, err = 0, rc = 0
+    with nogil:
+        fd = c.open(path, c.O_RDONLY | c.O_CLOEXEC | c.O_NONBLOCK)
+        if fd < 0:
+            err = c.errno
+        else:
+            rc = _wait_unlocked(fd, path, deadline)
+            if rc == 1:
+                err = c.ETIMEDOUT
+            elif rc < 0:
+                err = -rc
+            if err:
+                c.close(fd)
+    if err == c.ETIMEDOUT:
+        raise DeviceNotReady(err, f"{path_b.decode()}: udev still probes it after "
+                                  f"{timeout_s} s", path_b.decode())
+    if err:
+        raise _os_error(err, f"{path_b.decode()} cannot be locked", path_b.decode())
+    return fd
+
+
 def wait_ready(int index, uint64_t size_bytes, double timeout_s=10.0, *,
                UeventWatch watch=None, bint keep_lock=False, str dev_dir="/dev"):
     """Make sure ``/dev/nbd<index>`` is usable: the node exists (created with mknod from

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 
 class DiskLock:
     """An open read-only descriptor of the whole disk holding LOCK_EX: udev postpones its
-    probe until it is released. Hold it across mkfs and mount."""
+    probe until it is released. Hold it across mkfs and mount, and across a DISCONNECT.
+    Made with None, it holds nothing."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int | None) -> None:
         self._fd: int | None = fd
 
     @property

@@ -49,6 +49,9 @@ DEFAULT_DEAD_CONN_TIMEOUT_S = 300
 DEFAULT_BLOCK_SIZE = 4096
 DEFAULT_READY_TIMEOUT_S = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
+# How long a DISCONNECT waits for udev's probe of the device to end (its reads would fail
+# and log I/O errors once the connections go); past it, the disconnect goes ahead.
+DISCONNECT_LOCK_TIMEOUT_S = 5.0
 # The kernel accepts powers of two from 512 to PAGE_SIZE (4096 on x86-64 and arm64).
 BLOCK_SIZES = (512, 1024, 2048, 4096)
 
