@@ -1065,7 +1065,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         action="append",
         default=[],
         metavar="ARG",
-        help="append ARG to the guest kernel's command line (debugging)",
+        help="append ARG to the guest kernel's command line",
     )
     argv = list(argv)
     if "--" in argv:

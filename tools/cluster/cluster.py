@@ -215,6 +215,9 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
                 f"{kubelet_port}:{KUBELET_PORT}",
                 "--disk",
                 str(NODE_DISK),
+                # Room for the whole run's kernel log (e2e.py reads it at the end).
+                "--kernel-arg",
+                "log_buf_len=16M",
                 "--",
                 str(HERE / "node.sh"),
                 str(run_dir),

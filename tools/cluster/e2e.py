@@ -45,6 +45,7 @@ KERNEL_ERRORS = re.compile(
     r"I/O error|Aborting journal|Remounting filesystem read-only|Suspicious reply|"
     r"Buffer I/O error|XFS .*(Corruption|Shutting down)"
 )
+KERNEL_STAMP = re.compile(r"\[\s*(\d+\.\d+)\]")
 # Small: each 128 KiB the stand-in stores is one PUT, slow under TCG.
 DATA_MIB = 16
 
@@ -180,12 +181,31 @@ def node_view() -> Json:
     return dict(json.loads(output))
 
 
-def kernel_log_mark() -> int:
-    return len(node_exec("dmesg").splitlines())
+def stamped_lines(kernel_log: str) -> list[tuple[float, str]]:
+    """dmesg's lines as (seconds since boot, line)."""
+    lines = []
+    for line in kernel_log.splitlines():
+        stamp = KERNEL_STAMP.match(line)
+        if stamp:
+            lines.append((float(stamp[1]), line))
+    return lines
 
 
-def kernel_errors_since(mark: int) -> list[str]:
-    return [line for line in node_exec("dmesg").splitlines()[mark:] if KERNEL_ERRORS.search(line)]
+def kernel_log_mark(kernel_log: str) -> float:
+    """The time of the kernel log's last line: a mark by time, not by line count, which
+    stops counting once the log's buffer is full and drops its oldest lines."""
+    lines = stamped_lines(kernel_log)
+    return lines[-1][0] if lines else 0.0
+
+
+def kernel_errors_since(kernel_log: str, mark: float) -> list[str]:
+    lines = stamped_lines(kernel_log)
+    if lines and lines[0][0] > mark:
+        raise StepFailed(
+            f"the node's kernel log lost lines since {mark} s (it now starts at "
+            f"{lines[0][0]} s): its errors cannot be checked"
+        )
+    return [line for stamp, line in lines if stamp > mark and KERNEL_ERRORS.search(line)]
 
 
 def ctr(*argv: str) -> str:
@@ -650,7 +670,7 @@ def main(argv: Sequence[str]) -> int:
     table = Table()
     try:
         start_node_pod(images)
-        mark = kernel_log_mark()
+        mark = kernel_log_mark(node_exec("dmesg"))
         create_bucket()
         install_chart(images, table)
         kubectl("create", "namespace", WORKLOAD_NAMESPACE)
@@ -674,7 +694,7 @@ def main(argv: Sequence[str]) -> int:
             delete_claims(table, volumes)
             validation_chart(table, images)
         uninstall(table)
-        errors = kernel_errors_since(mark)
+        errors = kernel_errors_since(node_exec("dmesg"), mark)
         if errors:
             raise StepFailed("the kernel logged errors: " + " | ".join(errors[:5]))
     except StepFailed as exc:
