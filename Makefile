@@ -23,7 +23,7 @@ CSI_SANITY := $(CACHE)/csi-sanity/$(CSI_TEST_VERSION)/csi-sanity
 MINIO_VERSION := v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO := $(CACHE)/minio/$(MINIO_VERSION)/minio
 
-.PHONY: all bootstrap build proto lint kube-assets cluster-build cluster-images cluster-runtime-check test test-unit test-e2e test-s3 test-vm test-long privileged-suite vm-prepare demo bench \
+.PHONY: all bootstrap build proto lint kube-assets cluster-build cluster-images cluster-runtime-check test test-unit test-e2e test-s3 test-vm test-vm-sanity test-long privileged-suite vm-prepare demo bench \
 	nbd-regression chaos soak logs wheel lock clean
 
 all: build
@@ -97,6 +97,16 @@ vm-prepare:
 test-vm: build
 	@$(MAKE) --no-print-directory privileged-suite MARKS="privileged and not long"
 
+PRIVILEGED_PYTEST = $(PYTEST) -m "$(MARKS)" -q -p no:cacheprovider --durations=15 tests/privileged
+SANITY_ALL = $(PY) tools/harness/sanity.py --run all --csi-sanity $(CSI_SANITY)
+
+# make test's microVM: the privileged suite (but "long"), then csi-sanity against every
+# service, in one boot; either one failing fails it.
+test-vm-sanity: MARKS = privileged and not long
+test-vm-sanity: build $(CSI_SANITY)
+	$(VM) --timeout $(VM_TIMEOUT) --mem 4096 -- \
+		sh -c '$(PRIVILEGED_PYTEST); suite=$$?; $(SANITY_ALL) && exit $$suite'
+
 # The privileged tests make test leaves to its cluster e2e (marker "long").
 test-long: build
 	@$(MAKE) --no-print-directory privileged-suite MARKS="privileged and long"
@@ -107,8 +117,7 @@ privileged-suite:
 	@if [ "$$(id -u)" = 0 ] && [ -e /dev/nbd0 ] && [ -r /sys/module/nbd ]; then \
 		$(PYTEST) -m "$(MARKS)" -q --durations=15 tests/privileged; \
 	else \
-		$(VM) --timeout $(VM_TIMEOUT) --mem 4096 -- $(PYTEST) -m "$(MARKS)" -q -p no:cacheprovider \
-			--durations=15 tests/privileged; \
+		$(VM) --timeout $(VM_TIMEOUT) --mem 4096 -- $(PRIVILEGED_PYTEST); \
 	fi
 
 .PHONY: cluster e2e
@@ -155,13 +164,15 @@ sanity-controller: build $(CSI_SANITY)
 
 # csi-sanity against every service (--role all) in the microVM.
 sanity-vm: build $(CSI_SANITY)
-	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/harness/sanity.py --run all --csi-sanity $(CSI_SANITY)
+	$(VM) --timeout $(VM_TIMEOUT) -- $(SANITY_ALL)
 
-# The host tests and the S3 tests run side by side (neither needs the other's servers, and
-# each leaves a core idle much of the time); each one's output is printed whole when it ends.
+# The host tests, the S3 tests and csi-sanity's controller run, two at a time (none needs
+# another's servers, and each leaves a core idle much of the time); each one's output is
+# printed whole when it ends. Then the microVMs, one at a time: two side by side starve
+# each other's emulated CPUs.
 test: lint
-	@$(MAKE) --no-print-directory -j2 --output-sync=target test-unit test-s3
-	@$(MAKE) --no-print-directory test-vm sanity-controller sanity-vm test-e2e
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-unit test-s3 sanity-controller
+	@$(MAKE) --no-print-directory test-vm-sanity test-e2e
 
 demo: build
 	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/demo.py
