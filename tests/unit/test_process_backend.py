@@ -34,7 +34,7 @@ from zerofs_csi import errors
 from zerofs_csi.bench.plugin import wait_until
 from zerofs_csi.observability.sanitize import MASK
 from zerofs_csi.servers import ninep
-from zerofs_csi.servers.local import PROBE_EVERY_S, ProcessBackend, nbd_server_answers
+from zerofs_csi.servers.local import ProcessBackend, nbd_server_answers
 from zerofs_csi.servers.zerofs_config import ENV_ENCRYPTION_PASSWORD
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import VolumeSettings
@@ -513,17 +513,24 @@ def test_a_stopped_server_is_restarted_as_hung_and_a_slow_one_is_not(
         backend.close()
 
 
+@pytest.mark.parametrize("adopted", [False, True], ids=["own", "adopted-after-a-restart"])
 def test_a_server_whose_socket_is_gone_is_restarted_at_once(
-    state_dir: Path, tmp_path: Path
+    state_dir: Path, tmp_path: Path, adopted: bool
 ) -> None:
-    # Unreachable for good: restarted without waiting out the hung window (60 s here).
-    backend = ProcessBackend(
-        state_dir, command=[str(STANDIN)], supervise_interval=0.05, hung_after=60.0
-    )
+    # Unreachable for good: restarted without waiting out the hung window (60 s here),
+    # also by a plugin restarted since the server answered.
+    def new_backend() -> ProcessBackend:
+        return ProcessBackend(
+            state_dir, command=[str(STANDIN)], supervise_interval=0.05, hung_after=60.0
+        )
+
+    backend = new_backend()
     try:
         sockets = backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
         pid = backend.pid(VOLUME)
-        time.sleep(PROBE_EVERY_S + 1.0)  # the supervisor has seen it answer
+        if adopted:
+            backend.close()
+            backend = new_backend()
         sockets.nbd.unlink()
         wait_until(lambda: backend.pid(VOLUME) not in (None, pid), 15, "restart")
         assert not alive(pid)

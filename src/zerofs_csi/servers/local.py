@@ -219,6 +219,7 @@ class ProcessBackend:
                     self._servers[volume_id] = server
             try:
                 self._wait_ready(server, sockets, timeout, secret_env)
+                self._answered(server)
             except errors.CsiError:
                 # One writer per volume, nothing half started: a server that did not
                 # come up is stopped before the error goes back.
@@ -318,8 +319,16 @@ class ProcessBackend:
         server.start_time = procfs.start_time(process.pid) or 0
         server.boot_id = procfs.boot_id()
         server.started_at = server.answered_at = time.monotonic()
+        server.answered = False
         server.restart_at = None
         log.info("volume server started", extra=self._fields(server))
+
+    def _answered(self, server: LocalServer) -> None:
+        """The server greeted: recorded, the first time, in its state."""
+        server.answered_at = time.monotonic()
+        if not server.answered:
+            server.answered = True
+            save_state(self._paths(server.volume_id), server)
 
     def _terminate(self, server: LocalServer) -> None:
         """SIGTERM the server, wait, SIGKILL its process group, kill what is left.
@@ -508,13 +517,13 @@ class ProcessBackend:
         server.probe_at = now + PROBE_EVERY_S
         nbd_socket = self.sockets(server.volume_id).nbd
         if nbd_server_answers(nbd_socket, PROBE_TIMEOUT_S):
-            server.answered_at = time.monotonic()
+            self._answered(server)
             return
         silent = time.monotonic() - server.answered_at
-        # A server binds its socket once: one that answered and whose socket is gone (a
-        # cleaner of the directory, a hand) can never be reached again, however long
-        # it is given.
-        unreachable = server.answered_at > server.started_at and not nbd_socket.exists()
+        # A server binds its socket once: one that answered (this instance or the one
+        # before it) and whose socket is gone (a cleaner of the directory, a hand) can
+        # never be reached again, however long it is given.
+        unreachable = server.answered and not nbd_socket.exists()
         if silent < self._hung_after and not unreachable:
             return
         log.warning(

@@ -63,6 +63,9 @@ class LocalServer:
     failures: int = 0  # deaths since the server last stayed up STABLE_AFTER seconds
     restart_at: float | None = None  # when the supervisor restarts a dead server
     answered_at: float = 0.0  # time.monotonic() of the last handshake it answered
+    # Its process greeted once, so bound its NBD socket (kept in the state: an instance
+    # that adopts the server knows it too).
+    answered: bool = False
     probe_at: float = 0.0  # when the supervisor probes it next
 
 
@@ -106,6 +109,7 @@ def save_state(paths: ServerPaths, server: LocalServer) -> None:
         "argv": server.argv,
         "environment": server.environment,
         "restarts": server.restarts,
+        "answered": server.answered,
     }
     write_private(paths.state, json.dumps(state).encode())
 
@@ -124,6 +128,7 @@ def load_state(paths: ServerPaths, volume_id: str) -> LocalServer | None:
             start_time=int(state["start_time"]),
             boot_id=str(state["boot_id"]),
             restarts=int(state["restarts"]),
+            answered=bool(state.get("answered", False)),
         )
     except FileNotFoundError:
         return None
