@@ -62,13 +62,14 @@ CLUSTER_COMPONENTS := kube-apiserver etcd kubectl kube-controller-manager kube-s
 	kubelet kube-proxy csi-provisioner csi-attacher csi-resizer \
 	containerd containerd-shim-runc-v2 ctr runc cni pause
 
+# At the lowest priority, as the images below: make test builds them beside the microVM.
 cluster-build:
-	@tools/cluster/build.sh $(CLUSTER_COMPONENTS)
+	@nice -n 19 tools/cluster/build.sh $(CLUSTER_COMPONENTS)
 
 # Every image the test cluster runs, as OCI archives for the node's containerd (no registry
 # here; tools/cluster/images.sh says which and how).
 cluster-images: cluster-build
-	@tools/cluster/images.sh
+	@nice -n 19 tools/cluster/images.sh
 
 # containerd and runc from cluster-build import every image of cluster-images in the
 # microVM and run each (the images are built here: the microVM has no network). The
@@ -168,11 +169,15 @@ sanity-vm: build $(CSI_SANITY)
 
 # The host tests, the S3 tests and csi-sanity's controller run, two at a time (none needs
 # another's servers, and each leaves a core idle much of the time); each one's output is
-# printed whole when it ends. Then the microVMs, one at a time: two side by side starve
-# each other's emulated CPUs.
+# printed whole when it ends. Then the microVMs, one at a time (two side by side starve
+# each other's emulated CPUs): the first beside the cluster's builds, which take the
+# cycles it leaves (at the lowest priority), once the microVM's packages are installed
+# (apt takes one installer at a time, and the builds install theirs).
 test: lint
 	@$(MAKE) --no-print-directory -j2 --output-sync=target test-unit test-s3 sanity-controller
-	@$(MAKE) --no-print-directory test-vm-sanity test-e2e
+	@$(MAKE) --no-print-directory vm-prepare
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-vm-sanity cluster-images
+	@$(MAKE) --no-print-directory test-e2e
 
 demo: build
 	$(VM) --timeout $(VM_TIMEOUT) -- $(PY) tools/demo.py
