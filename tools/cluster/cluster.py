@@ -290,21 +290,22 @@ def wait_for_node(
         if node.poll() is not None:
             raise ComponentFailed(
                 f"the node's VM exited with status {node.returncode} before the node was "
-                f"Ready; logs: {run_dir / 'logs'}\n{node_log_tails(run_dir)}"
+                f"Ready; logs: {run_dir / 'logs'}\n{node_log_tails(plane)}"
             )
         if time.monotonic() > deadline:
             raise ComponentFailed(
                 f"the node was not Ready within {timeout_s:g} s; logs: {run_dir / 'logs'}\n"
-                f"{node_log_tails(run_dir)}"
+                f"{node_log_tails(plane)}"
             )
         time.sleep(1)
 
 
-def node_log_tails(run_dir: Path, lines: int = 15) -> str:
-    """The last lines of the node's components' logs: what a CI log shows of a failure."""
+def node_log_tails(plane: ControlPlane, lines: int = 15) -> str:
+    """The last lines of the node's components' logs (node.sh writes them where the
+    control plane's are): what a CI log shows of a failure."""
     tails = []
     for name in NODE_COMPONENTS:
-        path = run_dir / "logs" / f"{name}.log"
+        path = plane.log(name)
         try:
             text = path.read_text(errors="replace").splitlines()[-lines:]
         except FileNotFoundError:
