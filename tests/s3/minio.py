@@ -14,7 +14,9 @@ in. The bridge lives in its own namespace so that the host's firewall never sees
 servers' traffic. The four drives make one erasure set of parity 2 (MinIO's default for
 four drives), so reads need two drives and writes three: with one server down or cut
 off the set still lists and reads, and refuses every write and delete until the server
-is back.
+is back. ``servers`` and ``drives_per_server`` choose another shape: four servers of
+one drive each (the HA soak's, ``tools/harness/soak.py --minio-set``) keep write quorum
+with any one server down and lose it with two.
 
 The root credentials are random per set and given to the servers in their environment
 only; the servers run with ``--quiet`` (no banner), and the log tails this module puts
@@ -108,25 +110,37 @@ class MinioSet:
 
     region = "us-east-1"
 
-    def __init__(self, workdir: Path, binary: Path, *, start_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        binary: Path,
+        *,
+        start_timeout: float = 120.0,
+        servers: tuple[str, ...] = SERVERS,
+        drives_per_server: int = DRIVES_PER_SERVER,
+    ) -> None:
+        if len(servers) * drives_per_server < 4 or len(servers) < 2:
+            raise ValueError("a distributed MinIO set needs 2 or more servers and 4 or more drives")
         self.workdir = workdir
         self.binary = binary
         self.start_timeout = start_timeout
+        self.servers = servers
+        self.drives_per_server = drives_per_server
         self.subnet = _free_subnet()
         hosts = list(self.subnet.hosts())
         self.host_address = str(hosts[-1])
-        self.addresses = {server: str(hosts[n]) for n, server in enumerate(SERVERS)}
+        self.addresses = {server: str(hosts[n]) for n, server in enumerate(servers)}
         self.endpoints = {
             server: f"http://{address}:{PORT}" for server, address in self.addresses.items()
         }
-        self.endpoint = self.endpoints[SERVERS[0]]
+        self.endpoint = self.endpoints[servers[0]]
         self.access_key = "ZEROFSCSI" + secrets.token_hex(6).upper()
         self.secret_key = secrets.token_urlsafe(30)
         self.startup_seconds: float | None = None
         self.version = ""
         tag = f"{NAMESPACE_PREFIX}{os.getpid()}-{secrets.token_hex(2)}"
         self._hub = f"{tag}-hub"
-        self._namespaces = {server: f"{tag}-{server}" for server in SERVERS}
+        self._namespaces = {server: f"{tag}-{server}" for server in servers}
         # The host's end of its link, named in the host's namespace: at most 15 characters.
         self._host_link = f"zminio{secrets.token_hex(3)}"
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -137,7 +151,7 @@ class MinioSet:
         began = time.monotonic()
         remove_abandoned_namespaces()
         self._make_network()
-        for server in SERVERS:
+        for server in self.servers:
             for drive in self._drives(server):
                 drive.mkdir(parents=True)
             self._spawn(server)
@@ -208,12 +222,13 @@ class MinioSet:
                         f"MinIO server {server} exited with {process.returncode}: "
                         + self.log_tail(server)
                     )
-            if len(self._processes) == len(SERVERS) and all(map(self.healthy, SERVERS)):
+            if len(self._processes) == len(self.servers) and all(map(self.healthy, self.servers)):
                 return time.monotonic() - began
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"the MinIO set did not report write quorum on every server within "
-                    f"{deadline - began:.0f} s; server a: {self.log_tail('a')}"
+                    f"{deadline - began:.0f} s; server {self.servers[0]}: "
+                    + self.log_tail(self.servers[0])
                 )
             time.sleep(0.2)
 
@@ -227,7 +242,7 @@ class MinioSet:
     # ------------------------------------------------------------------ helpers
 
     def _drives(self, server: str) -> list[Path]:
-        return [self.workdir / f"{server}{n}" for n in range(1, DRIVES_PER_SERVER + 1)]
+        return [self.workdir / f"{server}{n}" for n in range(1, self.drives_per_server + 1)]
 
     def log_path(self, server: str) -> Path:
         return self.workdir / f"{server}.log"
@@ -275,7 +290,7 @@ class MinioSet:
     def _spawn(self, server: str) -> None:
         drives = [
             f"http://{self.addresses[peer]}:{PORT}{drive}"
-            for peer in SERVERS
+            for peer in self.servers
             for drive in self._drives(peer)
         ]
         env = {

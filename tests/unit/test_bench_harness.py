@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "harness"))
 
 import common  # noqa: E402
+import ha_minio  # noqa: E402
 import logs  # noqa: E402
 import regression  # noqa: E402
 import soak  # noqa: E402
@@ -187,3 +188,46 @@ def test_excluded_pairs_are_never_drawn() -> None:
     for seed in range(50):
         for fault in regression.draw_faults(random.Random(seed), 3, 3, excluded):
             assert (fault.point, fault.kind) not in excluded
+
+
+def test_a_fault_window_keeps_each_warning_once_with_the_secret_masked(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    log.write_text("2026-12-06T10:00:00Z ERROR before the window\n")
+    window = ha_minio.LogWindow(log)
+    with open(log, "a") as f:
+        for attempt in range(30):
+            f.write(f"2026-12-06T10:00:{attempt:02d}Z  WARN retrying PUT, attempt {attempt}\n")
+        f.write("2026-12-06T10:01:00Z  INFO flushed 12 entries\n")
+        f.write("2026-12-06T10:01:01Z ERROR s3 refused key s3cr3t-value: SlowDown\n")
+    problems = ha_minio.distinct_problems(window.lines(), "s3cr3t-value")
+    assert problems == [
+        "2026-12-06T10:00:00Z  WARN retrying PUT, attempt 0",
+        "2026-12-06T10:01:01Z ERROR s3 refused key ***: SlowDown",
+    ]
+
+
+def test_a_log_rotated_in_the_window_is_read_from_its_start(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    log.write_text("old line\n" * 100)
+    window = ha_minio.LogWindow(log)
+    log.write_text("ERROR after the restart\n")
+    assert list(window.lines()) == ["ERROR after the restart"]
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "longest", "count"),
+    [
+        (0.0, 100.0, 9.0, 3),
+        (4.0, 5.0, 9.0, 1),
+        (11.5, 11.9, 0.0, 0),
+        (10.5, 12.5, 1.0, 2),
+        (11.2, 12.2, 0.5, 1),
+    ],
+)
+def test_the_longest_pause_is_of_the_writes_overlapping_the_window(
+    tmp_path: Path, start: float, end: float, longest: float, count: int
+) -> None:
+    probe = ha_minio.PauseProbe(tmp_path / "probe")
+    probe.writes = [(1.0, 10.0), (10.0, 11.0), (12.0, 12.5)]
+    pause, writes = probe.longest_pause(start, end)
+    assert (pause, writes) == (pytest.approx(longest), count)

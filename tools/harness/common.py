@@ -48,14 +48,9 @@ def server() -> ZeroFSServer:
 
 def plugin_process(workdir: Path, **options: Any) -> PluginProcess:
     """The plugin with the run's per-volume server, as the privileged tests run it (on
-    a MinIO bucket for ZeroFS, which refuses file://)."""
-    return PluginProcess(
-        workdir,
-        zerofs_command=server().command,
-        s3=volume_store(server()),
-        cwd=REPO,
-        **options,
-    )
+    a MinIO bucket for ZeroFS, which refuses file://), unless ``s3`` says where."""
+    s3 = options.pop("s3") if "s3" in options else volume_store(server())
+    return PluginProcess(workdir, zerofs_command=server().command, s3=s3, cwd=REPO, **options)
 
 
 def call_with_retry(

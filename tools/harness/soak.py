@@ -1,6 +1,7 @@
 """Soak: fio with verification on a staged volume while its server is killed again and again.
 
     python tools/harness/soak.py [--duration S] [--kill-every S]
+    python tools/harness/soak.py --minio-set [--fault-hold S] [--fault-gap S] [--kill-every S]
 
 Needs the kernel's NBD driver and root: ``make soak`` runs it in the microVM. One plugin
 (local backend, ZeroFS stand-in), one ext4 volume staged and published. Two phases:
@@ -17,6 +18,12 @@ Needs the kernel's NBD driver and root: ``make soak`` runs it in the microVM. On
 
 Passes with zero I/O errors and zero verification failures in both phases. Results go to
 ``build/harness/soak.json``.
+
+``--minio-set`` puts the volume on a distributed MinIO set (``MINIO_BIN``) and, in
+phase 1, kills and cuts off its servers instead of the volume server (unless
+``--kill-every`` asks for both): ``ha_minio`` has the schedule and what is recorded of
+each fault; the results go to ``build/harness/soak-minio.json``. With ``ZEROFS_BIN``
+this is ZeroFS itself on HA MinIO (``docs/ha-minio.md``).
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ from common import (  # noqa: E402
     server_pid,
     write_results,
 )
+from ha_minio import SERVERS, FaultRecord, PauseProbe, StorageFaults, minio_storage  # noqa: E402
+from minio import MinioSet  # noqa: E402
+from minio_server import free_port  # noqa: E402
 
 from zerofs_csi.bench.plugin import (  # noqa: E402
     clean_up_volumes,
@@ -88,6 +98,15 @@ class SoakResults:
     kill_every_s: float
     kills: list[Kill] = field(default_factory=list)
     fio: list[FioRun] = field(default_factory=list)
+    minio: str = ""  # the MinIO set's shape and version, with --minio-set
+    storage_faults: list[FaultRecord] = field(default_factory=list)
+    probe_error: str = ""
+
+
+@dataclass(frozen=True)
+class StorageFaultPlan:
+    hold_s: float
+    gap_s: float
 
 
 def fio_job(name: str, path: Path, *options: str) -> list[str]:
@@ -173,10 +192,28 @@ class ServerKiller(threading.Thread):
 
 
 def soak(
-    workdir: Path, duration: float, kill_every: float, log: Callable[[str], None]
+    workdir: Path,
+    duration: float,
+    kill_every: float,
+    log: Callable[[str], None],
+    storage_faults: StorageFaultPlan | None = None,
 ) -> SoakResults:
     results = SoakResults(duration, kill_every)
-    plugin = plugin_process(workdir)
+    minio: MinioSet | None = None
+    options: dict[str, Any] = {}
+    if storage_faults is not None:
+        minio = MinioSet(
+            workdir / "minio",
+            Path(os.environ.get("MINIO_BIN", "")),
+            servers=SERVERS,
+            drives_per_server=1,
+        )
+        minio.start()
+        results.minio = f"MinIO {minio.version}: {len(SERVERS)} servers of 1 drive"
+        options = {"s3": minio_storage(minio), "metrics_address": f"127.0.0.1:{free_port()}"}
+    plugin = plugin_process(workdir, **options)
+    faults: StorageFaults | None = None
+    probe: PauseProbe | None = None
     try:
         plugin.start()
         baseline = connected_nbd_devices()
@@ -187,10 +224,21 @@ def soak(
         t0 = time.monotonic()
 
         killer = ServerKiller(volume, kill_every, duration, results, t0)
-        killer.start()
+        if kill_every > 0:
+            killer.start()
+        if minio is not None and storage_faults is not None:
+            probe = PauseProbe(target / "probe.dat")
+            probe.start()
+            faults = StorageFaults(
+                minio, plugin, volume, probe,
+                hold_s=storage_faults.hold_s, gap_s=storage_faults.gap_s,
+                window=duration, t0=t0, log=log,
+            )  # fmt: skip
+            faults.start()
         log(
             f"soak: phase 1, {duration:.0f} s of verified random writes, "
-            f"kill -9 every {kill_every:.0f} s"
+            + (f"kill -9 every {kill_every:.0f} s" if kill_every > 0 else "no server kills")
+            + (f"; MinIO faults held {storage_faults.hold_s:.0f} s" if storage_faults else "")
         )
         random_run = run_fio(
             "random writes, verified while running",
@@ -208,7 +256,16 @@ def soak(
             duration + FIO_SLACK_S,
         )
         killer.stopped.set()
-        killer.join(130)
+        if kill_every > 0:
+            killer.join(130)
+        if faults is not None and probe is not None:
+            faults.stopped.set()
+            # A fault under way is finished: held, undone and the set healthy again.
+            faults.join(storage_faults.hold_s + 600 if storage_faults else 600)
+            results.storage_faults = faults.records
+            probe.stopped.set()
+            probe.join(120)
+            results.probe_error = str(probe.error or "")
         results.fio.append(random_run)
         log(f"  {random_run}")
 
@@ -246,9 +303,15 @@ def soak(
         clean_up_volumes(plugin)
         check(connected_nbd_devices() == baseline, "a device stayed attached at the end")
     finally:
+        if faults is not None:
+            faults.stopped.set()
+        if probe is not None:
+            probe.stopped.set()
         stop_plugin(plugin)
         if plugin.log_path.exists():
             shutil.copy(plugin.log_path, workdir.parent / f"{workdir.name}.plugin.log")
+        if minio is not None:
+            minio.stop()
     return results
 
 
@@ -258,14 +321,22 @@ def run(
     workdir: Path | None = None,
     results_name: str = "soak",
     log: Callable[[str], None] = print,
+    storage_faults: StorageFaultPlan | None = None,
 ) -> dict[str, object]:
     own_workdir = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="zerofs-soak-"))
     failure: str | None = None
     results: SoakResults | None = None
     try:
-        results = soak(workdir, duration, kill_every, log)
-        for fio in results.fio:
+        results = soak(workdir, duration, kill_every, log, storage_faults)
+        if results.probe_error:
+            failure = f"the pause probe's write failed: {results.probe_error}"
+        failed_faults = [f for f in results.storage_faults if f.error]
+        if failure is None and failed_faults:
+            failure = f"{failed_faults[0].name}: {failed_faults[0].error}"
+        if failure is None and storage_faults is not None:
+            check(results.storage_faults, "no MinIO fault was made: the soak was too short")
+        for fio in results.fio if failure is None else ():
             if fio.io_errors or fio.verify_errors or fio.returncode:
                 failure = (
                     f"fio {fio.phase}: exit {fio.returncode}, {fio.io_errors} I/O errors, "
@@ -313,13 +384,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kill-every",
         type=float,
-        default=float(os.environ.get("KILL_EVERY", 75)),
-        help="seconds between server kills",
+        help="seconds between server kills (75 by default; 0, the default with --minio-set, "
+        "kills none in phase 1)",
+    )
+    parser.add_argument(
+        "--minio-set", action="store_true", help="the volume on a MinIO set, whose servers fail"
+    )
+    parser.add_argument("--fault-hold", type=float, default=30.0, help="seconds a fault lasts")
+    parser.add_argument(
+        "--fault-gap", type=float, default=20.0, help="seconds between a healed fault and the next"
     )
     args = parser.parse_args(argv)
-    if args.duration < 1 or args.kill_every <= 0:
+    kill_every = args.kill_every
+    if kill_every is None:
+        kill_every = float(os.environ.get("KILL_EVERY", 0 if args.minio_set else 75))
+    if args.duration < 1 or kill_every < 0 or (kill_every == 0 and not args.minio_set):
         parser.error("--duration must be at least 1 s and --kill-every positive")
-    return 0 if run(args.duration, args.kill_every)["passed"] else 1
+    plan = StorageFaultPlan(args.fault_hold, args.fault_gap) if args.minio_set else None
+    name = "soak-minio" if args.minio_set else "soak"
+    summary = run(args.duration, kill_every, results_name=name, storage_faults=plan)
+    return 0 if summary["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -302,22 +302,30 @@ class PluginProcess:
         """Volume server processes (ZeroFS, or the stand-in and its nbdkit/diod)."""
         return processes_mentioning(str(self.state_dir / "servers"), str(self.store))
 
-    def stage_seconds(self, operation: str, stage: str, volume_id: str) -> float:
-        """Total time the plugin spent in one stage of an operation on a volume, from its
-        ``zerofs_csi_stage_duration_seconds`` histogram (needs ``metrics_address``)."""
+    def metric(self, sample_name: str, **labels: str) -> float:
+        """The sum of the plugin's samples ``sample_name`` (a counter's ``_total``, a
+        histogram's ``_sum``) whose labels include ``labels``; 0 when there are none
+        (needs ``metrics_address``)."""
         url = f"http://{self.metrics_address}/metrics"
         with urllib.request.urlopen(url, timeout=30) as reply:
             text = reply.read().decode()
-        wanted = {"operation": operation, "stage": stage, "volume_id": volume_id}
-        for family in text_string_to_metric_families(text):
-            if family.name != "zerofs_csi_stage_duration_seconds":
-                continue
-            for sample in family.samples:
-                if sample.name.endswith("_sum") and all(
-                    sample.labels.get(k) == v for k, v in wanted.items()
-                ):
-                    return float(sample.value)
-        return 0.0
+        return sum(
+            float(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == sample_name
+            and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+    def stage_seconds(self, operation: str, stage: str, volume_id: str) -> float:
+        """Total time the plugin spent in one stage of an operation on a volume, from its
+        ``zerofs_csi_stage_duration_seconds`` histogram."""
+        return self.metric(
+            "zerofs_csi_stage_duration_seconds_sum",
+            operation=operation,
+            stage=stage,
+            volume_id=volume_id,
+        )
 
 
 # -- volumes --------------------------------------------------------------------------------
@@ -416,6 +424,10 @@ class Volume:
 
     def device(self) -> str:
         return f"/dev/nbd{self.record()['device_index']}"
+
+    def server_log_path(self) -> Path:
+        """The volume server's stdout and stderr (the local backend's ``server.log``)."""
+        return self.plugin.state_dir / "servers" / self.volume_id / "server.log"
 
     def cleanup(self) -> None:
         """Unpublish, unstage and delete, ignoring what is already gone."""
