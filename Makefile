@@ -24,7 +24,7 @@ MINIO_VERSION := v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO := $(CACHE)/minio/$(MINIO_VERSION)/minio
 
 .PHONY: all bootstrap build proto lint kube-assets cluster-build cluster-images cluster-runtime-check test test-unit test-e2e test-s3 test-vm test-vm-sanity test-long privileged-suite vm-prepare demo bench \
-	nbd-regression chaos soak logs wheel lock clean
+	nbd-regression chaos soak soak-minio logs wheel lock clean
 
 all: build
 
@@ -200,6 +200,12 @@ chaos: build
 # fio with crc32c verification on a staged volume while its server is killed; DURATION seconds.
 soak: build
 	$(VM) --timeout $$(( $(DURATION) * 2 + 900 )) -- $(PY) tools/harness/soak.py --duration $(DURATION)
+
+# The same with the volume on a MinIO set of four servers, killed and cut off under the
+# writer one at a time and a write quorum at a time (docs/ha-minio.md).
+soak-minio: build $(MINIO)
+	$(VM) --timeout $$(( $(DURATION) * 2 + 1800 )) -- $(PY) tools/harness/soak.py --minio-set \
+		--duration $(DURATION)
 
 logs:
 	$(PY) tools/harness/logs.py --output validation-logs.txt
