@@ -445,6 +445,41 @@ def load_config(path: Path, environ: Mapping[str, str]) -> StandinConfig:
 # Exports and their S3 layout
 
 
+# ---------------------------------------------------------------------------------
+# Fencing: one writer per volume, as ZeroFS's fencing makes it
+
+
+# A writable server claims the volume's file:// storage at start by writing a token of
+# its own here; ZeroFS's writer does the same with its manifest's epoch. A server that
+# finds another token in the file has been superseded by a newer writer and exits 1
+# with ZeroFS's words (its SlateDB error's message), within FENCE_CHECK_S: ZeroFS learns
+# it at its next write to the store, an idle ZeroFS only then.
+WRITER_FILE = ".standin-writer"
+FENCE_CHECK_S = 1.0
+FENCED_MESSAGE = (
+    "another writer opened this volume's storage since this server started "
+    f"({WRITER_FILE} changed). Fatal write error, exiting: Closed error: detected newer "
+    "DB client"
+)
+
+
+def claim_writer(storage_dir: Path) -> str:
+    """Make this server the volume's writer; returns its token."""
+    token = f"{uuid.uuid4()} pid {os.getpid()}"
+    staged = storage_dir / f"{WRITER_FILE}.{os.getpid()}"
+    staged.write_text(token)
+    os.replace(staged, storage_dir / WRITER_FILE)
+    return token
+
+
+def superseded(storage_dir: Path, token: str) -> bool:
+    """Whether another server claimed the storage after the one holding ``token``."""
+    try:
+        return (storage_dir / WRITER_FILE).read_text() != token
+    except FileNotFoundError:
+        return False  # the volume's data deleted under the server: not another writer
+
+
 def check_export_name(name: str) -> None:
     """An export is one file of .nbd/: raise ValueError for any other name."""
     if name in ("", ".", "..") or "/" in name or "\0" in name:
@@ -1003,6 +1038,10 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
         if config.rpc_socket is not None or checkpoint is not None:
             store = checkpoint_store(config, nbd_paused)
         tree, layout = served_tree(config, read_only, checkpoint, store)
+        writer_token = None
+        if not read_only and config.s3 is None:
+            writer_token = claim_writer(config.storage_dir)
+        next_fence_check = time.monotonic() + FENCE_CHECK_S
         if config.rpc_socket is not None:
             admin_server = admin.BackgroundAdminServer(
                 config.rpc_socket, store, read_only=read_only
@@ -1097,6 +1136,11 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
             if admin_server is not None and admin_server.error is not None:
                 say(admin_server.error)
                 return 1
+            if writer_token is not None and time.monotonic() >= next_fence_check:
+                next_fence_check = time.monotonic() + FENCE_CHECK_S
+                if superseded(config.storage_dir, writer_token):
+                    say(f"ERROR {FENCED_MESSAGE}")
+                    return 1
             time.sleep(0.1)
     except Stop as stop:
         say(f"{stop.args[0]}: stopping")

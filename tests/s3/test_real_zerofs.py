@@ -6,10 +6,12 @@ a MinIO bucket: what the driver relies on of ZeroFS, checked against ZeroFS itse
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,3 +191,39 @@ def test_stop_closes_the_sessions_and_keeps_unflushed_writes(
     sockets = backend.ensure(VOLUME, settings, secrets)
     with NbdClient(sockets.nbd, VOLUME) as again:
         assert again.read(7 * MiB, len(data)) == data
+
+
+def test_a_server_fenced_by_a_newer_writer_exits_and_is_not_restarted(
+    backend: ProcessBackend, minio: MinioServer, tmp_path: Path
+) -> None:
+    """A second server of the volume (another node's plugin: its own state directory)
+    fences the first at its next write, which exits 1 saying so; the first plugin's
+    supervisor leaves it down instead of letting it take the volume back."""
+    settings, secrets = s3_settings(minio, tmp_path.name), s3_secrets(minio)
+    sockets = backend.ensure(VOLUME, settings, secrets)
+    ninep.prepare_export(sockets.ninep, VOLUME, 64 * MiB)
+    fenced_pid = backend.pid(VOLUME)
+    assert fenced_pid is not None
+    other = ProcessBackend(tmp_path / "other-node", command=[SERVER.command], stop_timeout=30)
+    try:
+        other.ensure(VOLUME, settings, secrets)
+        client = NbdClient(sockets.nbd, VOLUME)
+        try:
+            with contextlib.suppress(OSError):  # the flush of a fenced writer: no answer
+                client.write(0, os.urandom(MiB))
+                client.flush()
+        finally:
+            client._sock.close()
+        deadline = time.monotonic() + 60
+        while backend.pid(VOLUME) == fenced_pid and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(5.0)  # many restart delays
+        assert backend.pid(VOLUME) is None
+        assert backend.restarts(VOLUME) == 0
+        log = (tmp_path / "state" / "servers" / VOLUME / "server.log").read_text()
+        assert "detected newer DB client" in log
+        assert other.pid(VOLUME) is not None
+    finally:
+        for volume_id in other.running():
+            other.stop(volume_id)
+        other.close()

@@ -538,3 +538,83 @@ def test_a_server_whose_socket_is_gone_is_restarted_at_once(
     finally:
         backend.stop(VOLUME)
         backend.close()
+
+
+def backend_of_another_node(tmp_path: Path, command: list[str]) -> ProcessBackend:
+    """A second plugin's backend (its own state directory and sockets), as on the node
+    a volume moved to: its servers open the same storage."""
+    return ProcessBackend(
+        tmp_path / "other-node",
+        command=command,
+        stop_timeout=5,
+        restart_backoff=(0.1, 1.0),
+        supervise_interval=0.05,
+    )
+
+
+@pytest.mark.parametrize("adopted", [False, True], ids=["own", "adopted-after-a-restart"])
+def test_a_server_fenced_by_a_newer_writer_is_not_restarted_until_staged_again(
+    state_dir: Path,
+    tmp_path: Path,
+    command: list[str],
+    caplog: pytest.LogCaptureFixture,
+    adopted: bool,
+) -> None:
+    def here() -> ProcessBackend:
+        return ProcessBackend(
+            state_dir, command=command, restart_backoff=(0.1, 1.0), supervise_interval=0.05
+        )
+
+    backend = here()
+    other = backend_of_another_node(tmp_path, command)
+    try:
+        backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
+        fenced_pid = backend.pid(VOLUME)
+        assert fenced_pid is not None
+        if adopted:
+            backend.close()  # the plugin is down while its server is fenced
+        other.ensure(VOLUME, settings_for(tmp_path), SECRETS)
+        wait_until(lambda: not alive(fenced_pid), 15.0, "the older server fenced")
+        if adopted:
+            backend = here()
+        # Many times the restart delay: a supervisor that restarts has done so by now.
+        time.sleep(3.0)
+        assert backend.pid(VOLUME) is None
+        assert backend.restarts(VOLUME) == 0
+        state = json.loads((state_dir / "servers" / VOLUME / "server.json").read_text())
+        assert state["fenced"] is True
+        assert any("fenced" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+        newer_pid = other.pid(VOLUME)
+        assert newer_pid is not None and alive(newer_pid)
+
+        # The volume given back to this node: its NodeStage starts a server, which
+        # fences the other node's in turn.
+        backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
+        wait_until(lambda: not alive(newer_pid), 15.0, "the other node's server fenced")
+        time.sleep(3.0)
+        assert other.pid(VOLUME) is None and other.restarts(VOLUME) == 0
+        assert backend.pid(VOLUME) is not None
+    finally:
+        for instance in (backend, other):
+            for volume_id in instance.running():
+                instance.stop(volume_id)
+            instance.close()
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_a_server_that_exits_for_another_reason_is_restarted(
+    backend: ProcessBackend, tmp_path: Path, state_dir: Path
+) -> None:
+    """The fenced check reads only this process's output: a fenced line an earlier
+    process logged does not stop the restart of a later one that was killed."""
+    backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
+    log_path = state_dir / "servers" / VOLUME / "server.log"
+    with open(log_path, "ab") as log:
+        log.write(b"ERROR earlier life: Fatal write error, exiting: detected newer DB client\n")
+    backend.stop(VOLUME)
+    backend.ensure(VOLUME, settings_for(tmp_path), SECRETS)
+    old_pid = backend.pid(VOLUME)
+    assert old_pid is not None
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: backend.pid(VOLUME) not in (None, old_pid), 15.0, "restart")
+    assert backend.restarts(VOLUME) == 1

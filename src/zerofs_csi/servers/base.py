@@ -20,6 +20,16 @@ UNIX_PATH_MAX = 107
 # ZeroFS's admin service ([servers.rpc]) in a server's socket directory: named as long
 # as nbd.sock, so that it fits wherever that does.
 ADMIN_SOCKET = "rpc.sock"
+# What ZeroFS logs when it exits because another server of the volume opened its storage
+# since it started (SlateDB's fencing error, in "Fatal write error, exiting: Closed
+# error: detected newer DB client"). Any other fatal write error exits with the same
+# status 1, so the log is the one way to tell.
+FENCED_MARKER = "detected newer DB client"
+
+
+def fenced_in(server_output: str) -> bool:
+    """Whether a server's output says it was fenced by a newer writer of its volume."""
+    return FENCED_MARKER in server_output
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,13 @@ its I/O waits: the attach path never lets the kernel abandon a request to a live
 (see ``zerofs_csi.nbd``), so this is the only way a hung server's requests move on,
 resent on the reconnected device.
 
+A server that exited fenced (another server of the volume opened its storage since it
+started: the volume went to another node, ``base.fenced_in`` its output) is not
+restarted: a restart would open the storage again and fence the newer writer in turn,
+and the two would take the volume from each other, each one's unflushed writes lost.
+Its device's I/O then fails once the link monitor gives up; a later NodeStage here (the
+CO giving the volume back to this node) starts a server again.
+
 ``stop`` sends SIGTERM, waits ``stop_timeout``, then SIGKILLs the server's process
 group, and removes the sockets and run files; the log stays for diagnosis and the
 volume's data (in the storage URL) is never touched.
@@ -55,7 +62,7 @@ from zerofs_csi import errors
 from zerofs_csi.host import procfs
 from zerofs_csi.nbd import _nbd
 from zerofs_csi.observability.sanitize import MASK, REDACTOR
-from zerofs_csi.servers.base import ServerSockets
+from zerofs_csi.servers.base import ServerSockets, fenced_in
 from zerofs_csi.servers.local_state import (
     LocalServer,
     ServerPaths,
@@ -80,6 +87,8 @@ PROBE_EVERY_S = 2.0
 PROBE_TIMEOUT_S = 2.0
 LOG_ROTATE_BYTES = 1 << 20
 LOG_TAIL_LINES = 15
+# How much of a dead server's output is searched for why it exited.
+EXIT_OUTPUT_BYTES = 64 << 10
 # Variables of the plugin's environment a server may need; nothing else is passed on.
 INHERITED_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 
@@ -298,6 +307,7 @@ class ProcessBackend:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             log_file.write(f"--- {stamp} zerofs-csi: starting {shlex.join(server.argv)}\n".encode())
             log_file.flush()
+            server.log_offset = log_file.tell()
             try:
                 process = subprocess.Popen(
                     server.argv,
@@ -321,6 +331,7 @@ class ProcessBackend:
         server.started_at = server.answered_at = time.monotonic()
         server.answered = False
         server.restart_at = None
+        server.fenced = False
         log.info("volume server started", extra=self._fields(server))
 
     def _answered(self, server: LocalServer) -> None:
@@ -436,7 +447,7 @@ class ProcessBackend:
             server = load_state(self._paths(entry.name), entry.name)
             if server is None:
                 continue
-            if not self._alive(server):
+            if not self._alive(server) and not self._note_fenced(server):
                 # It died while nobody watched: the supervisor restarts it at once.
                 server.restart_at = time.monotonic()
             server.started_at = server.answered_at = time.monotonic()
@@ -478,10 +489,14 @@ class ProcessBackend:
             if self._hung_after > 0 and now >= server.probe_at:
                 self._probe(server, now)
             return
+        if server.fenced:
+            return
         if server.restart_at is None:
             # Whatever the dead server left running (its children) could still hold its
             # sockets and answer nothing: it goes before a new server starts.
             self._kill_group_leftovers(server)
+            if self._note_fenced(server):
+                return
             server.failures += 1
             delay = min(self._backoff_base * 2 ** (server.failures - 1), self._backoff_max)
             server.restart_at = now + delay
@@ -510,6 +525,35 @@ class ProcessBackend:
             return
         server.restarts += 1
         save_state(self._paths(server.volume_id), server)
+
+    def _note_fenced(self, server: LocalServer) -> bool:
+        """Whether the dead server exited fenced (its output since its start says so);
+        if so it is marked, in its state too, and reported once."""
+        if server.fenced:
+            return True
+        path = self._paths(server.volume_id).log
+        try:
+            with path.open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                # A log rotated since (by a start of another instance) begins anew.
+                start = server.log_offset if server.log_offset <= size else 0
+                f.seek(max(start, size - EXIT_OUTPUT_BYTES))
+                output = f.read().decode(errors="replace")
+        except OSError:
+            return False
+        if not fenced_in(output):
+            return False
+        server.fenced = True
+        server.restart_at = None
+        save_state(self._paths(server.volume_id), server)
+        log.error(
+            "volume server was fenced: another server of the volume opened its storage "
+            "since it started (the volume is in use on another node); not restarting it, "
+            "so that the two do not take the volume from each other. Its device fails "
+            "its I/O once the link monitor gives up; a NodeStage here starts a server again",
+            extra=self._fields(server),
+        )
+        return True
 
     def _probe(self, server: LocalServer, now: float) -> None:
         """Handshake with the server; kill it when it answered none for ``hung_after``

@@ -67,6 +67,9 @@ class LocalServer:
     # that adopts the server knows it too).
     answered: bool = False
     probe_at: float = 0.0  # when the supervisor probes it next
+    log_offset: int = 0  # where this process's output starts in server.log
+    # It exited fenced by a newer writer of the volume: not restarted (see ``local``).
+    fenced: bool = False
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -110,6 +113,8 @@ def save_state(paths: ServerPaths, server: LocalServer) -> None:
         "environment": server.environment,
         "restarts": server.restarts,
         "answered": server.answered,
+        "log_offset": server.log_offset,
+        "fenced": server.fenced,
     }
     write_private(paths.state, json.dumps(state).encode())
 
@@ -129,6 +134,8 @@ def load_state(paths: ServerPaths, volume_id: str) -> LocalServer | None:
             boot_id=str(state["boot_id"]),
             restarts=int(state["restarts"]),
             answered=bool(state.get("answered", False)),
+            log_offset=int(state.get("log_offset", 0)),
+            fenced=bool(state.get("fenced", False)),
         )
     except FileNotFoundError:
         return None
