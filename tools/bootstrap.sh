@@ -15,9 +15,7 @@ for pkg in "${wanted[@]}"; do
 done
 if ((${#missing[@]})); then
     echo "bootstrap: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    tools/apt-install "${missing[@]}" 2>/dev/null
 fi
 
 python=${PYTHON:-python3}

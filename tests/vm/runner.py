@@ -43,6 +43,8 @@ EXIT_VM_FAILURE = 125
 
 VM_DIR = Path(__file__).resolve().parent
 REPO_ROOT = VM_DIR.parent.parent
+# Every apt-get of the project, one at a time (make test runs targets side by side).
+APT_INSTALL = REPO_ROOT / "tools" / "apt-install"
 
 
 def machine_cache_dir() -> Path:
@@ -135,17 +137,13 @@ class Apt:
         if self.updated:
             return
         log("apt-get update")
-        run_checked(["apt-get", "update", "-q"], "apt-get update")
+        run_checked([str(APT_INSTALL), "--update"], "apt-get update")
         self.updated = True
 
     def install(self, packages: Sequence[str]) -> None:
-        self.update()
         log(f"installing {' '.join(packages)}")
-        run_checked(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
-            "apt-get install",
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
+        run_checked([str(APT_INSTALL), *packages], "apt-get install")
+        self.updated = True  # apt-install refreshed the lists first
 
 
 def run_checked(

@@ -205,9 +205,7 @@ ensure_packages() {
     done
     ((${#missing[@]})) || return 0
     echo "build.sh: installing ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
-        >"$out/logs/apt.log" 2>&1 \
+    "$here/tools/apt-install" "${missing[@]}" >"$out/logs/apt.log" 2>&1 \
         || fail "cannot install the Debian packages ${missing[*]}; its log: $out/logs/apt.log"
 }
 

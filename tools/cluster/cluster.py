@@ -92,14 +92,7 @@ def ensure_node_packages() -> None:
     if not missing:
         return
     log(f"installing {' '.join(missing)} (Debian packages; the node runs them)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    subprocess.run([str(REPO / "tools" / "apt-install"), *missing], check=True, capture_output=True)
 
 
 def image_list() -> list[str]:

@@ -96,9 +96,7 @@ need() { # COMMAND PACKAGE
     command -v "$1" >/dev/null && return
     ((build)) || fail "$1 is not installed (Debian package $2)"
     echo "images.sh: installing $2 (Debian package)" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "$2"; } \
-        >"$logs/install-$2.log" 2>&1 || fail "cannot install $2; its log: $logs/install-$2.log"
+    "$here/tools/apt-install" "$2" >"$logs/install-$2.log" 2>&1 || fail "cannot install $2; its log: $logs/install-$2.log"
 }
 
 buildah_() { buildah --root "$store/root" --runroot "$store/run" --storage-driver vfs "$@"; }
