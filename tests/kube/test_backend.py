@@ -239,6 +239,29 @@ def test_pod_of_an_older_configuration_is_gone_before_the_new_one_starts(
     assert deleted and started and deleted[0][0] < started[0][0]
 
 
+def test_pod_of_a_fenced_server_is_replaced_at_the_next_stage(
+    cluster: Cluster, admin: client.ApiClient, make_backend: MakeBackend, kubelets: StartKubelet
+) -> None:
+    """Its guard keeps a fenced ZeroFS from starting again (objects.FENCE_GUARD_SCRIPT);
+    a NodeStage here gives the volume back to this node: a new pod, without the mark."""
+    kubelet = kubelets(stop_delay=0.5)
+    backend = make_backend()
+    volume = new_volume_id()
+    backend.ensure(volume, volume_settings(), SECRETS)
+    old = read_pod(admin, cluster, objects.pod_name(volume))
+    backend.sockets(volume).fenced.touch()
+
+    backend.ensure(volume, volume_settings(), SECRETS)
+
+    new = read_pod(admin, cluster, objects.pod_name(volume))
+    assert old is not None and new is not None
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    assert not backend.sockets(volume).fenced.exists()
+    deleted = [e for e in kubelet.actions("deleted") if e[4] == old["metadata"]["uid"]]
+    started = [e for e in kubelet.actions("started") if e[4] == new["metadata"]["uid"]]
+    assert deleted and started and deleted[0][0] < started[0][0]
+
+
 def test_pod_on_another_node_is_replaced_only_after_it_is_gone(
     cluster: Cluster,
     admin: client.ApiClient,

@@ -27,6 +27,11 @@ ADMIN_SOCKET = "rpc.sock"
 FENCED_MARKER = "detected newer DB client"
 
 
+# Left in a volume's socket directory by the Kubernetes backend's server pod when its
+# ZeroFS exited fenced (``pods.objects``): the pod does not start ZeroFS again.
+FENCED_FILE = "fenced"
+
+
 def fenced_in(server_output: str) -> bool:
     """Whether a server's output says it was fenced by a newer writer of its volume."""
     return FENCED_MARKER in server_output
@@ -39,6 +44,12 @@ class ServerSockets:
     directory: Path
     nbd: Path
     ninep: Path
+
+    @property
+    def fenced(self) -> Path:
+        """The mark of a server fenced by a newer writer of the volume (Kubernetes
+        backend: its pod will not start ZeroFS again)."""
+        return self.directory / FENCED_FILE
 
     @property
     def admin(self) -> Path:

@@ -377,6 +377,8 @@ class KubernetesBackend:
             return f"phase {phase_of(pod)}"
         if annotations.get(objects.ANNOTATION_CONFIG_HASH) != wanted_hash:
             return "started from another configuration"
+        if self.sockets(volume_id).fenced.exists():
+            return "its server was fenced by a newer writer of the volume"
         return None
 
     def _clear_the_way(self, volume_id: str, wanted_hash: str) -> Obj | None:
@@ -392,6 +394,9 @@ class KubernetesBackend:
                 extra=self._fields(volume_id, pod, step="replace_pod", reason=reason),
             )
             self._remove_pod(volume_id, pod, reason)
+        if keep is None:
+            # The mark of a fenced server goes with its pod: the new pod starts ZeroFS.
+            self.sockets(volume_id).fenced.unlink(missing_ok=True)
         return keep
 
     def _remove_pod(self, volume_id: str, pod: Obj, why: str) -> str:

@@ -24,6 +24,16 @@ Choices, and why:
   includes IO::Socket::UNIX; it has no python, socat or nc.
 - No liveness probe: a restart of ZeroFS breaks the NBD connections of mounted
   filesystems, so a slow server must not be killed by a probe.
+- A fence guard runs ZeroFS (``FENCE_GUARD_SCRIPT``, in perl as the probe): ZeroFS
+  exits 1 for a fenced write as for any fatal write error, and kubelet restarts the
+  container (``restartPolicy: Always``). Restarted, a fenced ZeroFS would open the
+  volume again and fence the newer writer on another node in turn, the two taking the
+  volume from each other. The guard passes ZeroFS's output on unchanged, forwards
+  SIGTERM and SIGINT to it (its final flush) and exits with its status; when the output
+  carried SlateDB's fencing message it leaves ``base.FENCED_FILE`` in the socket
+  directory, and started with that file there it does not start ZeroFS but waits, not
+  ready, until the node plugin replaces the pod (the backend does so at the next
+  NodeStage here, the CO giving the volume back).
 - Owner: a reference to the node DaemonSet with ``controller: false``. A controller
   reference from a DaemonSet to a pod its selector does not match is released by the
   DaemonSet controller (pkg/controller/controller_ref_manager.go, ClaimObject), and a
@@ -51,7 +61,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from zerofs_csi import DRIVER_NAME
-from zerofs_csi.servers.base import ServerSockets
+from zerofs_csi.servers.base import FENCED_MARKER, ServerSockets
 from zerofs_csi.servers.zerofs_config import RenderedConfig
 from zerofs_csi.volume.settings import VolumeSettings
 
@@ -115,6 +125,50 @@ syswrite($p9, pack("V", 4 + length($msg)) . $msg);
 my (undef, $type) = unpack("VC", take($p9, 5, "9P"));
 $type == 101 or die "9P answered type $type, not Rversion\n";
 """.strip()
+
+
+# Arguments: the fencing message, the guard file, then ZeroFS's argv. Output goes
+# through line by line; a signal handler's interrupted read is retried by perl.
+FENCE_GUARD_SCRIPT = r"""
+use strict;
+my ($marker, $guard, @server) = @ARGV;
+$| = 1;
+if (-e $guard) {
+  print STDERR "zerofs-csi: this server was fenced by a newer writer of the volume; "
+    . "not starting it again until the node plugin replaces its pod\n";
+  # As the container's first process a signal without a handler is ignored.
+  $SIG{$_} = sub { exit 0 } for qw(TERM INT);
+  sleep 3600 while 1;
+}
+pipe(my $output, my $input) or die "pipe: $!\n";
+my $pid = fork();
+defined $pid or die "fork: $!\n";
+if ($pid == 0) {
+  close $output;
+  open(STDOUT, ">&", $input) and open(STDERR, ">&", $input) or die "dup: $!\n";
+  exec { $server[0] } @server or die "cannot run $server[0]: $!\n";
+}
+close $input;
+$SIG{$_} = sub { kill $_[0], $pid } for qw(TERM INT);
+my $fenced = 0;
+while (my $line = <$output>) {
+  print $line;
+  $fenced = 1 if index($line, $marker) >= 0;
+}
+1 while waitpid($pid, 0) == -1 && $!{EINTR};
+my $status = $?;
+if ($fenced) {
+  if (open(my $mark, ">", $guard)) { close($mark); }
+  else { print STDERR "zerofs-csi: cannot leave the fenced mark $guard: $!\n"; }
+}
+exit(($status & 127) ? 128 + ($status & 127) : $status >> 8);
+""".strip()
+
+
+def guarded_command(sockets: ServerSockets) -> list[str]:
+    """The container's command: ZeroFS (the image's ``zerofs``) under the fence guard;
+    the container's args are ZeroFS's."""
+    return ["perl", "-e", FENCE_GUARD_SCRIPT, FENCED_MARKER, str(sockets.fenced), "zerofs"]
 
 
 def pod_name(volume_id: str) -> str:
@@ -259,6 +313,7 @@ def volume_pod(
         "name": CONTAINER_NAME,
         "image": settings.image,
         "imagePullPolicy": "IfNotPresent",
+        "command": guarded_command(sockets),
         "args": ["run", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
         "env": env,
         "volumeMounts": [
