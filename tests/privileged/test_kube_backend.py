@@ -3,7 +3,7 @@
 The backend creates the volume's config Secret and pod on the (fake) API server; a
 kubelet stand-in on this node sees the pod, mounts its Secret (config.toml and the
 secretKeyRef environment), starts the ZeroFS stand-in (tools/zerofs_standin.py: nbdkit
-and diod) from that config, runs the pod's own readiness probe command against the
+and diod) from that config under the container's own command (the fence guard), runs the pod's own readiness probe command against the
 sockets and marks the pod Ready. Two tests:
 
 - the backend alone: the export is created over 9P and attached through the kernel's
@@ -78,8 +78,14 @@ class StandinRuntime:
         path = mounted.directory / "runtime-config.toml"
         path.write_text(tomli_w.dumps(config))
         environment = {"PATH": os.environ["PATH"], **mounted.env}
+        # The container's own command (ZeroFS under the fence guard), the stand-in in
+        # the place of the image's zerofs.
+        (container,) = pod["spec"]["containers"]
+        command = list(container["command"])
+        assert command[-1] == "zerofs", command
+        command[-1:] = [sys.executable, str(STANDIN)]
         self._processes[pod["metadata"]["uid"]] = subprocess.Popen(
-            [sys.executable, str(STANDIN), "run", "-c", str(path)], env=environment
+            [*command, "run", "-c", str(path)], env=environment
         )
 
     def ready(self, pod: dict[str, Any]) -> bool:
