@@ -133,32 +133,40 @@ def test_a_fenced_server_leaves_the_mark_and_is_not_started_again(volume: Volume
                 stop(process)
 
 
-def test_sigterm_reaches_the_server_and_a_stop_leaves_no_mark(volume: Volume) -> None:
-    config, sockets = volume.config("only")
-    server = guarded(config, sockets, volume.work / "server.log")
-    try:
-        wait_serving(sockets, server)
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
-        assert "SIGTERM: stopping" in (volume.work / "server.log").read_text()
-        assert not sockets.fenced.exists()
-        assert not sockets.nbd.exists()  # the server itself stopped and cleaned up
-    finally:
-        stop(server)
+@dataclass
+class Serving:
+    process: subprocess.Popen[bytes]
+    sockets: ServerSockets
+    log: Path
 
 
-def test_a_server_that_dies_otherwise_leaves_no_mark(volume: Volume) -> None:
+@pytest.fixture
+def serving(volume: Volume) -> Iterator[Serving]:
+    """One guarded server of the volume, serving."""
     config, sockets = volume.config("only")
-    server = guarded(config, sockets, volume.work / "server.log")
+    log = volume.work / "server.log"
+    server = Serving(guarded(config, sockets, log), sockets, log)
     try:
-        wait_serving(sockets, server)
-        # kill -9 of the server (the guard's child; nbdkit and diod die with it).
-        children = subprocess.run(
-            ["pgrep", "-P", str(server.pid)], capture_output=True, text=True, check=True
-        ).stdout.split()
-        assert len(children) == 1
-        os.kill(int(children[0]), signal.SIGKILL)
-        assert server.wait(timeout=30) == 128 + signal.SIGKILL
-        assert not sockets.fenced.exists()
+        wait_serving(sockets, server.process)
+        yield server
     finally:
-        stop(server)
+        stop(server.process)
+
+
+def test_sigterm_reaches_the_server_and_a_stop_leaves_no_mark(serving: Serving) -> None:
+    serving.process.send_signal(signal.SIGTERM)
+    assert serving.process.wait(timeout=30) == 0
+    assert "SIGTERM: stopping" in serving.log.read_text()
+    assert not serving.sockets.fenced.exists()
+    assert not serving.sockets.nbd.exists()  # the server itself stopped and cleaned up
+
+
+def test_a_server_that_dies_otherwise_leaves_no_mark(serving: Serving) -> None:
+    # kill -9 of the server (the guard's child; nbdkit and diod die with it).
+    children = subprocess.run(
+        ["pgrep", "-P", str(serving.process.pid)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert len(children) == 1
+    os.kill(int(children[0]), signal.SIGKILL)
+    assert serving.process.wait(timeout=30) == 128 + signal.SIGKILL
+    assert not serving.sockets.fenced.exists()

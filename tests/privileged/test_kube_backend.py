@@ -3,8 +3,9 @@
 The backend creates the volume's config Secret and pod on the (fake) API server; a
 kubelet stand-in on this node sees the pod, mounts its Secret (config.toml and the
 secretKeyRef environment), starts the ZeroFS stand-in (tools/zerofs_standin.py: nbdkit
-and diod) from that config under the container's own command (the fence guard), runs the pod's own readiness probe command against the
-sockets and marks the pod Ready. Two tests:
+and diod) from that config under the container's own command (the fence guard), runs
+the pod's own readiness probe command against the sockets and marks the pod Ready. Two
+tests:
 
 - the backend alone: the export is created over 9P and attached through the kernel's
   NBD driver with nbd-client; the bytes written to the device reach the volume's

@@ -94,10 +94,14 @@ def backend(state_dir: Path, command: list[str], tmp_path: Path) -> Iterator[Pro
         supervise_interval=0.05,
     )
     yield instance
+    stop_everything(instance)
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def stop_everything(instance: ProcessBackend) -> None:
     for volume_id in instance.running():
         instance.stop(volume_id)
     instance.close()
-    assert processes_mentioning(str(tmp_path)) == []
 
 
 def test_ensure_starts_a_server_that_speaks_nbd_and_9p(
@@ -596,9 +600,7 @@ def test_a_server_fenced_by_a_newer_writer_is_not_restarted_until_staged_again(
         assert backend.pid(VOLUME) is not None
     finally:
         for instance in (backend, other):
-            for volume_id in instance.running():
-                instance.stop(volume_id)
-            instance.close()
+            stop_everything(instance)
     assert processes_mentioning(str(tmp_path)) == []
 
 
