@@ -10,15 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from minio import MinioSet, MinioUnavailable, check_runnable  # noqa: E402
 from radosgw import RadosGateway, RadosGatewayUnavailable, ensure_installed  # noqa: E402
-from s3store import S3Store  # noqa: E402
+from s3store import S3Store, client_of  # noqa: E402
 
 _STARTUP_REPORT: list[str] = []
 
@@ -86,14 +84,7 @@ def store(radosgw: RadosGateway) -> S3Store:
 
 def s3_client_for(store: S3Store) -> Any:
     """A plain boto3 client used by the tests to seed and inspect the bucket."""
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=store.endpoint,
-        aws_access_key_id=store.access_key,
-        aws_secret_access_key=store.secret_key,
-        region_name=store.region,
-        config=botocore.config.Config(s3={"addressing_style": "path"}),
-    )
+    return client_of(store)
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import boto3
-import botocore.config
+from s3store import client_of
 
 from zerofs_csi.bench.plugin import S3Storage
 from zerofs_csi.bench.zerofs_server import ZeroFSServer
@@ -86,14 +85,7 @@ class MinioServer:
             return False
 
     def client(self) -> object:
-        return boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
-            config=botocore.config.Config(s3={"addressing_style": "path"}),
-        )
+        return client_of(self)
 
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)  # type: ignore[attr-defined]

@@ -32,6 +32,7 @@ from typing import Any
 
 from common import server_pid
 from minio import MinioSet
+from s3store import client_of
 
 from zerofs_csi.bench.plugin import PluginProcess, S3Storage
 
@@ -168,7 +169,7 @@ def distinct_problems(lines: Iterator[str], secret: str) -> list[str]:
 
 def minio_storage(minio: MinioSet) -> S3Storage:
     bucket = "volumes"
-    minio.client().create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+    client_of(minio).create_bucket(Bucket=bucket)
     return S3Storage(minio.endpoint, bucket, minio.access_key, minio.secret_key)
 
 
