@@ -231,3 +231,10 @@ def test_the_longest_pause_is_of_the_writes_overlapping_the_window(
     probe.writes = [(1.0, 10.0), (10.0, 11.0), (12.0, 12.5)]
     pause, writes = probe.longest_pause(start, end)
     assert (pause, writes) == (pytest.approx(longest), count)
+
+
+def test_a_write_still_under_way_is_a_pause_until_the_window_ends(tmp_path: Path) -> None:
+    probe = ha_minio.PauseProbe(tmp_path / "probe")
+    probe.writes = [(1.0, 1.5)]
+    probe.in_flight = 2.0
+    assert probe.longest_pause(0.0, 40.0) == (pytest.approx(38.0), 2)

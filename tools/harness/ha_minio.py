@@ -100,6 +100,7 @@ class PauseProbe(threading.Thread):
         super().__init__(name="pause-probe", daemon=True)
         self.path = path
         self.writes: list[tuple[float, float]] = []  # (start, end), monotonic
+        self.in_flight: float | None = None  # the start of the write under way
         self.error: OSError | None = None
         self.stopped = threading.Event()
 
@@ -110,7 +111,7 @@ class PauseProbe(threading.Thread):
         try:
             index = 0
             while not self.stopped.wait(PROBE_EVERY_S):
-                started = time.monotonic()
+                started = self.in_flight = time.monotonic()
                 try:
                     os.pwrite(fd, buffer, (index % PROBE_FILE_BLOCKS) * PROBE_BLOCK)
                     os.fdatasync(fd)
@@ -118,13 +119,18 @@ class PauseProbe(threading.Thread):
                     self.error = exc
                     return
                 self.writes.append((started, time.monotonic()))
+                self.in_flight = None
                 index += 1
         finally:
             os.close(fd)
 
     def longest_pause(self, start: float, end: float) -> tuple[float, int]:
-        """The longest write that overlapped [start, end], and how many did."""
+        """The longest write that overlapped [start, end] (one still under way counts
+        until ``end``), and how many did."""
         overlapping = [b - a for a, b in self.writes if b >= start and a <= end]
+        in_flight = self.in_flight
+        if in_flight is not None and in_flight <= end:
+            overlapping.append(end - in_flight)
         return (max(overlapping, default=0.0), len(overlapping))
 
 

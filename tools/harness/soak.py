@@ -46,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    REPO,
     HarnessFailure,
     MiB,
     call_with_retry,
@@ -71,6 +72,9 @@ SEQUENTIAL_FILE_MIB = 32
 # fio blocks on a dead link until the device is reconnected; requests that were in flight
 # are resent at the kernel's next look after it (zerofs_csi.nbd.REQUEUE_TICK_MS).
 FIO_SLACK_S = 600.0
+# The MinIO set's drives (--minio-set): MinIO opens them with O_DIRECT, which the
+# microVM's tmpfs (/tmp) refuses; the work tree takes it (a 9p share there).
+MINIO_DIR = REPO / ".cache" / "soak-minio"
 
 
 @dataclass
@@ -203,7 +207,7 @@ def soak(
     options: dict[str, Any] = {}
     if storage_faults is not None:
         minio = MinioSet(
-            workdir / "minio",
+            MINIO_DIR / workdir.name,
             Path(os.environ.get("MINIO_BIN", "")),
             servers=SERVERS,
             drives_per_server=1,
