@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 import sys
 from pathlib import Path
 
@@ -238,3 +239,13 @@ def test_a_write_still_under_way_is_a_pause_until_the_window_ends(tmp_path: Path
     probe.writes = [(1.0, 1.5)]
     probe.in_flight = 2.0
     assert probe.longest_pause(0.0, 40.0) == (pytest.approx(38.0), 2)
+
+
+def test_the_probe_writes_with_direct_io(tmp_path: Path) -> None:
+    probe = ha_minio.PauseProbe(tmp_path / "probe")
+    probe.start()
+    time.sleep(1.6)
+    probe.stopped.set()
+    probe.join(10)
+    assert probe.error is None
+    assert len(probe.writes) >= 2

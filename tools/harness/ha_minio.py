@@ -21,6 +21,7 @@ What is recorded of each fault, for ``docs/ha-minio.md``:
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import threading
@@ -105,9 +106,10 @@ class PauseProbe(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        block = bytearray(os.urandom(PROBE_BLOCK))
+        # O_DIRECT needs an aligned buffer: mmap's is page-aligned.
+        buffer = mmap.mmap(-1, PROBE_BLOCK)
+        buffer[:] = os.urandom(PROBE_BLOCK)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
-        buffer = memoryview(block)
         try:
             index = 0
             while not self.stopped.wait(PROBE_EVERY_S):
@@ -123,6 +125,7 @@ class PauseProbe(threading.Thread):
                 index += 1
         finally:
             os.close(fd)
+            buffer.close()
 
     def longest_pause(self, start: float, end: float) -> tuple[float, int]:
         """The longest write that overlapped [start, end] (one still under way counts
