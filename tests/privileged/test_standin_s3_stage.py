@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
 import pytest
 from conftest import (
     RPC_TIMEOUT_S,
@@ -34,6 +32,7 @@ from zerofs_csi.host import mounts
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "s3"))
 
 from radosgw import BINARIES, DEBIAN_PACKAGES, RadosGateway  # noqa: E402
+from s3store import client_of  # noqa: E402
 
 # Long under TCG (radosgw in the microVM: 8 to 16 minutes); make test-e2e runs the same
 # path through the chart (the stand-in's pod on radosgw, restaged from S3 alone, deleted
@@ -67,14 +66,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RadosGateway]:
 
 @pytest.fixture(scope="module")
 def s3(gateway: RadosGateway) -> Any:
-    client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=gateway.endpoint,
-        aws_access_key_id=gateway.access_key,
-        aws_secret_access_key=gateway.secret_key,
-        region_name=gateway.region,
-        config=botocore.config.Config(s3={"addressing_style": "path"}),
-    )
+    client = client_of(gateway)
     client.create_bucket(Bucket=BUCKET)
     for key, body in BYSTANDERS.items():
         client.put_object(Bucket=BUCKET, Key=key, Body=body)
