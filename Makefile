@@ -211,9 +211,10 @@ soak: build
 	$(VM) --timeout $$(( $(DURATION) * 2 + 900 )) -- $(PY) tools/harness/soak.py --duration $(DURATION)
 
 # The same with the volume on a MinIO set of four servers, killed and cut off under the
-# writer one at a time and a write quorum at a time (docs/ha-minio.md).
+# writer one at a time and a write quorum at a time (docs/ha-minio.md). Four MinIO
+# servers and ZeroFS beside the plugin need more than the microVM's default memory.
 soak-minio: build $(MINIO)
-	$(VM) --timeout $$(( $(DURATION) * 2 + 1800 )) -- $(PY) tools/harness/soak.py --minio-set \
+	$(VM) --timeout $$(( $(DURATION) * 2 + 1800 )) --mem 4096 -- $(PY) tools/harness/soak.py --minio-set \
 		--duration $(DURATION)
 
 logs:
