@@ -36,6 +36,7 @@ from minio import MinioSet
 from s3store import client_of
 
 from zerofs_csi.bench.plugin import PluginProcess, S3Storage
+from zerofs_csi.servers.local_state import read_log
 
 SERVERS = ("a", "b", "c", "d")
 PROBE_EVERY_S = 0.5
@@ -152,15 +153,7 @@ class LogWindow:
             return 0
 
     def lines(self) -> Iterator[str]:
-        size = self._size()
-        offset = self.offset if size >= self.offset else 0
-        try:
-            with open(self.path, "rb") as log:
-                log.seek(offset)
-                text = log.read().decode(errors="replace")
-        except OSError:
-            return iter(())
-        return iter(text.splitlines())
+        return iter((read_log(self.path, since=self.offset) or "").splitlines())
 
 
 def distinct_problems(lines: Iterator[str], secret: str) -> list[str]:
@@ -223,15 +216,10 @@ class StorageFaults(threading.Thread):
         record = FaultRecord(fault.name, round(started - self.t0, 2), self.hold_s)
         try:
             fault.apply(self.minio)
-            while time.monotonic() - started < self.hold_s:
-                pids.add(server_pid(self.volume))
-                time.sleep(0.5)
+            self._watch_server(pids, started + self.hold_s)
             fault.undo(self.minio)
             record.healthy_after_undo_s = round(self.minio.wait_healthy(), 2)
-            settle_until = time.monotonic() + self.gap_s
-            while time.monotonic() < settle_until:
-                pids.add(server_pid(self.volume))
-                time.sleep(0.5)
+            self._watch_server(pids, time.monotonic() + self.gap_s)
         except (RuntimeError, TimeoutError, OSError) as exc:
             record.error = f"{type(exc).__name__}: {exc}"
         pause, writes = self.probe.longest_pause(started, time.monotonic())
@@ -243,6 +231,12 @@ class StorageFaults(threading.Thread):
         record.server_log = distinct_problems(server_log.lines(), self.minio.secret_key)
         record.plugin_log = distinct_problems(plugin_log.lines(), self.minio.secret_key)
         return record
+
+    def _watch_server(self, pids: set[int | None], until: float) -> None:
+        """Note the volume server's pid every half second until ``until``."""
+        while time.monotonic() < until:
+            pids.add(server_pid(self.volume))
+            time.sleep(0.5)
 
     def _reconnects(self) -> dict[str, float]:
         return {

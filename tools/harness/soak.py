@@ -265,7 +265,7 @@ def soak(
         if faults is not None and probe is not None:
             faults.stopped.set()
             # A fault under way is finished: held, undone and the set healthy again.
-            faults.join(storage_faults.hold_s + 600 if storage_faults else 600)
+            faults.join(faults.hold_s + 600)
             results.storage_faults = faults.records
             probe.stopped.set()
             probe.join(120)

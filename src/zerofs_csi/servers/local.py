@@ -67,6 +67,7 @@ from zerofs_csi.servers.local_state import (
     LocalServer,
     ServerPaths,
     load_state,
+    read_log,
     remove_socket,
     save_state,
     stored_secrets,
@@ -87,6 +88,7 @@ PROBE_EVERY_S = 2.0
 PROBE_TIMEOUT_S = 2.0
 LOG_ROTATE_BYTES = 1 << 20
 LOG_TAIL_LINES = 15
+LOG_TAIL_BYTES = 8192
 # How much of a dead server's output is searched for why it exited.
 EXIT_OUTPUT_BYTES = 64 << 10
 # Variables of the plugin's environment a server may need; nothing else is passed on.
@@ -412,11 +414,8 @@ class ProcessBackend:
 
     def _log_tail(self, volume_id: str, secret_env: Mapping[str, str]) -> str:
         path = self._paths(volume_id).log
-        try:
-            with path.open("rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
-                text = f.read().decode(errors="replace")
-        except OSError:
+        text = read_log(path, at_most=LOG_TAIL_BYTES)
+        if text is None:
             return f" (no log at {path})"
         for value in sorted(secret_env.values(), key=len, reverse=True):
             if value:
@@ -531,20 +530,11 @@ class ProcessBackend:
         if so it is marked, in its state too, and reported once."""
         if server.fenced:
             return True
-        path = self._paths(server.volume_id).log
-        try:
-            with path.open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                # A log rotated since (by a start of another instance) begins anew.
-                start = server.log_offset if server.log_offset <= size else 0
-                f.seek(max(start, size - EXIT_OUTPUT_BYTES))
-                output = f.read().decode(errors="replace")
-        except OSError:
-            return False
-        if not fenced_in(output):
+        log_path = self._paths(server.volume_id).log
+        output = read_log(log_path, since=server.log_offset, at_most=EXIT_OUTPUT_BYTES)
+        if output is None or not fenced_in(output):
             return False
         server.fenced = True
-        server.restart_at = None
         save_state(self._paths(server.volume_id), server)
         log.error(
             "volume server was fenced: another server of the volume opened its storage "

@@ -72,6 +72,22 @@ class LocalServer:
     fenced: bool = False
 
 
+def read_log(path: Path, since: int = 0, at_most: int | None = None) -> str | None:
+    """The text of a log from byte ``since`` (from its start when the file is shorter
+    than that: rotated since), only its last ``at_most`` bytes when given; None when it
+    cannot be read."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = since if since <= size else 0
+            if at_most is not None:
+                start = max(start, size - at_most)
+            f.seek(start)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, readable by the owner only."""
     temporary = path.with_name(f".{path.name}.tmp")
