@@ -29,6 +29,7 @@ this is ZeroFS itself on HA MinIO (``docs/ha-minio.md``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,9 @@ SEQUENTIAL_FILE_MIB = 32
 # fio blocks on a dead link until the device is reconnected; requests that were in flight
 # are resent at the kernel's next look after it (zerofs_csi.nbd.REQUEUE_TICK_MS).
 FIO_SLACK_S = 600.0
-# The MinIO set's drives (--minio-set): MinIO opens them with O_DIRECT, which the
-# microVM's tmpfs (/tmp) refuses; the work tree takes it (a 9p share there).
+# The MinIO set's drives (--minio-set) without --drives-disk: MinIO opens them with
+# O_DIRECT, which the microVM's tmpfs (/tmp) refuses; the work tree takes it (a 9p share
+# there, slow: a soak writes little).
 MINIO_DIR = REPO / ".cache" / "soak-minio"
 
 
@@ -111,6 +113,31 @@ class SoakResults:
 class StorageFaultPlan:
     hold_s: float
     gap_s: float
+    drives: Path = MINIO_DIR
+
+
+@contextlib.contextmanager
+def ext4_on(device: Path) -> Iterator[Path]:
+    """A new ext4 filesystem on `device`, mounted for the block: a disk that takes the
+    O_DIRECT writes MinIO makes."""
+    if not device.exists():
+        # The microVM loads virtio_blk only when asked (make soak-minio gives it a disk),
+        # with the modprobe the kernel itself calls, which knows where its modules are.
+        modprobe = Path("/proc/sys/kernel/modprobe").read_text().strip()
+        subprocess.run([modprobe, "virtio_blk"], check=True)
+        deadline = time.monotonic() + 30
+        while not device.exists():
+            if time.monotonic() > deadline:
+                raise HarnessFailure(f"{device} did not appear after loading virtio_blk")
+            time.sleep(0.2)
+    mountpoint = Path(tempfile.mkdtemp(prefix="zerofs-soak-drives-"))
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(device)], check=True)
+    subprocess.run(["mount", str(device), str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)
+        mountpoint.rmdir()
 
 
 def fio_job(name: str, path: Path, *options: str) -> list[str]:
@@ -207,7 +234,7 @@ def soak(
     options: dict[str, Any] = {}
     if storage_faults is not None:
         minio = MinioSet(
-            MINIO_DIR / workdir.name,
+            storage_faults.drives / workdir.name,
             Path(os.environ.get("MINIO_BIN", "")),
             servers=SERVERS,
             drives_per_server=1,
@@ -398,15 +425,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fault-gap", type=float, default=20.0, help="seconds between a healed fault and the next"
     )
+    parser.add_argument(
+        "--drives-disk",
+        type=Path,
+        help="a block device for the MinIO set's drives, made ext4 for the run (its data is "
+        "lost); without it they go under .cache/soak-minio",
+    )
     args = parser.parse_args(argv)
     kill_every = args.kill_every
     if kill_every is None:
         kill_every = float(os.environ.get("KILL_EVERY", 0 if args.minio_set else 75))
     if args.duration < 1 or kill_every < 0 or (kill_every == 0 and not args.minio_set):
         parser.error("--duration must be at least 1 s and --kill-every positive")
-    plan = StorageFaultPlan(args.fault_hold, args.fault_gap) if args.minio_set else None
+    if args.drives_disk is not None and not args.minio_set:
+        parser.error("--drives-disk is for --minio-set")
     name = "soak-minio" if args.minio_set else "soak"
-    summary = run(args.duration, kill_every, results_name=name, storage_faults=plan)
+    with contextlib.ExitStack() as stack:
+        plan = None
+        if args.minio_set:
+            drives = MINIO_DIR
+            if args.drives_disk is not None:
+                drives = stack.enter_context(ext4_on(args.drives_disk))
+            plan = StorageFaultPlan(args.fault_hold, args.fault_gap, drives)
+        summary = run(args.duration, kill_every, results_name=name, storage_faults=plan)
     return 0 if summary["passed"] else 1
 
 
