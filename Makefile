@@ -168,24 +168,27 @@ sanity-controller: build $(CSI_SANITY)
 sanity-vm: build $(CSI_SANITY)
 	$(VM) --timeout $(VM_TIMEOUT) -- $(SANITY_ALL)
 
-# The microVM's set-up first (its packages and kernel). Then the host tests, the S3 tests
-# and csi-sanity's controller run side by side (none needs another's servers, and each
-# leaves a core idle much of the time), then the privileged suite's microVM; the
-# cluster's builds and images run beside all of them at the lowest priority, taking the
-# cycles they leave, and the e2e's microVM runs alone once they are done. Each one's
+# The microVM's set-up first (its packages and kernel). Then the lint, the host tests,
+# the S3 tests and csi-sanity's controller run side by side (none needs another's
+# servers, and each leaves a core idle much of the time), then the privileged suite's
+# microVM; the cluster's builds and images run beside all of them at the lowest priority,
+# taking the cycles they leave, and the e2e's microVM runs alone once they are done (the
+# two microVMs side by side, each emulating two CPUs on the two cores, had neither
+# finished after 23 min, where in turn they take 12.5 and 8.5). Each one's
 # output is printed whole when it ends; tools/apt-install keeps their package installs
 # one at a time. With the builds cached this is the same as running everything in turn;
 # on a fresh machine the builds are most of the time (measured: 52.5 min with them
 # after the host tests and before the microVMs, 52.5 with them beside the privileged
 # suite only, 57 with them beside the host tests only: alone, images.sh kept the cores
 # half busy for 10 min).
-test: lint
+test: build
 	@$(MAKE) --no-print-directory vm-prepare
-	@$(MAKE) --no-print-directory -j3 --output-sync=target cluster-images test-vm-after-host
+	@$(MAKE) --no-print-directory -j4 --output-sync=target cluster-images test-vm-after-host
 	@$(MAKE) --no-print-directory test-e2e
 
-# make test's tests before its e2e: the host ones side by side, then the microVM's.
-test-vm-after-host: test-unit test-s3 sanity-controller
+# make test's tests before its e2e: the host ones and the lint side by side, then the
+# microVM's.
+test-vm-after-host: test-unit test-s3 sanity-controller lint
 	@$(MAKE) --no-print-directory test-vm-sanity
 
 demo: build
@@ -212,10 +215,13 @@ soak: build
 
 # The same with the volume on a MinIO set of four servers, killed and cut off under the
 # writer one at a time and a write quorum at a time (docs/ha-minio.md). Four MinIO
-# servers and ZeroFS beside the plugin need more than the microVM's default memory.
+# servers and ZeroFS beside the plugin need more than the microVM's default memory; their
+# drives go on a disk of their own (sparse, made anew each run), which takes O_DIRECT.
+SOAK_DRIVES_DISK = $(CACHE)/soak-minio/drives.img
 soak-minio: build $(MINIO)
-	$(VM) --timeout $$(( $(DURATION) * 2 + 1800 )) --mem 4096 -- $(PY) tools/harness/soak.py --minio-set \
-		--duration $(DURATION)
+	mkdir -p $(dir $(SOAK_DRIVES_DISK)) && rm -f $(SOAK_DRIVES_DISK) && truncate -s 16G $(SOAK_DRIVES_DISK)
+	$(VM) --timeout $$(( $(DURATION) * 2 + 1800 )) --mem 4096 --disk $(SOAK_DRIVES_DISK) -- \
+		$(PY) tools/harness/soak.py --minio-set --drives-disk /dev/vda --duration $(DURATION)
 
 logs:
 	$(PY) tools/harness/logs.py --output validation-logs.txt
