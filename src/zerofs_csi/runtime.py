@@ -199,6 +199,7 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
                 [config.zerofs_command],
                 # The node role's stage records, in the state directory both roles share.
                 mounted_filesystem=RecordStore(config.state_dir).mounted_filesystem,
+                copy_progress=metrics.report_copy,
             ),
         )
     from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints

@@ -44,6 +44,9 @@ class Controller:
     stub: csi_pb2_grpc.ControllerStub
     state: Path
     store: Path  # the file:// storage: one directory per volume
+    registry: CollectorRegistry
+    # What the controller reported of its copies into new volumes: (volume id, percent).
+    copy_reports: list[tuple[str, int | None]]
 
     def create_volume(self, name: str) -> str:
         reply = self.stub.CreateVolume(
@@ -93,12 +96,22 @@ def controller() -> Iterator[Controller]:
         root = Path(directory)
         state, store = root / "state", root / "store"
         store.mkdir()
+        registry = CollectorRegistry()
+        metrics = Metrics("", registry)
+        copy_reports: list[tuple[str, int | None]] = []
+
+        def report_copy(volume_id: str, percent: int | None) -> None:
+            copy_reports.append((volume_id, percent))
+            metrics.report_copy(volume_id, percent)
+
         service = ControllerService(
             FileVolumeStore(state / "volumes"),
-            Metrics("", CollectorRegistry()),
+            metrics,
             nodes=LocalNodes(["node-a"], max_volumes_per_node=0),
             snapshot_store=FileSnapshotStore(state / "snapshots"),
-            checkpoints=LocalCheckpoints(state, state / "sockets", [str(STANDIN)]),
+            checkpoints=LocalCheckpoints(
+                state, state / "sockets", [str(STANDIN)], copy_progress=report_copy
+            ),
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4), interceptors=[CsiInterceptor(REDACTOR)]
@@ -107,7 +120,9 @@ def controller() -> Iterator[Controller]:
         server.add_insecure_port(f"unix://{root}/csi.sock")
         server.start()
         with grpc.insecure_channel(f"unix://{root}/csi.sock") as channel:
-            yield Controller(csi_pb2_grpc.ControllerStub(channel), state, store)
+            yield Controller(
+                csi_pb2_grpc.ControllerStub(channel), state, store, registry, copy_reports
+            )
         server.stop(grace=None).wait()
 
 
@@ -360,6 +375,16 @@ def test_a_volume_created_from_a_snapshot_holds_its_data(controller: Controller)
     # Only what the snapshot holds was written: the rest of the export is holes.
     assert export.stat().st_blocks * 512 < 2 * MiB
     assert list((controller.state / "ck").iterdir()) == []
+    # The copy's progress went up to 100 % and its series went once it ended.
+    percents = [p for v, p in controller.copy_reports if v == restored.volume_id]
+    assert percents[-2:] == [100, None] and percents[:-1] == sorted(percents[:-1]), percents
+    assert (
+        controller.registry.get_sample_value(
+            "zerofs_csi_volume_copy_progress_percent",
+            {"volume_id": restored.volume_id, "node": ""},
+        )
+        is None
+    )
 
     again = create_from_snapshot(controller, "pvc-h-restored", made.snapshot_id, 2 * SIZE)
     assert again == restored

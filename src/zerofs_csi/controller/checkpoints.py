@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import subprocess
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,12 +54,22 @@ from zerofs_csi.servers.admin import AdminClient, CheckpointInfo
 from zerofs_csi.servers.base import ADMIN_SOCKET, UNIX_PATH_MAX
 from zerofs_csi.servers.brief import brief_server
 from zerofs_csi.servers.checkpoint import delete_checkpoint, take_checkpoint
+from zerofs_csi.servers.export_copy import copy_export
 from zerofs_csi.volume.id import validate_volume_id
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import parse_volume_settings
 
+log = logging.getLogger(__name__)
+
 # volume id -> (mount path, device) of its filesystem when it is staged and mounted here.
 MountedFilesystem = Callable[[str], tuple[str, str] | None]
+# Told how much of a new volume's copy is done (volume id, percent) as it goes, and
+# None once it ended, however it ended (Metrics.report_copy).
+CopyProgress = Callable[[str, int | None], None]
+
+
+def _no_progress(volume_id: str, percent: int | None) -> None:
+    pass
 
 
 class VolumeCheckpoints(Protocol):
@@ -137,11 +147,13 @@ class LocalCheckpoints:
         socket_root: Path,
         command: Sequence[str],
         mounted_filesystem: MountedFilesystem = lambda volume_id: None,
+        copy_progress: CopyProgress = _no_progress,
     ) -> None:
         self._state_dir = state_dir
         self._socket_root = socket_root
         self._command = list(command)
         self._mounted_filesystem = mounted_filesystem
+        self._copy_progress = copy_progress
 
     def create(
         self,
@@ -203,8 +215,26 @@ class LocalCheckpoints:
                     f"creating the export of volume {volume_id}: {exc.strerror}"
                 ) from None
             if source_size:  # a volume never staged has no export to copy
-                copy_export(checkpoint.nbd, source.volume_id, target.nbd, volume_id)
+                self._copy(checkpoint.nbd, source.volume_id, target.nbd, volume_id)
             target.admin.flush()
+
+    def _copy(self, source_socket: Path, source: str, target_socket: Path, target: str) -> None:
+        """copy_export, its progress reported, and logged at each tenth."""
+        logged = -1
+
+        def report(percent: int) -> None:
+            nonlocal logged
+            self._copy_progress(target, percent)
+            if percent // 10 > logged:
+                logged = percent // 10
+                log.info(
+                    "copying the new volume's data", extra={"volume_id": target, "percent": percent}
+                )
+
+        try:
+            copy_export(source_socket, source, target_socket, target, progress=report)
+        finally:
+            self._copy_progress(target, None)
 
     def _directory(self, what: str) -> Path:
         # Short: the server's sockets' paths must fit a unix socket address (107 bytes).
@@ -266,36 +296,5 @@ def _export_size(ninep_socket: Path, export: str) -> int | None:
         raise errors.Internal(f"reading the size of export {export}: {exc.strerror}") from None
 
 
-# nbdcopy: sparse-aware, bounded memory (libnbd-bin, a Debian package).
-NBDCOPY = "nbdcopy"
 # How long a snapshot waits for the admin service of a volume's running server.
 ADMIN_START_WAIT_S = 15.0
-COPY_TIMEOUT_S = 6 * 3600.0
-
-
-def copy_export(source_socket: Path, source: str, target_socket: Path, target: str) -> None:
-    """Copy the NBD export ``source`` into ``target``, which reads as zeroes: only the
-    source's non-zero blocks are written. Internal with nbdcopy's message on failure."""
-    argv = [
-        NBDCOPY,
-        "--destination-is-zero",
-        "--flush",
-        f"nbd+unix:///{source}?socket={source_socket}",
-        f"nbd+unix:///{target}?socket={target_socket}",
-    ]
-    try:
-        copied = subprocess.run(
-            argv, capture_output=True, text=True, timeout=COPY_TIMEOUT_S, check=False
-        )
-    except FileNotFoundError:
-        raise errors.FailedPrecondition(
-            f"{NBDCOPY} is not installed: install the Debian package libnbd-bin"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise errors.DeadlineExceeded(
-            f"copying export {source} into {target} took longer than {COPY_TIMEOUT_S:g}s"
-        ) from None
-    if copied.returncode != 0:
-        raise errors.Internal(
-            f"copying export {source} into {target} failed: {copied.stderr.strip()[-2000:]}"
-        )

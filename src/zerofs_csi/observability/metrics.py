@@ -148,6 +148,13 @@ class Metrics:
             ("node",),
             registry=registry,
         )
+        self.copy_progress = Gauge(
+            "zerofs_csi_volume_copy_progress_percent",
+            "How much of a restore's or clone's data is copied into its new volume, while "
+            "the copy runs.",
+            ("volume_id", "node"),
+            registry=registry,
+        )
         self.s3_objects_deleted = Counter(
             "zerofs_csi_s3_objects_deleted_total",
             "Objects deleted from the object store by deleteDataOnPVCDelete.",
@@ -185,6 +192,14 @@ class Metrics:
         self.operation_seconds.labels(operation, volume, self.node, code.name).observe(seconds)
         if method in ENDING_CALLS and code is grpc.StatusCode.OK and volume != INVALID_VOLUME:
             self.forget(volume)
+
+    def report_copy(self, volume_id: str, percent: int | None) -> None:
+        """The copy into new volume ``volume_id`` is ``percent`` done; None: it ended."""
+        volume = volume_label(volume_id)
+        if percent is None:
+            self.copy_progress.remove_by_labels({"volume_id": volume})
+        else:
+            self.copy_progress.labels(volume, self.node).set(percent)
 
     def forget(self, volume_id: str) -> None:
         """Remove every series about ``volume_id``."""
