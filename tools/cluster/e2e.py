@@ -617,6 +617,28 @@ def validation_chart(table: Table, images: Images) -> None:
         run(str(HELM), "uninstall", "zerofs-validation", "-n", WORKLOAD_NAMESPACE)
 
 
+def save_pod_logs(folder: Path) -> None:
+    """Every container's log of the driver's namespace (plugin and server pods), the
+    previous run's too where a container restarted, each line stamped by kubelet: what
+    a failed or slow step is read from once the uninstall has removed the pods."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.log"):
+        old.unlink()
+    for pod in kube_json("-n", NAMESPACE, "get", "pods")["items"]:
+        name = pod["metadata"]["name"]
+        for status in pod.get("status", {}).get("containerStatuses", []):
+            container = status["name"]
+            lives: dict[str, list[str]] = {"": []}
+            if status.get("restartCount"):
+                lives[".previous"] = ["--previous"]
+            for suffix, which in lives.items():
+                output = kubectl(
+                    "-n", NAMESPACE, "logs", name, "-c", container, "--timestamps", *which,
+                    check=False,
+                )  # fmt: skip
+                (folder / f"{name}.{container}{suffix}.log").write_text(output)
+
+
 def uninstall(table: Table) -> None:
     with table.step("helm uninstall leaves no pod, device, mount or server") as notes:
         kubectl("delete", "namespace", WORKLOAD_NAMESPACE, "--wait=true", "--timeout=900s")
@@ -673,6 +695,7 @@ def main(argv: Sequence[str]) -> int:
         parser.error("--volumes takes ext4, xfs and raw")
     images = images_from(args.images.read_text().splitlines())
     table = Table()
+    logs = args.output.with_suffix(".logs")
     try:
         start_node_pod(images)
         mark = kernel_log_mark(node_exec("dmesg"))
@@ -700,12 +723,15 @@ def main(argv: Sequence[str]) -> int:
             faults_under_a_writer(table, images, "xfs" if "xfs" in volumes else "ext4", faults)
             delete_claims(table, volumes)
             validation_chart(table, images)
+        save_pod_logs(logs)
         uninstall(table)
         errors = kernel_errors_since(node_exec("dmesg"), mark)
         if errors:
             raise StepFailed("the kernel logged errors: " + " | ".join(errors[:5]))
     except StepFailed as exc:
         log(f"FAILED: {exc}")
+        save_pod_logs(logs)
+        log(f"the driver's pod logs: {logs}")
         return 1
     finally:
         args.output.parent.mkdir(parents=True, exist_ok=True)
