@@ -322,16 +322,18 @@ class MinioSet:
 
     def _version(self) -> str:
         """The module version the binary was built from (``go install`` leaves MinIO's
-        own version string at DEVELOPMENT.GOGET)."""
-        try:
-            result = subprocess.run(
-                ["go", "version", "-m", str(self.binary)], capture_output=True, text=True,
-                timeout=30,
-            )  # fmt: skip
-        except OSError:
-            return "unknown version"
-        for line in result.stdout.splitlines():
-            fields = line.split()
-            if fields[:2] == ["mod", "github.com/minio/minio"] and len(fields) > 2:
-                return fields[2]
+        own version string at DEVELOPMENT.GOGET). Go's own installer puts go where a
+        non-login shell (the microVM's) may not have it on PATH."""
+        for go in ("go", "/usr/local/go/bin/go"):
+            try:
+                result = subprocess.run(
+                    [go, "version", "-m", str(self.binary)], capture_output=True, text=True,
+                    timeout=30,
+                )  # fmt: skip
+            except OSError:
+                continue
+            for line in result.stdout.splitlines():
+                fields = line.split()
+                if fields[:2] == ["mod", "github.com/minio/minio"] and len(fields) > 2:
+                    return fields[2]
         return "unknown version"
