@@ -15,6 +15,7 @@ EXPECTED = {
     "server_kill",
     "stage",
     "concurrent_stage",
+    "snapshot",
 }
 
 
@@ -25,7 +26,13 @@ def test_every_benchmark_is_in_the_suite() -> None:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("attach", (30, 3)), ("attach_scaling", (30, 3)), ("stage", (5, 1)), ("throughput", (5, 1))],
+    [
+        ("attach", (30, 3)),
+        ("attach_scaling", (30, 3)),
+        ("stage", (5, 1)),
+        ("throughput", (5, 1)),
+        ("snapshot", (5, 1)),
+    ],
 )
 def test_heavy_benchmarks_run_the_heavy_cycle_count(name: str, expected: tuple[int, int]) -> None:
     assert bench_suite.cycles_for(name, cycles=30, heavy_cycles=5, warmup=3) == expected

@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from zerofs_csi.bench import attach, chart, node, recovery, scale, throughput
+from zerofs_csi.bench import attach, chart, node, recovery, scale, snapshots, throughput
 from zerofs_csi.bench.devices import SERVER_THREADS
 from zerofs_csi.bench.measure import (
     DEFAULT_OUTPUT,
@@ -35,7 +35,9 @@ from zerofs_csi.bench.zerofs_server import ServerNotFound, zerofs_server
 
 DEFAULT_CHART = Path("build/bench.png")
 DEFAULT_HEAVY_CYCLES = 5
-HEAVY = frozenset({"stage", "concurrent_stage", "reconcile", "throughput", "server_kill"})
+HEAVY = frozenset(
+    {"stage", "concurrent_stage", "reconcile", "throughput", "server_kill", "snapshot"}
+)
 
 
 def all_benchmarks() -> dict[str, Benchmark]:
@@ -45,6 +47,7 @@ def all_benchmarks() -> dict[str, Benchmark]:
         **throughput.BENCHMARKS,
         **node.BENCHMARKS,
         **recovery.BENCHMARKS,
+        **snapshots.BENCHMARKS,
     }
 
 
