@@ -59,8 +59,8 @@ kube-assets:
 # Everything the single-node test cluster runs, built from source into the same folder
 # (README: "Test cluster"); make test runs it through test-e2e.
 CLUSTER_COMPONENTS := kube-apiserver etcd kubectl kube-controller-manager kube-scheduler \
-	kubelet kube-proxy csi-provisioner csi-attacher csi-resizer \
-	containerd containerd-shim-runc-v2 ctr runc cni pause
+	kubelet kube-proxy csi-provisioner csi-attacher csi-resizer csi-snapshotter \
+	snapshot-controller snapshot-crds containerd containerd-shim-runc-v2 ctr runc cni pause
 
 # At the lowest priority, as the images below: make test builds them beside its host
 # tests. After kube-assets, which the host tests wait for (one build at a time).
@@ -127,11 +127,11 @@ privileged-suite:
 # The single-node test cluster (README: "Test cluster"): control plane here, node in the
 # microVM, until ^C; prints the admin KUBECONFIG.
 cluster: build cluster-images
-	$(PY) tools/cluster/cluster.py up --s3
+	$(PY) tools/cluster/cluster.py up --s3 --snapshot-api
 
 # The chart installed as the README says and the user's path through it (build/e2e.md).
 e2e: build cluster-images
-	$(PY) tools/cluster/cluster.py run --s3 --timeout 7200 -- $(PY) tools/cluster/e2e.py \
+	$(PY) tools/cluster/cluster.py run --s3 --snapshot-api --timeout 7200 -- $(PY) tools/cluster/e2e.py \
 		--volumes $(E2E_VOLUMES)
 
 # make test's part of it (README: "Test cluster"), its table in build/e2e-short.md.

@@ -4,7 +4,9 @@
 # KUBEBUILDER_ASSETS.
 # Usage: tools/cluster/build.sh [--print-dir] COMPONENT...
 #   kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd
-#   csi-provisioner csi-attacher csi-resizer (at the tags charts/zerofs-csi/values.yaml pins)
+#   csi-provisioner csi-attacher csi-resizer csi-snapshotter (at the tags
+#     charts/zerofs-csi/values.yaml pins), snapshot-controller and snapshot-crds (the
+#     snapshot API, at the snapshotter's release)
 #   containerd containerd-shim-runc-v2 ctr runc cni (bridge, host-local, loopback, portmap)
 #   pause (the pod sandbox, from the release's build/pause/linux/pause.c)
 # A component already built at its pinned version is left alone; a failed build names
@@ -161,8 +163,11 @@ chart_tag() {
 
 # A component from another module: a module of our own that requires it and copies its
 # replace lines that pin versions (the CSI sidecars pin k8s.io modules that way, which
-# `go install` refuses); replace lines naming directories of the module's repository
-# (etcd's) are left out: the modules they name are required at the same release.
+# `go install` refuses). Replace lines naming directories of the module's repository
+# are left out (etcd's: the modules they name are required at the same release), or
+# with SAME_RELEASE_REPLACES=1 become the module they name at the release being built
+# (external-snapshotter requires its client module at an older release and replaces it
+# with its own directory).
 build_module() { # COMPONENT MODULE VERSION PACKAGE CGO [LDFLAGS [TAGS]]
     local component=$1 module=$2 version=$3 package=$4 cgo=$5 ldflags=${6:-"-s -w"} tags=${7-}
     kube_module
@@ -171,12 +176,15 @@ build_module() { # COMPONENT MODULE VERSION PACKAGE CGO [LDFLAGS [TAGS]]
     local source replaces go_line
     source=$(module_dir "$module@$version") \
         || fail "cannot download $module@$version ($component) from the module proxy"
-    replaces=$(go mod edit -json "$source/go.mod" | python3 -c '
-import json, sys
+    replaces=$(go mod edit -json "$source/go.mod" | VERSION=$version \
+        SAME_RELEASE=${SAME_RELEASE_REPLACES-0} python3 -c '
+import json, os, sys
 for r in json.load(sys.stdin).get("Replace") or []:
+    old = r["Old"]["Path"] + (" " + r["Old"]["Version"] if r["Old"].get("Version") else "")
     if r["New"].get("Version"):
-        old = r["Old"]["Path"] + (" " + r["Old"]["Version"] if r["Old"].get("Version") else "")
-        print("\t" + old + " => " + r["New"]["Path"] + " " + r["New"]["Version"])')
+        print("\t" + old + " => " + r["New"]["Path"] + " " + r["New"]["Version"])
+    elif os.environ["SAME_RELEASE"] == "1":
+        print("\t" + old + " => " + r["Old"]["Path"] + " " + os.environ["VERSION"])')
     [[ -n $replaces ]] && replaces+=$'\n'
     go_line=$(go mod edit -json "$source/go.mod" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Go"])')
     write_module "$out/modules/${module//\//_}" "$module" "$version" "$go_line" "$replaces"
@@ -194,6 +202,30 @@ build_sidecar() { # COMPONENT VALUES-KEY REPOSITORY
     ((major >= 2)) && module+=/v$major
     build_module "$component" "$module" "$version" "$module/cmd/$component" 0 \
         "-s -w -X main.version=$version"
+}
+
+# The snapshot controller, a cluster add-on the CSI snapshotter needs (it turns
+# VolumeSnapshots into VolumeSnapshotContents), from the sidecar's own module and release.
+build_snapshot_controller() {
+    local version module=github.com/kubernetes-csi/external-snapshotter/v8
+    version=$(chart_tag snapshotter) || fail "cannot read the chart's snapshotter tag"
+    SAME_RELEASE_REPLACES=1 build_module snapshot-controller "$module" "$version" \
+        "$module/cmd/snapshot-controller" 0 "-s -w -X main.version=$version"
+}
+
+# The snapshot API's CustomResourceDefinitions at the same release, from its client
+# module, into crds/snapshot/ (the test cluster applies them).
+snapshot_crds() {
+    local version module=github.com/kubernetes-csi/external-snapshotter/client/v8 source
+    version=$(chart_tag snapshotter) || fail "cannot read the chart's snapshotter tag"
+    [[ -f $out/.built/crds-snapshot && $(cat "$out/.built/crds-snapshot") == "$module@$version" ]] \
+        && return
+    source=$(module_dir "$module@$version") \
+        || fail "cannot download $module@$version (the snapshot CRDs) from the module proxy"
+    rm -rf "$out/crds/snapshot"
+    mkdir -p "$out/crds/snapshot"
+    cp "$source"/config/crd/snapshot.storage.k8s.io_*.yaml "$out/crds/snapshot/"
+    echo "$module@$version" >"$out/.built/crds-snapshot"
 }
 
 # Debian packages a cgo build needs (runc: libseccomp).
@@ -243,6 +275,9 @@ for component in "$@"; do
     csi-provisioner) build_sidecar csi-provisioner provisioner external-provisioner ;;
     csi-attacher) build_sidecar csi-attacher attacher external-attacher ;;
     csi-resizer) build_sidecar csi-resizer resizer external-resizer ;;
+    csi-snapshotter) SAME_RELEASE_REPLACES=1 build_sidecar csi-snapshotter snapshotter external-snapshotter ;;
+    snapshot-controller) build_snapshot_controller ;;
+    snapshot-crds) snapshot_crds ;;
     containerd | containerd-shim-runc-v2 | ctr) containerd_component "$component" ;;
     runc)
         ensure_packages libseccomp-dev pkg-config

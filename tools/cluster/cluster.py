@@ -153,7 +153,9 @@ def node_environment(plane: ControlPlane, binaries: Path, images: Sequence[str])
     }
 
 
-def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> int:
+def run_cluster(
+    command: Sequence[str], *, with_s3: bool, timeout_s: float, snapshot_api: bool = False
+) -> int:
     ensure_node_packages()
     binaries = binaries_dir()
     images = image_list()
@@ -173,7 +175,7 @@ def run_cluster(command: Sequence[str], *, with_s3: bool, timeout_s: float) -> i
         etcd_peer_port=free_tcp_port(),
         advertise_address=FORWARD_ADDRESS,
     )
-    plane = ControlPlane(binaries, pki, run_dir, endpoints)
+    plane = ControlPlane(binaries, pki, run_dir, endpoints, snapshot_api=snapshot_api)
     kubelet_port = free_tcp_port()
     # The API server dials the node by its name or its address, whichever it prefers.
     kubelet = ("127.0.0.1", kubelet_port)
@@ -321,6 +323,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("action", choices=("up", "run"))
     parser.add_argument("--s3", action="store_true", help="start a radosgw the node reaches")
     parser.add_argument("--timeout", type=float, default=3600.0, help="the VM's whole run, s")
+    parser.add_argument(
+        "--snapshot-api",
+        action="store_true",
+        help="serve the snapshot API (its CRDs and the snapshot controller), with which the "
+        "chart adds its csi-snapshotter and VolumeSnapshotClass",
+    )
     argv = list(argv)
     command: list[str] = []
     if "--" in argv:
@@ -337,7 +345,9 @@ def main(argv: Sequence[str]) -> int:
         ]
     elif not command:
         parser.error("run needs a command after --")
-    return run_cluster(command, with_s3=args.s3, timeout_s=args.timeout)
+    return run_cluster(
+        command, with_s3=args.s3, timeout_s=args.timeout, snapshot_api=args.snapshot_api
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ the node's PID namespace and root, as `kubectl debug node` gives. Each step is t
 the table goes to stdout and to build/e2e.md. Any failed step ends the run with status
 1, naming the step. ``--short`` is make test's part: the install, an ext4 volume written
 and verified across pods, kill -9 of its server under a writer, its deletion from S3 and
-the uninstall.
+the uninstall. The whole path takes a VolumeSnapshot under the writer too, which needs
+the cluster's snapshot API (cluster.py --snapshot-api).
 """
 
 from __future__ import annotations
@@ -506,6 +507,51 @@ def roll_the_plugin_out(table: Table, images: Images, volume: str) -> None:
         notes.append(f"plugin pods on :{new_tag}")
 
 
+# The chart's VolumeSnapshotClass (values snapshots.volumeSnapshotClass.name).
+SNAPSHOT_CLASS = "zerofs"
+
+
+def snapshot_under_the_writer(table: Table, images: Images, volume: str) -> None:
+    """A VolumeSnapshot of the writer's claim: the snapshot controller, the chart's
+    csi-snapshotter and the node plugin's checkpoint of the staged volume make it ready;
+    deleted, its content goes too (deletionPolicy Delete: DeleteSnapshot)."""
+    claim = kube_json("get", "pv", volume)["spec"]["claimRef"]["name"]
+    name = f"{claim}-snapshot"
+    with table.step("VolumeSnapshot of the claim under the writer, ready, deleted") as notes:
+        apply(
+            {
+                "apiVersion": "snapshot.storage.k8s.io/v1",
+                "kind": "VolumeSnapshot",
+                "metadata": {"name": name, "namespace": WORKLOAD_NAMESPACE},
+                "spec": {
+                    "volumeSnapshotClassName": SNAPSHOT_CLASS,
+                    "source": {"persistentVolumeClaimName": claim},
+                },
+            }
+        )
+
+        def status() -> Json:
+            snapshot = kube_json("-n", WORKLOAD_NAMESPACE, "get", "volumesnapshot", name)
+            return dict(snapshot.get("status") or {})
+
+        wait_until(
+            f"VolumeSnapshot {name} ready to use", lambda: status().get("readyToUse") is True, 600
+        )
+        content_name = status()["boundVolumeSnapshotContentName"]
+        content = kube_json("get", "volumesnapshotcontent", content_name)["status"]
+        notes.append(f"{content['snapshotHandle']}, restore size {content['restoreSize']}")
+        kubectl("-n", WORKLOAD_NAMESPACE, "delete", "volumesnapshot", name, "--timeout=600s")
+        wait_until(
+            f"VolumeSnapshotContent {content_name} deleted",
+            lambda: (
+                not kubectl(
+                    "get", "volumesnapshotcontent", "--ignore-not-found", "-o", "name", content_name
+                ).strip()
+            ),
+            600,
+        )
+
+
 Fault = Callable[[Table, Images, str], None]
 
 
@@ -719,7 +765,10 @@ def main(argv: Sequence[str]) -> int:
             if "raw" in volumes:
                 write_then_verify(table, images, "raw", "zerofs", block=True)
             expand(table, images, "ext4")
-            faults = [kill_the_server, delete_the_plugin_pod, roll_the_plugin_out]
+            faults = [
+                snapshot_under_the_writer, kill_the_server, delete_the_plugin_pod,
+                roll_the_plugin_out,
+            ]  # fmt: skip
             faults_under_a_writer(table, images, "xfs" if "xfs" in volumes else "ext4", faults)
             delete_claims(table, volumes)
             validation_chart(table, images)

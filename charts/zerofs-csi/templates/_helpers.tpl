@@ -165,3 +165,18 @@ and the second to listen would fail. Call with a list of (value name, port) pair
 {{- $_ := set $seen $port (index . 0) -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+"true" when the chart adds its snapshot objects (values snapshots.enabled): always,
+never, or (auto) when the cluster serves the snapshot API. Values without snapshots
+(an upgrade with --reuse-values from a release before them) mean auto.
+*/}}
+{{- define "zerofs-csi.snapshotsEnabled" -}}
+{{- $enabled := toString (dig "enabled" "auto" (.Values.snapshots | default dict)) -}}
+{{- if not (has $enabled (list "auto" "true" "false")) -}}
+{{- fail (printf "snapshots.enabled must be auto, true or false (got %q)" $enabled) -}}
+{{- end -}}
+{{- if or (eq $enabled "true") (and (eq $enabled "auto") (.Capabilities.APIVersions.Has "snapshot.storage.k8s.io/v1/VolumeSnapshotClass")) -}}
+true
+{{- end -}}
+{{- end -}}
