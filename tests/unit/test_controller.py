@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import tempfile
@@ -1132,19 +1133,24 @@ def test_state_survives_a_controller_restart(make_controller: Callable[..., Cont
 # ---------------------------------------------------------------------------- real S3
 
 
+def _s3_helpers(name: str) -> Any:
+    """A module of tests/s3, whose folder is not on this one's import path."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "s3"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 @pytest.fixture(scope="module")
 def radosgw() -> Iterator[Any]:
     """A radosgw for this module (tests/s3/radosgw.py starts and stops it)."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "s3"))
+    helpers = _s3_helpers("radosgw")
     try:
-        from radosgw import RadosGateway, RadosGatewayUnavailable, ensure_installed
-    finally:
-        sys.path.pop(0)
-    try:
-        ensure_installed()
-    except RadosGatewayUnavailable as exc:
+        helpers.ensure_installed()
+    except helpers.RadosGatewayUnavailable as exc:
         pytest.skip(str(exc))
-    gateway = RadosGateway(Path(tempfile.mkdtemp(prefix="zerofs-csi-rgw-")))
+    gateway = helpers.RadosGateway(Path(tempfile.mkdtemp(prefix="zerofs-csi-rgw-")))
     try:
         gateway.start()
         yield gateway
@@ -1156,17 +1162,7 @@ def radosgw() -> Iterator[Any]:
 def test_delete_volume_deletes_only_the_volumes_objects_in_real_s3(
     make_controller: Callable[..., Controller], radosgw: Any
 ) -> None:
-    import boto3
-    import botocore.config
-
-    s3 = boto3.session.Session().client(
-        "s3",
-        endpoint_url=radosgw.endpoint,
-        aws_access_key_id=radosgw.access_key,
-        aws_secret_access_key=radosgw.secret_key,
-        region_name=radosgw.region,
-        config=botocore.config.Config(s3={"addressing_style": "path"}),
-    )
+    s3 = _s3_helpers("s3store").client_of(radosgw)
     bucket = "controller-cleanup"
     s3.create_bucket(Bucket=bucket)
     ours = [f"vols/pvc-1/wal/{i:04d}" for i in range(1203)] + ["vols/pvc-1/manifest"]
