@@ -59,3 +59,16 @@ class Unimplemented(CsiError):
 
 class Internal(CsiError):
     code = grpc.StatusCode.INTERNAL
+
+
+def of_code(name: str, message: str) -> CsiError:
+    """The error of gRPC status code ``name`` (``NOT_FOUND``...) with ``message``; an
+    unknown name is INTERNAL."""
+    for kind in _subclasses(CsiError):
+        if kind.code.name == name:
+            return kind(message)
+    return Internal(message)
+
+
+def _subclasses(kind: type[CsiError]) -> list[type[CsiError]]:
+    return [sub for direct in kind.__subclasses__() for sub in (direct, *_subclasses(direct))]

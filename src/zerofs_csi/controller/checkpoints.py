@@ -49,12 +49,11 @@ from pathlib import Path
 from typing import Protocol
 
 from zerofs_csi import errors
-from zerofs_csi.servers import ninep
 from zerofs_csi.servers.admin import AdminClient, CheckpointInfo
 from zerofs_csi.servers.base import ADMIN_SOCKET, UNIX_PATH_MAX
 from zerofs_csi.servers.brief import brief_server
 from zerofs_csi.servers.checkpoint import delete_checkpoint, take_checkpoint
-from zerofs_csi.servers.export_copy import copy_export
+from zerofs_csi.servers.export_copy import ServedExport, fill_export
 from zerofs_csi.volume.id import validate_volume_id
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import parse_volume_settings
@@ -185,7 +184,7 @@ class LocalCheckpoints:
         capacity_bytes: int,
         csi_secrets: Mapping[str, str],
     ) -> None:
-        secrets = _volume_secrets(volume_id, csi_secrets)
+        secrets = volume_secrets(volume_id, csi_secrets)
         reader = brief_server(
             self._command,
             self._directory(f"{source.volume_id}@{source.checkpoint}"),
@@ -202,39 +201,20 @@ class LocalCheckpoints:
             secrets,
         )
         with reader as checkpoint, writer as target:
-            source_size = _export_size(checkpoint.ninep, source.volume_id)
-            if source_size is not None and source_size > capacity_bytes:
-                raise errors.OutOfRange(
-                    f"the snapshot holds {source_size} bytes, more than the {capacity_bytes} "
-                    "bytes asked for"
-                )
-            try:
-                ninep.prepare_export(target.ninep, volume_id, capacity_bytes)
-            except OSError as exc:
-                raise errors.Internal(
-                    f"creating the export of volume {volume_id}: {exc.strerror}"
-                ) from None
-            if source_size:  # a volume never staged has no export to copy
-                self._copy(checkpoint.nbd, source.volume_id, target.nbd, volume_id)
+            self._fill(
+                ServedExport(source.volume_id, checkpoint.nbd, checkpoint.ninep),
+                ServedExport(volume_id, target.nbd, target.ninep),
+                capacity_bytes,
+            )
             target.admin.flush()
 
-    def _copy(self, source_socket: Path, source: str, target_socket: Path, target: str) -> None:
-        """copy_export, its progress reported, and logged at each tenth."""
-        logged = -1
-
-        def report(percent: int) -> None:
-            nonlocal logged
-            self._copy_progress(target, percent)
-            if percent // 10 > logged:
-                logged = percent // 10
-                log.info(
-                    "copying the new volume's data", extra={"volume_id": target, "percent": percent}
-                )
-
+    def _fill(self, source: ServedExport, target: ServedExport, capacity_bytes: int) -> None:
+        """fill_export, its progress reported, and logged at each tenth."""
+        report = progress_reporter(target.export, self._copy_progress)
         try:
-            copy_export(source_socket, source, target_socket, target, progress=report)
+            fill_export(source, target, capacity_bytes, progress=report)
         finally:
-            self._copy_progress(target, None)
+            self._copy_progress(target.export, None)
 
     def _directory(self, what: str) -> Path:
         # Short: the server's sockets' paths must fit a unix socket address (107 bytes).
@@ -270,14 +250,31 @@ class LocalCheckpoints:
                 f"volume {volume_id} is staged or about to be on this host, and its server "
                 f"does not answer on {admin_socket}: retry once it is back"
             )
-        secrets = _volume_secrets(volume_id, csi_secrets)
+        secrets = volume_secrets(volume_id, csi_secrets)
         settings = parse_volume_settings(parameters)
         directory = self._directory(volume_id)
         with brief_server(self._command, directory, volume_id, settings, secrets) as server:
             yield server.admin
 
 
-def _volume_secrets(volume_id: str, csi_secrets: Mapping[str, str]) -> VolumeSecrets:
+def progress_reporter(volume_id: str, copy_progress: CopyProgress) -> Callable[[int], None]:
+    """A copy's progress callback for new volume ``volume_id``: told to
+    ``copy_progress`` each time, logged at each tenth."""
+    logged = -1
+
+    def report(percent: int) -> None:
+        nonlocal logged
+        copy_progress(volume_id, percent)
+        if percent // 10 > logged:
+            logged = percent // 10
+            log.info(
+                "copying the new volume's data", extra={"volume_id": volume_id, "percent": percent}
+            )
+
+    return report
+
+
+def volume_secrets(volume_id: str, csi_secrets: Mapping[str, str]) -> VolumeSecrets:
     try:
         return VolumeSecrets.from_csi_secrets(csi_secrets)
     except errors.InvalidArgument as exc:
@@ -287,13 +284,6 @@ def _volume_secrets(volume_id: str, csi_secrets: Mapping[str, str]) -> VolumeSec
             "and -namespace; for a restore or a clone, the StorageClass's "
             f"provisioner-secret-name and -namespace): {exc.message}"
         ) from None
-
-
-def _export_size(ninep_socket: Path, export: str) -> int | None:
-    try:
-        return ninep.export_size(ninep_socket, export)
-    except OSError as exc:
-        raise errors.Internal(f"reading the size of export {export}: {exc.strerror}") from None
 
 
 # How long a snapshot waits for the admin service of a volume's running server.

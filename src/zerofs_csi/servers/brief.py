@@ -25,6 +25,7 @@ from zerofs_csi import errors
 from zerofs_csi.host.unix_socket import accepts
 from zerofs_csi.observability.sanitize import MASK, REDACTOR
 from zerofs_csi.servers.admin import AdminClient
+from zerofs_csi.servers.base import ServerSockets
 from zerofs_csi.servers.zerofs_config import render_zerofs_config
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import VolumeSettings
@@ -62,8 +63,9 @@ def brief_server(
     """
     shutil.rmtree(directory, ignore_errors=True)  # a leftover of a killed controller
     directory.mkdir(parents=True, mode=0o700)
-    admin_socket = directory / "admin.sock"
-    nbd_socket, ninep_socket = directory / "nbd.sock", directory / "9p.sock"
+    # Laid out as a volume's socket directory (ServerSockets), admin service included.
+    sockets = ServerSockets.under(directory.parent, directory.name)
+    admin_socket, nbd_socket, ninep_socket = sockets.admin, sockets.nbd, sockets.ninep
     rendered = render_zerofs_config(
         settings,
         volume_id,

@@ -1,7 +1,10 @@
-"""Copying one server's NBD export into another's with nbdcopy (libnbd-bin, a Debian
-package): sparse-aware (only the source's non-zero blocks are written into a target that
-reads as zeroes), memory bounded by its requests in flight, and its progress reported as
-it goes (``--progress=FD``, whose lines read ``N/100``)."""
+"""Filling a new volume's export from another server's: ``fill_export`` creates the
+target export (through 9P) and copies the source's into it with nbdcopy (libnbd-bin, a
+Debian package): sparse-aware (only the source's non-zero blocks are written into a
+target that reads as zeroes), memory bounded by its requests in flight, and its progress
+reported as it goes (``--progress=FD``, whose lines read ``N/100``). The restores of
+both backends use it: the local one in the controller, the Kubernetes one in a restore
+pod (``servers.pods.restore_copy``)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from zerofs_csi import errors
+from zerofs_csi.servers import ninep
 
 NBDCOPY = "nbdcopy"
 COPY_TIMEOUT_S = 6 * 3600.0
@@ -23,6 +28,45 @@ _PROGRESS_LINE = re.compile(rb"^(\d{1,3})/100$")
 
 def _ignore(percent: int) -> None:
     pass
+
+
+@dataclass(frozen=True)
+class ServedExport:
+    """A volume's export as a running server serves it."""
+
+    export: str  # the export's name: the volume id
+    nbd: Path  # the server's NBD socket
+    ninep: Path  # its 9P socket
+
+
+def fill_export(
+    source: ServedExport,
+    target: ServedExport,
+    capacity_bytes: int,
+    progress: Callable[[int], None] = _ignore,
+    timeout_s: float = COPY_TIMEOUT_S,
+) -> None:
+    """Create ``target``'s export at ``capacity_bytes`` and copy ``source``'s data into
+    it. OutOfRange when the source is larger; a source that has no export (its volume
+    was never staged) leaves the target all zeroes. The caller flushes the target."""
+    try:
+        source_size = ninep.export_size(source.ninep, source.export)
+    except OSError as exc:
+        raise errors.Internal(
+            f"reading the size of export {source.export}: {exc.strerror}"
+        ) from None
+    if source_size is not None and source_size > capacity_bytes:
+        raise errors.OutOfRange(
+            f"the source holds {source_size} bytes, more than the {capacity_bytes} bytes asked for"
+        )
+    try:
+        ninep.prepare_export(target.ninep, target.export, capacity_bytes)
+    except OSError as exc:
+        raise errors.Internal(
+            f"creating the export of volume {target.export}: {exc.strerror}"
+        ) from None
+    if source_size:
+        copy_export(source.nbd, source.export, target.nbd, target.export, progress, timeout_s)
 
 
 def copy_export(
