@@ -12,6 +12,7 @@
 #   libblkid1    filesystem probing (fsprobe.py, through ctypes); util-linux, which
 #                provides it, is Essential in Debian and so already in the base image
 #   kmod         modprobe nbd (the chart's init container)
+#   libnbd-bin   nbdcopy: a restore or clone's copy between two servers' exports
 # Mounting, NBD attach and device locks are system calls: no mount, nbd-client or
 # blkid binaries are needed. tests/chart/test_dockerfile.py keeps these lists in step
 # with the code and with tools/host-packages.txt.
@@ -35,6 +36,7 @@ RUN python -m pip wheel --no-cache-dir --no-build-isolation --no-deps --wheel-di
 FROM ${PYTHON_IMAGE}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends e2fsprogs xfsprogs btrfs-progs libblkid1 kmod \
+        libnbd-bin \
     && rm -rf /var/lib/apt/lists/*
 COPY requirements /tmp/requirements
 RUN python -m pip install --no-cache-dir --require-hashes --no-deps -r /tmp/requirements/image.lock \

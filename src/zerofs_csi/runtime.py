@@ -204,6 +204,7 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
         )
     from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints
     from zerofs_csi.controller.nodes_kube import CsiNodeDirectory
+    from zerofs_csi.controller.restores_kube import KubeRestores
     from zerofs_csi.controller.snapshot_store_kube import KubernetesSnapshotStore
     from zerofs_csi.controller.store_kube import KubernetesConfigMapReader, KubernetesVolumeStore
     from zerofs_csi.servers.pods.backend import KubernetesBackend
@@ -220,14 +221,25 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
         removal_timeout=config.server_removal_timeout_seconds,
     )
     volumes = KubernetesVolumeStore(api, config.namespace)
+    restorer = None
+    if config.restore_image:
+        restorer = KubeRestores(
+            api, config.namespace, config.restore_image, copy_progress=metrics.report_copy
+        )
+
+    def remove_volume_pods(volume_id: str) -> None:
+        servers.remove_everywhere(volume_id)
+        if restorer is not None:  # a restore left behind by a CreateVolume given up
+            restorer.remove(volume_id)
+
     return ControllerService(
         volumes,
         metrics,
         nodes=CsiNodeDirectory(api, config.driver_name),
         read_config_map=KubernetesConfigMapReader(api, config.namespace),
-        remove_servers=servers.remove_everywhere,
+        remove_servers=remove_volume_pods,
         events=_event_recorder(config, api, "zerofs-csi-controller"),
         snapshot_store=KubernetesSnapshotStore(api, config.namespace),
         # Taken by the node plugin where the volume is staged, asked through the API.
-        checkpoints=KubeCheckpoints(api, config.namespace, volumes),
+        checkpoints=KubeCheckpoints(api, config.namespace, volumes, restorer=restorer),
     )

@@ -26,6 +26,7 @@ from packaging.utils import canonicalize_name
 
 from chart.conftest import CHART, ROOT, Helm, container, find
 from zerofs_csi.host import filesystems
+from zerofs_csi.servers import export_copy
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -99,6 +100,8 @@ def executables_the_driver_runs(helm: Helm) -> set[str]:
     for fs in filesystems.SUPPORTED:
         tools.add(filesystems.mkfs_argv(fs, "/dev/nbd0")[0])
         tools.add(filesystems.grow_argv(fs, "/dev/nbd0", "/mnt")[0])
+    # Restores and clones copy exports with nbdcopy (in the restore pod's copy container).
+    tools.add(export_copy.NBDCOPY)
     # The chart's nbd init container runs in the plugin image too.
     spec = find(helm.render(CHART), "DaemonSet")["spec"]["template"]["spec"]
     script = container(spec, "load-nbd", init=True)["command"][-1]

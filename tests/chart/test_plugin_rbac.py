@@ -27,6 +27,8 @@ from kubernetes import client
 
 from chart.conftest import CHART, Helm, Manifest, find
 from zerofs_csi.config import Backend, Config, Endpoint, LogFormat, Role
+from zerofs_csi.controller.snapshot_store import SnapshotRecord
+from zerofs_csi.controller.snapshot_store_kube import KubernetesSnapshotStore
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.kube.api import call_json, make_api_client
 from zerofs_csi.kube.controller_rbac import (
@@ -127,6 +129,7 @@ def _controller(cluster: Cluster, tmp_path: Path) -> Iterator[csi_pb2_grpc.Contr
         kubeconfig=str(_kubeconfig(cluster, tmp_path)),
         daemonset_name="",
         server_removal_timeout_seconds=1.0,
+        restore_image="zerofs-csi:rbac-test",
     )
     plugin = build(config, checks=[])
     plugin.server.start()
@@ -228,6 +231,47 @@ def _volume_life(
     assert not controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
 
 
+def _restore_life(
+    controller: csi_pb2_grpc.ControllerStub, admin: client.ApiClient, namespace: str
+) -> None:
+    """A volume created from a snapshot: its restore pod created, followed until kubelet
+    (here the test) says it succeeded, then removed; the volume deleted."""
+    snapshot = SnapshotRecord(
+        key="snap-rbac",
+        name="snap-rbac",
+        snapshot_id="pvc-0a1b2c3d@snap-rbac",
+        source_volume_id="pvc-0a1b2c3d",
+        checkpoint_id="0b7f6a1e-checkpoint",
+        size_bytes=1 << 30,
+        created_at_seconds=1_700_000_000,
+        parameters={"storageUrl": "s3://zerofs-chart-test/volumes"},
+    )
+    KubernetesSnapshotStore(admin, namespace).create(snapshot)
+    request = csi_pb2.CreateVolumeRequest(
+        name="pvc-6f0e1d2c-3b4a-4958-8776-a5b4c3d2e1f0",
+        capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 30),
+        volume_capabilities=[_mount_capability()],
+        parameters={"storageUrl": "s3://zerofs-chart-test/volumes"},
+        secrets=SECRETS,
+        volume_content_source=csi_pb2.VolumeContentSource(
+            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot.snapshot_id)
+        ),
+    )
+    with pytest.raises(grpc.RpcError) as in_progress:
+        controller.CreateVolume(request)
+    assert in_progress.value.code() is grpc.StatusCode.UNAVAILABLE
+    (pod,) = call_json(client.CoreV1Api(admin).list_namespaced_pod, namespace)["items"]
+    pod["status"] = {"phase": "Succeeded"}
+    name = pod["metadata"]["name"]
+    call_json(client.CoreV1Api(admin).replace_namespaced_pod_status, name, namespace, pod)
+    volume = controller.CreateVolume(request).volume
+    assert volume.content_source.snapshot.snapshot_id == snapshot.snapshot_id
+    assert not call_json(client.CoreV1Api(admin).list_namespaced_pod, namespace)["items"]
+    controller.DeleteVolume(
+        csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=SECRETS)
+    )
+
+
 def test_controller_calls_are_exactly_the_chart_controller_role(
     helm: Helm, cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -266,6 +310,7 @@ def test_controller_calls_are_exactly_the_chart_controller_role(
             "pvc-5d1c9a64-0f1e-4c55-9b7e-2d1f3c4b5a69",
             leftover_server=(admin, cluster.namespace),
         )
+        _restore_life(controller, admin, cluster.namespace)
         # Whether configMapName is resolved depends on how the controller is wired; any
         # API call it makes for it must be covered all the same.
         with contextlib.suppress(grpc.RpcError):

@@ -83,6 +83,27 @@ def test_the_sidecar_its_rights_and_the_class(helm: Helm) -> None:
     assert "annotations" not in snapshot_class["metadata"]
 
 
+@pytest.mark.parametrize("enabled", ["true", "false"])
+def test_the_provisioner_reads_snapshots_exactly_when_they_are_enabled(
+    helm: Helm, enabled: str
+) -> None:
+    manifests = helm.render(CHART, sets=[f"snapshots.enabled={enabled}"])
+    role = _named(manifests, "ClusterRole", "-provisioner")
+    assert role is not None
+    snapshot_rules = [r for r in role["rules"] if r["apiGroups"] == ["snapshot.storage.k8s.io"]]
+    if enabled == "false":
+        assert snapshot_rules == []
+    else:
+        # A claim restored from a VolumeSnapshot: the snapshot, then its content's handle.
+        assert snapshot_rules == [
+            {
+                "apiGroups": ["snapshot.storage.k8s.io"],
+                "resources": ["volumesnapshots", "volumesnapshotcontents"],
+                "verbs": ["get", "list"],
+            }
+        ]
+
+
 def test_the_class_can_be_the_default_keep_its_checkpoints_or_be_left_out(helm: Helm) -> None:
     found = _objects(
         helm.render(

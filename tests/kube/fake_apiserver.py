@@ -82,6 +82,8 @@ KINDS = {
 }
 # Kinds with a status subresource: a PUT there changes only the status.
 WITH_STATUS = frozenset({"Pod", "CheckpointRequest"})
+# Read-only subresources other than status, by kind.
+READ_ONLY_SUBRESOURCES = {"Pod": frozenset({"log"})}
 
 # Kubernetes' defaults for fields the driver reads back (pkg/apis/core/v1/defaults.go).
 DEFAULT_TERMINATION_GRACE_SECONDS = 30
@@ -600,7 +602,10 @@ class FakeApiServer:
                     raise ApiError(404, "NotFound", "namespace required")
                 if kind.kind == "Namespace" and name is None and method == "POST":
                     ns = ""
-                if sub is not None and (kind.kind not in WITH_STATUS or sub != "status"):
+                readable = READ_ONLY_SUBRESOURCES.get(kind.kind, frozenset())
+                if sub is not None and method == "GET" and sub in readable:
+                    pass
+                elif sub is not None and (kind.kind not in WITH_STATUS or sub != "status"):
                     raise ApiError(404, "NotFound", f"no subresource {sub}")
                 store = server.store
                 scope = ns if kind.namespaced else ""
@@ -622,6 +627,11 @@ class FakeApiServer:
                             filtered=bool(query.get("labelSelector") or query.get("fieldSelector")),
                         )
                         self._send_json(200, listed)
+                elif method == "GET" and sub == "log":
+                    server.record("get", kind, sub, agent)
+                    # No kubelet here: as the real server answers for a pod on no node.
+                    store.get(kind, scope, name)
+                    raise ApiError(400, "BadRequest", f"pod {name} does not have a host assigned")
                 elif method == "GET":
                     server.record("get", kind, sub, agent)
                     self._send_json(200, store.get(kind, scope, name))

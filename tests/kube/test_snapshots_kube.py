@@ -24,6 +24,7 @@ from kube.test_checkpoint_requests import SIZE, Node, install_crd
 from zerofs_csi import errors
 from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints
 from zerofs_csi.controller.nodes import LocalNodes
+from zerofs_csi.controller.restores_kube import KubeRestores
 from zerofs_csi.controller.service import ControllerService
 from zerofs_csi.controller.snapshot_store import SnapshotRecord
 from zerofs_csi.controller.snapshot_store_kube import KubernetesSnapshotStore, config_map_name
@@ -36,6 +37,7 @@ from zerofs_csi.observability.sanitize import REDACTOR
 from zerofs_csi.rpc.interceptor import CsiInterceptor
 from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.servers.admin import AdminClient
+from zerofs_csi.servers.pods import restore_pod
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 
@@ -88,8 +90,10 @@ class Controller:
 
 @pytest.fixture
 def controller(
-    cluster: Cluster, admin: client.ApiClient, socket_root: Path
+    request: pytest.FixtureRequest, cluster: Cluster, admin: client.ApiClient, socket_root: Path
 ) -> Iterator[Controller]:
+    """The controller; parametrized indirectly with a copy image, it restores."""
+    copy_image = getattr(request, "param", "")
     install_crd(cluster, admin)
     with tempfile.TemporaryDirectory(prefix="zk-") as directory:
         root = Path(directory)
@@ -102,7 +106,14 @@ def controller(
             Metrics("", CollectorRegistry()),
             nodes=LocalNodes([NODE], max_volumes_per_node=0),
             snapshot_store=KubernetesSnapshotStore(admin, cluster.namespace),
-            checkpoints=KubeCheckpoints(admin, cluster.namespace, volumes),
+            checkpoints=KubeCheckpoints(
+                admin,
+                cluster.namespace,
+                volumes,
+                restorer=KubeRestores(admin, cluster.namespace, copy_image, wait_seconds=0.5)
+                if copy_image
+                else None,
+            ),
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4), interceptors=[CsiInterceptor(REDACTOR)]
@@ -221,3 +232,74 @@ def test_no_volume_is_created_from_a_snapshot_or_a_volume(controller: Controller
         assert server.list() == []
     listed = controller.stub.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=30)
     assert [e.volume.volume_id for e in listed.entries] == [source]
+
+
+@pytest.mark.parametrize("controller", ["zerofs-csi:clone-test"], indirect=True)
+def test_a_clone_keeps_its_checkpoint_until_its_restore_pod_succeeds(
+    controller: Controller, cluster: Cluster, admin: client.ApiClient
+) -> None:
+    rpc = csi_pb2.ControllerServiceCapability.RPC
+    offered = {
+        c.rpc.type
+        for c in controller.stub.ControllerGetCapabilities(
+            csi_pb2.ControllerGetCapabilitiesRequest(), timeout=30
+        ).capabilities
+    }
+    assert rpc.CLONE_VOLUME in offered
+    capability = csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER)
+    )
+    parameters = {"storageUrl": f"file://{controller.node.store}"}
+    source = controller.stub.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name="pvc-kube-source",
+            capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+            volume_capabilities=[capability],
+            parameters=parameters,
+        ),
+        timeout=30,
+    ).volume.volume_id
+    controller.stub.ControllerPublishVolume(
+        csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=source, node_id=NODE, volume_capability=capability
+        ),
+        timeout=30,
+    )
+    controller.node.stage(source)
+    sockets = controller.node.serve(source)
+    Source = csi_pb2.VolumeContentSource
+    clone = csi_pb2.CreateVolumeRequest(
+        name="pvc-kube-clone",
+        capacity_range=csi_pb2.CapacityRange(required_bytes=2 * SIZE),
+        volume_capabilities=[capability],
+        parameters=parameters,
+        volume_content_source=Source(volume=Source.VolumeSource(volume_id=source)),
+        secrets={"ZEROFS_ENCRYPTION_PASSWORD": "pw-clone-test"},
+    )
+    core = client.CoreV1Api(admin)
+    for _ in range(2):  # the retry follows the same restore
+        with pytest.raises(grpc.RpcError) as in_progress:
+            controller.stub.CreateVolume(clone, timeout=60)
+        assert in_progress.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "is being filled from checkpoint" in str(in_progress.value.details())
+        (pod,) = call_json(core.list_namespaced_pod, cluster.namespace)["items"]
+        new_volume = pod["metadata"]["labels"]["zerofs.csi.driver/volume"]
+        # The copy reads the checkpoint taken for it, which stays meanwhile.
+        with AdminClient(sockets.admin, "stand-in") as server:
+            assert [c.name for c in server.list()] == [f"clone:{new_volume}"]
+    source_server = pod["spec"]["initContainers"][0]
+    assert source_server["args"][-2:] == ["--checkpoint", f"clone:{new_volume}"]
+    copy = pod["spec"]["containers"][0]["args"]
+    assert copy[copy.index("--source-export") + 1] == source
+    assert copy[copy.index("--capacity-bytes") + 1] == str(2 * SIZE)
+
+    pod["status"] = {"phase": "Succeeded"}
+    name = restore_pod.pod_name(new_volume)
+    call_json(core.replace_namespaced_pod_status, name, cluster.namespace, pod)
+    volume = controller.stub.CreateVolume(clone, timeout=60).volume
+
+    assert volume.volume_id == new_volume and volume.content_source.volume.volume_id == source
+    assert volume.capacity_bytes == 2 * SIZE
+    with AdminClient(sockets.admin, "stand-in") as server:
+        assert server.list() == []
+    assert call_json(core.list_namespaced_pod, cluster.namespace)["items"] == []

@@ -118,6 +118,11 @@ class VolumeCheckpoints(Protocol):
         ...
 
 
+class RestoreInProgress(errors.Unavailable):
+    """A restore runs on elsewhere (a restore pod): the CreateVolume is to be retried,
+    and a clone's checkpoint must stay until it ends."""
+
+
 @dataclass(frozen=True)
 class CheckpointSource:
     """A checkpoint of a volume, to read a new volume's data from."""

@@ -12,6 +12,9 @@ request left for another node (the volume moved) is replaced.
 
 A volume staged nowhere has no server to take its checkpoint, and this backend starts
 none for it: FAILED_PRECONDITION, the volume must be staged (in use by a pod).
+
+Restores (CreateVolume from a snapshot or a volume) run in restore pods
+(``restores_kube``) when the controller is given the image of their copy container.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from kubernetes import client
 
 from zerofs_csi import errors
 from zerofs_csi.controller.checkpoints import CheckpointSource
+from zerofs_csi.controller.restores_kube import KubeRestores
 from zerofs_csi.controller.store import VolumeStore
 from zerofs_csi.kube import checkpoint_requests as requests
 from zerofs_csi.kube.api import Obj, api_failure, call_json, is_status
@@ -40,10 +44,8 @@ POLL_INTERVAL_SECONDS = 0.2
 class KubeCheckpoints:
     """``VolumeCheckpoints`` through CheckpointRequests in ``namespace``; the volume's
     node is read from ``volumes``. ``custom`` replaces the CustomObjectsApi built from
-    ``api`` (to instrument calls in tests)."""
-
-    # Filling a new volume needs short-lived server pods this backend does not start.
-    restores = False
+    ``api`` (to instrument calls in tests). ``restorer`` fills new volumes; without one
+    none is created from a snapshot or a volume."""
 
     def __init__(
         self,
@@ -53,7 +55,10 @@ class KubeCheckpoints:
         *,
         wait_seconds: float = DEFAULT_WAIT_SECONDS,
         custom: client.CustomObjectsApi | None = None,
+        restorer: KubeRestores | None = None,
     ) -> None:
+        self._restorer = restorer
+        self.restores = restorer is not None
         self._custom = custom if custom is not None else client.CustomObjectsApi(api)
         self._namespace = namespace
         self._volumes = volumes
@@ -101,10 +106,12 @@ class KubeCheckpoints:
         capacity_bytes: int,
         csi_secrets: Mapping[str, str],
     ) -> None:
-        raise errors.FailedPrecondition(
-            f"volume {volume_id}: the Kubernetes backend creates no volume from a snapshot "
-            "or a clone"
-        )
+        if self._restorer is None:
+            raise errors.FailedPrecondition(
+                f"volume {volume_id}: this controller creates no volume from a snapshot or a "
+                "volume (it runs without --restore-image)"
+            )
+        self._restorer.fill(source, volume_id, parameters, capacity_bytes, csi_secrets)
 
     def _outcome(self, operation: str, volume_id: str, checkpoint: str) -> Obj:
         """The status of the node plugin's work on the request, once it is done."""

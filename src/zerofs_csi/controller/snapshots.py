@@ -41,7 +41,11 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from zerofs_csi.controller.arguments import request_parameters, volume_id_argument
-from zerofs_csi.controller.checkpoints import CheckpointSource, VolumeCheckpoints
+from zerofs_csi.controller.checkpoints import (
+    CheckpointSource,
+    RestoreInProgress,
+    VolumeCheckpoints,
+)
 from zerofs_csi.controller.create_request import CreateRequest
 from zerofs_csi.controller.snapshot_store import SnapshotRecord, SnapshotStore
 from zerofs_csi.controller.store import VolumeStore
@@ -264,6 +268,8 @@ class SnapshotRpcs:
                     capacity,
                     csi_secrets,
                 )
+            except RestoreInProgress:
+                raise  # the copy reads the checkpoint on: the retry finishes the clone
             except BaseException:
                 # The restore's error is the one to answer with; a retry deletes the
                 # checkpoint if this cannot.

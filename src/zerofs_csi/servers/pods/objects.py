@@ -246,11 +246,11 @@ def config_secret(
     }
 
 
-def _cache_size_limit(settings: VolumeSettings) -> str:
+def cache_size_limit(settings: VolumeSettings) -> str:
     return str(math.ceil(settings.cache_disk_size_gb * 1e9 * CACHE_SIZE_HEADROOM))
 
 
-def _security_context() -> Manifest:
+def security_context() -> Manifest:
     return {
         "runAsUser": ZEROFS_UID,
         "runAsGroup": ZEROFS_UID,
@@ -306,7 +306,7 @@ def volume_pod(
             "name": "sockets",
             "hostPath": {"path": str(sockets.directory), "type": "Directory"},
         },
-        {"name": "cache", "emptyDir": {"sizeLimit": _cache_size_limit(settings)}},
+        {"name": "cache", "emptyDir": {"sizeLimit": cache_size_limit(settings)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
     ]
     container: Manifest = {
@@ -328,7 +328,7 @@ def volume_pod(
             "timeoutSeconds": READINESS_TIMEOUT_SECONDS,
             "failureThreshold": 3,
         },
-        "securityContext": _security_context(),
+        "securityContext": security_context(),
     }
     if settings.storage_url.scheme == "file":
         storage_dir = "/" + settings.storage_url.path
@@ -380,7 +380,7 @@ def _envoy_sidecar(settings: VolumeSettings) -> Manifest:
         "volumeMounts": [
             {"name": "envoy-config", "mountPath": ENVOY_CONFIG_DIR, "readOnly": True},
         ],
-        "securityContext": _security_context(),
+        "securityContext": security_context(),
     }
 
 
