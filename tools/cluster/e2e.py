@@ -10,13 +10,15 @@ the node's PID namespace and root, as `kubectl debug node` gives. Each step is t
 the table goes to stdout and to build/e2e.md. Any failed step ends the run with status
 1, naming the step. ``--short`` is make test's part: the install, an ext4 volume written
 and verified across pods, kill -9 of its server under a writer, its deletion from S3 and
-the uninstall. The whole path takes a VolumeSnapshot under the writer too, which needs
-the cluster's snapshot API (cluster.py --snapshot-api).
+the uninstall. The whole path takes a VolumeSnapshot under the writer too and restores it
+into a new claim, whose data as of the snapshot a pod verifies; it needs the cluster's
+snapshot API (cluster.py --snapshot-api).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -418,12 +420,14 @@ def write(
     return ["verify", target, seed, str(mib)]
 
 
-def write_then_verify(table: Table, images: Images, claim: str, sc: str, block: bool) -> None:
+def write_then_verify(table: Table, images: Images, claim: str, sc: str, block: bool) -> list[str]:
+    """``write``, then a new pod verifies; the workload arguments that verify it."""
     verify = write(table, images, claim, sc, block)
     with table.step(f"{claim}: a new pod verifies every byte"):
         run_pod_to_completion(
             workload_pod(f"{claim}-reader", claim, images.workload, verify, block)
         )
+    return verify
 
 
 def expand(table: Table, images: Images, claim: str) -> None:
@@ -511,13 +515,18 @@ def roll_the_plugin_out(table: Table, images: Images, volume: str) -> None:
 SNAPSHOT_CLASS = "zerofs"
 
 
-def snapshot_under_the_writer(table: Table, images: Images, volume: str) -> None:
+def snapshot_under_the_writer(
+    table: Table, images: Images, volume: str, verify: Sequence[str] = ()
+) -> None:
     """A VolumeSnapshot of the writer's claim: the snapshot controller, the chart's
-    csi-snapshotter and the node plugin's checkpoint of the staged volume make it ready;
-    deleted, its content goes too (deletionPolicy Delete: DeleteSnapshot)."""
-    claim = kube_json("get", "pv", volume)["spec"]["claimRef"]["name"]
-    name = f"{claim}-snapshot"
-    with table.step("VolumeSnapshot of the claim under the writer, ready, deleted") as notes:
+    csi-snapshotter and the node plugin's checkpoint of the staged volume make it ready.
+    With VERIFY (workload arguments checking data the claim held before the snapshot),
+    a new claim is restored from it (the controller's restore pod) and a pod verifies
+    that data there. Deleted, the snapshot's content goes too (deletionPolicy Delete:
+    DeleteSnapshot)."""
+    source = kube_json("get", "pv", volume)["spec"]["claimRef"]["name"]
+    name = f"{source}-snapshot"
+    with table.step("VolumeSnapshot of the claim under the writer, ready") as notes:
         apply(
             {
                 "apiVersion": "snapshot.storage.k8s.io/v1",
@@ -525,7 +534,7 @@ def snapshot_under_the_writer(table: Table, images: Images, volume: str) -> None
                 "metadata": {"name": name, "namespace": WORKLOAD_NAMESPACE},
                 "spec": {
                     "volumeSnapshotClassName": SNAPSHOT_CLASS,
-                    "source": {"persistentVolumeClaimName": claim},
+                    "source": {"persistentVolumeClaimName": source},
                 },
             }
         )
@@ -540,6 +549,9 @@ def snapshot_under_the_writer(table: Table, images: Images, volume: str) -> None
         content_name = status()["boundVolumeSnapshotContentName"]
         content = kube_json("get", "volumesnapshotcontent", content_name)["status"]
         notes.append(f"{content['snapshotHandle']}, restore size {content['restoreSize']}")
+    if verify:
+        restore_the_snapshot(table, images, source, name, int(content["restoreSize"]), verify)
+    with table.step("VolumeSnapshot deleted, its content gone"):
         kubectl("-n", WORKLOAD_NAMESPACE, "delete", "volumesnapshot", name, "--timeout=600s")
         wait_until(
             f"VolumeSnapshotContent {content_name} deleted",
@@ -547,6 +559,43 @@ def snapshot_under_the_writer(table: Table, images: Images, volume: str) -> None
                 not kubectl(
                     "get", "volumesnapshotcontent", "--ignore-not-found", "-o", "name", content_name
                 ).strip()
+            ),
+            600,
+        )
+
+
+def restore_the_snapshot(
+    table: Table, images: Images, source: str, snapshot: str, size: int, verify: Sequence[str]
+) -> None:
+    """A claim of the source's class from the snapshot, verified by a pod, deleted."""
+    claim = f"{source}-restored"
+    storage_class = kube_json("-n", WORKLOAD_NAMESPACE, "get", "pvc", source)["spec"][
+        "storageClassName"
+    ]
+    with table.step(f"{claim}: PVC from the snapshot bound (restore pod)") as notes:
+        manifest = pvc(claim, storage_class, str(size))
+        manifest["spec"]["dataSource"] = {
+            "apiGroup": "snapshot.storage.k8s.io",
+            "kind": "VolumeSnapshot",
+            "name": snapshot,
+        }
+        apply(manifest)
+        wait_until(f"PVC {claim} bound", lambda: bound(claim), 1800, every_s=5)
+        notes.append(f"volume {volume_of(claim)}")
+    with table.step(f"{claim}: a pod verifies the data as of the snapshot"):
+        run_pod_to_completion(
+            workload_pod(f"{claim}-reader", claim, images.workload, verify, block=False)
+        )
+    with table.step(f"{claim}: PVC deleted"):
+        volume = volume_of(claim)
+        kubectl("-n", WORKLOAD_NAMESPACE, "delete", "pvc", claim, "--wait=true")
+        wait_until(
+            f"PV of {claim} deleted",
+            lambda: (
+                not any(
+                    pv["spec"]["csi"]["volumeHandle"] == volume
+                    for pv in kube_json("get", "pv")["items"]
+                )
             ),
             600,
         )
@@ -672,7 +721,10 @@ def save_pod_logs(folder: Path) -> None:
         old.unlink()
     for pod in kube_json("-n", NAMESPACE, "get", "pods")["items"]:
         name = pod["metadata"]["name"]
-        for status in pod.get("status", {}).get("containerStatuses", []):
+        statuses = pod.get("status", {})
+        for status in statuses.get("initContainerStatuses", []) + statuses.get(
+            "containerStatuses", []
+        ):
             container = status["name"]
             lives: dict[str, list[str]] = {"": []}
             if status.get("restartCount"):
@@ -759,17 +811,18 @@ def main(argv: Sequence[str]) -> int:
             )
             delete_claims(table, ["ext4"])
         else:
-            write_then_verify(table, images, "ext4", "zerofs", block=False)
+            written = {"ext4": write_then_verify(table, images, "ext4", "zerofs", block=False)}
             if "xfs" in volumes:
-                write_then_verify(table, images, "xfs", "zerofs-xfs", block=False)
+                written["xfs"] = write_then_verify(table, images, "xfs", "zerofs-xfs", block=False)
             if "raw" in volumes:
                 write_then_verify(table, images, "raw", "zerofs", block=True)
             expand(table, images, "ext4")
-            faults = [
-                snapshot_under_the_writer, kill_the_server, delete_the_plugin_pod,
-                roll_the_plugin_out,
-            ]  # fmt: skip
-            faults_under_a_writer(table, images, "xfs" if "xfs" in volumes else "ext4", faults)
+            churned = "xfs" if "xfs" in volumes else "ext4"
+            # The snapshot is restored into a new claim, where the data the claim held
+            # before it (written and verified above) is verified again.
+            snapshot = functools.partial(snapshot_under_the_writer, verify=written[churned])
+            faults = [snapshot, kill_the_server, delete_the_plugin_pod, roll_the_plugin_out]
+            faults_under_a_writer(table, images, churned, faults)
             delete_claims(table, volumes)
             validation_chart(table, images)
         save_pod_logs(logs)
