@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -136,6 +137,11 @@ def test_config_hash_follows_what_defines_the_server() -> None:
     assert digest(build(volume_settings(rustLog="debug"))) != base  # pod only
     assert digest(build(volume_settings(compression="lz4"))) != base  # config only
     assert digest(build(volume_settings(), secret_version="uid-1/18")) != base  # secrets
+    # A ReadOnlyMany volume's reader is another server than its writer.
+    reader = build(dataclasses.replace(volume_settings(), read_only_server=True))
+    assert reader["spec"]["containers"][0]["args"][-1] == "--read-only"
+    assert "--read-only" not in build(volume_settings())["spec"]["containers"][0]["args"]
+    assert digest(reader) != base
 
 
 def test_file_storage_is_mounted_from_the_host_at_its_own_path() -> None:

@@ -30,6 +30,7 @@ from conftest import (
     filesystem_uuid,
     mount_capability,
     mounts_under,
+    processes_mentioning,
     settled_nbd_devices,
     wait_until,
 )
@@ -441,5 +442,52 @@ def test_read_only_stage_of_a_fresh_volume_is_refused(volumes: VolumeFactory) ->
         grpc.StatusCode.FAILED_PRECONDITION,
     )
     assert "read-only" in details
+    assert_nbd_devices(devices)
+    assert_unstaged(volume)
+
+
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
+def test_read_only_many_is_served_by_a_read_only_server(
+    volumes: VolumeFactory, fs_type: str, kernel_log: KernelLog
+) -> None:
+    volume = volumes(fs_type=fs_type, size=SIZES[fs_type])
+    volume.stage()
+    target = volume.plugin.workdir / "pods" / volume.volume_id / "volume"
+    volume.publish(str(target))
+    digest = write_file(target / "data.bin", 1, b"many-readers")
+    volume.unpublish(str(target))
+    volume.unstage()
+
+    many = mount_capability(fs_type, mode=Mode.MULTI_NODE_READER_ONLY)
+    volume.stage(many)
+    # The server runs read-only, and the kernel made its device read-only.
+    servers = processes_mentioning(f"/{volume.volume_id}/")
+    assert any("--read-only" in line for _, line in servers), servers
+    device = volume.device()
+    assert Path(f"/sys/block/{Path(device).name}/ro").read_text().strip() == "1"
+    mount = mounts.find_mount(Path(volume.staging) / "mount")
+    assert mount is not None and "ro" in mount.options
+    volume.publish(str(target), capability=many)
+    assert digest_of(target / "data.bin") == digest
+    with pytest.raises(OSError) as denied:
+        (target / "new").write_bytes(b"x")
+    assert denied.value.errno == errno.EROFS
+    volume.unpublish(str(target))
+    volume.unstage()
+    assert_unstaged(volume)
+    assert not processes_mentioning(f"/{volume.volume_id}/")
+    assert not kernel_log.forbidden, kernel_log.forbidden
+
+
+def test_read_only_many_stage_of_a_volume_never_written_is_refused(
+    volumes: VolumeFactory,
+) -> None:
+    volume = volumes(fs_type="ext4", size=SIZES["ext4"])
+    devices = settled_nbd_devices()
+    details = assert_code(
+        lambda: volume.stage(mount_capability("ext4", mode=Mode.MULTI_NODE_READER_ONLY)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert "no data to serve read-only" in details
     assert_nbd_devices(devices)
     assert_unstaged(volume)

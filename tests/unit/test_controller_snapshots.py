@@ -107,7 +107,7 @@ def controller() -> Iterator[Controller]:
         service = ControllerService(
             FileVolumeStore(state / "volumes"),
             metrics,
-            nodes=LocalNodes(["node-a"], max_volumes_per_node=0),
+            nodes=LocalNodes(["node-a", "node-b"], max_volumes_per_node=0),
             snapshot_store=FileSnapshotStore(state / "snapshots"),
             checkpoints=LocalCheckpoints(
                 state, state / "sockets", [str(STANDIN)], copy_progress=report_copy
@@ -335,18 +335,24 @@ def test_a_snapshot_waits_for_a_starting_servers_admin_service(controller: Contr
         stop_process(server)
 
 
+def block(mode: int = Mode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=mode)
+    )
+
+
 def create_from_snapshot(
-    controller: Controller, name: str, snapshot_id: str, required: int, limit: int = 0
+    controller: Controller,
+    name: str,
+    snapshot_id: str,
+    required: int,
+    limit: int = 0,
+    modes: tuple[int, ...] = (Mode.SINGLE_NODE_WRITER,),
 ) -> csi_pb2.Volume:
     request = csi_pb2.CreateVolumeRequest(
         name=name,
         capacity_range=csi_pb2.CapacityRange(required_bytes=required, limit_bytes=limit),
-        volume_capabilities=[
-            csi_pb2.VolumeCapability(
-                block=csi_pb2.VolumeCapability.BlockVolume(),
-                access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER),
-            )
-        ],
+        volume_capabilities=[block(mode) for mode in modes],
         parameters={"storageUrl": f"file://{controller.store}"},
         volume_content_source=csi_pb2.VolumeContentSource(
             snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id)
@@ -463,3 +469,94 @@ def test_get_snapshot(controller: Controller) -> None:
         lambda: controller.stub.GetSnapshot(csi_pb2.GetSnapshotRequest(), timeout=30),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
+
+
+def test_a_read_only_many_volume_is_published_to_many_nodes_and_never_written(
+    controller: Controller,
+) -> None:
+    vid = controller.create_volume("pvc-rox-source")
+    write_export(controller, vid, MiB, b"for-every-reader" * 64)
+    made = controller.snapshot("snap-rox", vid)
+    readers = (Mode.MULTI_NODE_READER_ONLY,)
+    fails(
+        lambda: create_from_snapshot(
+            controller, "pvc-rox", made.snapshot_id, SIZE, modes=(*readers, Mode.SINGLE_NODE_WRITER)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "a writer access mode does not fit it",
+    )
+    empty = csi_pb2.CreateVolumeRequest(
+        name="pvc-rox-empty",
+        capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+        volume_capabilities=[block(Mode.MULTI_NODE_READER_ONLY)],
+        parameters={"storageUrl": f"file://{controller.store}"},
+    )
+    fails(
+        lambda: controller.stub.CreateVolume(empty, timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "must come from a snapshot or a volume",
+    )
+    rox = create_from_snapshot(controller, "pvc-rox", made.snapshot_id, SIZE, modes=readers)
+    export = controller.store / rox.volume_id / ".nbd" / rox.volume_id
+    assert export.read_bytes()[MiB : MiB + 1024] == b"for-every-reader" * 64
+    fails(
+        lambda: create_from_snapshot(controller, "pvc-rox", made.snapshot_id, SIZE),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "MULTI_NODE_READER_ONLY",
+    )
+
+    def publish(volume_id: str, node: str, mode: int) -> None:
+        controller.stub.ControllerPublishVolume(
+            csi_pb2.ControllerPublishVolumeRequest(
+                volume_id=volume_id, node_id=node, volume_capability=block(mode)
+            ),
+            timeout=30,
+        )
+
+    def published(volume_id: str) -> list[str]:
+        reply = controller.stub.ControllerGetVolume(
+            csi_pb2.ControllerGetVolumeRequest(volume_id=volume_id), timeout=30
+        )
+        return sorted(reply.status.published_node_ids)
+
+    for node in ("node-a", "node-b", "node-a"):
+        publish(rox.volume_id, node, Mode.MULTI_NODE_READER_ONLY)
+    assert published(rox.volume_id) == ["node-a", "node-b"]
+    # Refusals: a writer of a ReadOnlyMany volume, many readers of a writer's volume.
+    fails(
+        lambda: publish(rox.volume_id, "node-b", Mode.SINGLE_NODE_WRITER),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "does not fit",
+    )
+    fails(
+        lambda: publish(vid, "node-a", Mode.MULTI_NODE_READER_ONLY),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "created for one writer",
+    )
+    validated = controller.stub.ValidateVolumeCapabilities(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id=rox.volume_id, volume_capabilities=[block()]
+        ),
+        timeout=30,
+    )
+    assert not validated.HasField("confirmed") and "does not fit" in validated.message
+    # Its servers are read-only: no checkpoint of it, no clone through one.
+    fails(
+        lambda: controller.snapshot("snap-of-rox", rox.volume_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "MULTI_NODE_READER_ONLY",
+    )
+    delete = csi_pb2.DeleteVolumeRequest(volume_id=rox.volume_id)
+    fails(
+        lambda: controller.stub.DeleteVolume(delete, timeout=30),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "node-a, node-b",
+    )
+    unpublish = csi_pb2.ControllerUnpublishVolumeRequest(volume_id=rox.volume_id, node_id="node-a")
+    controller.stub.ControllerUnpublishVolume(unpublish, timeout=30)
+    controller.stub.ControllerUnpublishVolume(unpublish, timeout=30)
+    assert published(rox.volume_id) == ["node-b"]
+    unpublish.node_id = ""  # from every node
+    controller.stub.ControllerUnpublishVolume(unpublish, timeout=30)
+    assert published(rox.volume_id) == []
+    controller.stub.DeleteVolume(delete, timeout=30)

@@ -128,6 +128,15 @@ class StoreContract:
         stored = store.create(record)
         assert content(store.get("a-1")) == record
         assert content(stored) == record
+        readers = make_record(
+            "a-2",
+            source_snapshot_id="a-1@snap",
+            read_only_many=True,
+            reader_nodes=("node-a", "node.b"),
+        )
+        store.create(readers)
+        assert content(store.get("a-2")) == readers
+        assert store.get("a-2").published_nodes == ["node-a", "node.b"]  # type: ignore[union-attr]
 
     @pytest.mark.parametrize("volume_id", ["", "../x", "PVC-1", "a/b", "x" * 64])
     def test_unsafe_volume_ids_are_refused(self, store: VolumeStore, volume_id: str) -> None:

@@ -15,7 +15,7 @@ from zerofs_csi.controller.store import VolumeRecord
 from zerofs_csi.csi import csi_pb2
 from zerofs_csi.errors import AlreadyExists, InvalidArgument
 from zerofs_csi.host import filesystems
-from zerofs_csi.volume.capabilities import check_capability
+from zerofs_csi.volume.capabilities import check_capability, read_only_many_conflict
 from zerofs_csi.volume.id import volume_id_for_name
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import (
@@ -52,6 +52,8 @@ class CreateRequest:
     # The snapshot or volume the volume's data comes from (volume_content_source), if any.
     source_snapshot_id: str = ""
     source_volume_id: str = ""
+    # MULTI_NODE_READER_ONLY: read-only servers on any number of nodes, never written.
+    read_only_many: bool = False
 
     @property
     def has_source(self) -> bool:
@@ -100,6 +102,17 @@ def create_request(
         raise InvalidArgument(
             "mutable_parameters are not supported: this driver does not modify volumes"
         )
+    read_only_many = any(cap.many_readers for cap in checked)
+    if read_only_many:
+        conflict = read_only_many_conflict(checked, read_only_many)
+        if conflict:
+            raise InvalidArgument(f"volume_capabilities: {conflict}")
+        if not (source_snapshot_id or source_volume_id):
+            raise InvalidArgument(
+                "a MULTI_NODE_READER_ONLY (ReadOnlyMany) volume is never written, so its data "
+                "must come from a snapshot or a volume: give it a volume_content_source (a "
+                "claim's dataSource)"
+            )
     settings = volume_settings(request.parameters, read_config_map)
     for cap in checked:
         if cap.access_type == "mount":
@@ -123,6 +136,7 @@ def create_request(
         parameters=request_parameters(request.parameters),
         source_snapshot_id=source_snapshot_id,
         source_volume_id=source_volume_id,
+        read_only_many=read_only_many,
     )
 
 
@@ -142,6 +156,12 @@ def check_compatible(existing: VolumeRecord, wanted: CreateRequest) -> None:
             f"volume {vid} exists with {existing.capacity_bytes} bytes, outside the "
             f"requested range (required {capacity_range.required_bytes}, limit "
             f"{capacity_range.limit_bytes or 'none'})"
+        )
+    if existing.read_only_many != wanted.read_only_many:
+        raise AlreadyExists(
+            f"volume {vid} exists "
+            + ("MULTI_NODE_READER_ONLY" if existing.read_only_many else "for a writer")
+            + ", which this request's capabilities do not ask for"
         )
     existing_source = (existing.source_snapshot_id, existing.source_volume_id)
     if existing_source != (wanted.source_snapshot_id, wanted.source_volume_id):

@@ -66,7 +66,11 @@ from zerofs_csi.observability.events import EventRecorder, LogEventRecorder
 from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.rpc.servicer import answer_unimplemented
-from zerofs_csi.volume.capabilities import check_capability, unsupported_reason
+from zerofs_csi.volume.capabilities import (
+    check_capability,
+    read_only_many_conflict,
+    unsupported_reason,
+)
 from zerofs_csi.volume.context import build_volume_context
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import VolumeSettings, parse_volume_settings
@@ -116,10 +120,6 @@ def _volume_message(record: VolumeRecord) -> csi_pb2.Volume:
     elif record.source_volume_id:
         volume.content_source.volume.volume_id = record.source_volume_id
     return volume
-
-
-def _published_nodes(record: VolumeRecord) -> list[str]:
-    return [record.published_node] if record.published_node else []
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
@@ -213,6 +213,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     ),
                     source_snapshot_id=wanted.source_snapshot_id,
                     source_volume_id=wanted.source_volume_id,
+                    read_only_many=wanted.read_only_many,
                 )
             )
         log.info(
@@ -227,9 +228,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         vid = volume_id_argument(request.volume_id)
         with self._locks.hold(vid, "DeleteVolume"):
             record = self._store.get(vid)
-            if record is not None and record.published_node:
+            if record is not None and record.published_nodes:
                 raise FailedPrecondition(
-                    f"volume {vid} is still published to node {record.published_node}; "
+                    f"volume {vid} is still published to node "
+                    f"{', '.join(record.published_nodes)}; "
                     "ControllerUnpublishVolume it first"
                 )
             if self._snapshots is not None:
@@ -288,7 +290,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ControllerPublishVolumeResponse:
         vid = volume_id_argument(request.volume_id)
         node = node_id_argument(request.node_id)
-        check_capability(
+        cap = check_capability(
             request.volume_capability if request.HasField("volume_capability") else None,
             "volume_capability",
         )
@@ -303,29 +305,36 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             record = self._store.get(vid)
             if record is None:
                 raise NotFound(f"volume {vid} does not exist")
-            if record.published_node == node:
+            conflict = read_only_many_conflict([cap], record.read_only_many)
+            if conflict:
+                raise InvalidArgument(f"volume_capability: {conflict}")
+            if node in record.published_nodes:
                 return csi_pb2.ControllerPublishVolumeResponse()
-            limit = self._nodes.attach_limit(node)
             if record.published_node:
                 raise FailedPrecondition(
                     f"volume {vid} is published to node {record.published_node}: a ZeroFS "
                     "volume has a single writer, so it can be used on one node at a time; "
                     "unpublish it there first"
                 )
+            if record.read_only_many:  # a reader more, beside the others
+                published = record.replace(reader_nodes=(*record.reader_nodes, node))
+            else:
+                published = record.replace(published_node=node)
+            limit = self._nodes.attach_limit(node)
             if not limit:
-                self._store.update(record.replace(published_node=node))
+                self._store.update(published)
             else:
                 # Counted and recorded under the node's lock, so that publishes of other
                 # volumes to the same node cannot both take its last place.
                 with self._node_lock(node):
-                    published = sum(1 for r in self._store.list() if r.published_node == node)
-                    if published >= limit:
+                    count = sum(1 for r in self._store.list() if node in r.published_nodes)
+                    if count >= limit:
                         raise ResourceExhausted(
-                            f"node {node} already has {published} volumes published, its "
+                            f"node {node} already has {count} volumes published, its "
                             f"limit is {limit} volumes (max_volumes_per_node): unpublish one "
                             "there first"
                         )
-                    self._store.update(record.replace(published_node=node))
+                    self._store.update(published)
         log.info("volume published", extra={"volume_id": vid, "node_id": node})
         return csi_pb2.ControllerPublishVolumeResponse()
 
@@ -336,12 +345,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         node = node_id_argument(request.node_id) if request.node_id else ""
         with self._locks.hold(vid, "ControllerUnpublishVolume"):
             record = self._store.get(vid)
-            if record is None or not record.published_node:
+            if record is None or not record.published_nodes:
                 return csi_pb2.ControllerUnpublishVolumeResponse()
-            if node and record.published_node != node:
+            if node and node not in record.published_nodes:
                 return csi_pb2.ControllerUnpublishVolumeResponse()
-            self._store.update(record.replace(published_node=None))
-        log.info("volume unpublished", extra={"volume_id": vid, "node_id": record.published_node})
+            # No node: from every node, as the spec says.
+            gone = [node] if node else record.published_nodes
+            self._store.update(
+                record.replace(
+                    published_node=None,
+                    reader_nodes=tuple(n for n in record.reader_nodes if n not in gone),
+                )
+            )
+        log.info("volume unpublished", extra={"volume_id": vid, "node_id": ",".join(gone)})
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     # -- queries -----------------------------------------------------------------
@@ -358,7 +374,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
         problems = []
         for index, cap in enumerate(request.volume_capabilities):
-            reason = unsupported_reason(cap)
+            reason = unsupported_reason(cap) or read_only_many_conflict(
+                [check_capability(cap, "")], record.read_only_many
+            )
             if reason:
                 problems.append(f"volume_capabilities[{index}]: {reason}")
         if request.volume_context and dict(request.volume_context) != dict(record.volume_context):
@@ -393,7 +411,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 Entry(
                     volume=_volume_message(record),
                     status=csi_pb2.ListVolumesResponse.VolumeStatus(
-                        published_node_ids=_published_nodes(record)
+                        published_node_ids=record.published_nodes
                     ),
                 )
                 for record in page
@@ -411,7 +429,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ControllerGetVolumeResponse(
             volume=_volume_message(record),
             status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
-                published_node_ids=_published_nodes(record)
+                published_node_ids=record.published_nodes
             ),
         )
 

@@ -48,7 +48,7 @@ from zerofs_csi.controller.checkpoints import (
 )
 from zerofs_csi.controller.create_request import CreateRequest
 from zerofs_csi.controller.snapshot_store import SnapshotRecord, SnapshotStore
-from zerofs_csi.controller.store import VolumeStore
+from zerofs_csi.controller.store import VolumeRecord, VolumeStore
 from zerofs_csi.csi import csi_pb2
 from zerofs_csi.errors import (
     Aborted,
@@ -154,6 +154,7 @@ class SnapshotRpcs:
             volume = self._volumes.get(vid)
             if volume is None:
                 raise NotFound(f"source volume {vid} does not exist")
+            _check_writable(volume)
             checkpoint = self._checkpoints.create(
                 vid, volume.parameters, bool(volume.published_node), key, request.secrets
             )
@@ -253,6 +254,7 @@ class SnapshotRpcs:
             source = self._volumes.get(source_id)
             if source is None:
                 raise NotFound(f"source volume {source_id} does not exist")
+            _check_writable(source)
             capacity = _capacity(wanted, source.capacity_bytes, f"volume {source_id}")
             published = bool(source.published_node)
             # Not a snapshot key (those have no ':'), so never a snapshot's checkpoint.
@@ -306,6 +308,17 @@ class SnapshotRpcs:
                 f"volume {volume_id} has {len(ids)} snapshots ({named}), which live in its "
                 "storage: delete them first"
             )
+
+
+def _check_writable(volume: VolumeRecord) -> None:
+    """FAILED_PRECONDITION for a ReadOnlyMany volume: only a writer of a volume takes its
+    checkpoints, and none runs for it; its data is its source's anyway."""
+    if volume.read_only_many:
+        source = volume.source_snapshot_id or volume.source_volume_id
+        raise FailedPrecondition(
+            f"volume {volume.volume_id} is MULTI_NODE_READER_ONLY: its servers are read-only "
+            f"and take no checkpoint; it holds the data of {source}, snapshot or clone that"
+        )
 
 
 def _capacity(wanted: CreateRequest, source_bytes: int, source: str) -> int:

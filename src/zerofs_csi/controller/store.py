@@ -46,7 +46,9 @@ class VolumeRecord:
     record written before names were kept reads its id as its name, which it was.
     ``version`` is the store's compare-and-swap token, empty for a record not yet stored.
     ``source_snapshot_id`` or ``source_volume_id`` names the snapshot or volume the
-    volume's data was copied from, if any.
+    volume's data was copied from, if any. A ``read_only_many`` volume
+    (MULTI_NODE_READER_ONLY) is published to any number of nodes, ``reader_nodes``,
+    never to a writer's ``published_node``.
     """
 
     volume_id: str
@@ -60,6 +62,13 @@ class VolumeRecord:
     version: str = ""
     source_snapshot_id: str = ""
     source_volume_id: str = ""
+    read_only_many: bool = False
+    reader_nodes: tuple[str, ...] = ()
+
+    @property
+    def published_nodes(self) -> list[str]:
+        """Every node the volume is published to."""
+        return [self.published_node] if self.published_node else list(self.reader_nodes)
 
     def replace(self, **changes: Any) -> VolumeRecord:
         return dataclasses.replace(self, **changes)
@@ -78,6 +87,8 @@ class VolumeRecord:
             # Only when set: records of volumes not restored stay as they were written.
             **({"sourceSnapshotId": self.source_snapshot_id} if self.source_snapshot_id else {}),
             **({"sourceVolumeId": self.source_volume_id} if self.source_volume_id else {}),
+            **({"readOnlyMany": True} if self.read_only_many else {}),
+            **({"readerNodes": list(self.reader_nodes)} if self.reader_nodes else {}),
         }
 
     def to_json(self) -> str:
@@ -119,6 +130,8 @@ class VolumeRecord:
                 source_volume_id=(
                     _typed(body, "sourceVolumeId", str) if "sourceVolumeId" in body else ""
                 ),
+                read_only_many=_flag(body, "readOnlyMany"),
+                reader_nodes=tuple(_string_list(body, "readerNodes")),
             )
         except (KeyError, TypeError) as exc:
             raise errors.Internal(f"volume record {where}: {exc.args[0]}") from None
@@ -131,6 +144,20 @@ def _typed(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> 
     if not isinstance(value, kind) or isinstance(value, bool):
         raise TypeError(f"{key!r} has the wrong type")
     return value
+
+
+def _flag(body: Mapping[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise TypeError(f"{key!r} must be true or false")
+    return value
+
+
+def _string_list(body: Mapping[str, Any], key: str) -> list[str]:
+    value = body.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError(f"{key!r} must be a list of strings")
+    return list(value)
 
 
 def _string_map(body: Mapping[str, Any], key: str) -> dict[str, str]:

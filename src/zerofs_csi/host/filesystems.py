@@ -31,6 +31,10 @@ _MKFS: dict[str, list[str]] = {
 # - btrfs: mkfs.btrfs refuses a device below 114294784 bytes (109 MiB).
 MIN_SIZE_BYTES: dict[str, int] = {"ext4": 8 << 20, "xfs": 300 << 20, "btrfs": 109 << 20}
 
+# Mount options that skip the journal's or log's replay, which needs to write: for a
+# filesystem on a read-only device (a ReadOnlyMany volume's), mounted read-only.
+NO_REPLAY_OPTIONS = {"ext4": "noload", "xfs": "norecovery", "btrfs": "nologreplay"}
+
 MKFS_TIMEOUT_SECONDS = 600.0
 GROW_TIMEOUT_SECONDS = 600.0
 

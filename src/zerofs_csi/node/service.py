@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
@@ -91,6 +92,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             "volume_capability",
         )
         settings, capacity = parse_volume_context(request.volume_context)
+        if cap.many_readers:  # ReadOnlyMany: one of many read-only servers, never written
+            settings = dataclasses.replace(settings, read_only_server=True)
         fs_type = cap.fs_type or settings.filesystem
         secrets = VolumeSecrets.from_csi_secrets(request.secrets)
         secrets.check_server_accepts_password()

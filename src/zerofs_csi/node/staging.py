@@ -197,9 +197,19 @@ class Stager:
             # By backend id, not index: whatever device ends up serving the volume.
             tx.on_undo("detach", lambda: self._detach(backend_id))
             connections = request.settings.nbd_connections
-            device, export_created = self._attach_export(
-                sockets, vid, backend_id, request.capacity_bytes, connections
-            )
+            if request.settings.read_only_server:
+                device = self._attach_read_only(sockets, vid, backend_id, connections)
+                export_created = False
+            else:
+                device, export_created = self._attach_export(
+                    sockets, vid, backend_id, request.capacity_bytes, connections
+                )
+            options = request.mount_options
+            if (
+                request.settings.read_only_server
+                and request.fs_type in filesystems.NO_REPLAY_OPTIONS
+            ):
+                options = (*options, filesystems.NO_REPLAY_OPTIONS[request.fs_type])
 
             record = StageRecord(
                 volume_id=vid,
@@ -211,7 +221,7 @@ class Stager:
                 server_backend=self._backend.name,
                 nbd_socket=str(sockets.nbd),
                 staging_path=request.staging_path,
-                mount_options=request.mount_options,
+                mount_options=options,
                 readonly=request.readonly,
                 connections=connections,
                 phase=ATTACHED,
@@ -259,6 +269,21 @@ class Stager:
         with stage("stage", "connect_nbd", vid):
             device = self._attacher.attach(str(sockets.nbd), vid, backend_id, connections)
         return device, export.created
+
+    def _attach_read_only(
+        self, sockets: ServerSockets, vid: str, backend_id: str, connections: int
+    ) -> AttachedDevice:
+        """Attach the export of a read-only server as it is: it cannot be created or
+        grown, and the kernel makes the device read-only (the server says so)."""
+        with self._metrics.stage("stage", "connect_nbd", vid):
+            try:
+                return self._attacher.attach(str(sockets.nbd), vid, backend_id, connections)
+            except NotFound:
+                raise FailedPrecondition(
+                    f"volume {vid} has no data to serve read-only (its export was never "
+                    "created): a MULTI_NODE_READER_ONLY volume is filled from its snapshot or "
+                    "volume when it is created"
+                ) from None
 
     def _detach(self, backend_id: str) -> None:
         device = self._attacher.find_device(backend_id)

@@ -187,6 +187,8 @@ class ProcessBackend:
         secret_env = dict(rendered.secret_env)
         REDACTOR.remember(list(secret_env.values()))
         argv = [*self._command, "run", "-c", str(paths.config)]
+        if settings.read_only_server:
+            argv.append("--read-only")
         environment = {k: os.environ[k] for k in INHERITED_ENVIRONMENT if k in os.environ}
         environment["RUST_LOG"] = settings.rust_log
         config_hash = hashlib.sha256(

@@ -1,7 +1,11 @@
 """Which volume capabilities the driver supports, checked the same way by every RPC.
 
-One ZeroFS writer per volume means one node at a time: only single-node access modes.
-Several pods on that node may share the volume (bind mounts of one staged filesystem).
+One ZeroFS writer per volume means one node at a time for writers: single-node access
+modes. Several pods on that node may share the volume (bind mounts of one staged
+filesystem). MULTI_NODE_READER_ONLY (Kubernetes' ReadOnlyMany) is the one multi-node
+mode: such a volume is served on each node by a read-only server of its own (ZeroFS
+``run --read-only``) and never written, so a volume created for it takes no writer
+mode besides (``read_only_many_conflict``).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ SUPPORTED_MODES = frozenset(
         Mode.SINGLE_NODE_READER_ONLY,
         Mode.SINGLE_NODE_SINGLE_WRITER,
         Mode.SINGLE_NODE_MULTI_WRITER,
+        Mode.MULTI_NODE_READER_ONLY,
     }
 )
-READ_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY})
+READ_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY})
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class CheckedCapability:
     fs_type: str  # "" for block, or when the request leaves it to the StorageClass
     mount_flags: tuple[str, ...]
     read_only: bool
+    # MULTI_NODE_READER_ONLY: served by a read-only server, on any number of nodes.
+    many_readers: bool = False
 
 
 def unsupported_reason(cap: csi_pb2.VolumeCapability) -> str | None:
@@ -42,7 +49,8 @@ def unsupported_reason(cap: csi_pb2.VolumeCapability) -> str | None:
         name = Mode.Mode.Name(cap.access_mode.mode)
         return (
             f"access mode {name} is not supported: a ZeroFS volume has one writer, on one "
-            "node (use a SINGLE_NODE_* mode)"
+            "node (use a SINGLE_NODE_* mode, or MULTI_NODE_READER_ONLY for a volume no "
+            "node writes)"
         )
     if kind == "mount":
         fs = cap.mount.fs_type
@@ -67,6 +75,24 @@ def check_capability(cap: csi_pb2.VolumeCapability | None, field: str) -> Checke
     if reason:
         raise InvalidArgument(f"{field}: {reason}")
     read_only = cap.access_mode.mode in READ_ONLY_MODES
+    many = cap.access_mode.mode == Mode.MULTI_NODE_READER_ONLY
     if cap.WhichOneof("access_type") == "block":
-        return CheckedCapability("block", "", (), read_only)
-    return CheckedCapability("mount", cap.mount.fs_type, tuple(cap.mount.mount_flags), read_only)
+        return CheckedCapability("block", "", (), read_only, many)
+    return CheckedCapability(
+        "mount", cap.mount.fs_type, tuple(cap.mount.mount_flags), read_only, many
+    )
+
+
+def read_only_many_conflict(caps: list[CheckedCapability], read_only_many: bool) -> str | None:
+    """Why ``caps`` do not fit a volume that is (or is not) ReadOnlyMany, or None."""
+    if read_only_many and not all(cap.read_only for cap in caps):
+        return (
+            "the volume is MULTI_NODE_READER_ONLY (ReadOnlyMany): read-only servers on "
+            "every node, no writer; a writer access mode does not fit it"
+        )
+    if not read_only_many and any(cap.many_readers for cap in caps):
+        return (
+            "MULTI_NODE_READER_ONLY is for a volume created with it (read-only servers on "
+            "every node); this volume was created for one writer"
+        )
+    return None

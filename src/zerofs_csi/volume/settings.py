@@ -210,6 +210,8 @@ class VolumeSettings:
     # Off by default: ZeroFS reports usage to PostHog when enabled, from every
     # per-volume server.
     telemetry_enabled: bool = False
+    # Not a parameter: the node serves a ReadOnlyMany volume with ``run --read-only``.
+    read_only_server: bool = False
     # ConfigMap keys of the Go driver that were present but have no effect here
     # (see IGNORED_LEGACY_KEYS); the caller may warn about them.
     ignored_legacy_keys: tuple[str, ...] = field(default=(), compare=False)

@@ -314,7 +314,12 @@ def volume_pod(
         "image": settings.image,
         "imagePullPolicy": "IfNotPresent",
         "command": guarded_command(sockets),
-        "args": ["run", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        "args": [
+            "run",
+            "--config",
+            f"{CONFIG_DIR}/{CONFIG_KEY}",
+            *(["--read-only"] if settings.read_only_server else []),
+        ],  # fmt: skip
         "env": env,
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
