@@ -11,7 +11,7 @@ the table goes to stdout and to build/e2e.md. Any failed step ends the run with 
 1, naming the step. ``--short`` is make test's part: the install, an ext4 volume written
 and verified across pods, kill -9 of its server under a writer, its deletion from S3 and
 the uninstall. The whole path takes a VolumeSnapshot under the writer too and restores it
-into a new claim, whose data as of the snapshot a pod verifies; it needs the cluster's
+into a new ReadOnlyMany claim, whose data as of the snapshot a pod verifies; it needs the cluster's
 snapshot API (cluster.py --snapshot-api).
 """
 
@@ -330,13 +330,15 @@ def s3_keys(prefix: str) -> list[str]:
 # ----------------------------------------------------------------- workloads
 
 
-def pvc(name: str, storage_class: str, size: str, block: bool = False) -> Json:
+def pvc(
+    name: str, storage_class: str, size: str, block: bool = False, mode: str = "ReadWriteOnce"
+) -> Json:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": {"name": name, "namespace": WORKLOAD_NAMESPACE},
         "spec": {
-            "accessModes": ["ReadWriteOnce"],
+            "accessModes": [mode],
             "storageClassName": storage_class,
             "volumeMode": "Block" if block else "Filesystem",
             "resources": {"requests": {"storage": size}},
@@ -567,13 +569,14 @@ def snapshot_under_the_writer(
 def restore_the_snapshot(
     table: Table, images: Images, source: str, snapshot: str, size: int, verify: Sequence[str]
 ) -> None:
-    """A claim of the source's class from the snapshot, verified by a pod, deleted."""
+    """A ReadOnlyMany claim of the source's class from the snapshot (a restore pod fills
+    it; each node serves it read-only), verified by a pod, deleted."""
     claim = f"{source}-restored"
     storage_class = kube_json("-n", WORKLOAD_NAMESPACE, "get", "pvc", source)["spec"][
         "storageClassName"
     ]
-    with table.step(f"{claim}: PVC from the snapshot bound (restore pod)") as notes:
-        manifest = pvc(claim, storage_class, str(size))
+    with table.step(f"{claim}: ReadOnlyMany PVC from the snapshot bound (restore pod)") as notes:
+        manifest = pvc(claim, storage_class, str(size), mode="ReadOnlyMany")
         manifest["spec"]["dataSource"] = {
             "apiGroup": "snapshot.storage.k8s.io",
             "kind": "VolumeSnapshot",
@@ -582,7 +585,7 @@ def restore_the_snapshot(
         apply(manifest)
         wait_until(f"PVC {claim} bound", lambda: bound(claim), 1800, every_s=5)
         notes.append(f"volume {volume_of(claim)}")
-    with table.step(f"{claim}: a pod verifies the data as of the snapshot"):
+    with table.step(f"{claim}: a pod verifies the data as of the snapshot, read-only"):
         run_pod_to_completion(
             workload_pod(f"{claim}-reader", claim, images.workload, verify, block=False)
         )
