@@ -10,9 +10,9 @@ the node's PID namespace and root, as `kubectl debug node` gives. Each step is t
 the table goes to stdout and to build/e2e.md. Any failed step ends the run with status
 1, naming the step. ``--short`` is make test's part: the install, an ext4 volume written
 and verified across pods, kill -9 of its server under a writer, its deletion from S3 and
-the uninstall. The whole path takes a VolumeSnapshot under the writer too and restores it
-into a new ReadOnlyMany claim, whose data as of the snapshot a pod verifies; it needs the cluster's
-snapshot API (cluster.py --snapshot-api).
+the uninstall. The whole path takes a VolumeSnapshot under the writer too and restores
+it into a new ReadOnlyMany claim, whose data as of the snapshot a pod verifies; it needs
+the cluster's snapshot API (cluster.py --snapshot-api).
 """
 
 from __future__ import annotations
