@@ -197,11 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         "this plugin's own pod (env POD_NAME) (env DAEMONSET_NAME)",
     )
     parser.add_argument(
-        "--restore-image",
-        default=os.environ.get("RESTORE_IMAGE", ""),
-        help="kubernetes: the image (this plugin's) whose copy container fills a volume "
-        "created from a snapshot or a volume in a restore pod; empty: such volumes are "
-        "refused and CLONE_VOLUME is not offered (env RESTORE_IMAGE)",
+        "--job-image",
+        default=os.environ.get("JOB_IMAGE", ""),
+        help="kubernetes: the image (this plugin's) of the job pods that fill a volume "
+        "created from a snapshot or a volume and take checkpoints of volumes staged "
+        "nowhere; empty: neither is done, and CLONE_VOLUME is not offered (env JOB_IMAGE)",
     )
     parser.add_argument(
         "--server-removal-timeout",
@@ -253,7 +253,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         daemonset_name=args.daemonset_name,
         server_removal_timeout_seconds=args.server_removal_timeout,
         server_hung_timeout_seconds=args.server_hung_timeout,
-        restore_image=args.restore_image,
+        job_image=args.job_image,
     )
 
 

@@ -106,9 +106,9 @@ class Config:
     server_removal_timeout_seconds: float
     # A local volume server answering no NBD handshake for this long is restarted; 0: never.
     server_hung_timeout_seconds: float = 60.0
-    # Kubernetes backend: the image of a restore pod's copy container (the plugin's own);
-    # empty: no volume is created from a snapshot or a volume.
-    restore_image: str = ""
+    # Kubernetes backend: the image of job pods' job containers (the plugin's own), which
+    # restore volumes and checkpoint volumes staged nowhere; empty: neither is done.
+    job_image: str = ""
 
     @property
     def socket_root(self) -> Path:

@@ -203,8 +203,8 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
             ),
         )
     from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints
+    from zerofs_csi.controller.job_pods_kube import KubeJobs
     from zerofs_csi.controller.nodes_kube import CsiNodeDirectory
-    from zerofs_csi.controller.restores_kube import KubeRestores
     from zerofs_csi.controller.snapshot_store_kube import KubernetesSnapshotStore
     from zerofs_csi.controller.store_kube import KubernetesConfigMapReader, KubernetesVolumeStore
     from zerofs_csi.servers.pods.backend import KubernetesBackend
@@ -221,16 +221,15 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
         removal_timeout=config.server_removal_timeout_seconds,
     )
     volumes = KubernetesVolumeStore(api, config.namespace)
-    restorer = None
-    if config.restore_image:
-        restorer = KubeRestores(
-            api, config.namespace, config.restore_image, copy_progress=metrics.report_copy
-        )
+    # Checkpoints of volumes staged nowhere and restores run in job pods.
+    jobs = KubeJobs(api, config.namespace, config.job_image) if config.job_image else None
+    checkpoints = KubeCheckpoints(
+        api, config.namespace, volumes, jobs=jobs, copy_progress=metrics.report_copy
+    )
 
     def remove_volume_pods(volume_id: str) -> None:
         servers.remove_everywhere(volume_id)
-        if restorer is not None:  # a restore left behind by a CreateVolume given up
-            restorer.remove(volume_id)
+        checkpoints.remove_jobs(volume_id)  # left behind by calls given up
 
     return ControllerService(
         volumes,
@@ -241,5 +240,5 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
         events=_event_recorder(config, api, "zerofs-csi-controller"),
         snapshot_store=KubernetesSnapshotStore(api, config.namespace),
         # Taken by the node plugin where the volume is staged, asked through the API.
-        checkpoints=KubeCheckpoints(api, config.namespace, volumes, restorer=restorer),
+        checkpoints=checkpoints,
     )

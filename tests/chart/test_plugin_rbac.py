@@ -129,7 +129,7 @@ def _controller(cluster: Cluster, tmp_path: Path) -> Iterator[csi_pb2_grpc.Contr
         kubeconfig=str(_kubeconfig(cluster, tmp_path)),
         daemonset_name="",
         server_removal_timeout_seconds=1.0,
-        restore_image="zerofs-csi:rbac-test",
+        job_image="zerofs-csi:rbac-test",
     )
     plugin = build(config, checks=[])
     plugin.server.start()

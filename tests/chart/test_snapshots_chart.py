@@ -140,3 +140,48 @@ def test_a_wrong_snapshot_value_fails_naming_it(helm: Helm, sets: list[str], mes
     result = helm.template(CHART, sets=sets, api_versions=[SNAPSHOT_API])
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "secret"),
+    [
+        ([], None),
+        (["secret.encryptionPassword=pw"], ("zerofs-zerofs-csi-secret", NAMESPACE)),
+        (["secret.existingSecret=creds"], ("creds", NAMESPACE)),
+        (
+            [
+                "secret.existingSecret=creds",
+                "snapshots.volumeSnapshotClass.secretName=snapshot-creds",
+                "snapshots.volumeSnapshotClass.secretNamespace=team-a",
+            ],
+            ("snapshot-creds", "team-a"),
+        ),
+    ],
+    ids=["no-secret", "chart-secret", "existing-secret", "own-secret"],
+)
+def test_the_class_names_the_snapshotter_secret_the_controller_may_read(
+    helm: Helm, sets: list[str], secret: tuple[str, str] | None
+) -> None:
+    manifests = helm.render(CHART, sets=["snapshots.enabled=true", *sets])
+    found = _objects(manifests)
+    parameters = found["class"].get("parameters") or {}
+    if secret is None:
+        # A volume staged nowhere then cannot be snapshotted: nothing to start its server.
+        assert parameters == {}
+        return
+    name, namespace = secret
+    assert parameters == {
+        "csi.storage.k8s.io/snapshotter-secret-name": name,
+        "csi.storage.k8s.io/snapshotter-secret-namespace": namespace,
+    }
+    # The csi-snapshotter reads it with the controller's account, which a Role lets get it.
+    roles = [
+        m
+        for m in manifests
+        if m["kind"] == "Role"
+        and m["metadata"]["name"].endswith("-secrets")
+        and m["metadata"]["namespace"] == namespace
+    ]
+    assert len(roles) == 1, roles
+    (rule,) = roles[0]["rules"]
+    assert name in rule["resourceNames"] and rule["verbs"] == ["get"]

@@ -15,10 +15,13 @@ from kubernetes import client
 from kube.cluster import Cluster
 from kube.conftest import SECRETS, new_volume_id
 from zerofs_csi import errors
-from zerofs_csi.controller.checkpoints import CheckpointSource, RestoreInProgress
+from zerofs_csi.controller.checkpoints import CheckpointSource, JobInProgress
+from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints
+from zerofs_csi.controller.job_pods_kube import KubeJobs
 from zerofs_csi.controller.restores_kube import KubeRestores
+from zerofs_csi.controller.store_kube import KubernetesVolumeStore
 from zerofs_csi.kube.api import call_json, is_status
-from zerofs_csi.servers.pods import restore_pod
+from zerofs_csi.servers.pods import job_pods
 
 COPY_IMAGE = "zerofs-csi:restore-test"
 CSI_SECRETS = {
@@ -32,7 +35,7 @@ GiB = 1 << 30
 
 
 def _restores(cluster: Cluster, admin: client.ApiClient) -> KubeRestores:
-    return KubeRestores(admin, cluster.namespace, COPY_IMAGE, wait_seconds=0.5)
+    return KubeRestores(KubeJobs(admin, cluster.namespace, COPY_IMAGE, wait_seconds=0.5))
 
 
 def _fill(restores: KubeRestores, volume_id: str, capacity: int = GiB) -> None:
@@ -66,7 +69,7 @@ def _copy_ended(exit_code: int, message: str = "") -> dict[str, Any]:
         "phase": "Succeeded" if exit_code == 0 else "Failed",
         "containerStatuses": [
             {
-                "name": restore_pod.COPY_CONTAINER,
+                "name": job_pods.JOB_CONTAINER,
                 "image": COPY_IMAGE,
                 "imageID": "",
                 "ready": False,
@@ -82,9 +85,9 @@ def test_the_restore_pod_and_secret_hold_no_secret_in_the_pod(
 ) -> None:
     restores = _restores(cluster, admin)
     vid = new_volume_id()
-    with pytest.raises(RestoreInProgress, match="retry"):
+    with pytest.raises(JobInProgress, match="retry"):
         _fill(restores, vid)
-    name = restore_pod.pod_name(vid)
+    name = job_pods.restore_pod_name(vid)
     pod = _read(admin, "pod", name, cluster.namespace)
     secret = _read(admin, "secret", name, cluster.namespace)
     assert pod is not None and secret is not None
@@ -115,13 +118,13 @@ def test_a_restore_goes_on_across_retries_until_the_pod_succeeds(
 ) -> None:
     restores = _restores(cluster, admin)
     vid = new_volume_id()
-    name = restore_pod.pod_name(vid)
-    with pytest.raises(RestoreInProgress):
+    name = job_pods.restore_pod_name(vid)
+    with pytest.raises(JobInProgress):
         _fill(restores, vid)
     first = _read(admin, "pod", name, cluster.namespace)
     assert first is not None
     _set_status(admin, cluster.namespace, name, {"phase": "Running"})
-    with pytest.raises(RestoreInProgress, match="Running"):
+    with pytest.raises(JobInProgress, match="Running"):
         _fill(restores, vid)
     # The retry followed the same pod; it did not start another.
     again = _read(admin, "pod", name, cluster.namespace)
@@ -137,7 +140,7 @@ def test_a_restore_goes_on_across_retries_until_the_pod_succeeds(
     [
         ("OUT_OF_RANGE: the source holds 2 bytes, more than 1", errors.OutOfRange, "source holds"),
         ("UNAVAILABLE: the new volume's server did not answer", errors.Unavailable, "answer"),
-        ("", errors.Internal, "copy exited 137"),
+        ("", errors.Internal, "job exited 137"),
     ],
 )
 def test_a_failed_copy_answers_with_its_code_and_leaves_nothing(
@@ -149,17 +152,17 @@ def test_a_failed_copy_answers_with_its_code_and_leaves_nothing(
 ) -> None:
     restores = _restores(cluster, admin)
     vid = new_volume_id()
-    name = restore_pod.pod_name(vid)
-    with pytest.raises(RestoreInProgress):
+    name = job_pods.restore_pod_name(vid)
+    with pytest.raises(JobInProgress):
         _fill(restores, vid)
     _set_status(admin, cluster.namespace, name, _copy_ended(1 if message else 137, message))
     with pytest.raises(expected, match=needle) as failed:
         _fill(restores, vid)
-    assert not isinstance(failed.value, RestoreInProgress)
+    assert not isinstance(failed.value, JobInProgress)
     assert _read(admin, "pod", name, cluster.namespace) is None
     assert _read(admin, "secret", name, cluster.namespace) is None
     # The next retry starts over.
-    with pytest.raises(RestoreInProgress):
+    with pytest.raises(JobInProgress):
         _fill(restores, vid)
     assert _read(admin, "pod", name, cluster.namespace) is not None
 
@@ -167,14 +170,14 @@ def test_a_failed_copy_answers_with_its_code_and_leaves_nothing(
 def test_a_pod_of_another_restore_is_replaced(cluster: Cluster, admin: client.ApiClient) -> None:
     restores = _restores(cluster, admin)
     vid = new_volume_id()
-    name = restore_pod.pod_name(vid)
-    with pytest.raises(RestoreInProgress):
+    name = job_pods.restore_pod_name(vid)
+    with pytest.raises(JobInProgress):
         _fill(restores, vid, capacity=GiB)
     first = _read(admin, "pod", name, cluster.namespace)
     assert first is not None
-    with pytest.raises(RestoreInProgress, match="another restore"):
+    with pytest.raises(JobInProgress, match="another job"):
         _fill(restores, vid, capacity=2 * GiB)
-    with pytest.raises(RestoreInProgress):
+    with pytest.raises(JobInProgress):
         _fill(restores, vid, capacity=2 * GiB)
     second = _read(admin, "pod", name, cluster.namespace)
     assert second is not None and second["metadata"]["uid"] != first["metadata"]["uid"]
@@ -182,16 +185,20 @@ def test_a_pod_of_another_restore_is_replaced(cluster: Cluster, admin: client.Ap
     assert copy["args"][copy["args"].index("--capacity-bytes") + 1] == str(2 * GiB)
 
 
-def test_remove_deletes_a_restore_left_behind_and_is_idempotent(
+def test_delete_volume_removes_a_restore_left_behind_and_is_idempotent(
     cluster: Cluster, admin: client.ApiClient
 ) -> None:
-    restores = _restores(cluster, admin)
+    jobs = KubeJobs(admin, cluster.namespace, COPY_IMAGE, wait_seconds=0.5)
     vid = new_volume_id()
-    with pytest.raises(RestoreInProgress):
-        _fill(restores, vid)
-    restores.remove(vid)
-    restores.remove(vid)
-    name = restore_pod.pod_name(vid)
+    with pytest.raises(JobInProgress):
+        _fill(KubeRestores(jobs), vid)
+    # What DeleteVolume calls (runtime.build_controller's remove_volume_pods).
+    checkpoints = KubeCheckpoints(
+        admin, cluster.namespace, KubernetesVolumeStore(admin, cluster.namespace), jobs=jobs
+    )
+    checkpoints.remove_jobs(vid)
+    checkpoints.remove_jobs(vid)
+    name = job_pods.restore_pod_name(vid)
     assert _read(admin, "secret", name, cluster.namespace) is None
     pod = _read(admin, "pod", name, cluster.namespace)
     # A real API server keeps a pod on a node until its kubelet confirms; this one is on none.

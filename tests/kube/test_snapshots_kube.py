@@ -23,8 +23,8 @@ from kube.cluster import NODE, Cluster
 from kube.test_checkpoint_requests import SIZE, Node, install_crd
 from zerofs_csi import errors
 from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints
+from zerofs_csi.controller.job_pods_kube import KubeJobs
 from zerofs_csi.controller.nodes import LocalNodes
-from zerofs_csi.controller.restores_kube import KubeRestores
 from zerofs_csi.controller.service import ControllerService
 from zerofs_csi.controller.snapshot_store import SnapshotRecord
 from zerofs_csi.controller.snapshot_store_kube import KubernetesSnapshotStore, config_map_name
@@ -37,7 +37,7 @@ from zerofs_csi.observability.sanitize import REDACTOR
 from zerofs_csi.rpc.interceptor import CsiInterceptor
 from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.servers.admin import AdminClient
-from zerofs_csi.servers.pods import restore_pod
+from zerofs_csi.servers.pods import job_pods
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 
@@ -110,7 +110,7 @@ def controller(
                 admin,
                 cluster.namespace,
                 volumes,
-                restorer=KubeRestores(admin, cluster.namespace, copy_image, wait_seconds=0.5)
+                jobs=KubeJobs(admin, cluster.namespace, copy_image, wait_seconds=0.5)
                 if copy_image
                 else None,
             ),
@@ -281,7 +281,7 @@ def test_a_clone_keeps_its_checkpoint_until_its_restore_pod_succeeds(
         with pytest.raises(grpc.RpcError) as in_progress:
             controller.stub.CreateVolume(clone, timeout=60)
         assert in_progress.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert "is being filled from checkpoint" in str(in_progress.value.details())
+        assert "runs in pod" in str(in_progress.value.details())
         (pod,) = call_json(core.list_namespaced_pod, cluster.namespace)["items"]
         new_volume = pod["metadata"]["labels"]["zerofs.csi.driver/volume"]
         # The copy reads the checkpoint taken for it, which stays meanwhile.
@@ -294,7 +294,7 @@ def test_a_clone_keeps_its_checkpoint_until_its_restore_pod_succeeds(
     assert copy[copy.index("--capacity-bytes") + 1] == str(2 * SIZE)
 
     pod["status"] = {"phase": "Succeeded"}
-    name = restore_pod.pod_name(new_volume)
+    name = job_pods.restore_pod_name(new_volume)
     call_json(core.replace_namespaced_pod_status, name, cluster.namespace, pod)
     volume = controller.stub.CreateVolume(clone, timeout=60).volume
 
@@ -303,3 +303,91 @@ def test_a_clone_keeps_its_checkpoint_until_its_restore_pod_succeeds(
     with AdminClient(sockets.admin, "stand-in") as server:
         assert server.list() == []
     assert call_json(core.list_namespaced_pod, cluster.namespace)["items"] == []
+
+
+@pytest.mark.parametrize("controller", ["zerofs-csi:checkpoint-test"], indirect=True)
+def test_a_volume_staged_nowhere_is_checkpointed_by_a_checkpoint_pod(
+    controller: Controller, cluster: Cluster, admin: client.ApiClient
+) -> None:
+    capability = csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER)
+    )
+    secrets = {"ZEROFS_ENCRYPTION_PASSWORD": "pw-checkpoint-pod"}
+    vid = controller.stub.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name="pvc-kube-nowhere",
+            capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+            volume_capabilities=[capability],
+            parameters={"storageUrl": f"file://{controller.node.store}"},
+        ),
+        timeout=30,
+    ).volume.volume_id
+    snapshot = csi_pb2.CreateSnapshotRequest(
+        name="snap-nowhere", source_volume_id=vid, secrets=secrets
+    )
+    with pytest.raises(grpc.RpcError) as in_progress:
+        controller.stub.CreateSnapshot(snapshot, timeout=60)
+    assert in_progress.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "runs in pod" in str(in_progress.value.details())
+    core = client.CoreV1Api(admin)
+    name = job_pods.checkpoint_pod_name(vid)
+    pod = call_json(core.read_namespaced_pod, name, cluster.namespace)
+    job = pod["spec"]["containers"][0]["args"]
+    assert job[job.index("--create") + 1] == "snap-nowhere"
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["server"]
+    # No second writer meanwhile: the volume is not published while the pod runs.
+    publish = csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=vid, node_id=NODE, volume_capability=capability
+    )
+    with pytest.raises(grpc.RpcError) as busy:
+        controller.stub.ControllerPublishVolume(publish, timeout=30)
+    assert busy.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "for a checkpoint" in str(busy.value.details())
+
+    # kubelet's report of the job's end, as checkpoint_job writes it.
+    reported = {"id": "5c0e5a3a-checkpoint", "name": "snap-nowhere", "createdAt": 1_700_000_123}
+    pod["status"] = {
+        "phase": "Succeeded",
+        "containerStatuses": [
+            {
+                "name": job_pods.JOB_CONTAINER,
+                "image": "zerofs-csi:checkpoint-test",
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {
+                    "terminated": {
+                        "exitCode": 0,
+                        "reason": "Completed",
+                        "message": json.dumps(reported),
+                    }
+                },
+            }
+        ],
+    }
+    call_json(core.replace_namespaced_pod_status, name, cluster.namespace, pod)
+    made = controller.stub.CreateSnapshot(snapshot, timeout=60).snapshot
+    assert made.ready_to_use and made.source_volume_id == vid
+    assert made.creation_time.seconds == 1_700_000_123
+    assert call_json(core.list_namespaced_pod, cluster.namespace)["items"] == []
+    controller.stub.ControllerPublishVolume(publish, timeout=30)
+
+    # A clone of a source staged nowhere is refused on this backend.
+    controller.stub.ControllerUnpublishVolume(
+        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=NODE), timeout=30
+    )
+    Source = csi_pb2.VolumeContentSource
+    with pytest.raises(grpc.RpcError) as refused:
+        controller.stub.CreateVolume(
+            csi_pb2.CreateVolumeRequest(
+                name="pvc-kube-nowhere-clone",
+                capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+                volume_capabilities=[capability],
+                parameters={"storageUrl": f"file://{controller.node.store}"},
+                volume_content_source=Source(volume=Source.VolumeSource(volume_id=vid)),
+                secrets=secrets,
+            ),
+            timeout=60,
+        )
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "staged on no node" in str(refused.value.details())

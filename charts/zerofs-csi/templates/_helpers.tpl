@@ -78,15 +78,39 @@ for the provisioner's Roles: it may read exactly these.
 */}}
 {{- define "zerofs-csi.storageClassSecrets" -}}
 {{- $byNamespace := dict -}}
+{{- $references := list -}}
 {{- range .Values.storageClasses -}}
-{{- $namespace := default $.Release.Namespace .secretNamespace -}}
-{{- $name := default (include "zerofs-csi.secretName" $) .secretName -}}
-{{- $names := get $byNamespace $namespace | default list -}}
-{{- if not (has $name $names) -}}
-{{- $_ := set $byNamespace $namespace (append $names $name) -}}
+{{- $references = append $references (dict "name" (default (include "zerofs-csi.secretName" $) .secretName) "namespace" (default $.Release.Namespace .secretNamespace)) -}}
+{{- end -}}
+{{- $snapshotSecret := include "zerofs-csi.snapshotClassSecret" . | fromJson -}}
+{{- if $snapshotSecret.name -}}
+{{- $references = append $references $snapshotSecret -}}
+{{- end -}}
+{{- range $references -}}
+{{- $names := get $byNamespace .namespace | default list -}}
+{{- if not (has .name $names) -}}
+{{- $_ := set $byNamespace .namespace (append $names .name) -}}
 {{- end -}}
 {{- end -}}
 {{- toJson $byNamespace -}}
+{{- end -}}
+
+{{/*
+The VolumeSnapshotClass's snapshotter secret as {"name", "namespace"} (JSON), name empty
+when the class is not rendered or has none: its own values, else the chart's Secret when
+the chart has one.
+*/}}
+{{- define "zerofs-csi.snapshotClassSecret" -}}
+{{- $class := dig "volumeSnapshotClass" dict (.Values.snapshots | default dict) -}}
+{{- $name := "" -}}
+{{- if and (include "zerofs-csi.snapshotsEnabled" .) (dig "create" true $class) -}}
+{{- $chartSecret := "" -}}
+{{- if or .Values.secret.existingSecret .Values.secret.encryptionPassword -}}
+{{- $chartSecret = include "zerofs-csi.secretName" . -}}
+{{- end -}}
+{{- $name = default $chartSecret (dig "secretName" "" $class) -}}
+{{- end -}}
+{{- toJson (dict "name" $name "namespace" (default .Release.Namespace (dig "secretNamespace" "" $class))) -}}
 {{- end -}}
 
 {{/* Pod env of the downward API that the plugin reads. */}}

@@ -80,6 +80,14 @@ class VolumeCheckpoints(Protocol):
     # Whether ``restore`` can fill a new volume: CreateVolume from a snapshot or a
     # volume (CLONE_VOLUME) is offered only then.
     restores: bool
+    # Whether a clone's source may be staged nowhere (its checkpoint then taken by a
+    # server started for it within the call).
+    clones_staged_nowhere: bool
+
+    def check_publishable(self, volume_id: str) -> None:
+        """UNAVAILABLE while a server started for a checkpoint writes the volume: it may
+        not be published (staged) meanwhile, two writers would fence each other."""
+        ...
 
     def create(
         self,
@@ -118,9 +126,9 @@ class VolumeCheckpoints(Protocol):
         ...
 
 
-class RestoreInProgress(errors.Unavailable):
-    """A restore runs on elsewhere (a restore pod): the CreateVolume is to be retried,
-    and a clone's checkpoint must stay until it ends."""
+class JobInProgress(errors.Unavailable):
+    """A restore or a checkpoint runs on elsewhere (a job pod): the call is to be
+    retried, and what the job reads (a clone's checkpoint) must stay until it ends."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,7 @@ class LocalCheckpoints:
     """
 
     restores = True
+    clones_staged_nowhere = True
 
     def __init__(
         self,
@@ -158,6 +167,9 @@ class LocalCheckpoints:
         self._command = list(command)
         self._mounted_filesystem = mounted_filesystem
         self._copy_progress = copy_progress
+
+    def check_publishable(self, volume_id: str) -> None:
+        pass  # the short-lived servers run within a call, under the volume's lock
 
     def create(
         self,

@@ -10,31 +10,69 @@ Succeeded or Failed the request is deleted, so that a later call asks anew (a fa
 keeps its gRPC code: a busy volume is ABORTED, a server not answering UNAVAILABLE). A
 request left for another node (the volume moved) is replaced.
 
-A volume staged nowhere has no server to take its checkpoint, and this backend starts
-none for it: FAILED_PRECONDITION, the volume must be staged (in use by a pod).
+A volume staged nowhere has no running server: with job pods (the controller given the
+image of their job container, ``--job-image``), a checkpoint pod
+(``job_pods.checkpoint_job``) runs a server of the volume for the checkpoint, followed
+across the snapshotter's retries (``job_pods_kube``); ControllerPublishVolume waits
+(UNAVAILABLE) while it runs, so the volume never has two writers. The server needs the
+volume's secrets: the VolumeSnapshotClass's snapshotter secret. Without job pods such a
+volume is FAILED_PRECONDITION: it must be staged (in use by a pod). A clone's source
+must be staged either way (``clones_staged_nowhere``): its checkpoint is deleted right
+after the copy, which a checkpoint pod could not do within the CreateVolume that
+recorded the copy.
 
 Restores (CreateVolume from a snapshot or a volume) run in restore pods
-(``restores_kube``) when the controller is given the image of their copy container.
+(``restores_kube``), with job pods too.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from kubernetes import client
 
 from zerofs_csi import errors
-from zerofs_csi.controller.checkpoints import CheckpointSource
+from zerofs_csi.controller.checkpoints import (
+    CheckpointSource,
+    CopyProgress,
+    volume_secrets,
+)
+from zerofs_csi.controller.job_pods_kube import KubeJobs
 from zerofs_csi.controller.restores_kube import KubeRestores
 from zerofs_csi.controller.store import VolumeStore
 from zerofs_csi.kube import checkpoint_requests as requests
 from zerofs_csi.kube.api import Obj, api_failure, call_json, is_status
 from zerofs_csi.servers.admin import CheckpointInfo
+from zerofs_csi.servers.pods import job_pods
+from zerofs_csi.volume.settings import parse_volume_settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _no_progress(volume_id: str, percent: int | None) -> None:
+    pass
+
+
+def _checkpoint_of_job(text: str) -> CheckpointInfo:
+    """The checkpoint a checkpoint pod's job reported (``checkpoint_job``)."""
+    try:
+        body = json.loads(text)
+        return CheckpointInfo(
+            id=str(body["id"]),
+            name=str(body["name"]),
+            created_at=datetime.fromtimestamp(int(body["createdAt"]), UTC),
+        )
+    except (ValueError, KeyError, TypeError):
+        raise errors.Internal(
+            f"a checkpoint pod succeeded without the checkpoint's id and time: {text[:200]!r}"
+        ) from None
+
 
 # How long one call waits for the node plugin before answering UNAVAILABLE.
 DEFAULT_WAIT_SECONDS = 20.0
@@ -44,8 +82,11 @@ POLL_INTERVAL_SECONDS = 0.2
 class KubeCheckpoints:
     """``VolumeCheckpoints`` through CheckpointRequests in ``namespace``; the volume's
     node is read from ``volumes``. ``custom`` replaces the CustomObjectsApi built from
-    ``api`` (to instrument calls in tests). ``restorer`` fills new volumes; without one
-    none is created from a snapshot or a volume."""
+    ``api`` (to instrument calls in tests). ``jobs`` runs the checkpoint pods of volumes
+    staged nowhere and the restore pods; without it neither is done. ``copy_progress``
+    is told how far restores got."""
+
+    clones_staged_nowhere = False
 
     def __init__(
         self,
@@ -55,10 +96,12 @@ class KubeCheckpoints:
         *,
         wait_seconds: float = DEFAULT_WAIT_SECONDS,
         custom: client.CustomObjectsApi | None = None,
-        restorer: KubeRestores | None = None,
+        jobs: KubeJobs | None = None,
+        copy_progress: CopyProgress = _no_progress,
     ) -> None:
-        self._restorer = restorer
-        self.restores = restorer is not None
+        self._jobs = jobs
+        self._restorer = KubeRestores(jobs, copy_progress) if jobs is not None else None
+        self.restores = jobs is not None
         self._custom = custom if custom is not None else client.CustomObjectsApi(api)
         self._namespace = namespace
         self._volumes = volumes
@@ -72,7 +115,12 @@ class KubeCheckpoints:
         name: str,
         csi_secrets: Mapping[str, str],
     ) -> CheckpointInfo:
-        status = self._outcome(requests.CREATE, volume_id, name)
+        node = self._node_of(volume_id)
+        if node is None:
+            return self._by_job(
+                "create", volume_id, parameters, name, csi_secrets, _checkpoint_of_job
+            )
+        status = self._outcome(requests.CREATE, volume_id, name, node)
         try:
             checkpoint_id = str(status["checkpointId"])
             created_at = datetime.fromtimestamp(int(status["createdAt"]), UTC)
@@ -91,12 +139,16 @@ class KubeCheckpoints:
         name: str,
         csi_secrets: Mapping[str, str],
     ) -> None:
+        node = self._node_of(volume_id)
+        if node is None:
+            self._by_job("delete", volume_id, parameters, name, csi_secrets, lambda text: None)
+            return
         # A create request of the same checkpoint left uncollected would otherwise answer
         # a later CreateSnapshot of that name with the checkpoint deleted here.
         left = self._read(requests.request_name(requests.CREATE, volume_id, name))
         if left is not None:
             self._delete(left)
-        self._outcome(requests.DELETE, volume_id, name)
+        self._outcome(requests.DELETE, volume_id, name, node)
 
     def restore(
         self,
@@ -109,22 +161,72 @@ class KubeCheckpoints:
         if self._restorer is None:
             raise errors.FailedPrecondition(
                 f"volume {volume_id}: this controller creates no volume from a snapshot or a "
-                "volume (it runs without --restore-image)"
+                "volume (it runs without --job-image)"
             )
         self._restorer.fill(source, volume_id, parameters, capacity_bytes, csi_secrets)
 
-    def _outcome(self, operation: str, volume_id: str, checkpoint: str) -> Obj:
-        """The status of the node plugin's work on the request, once it is done."""
+    def check_publishable(self, volume_id: str) -> None:
+        if self._jobs is None:
+            return
+        name = job_pods.checkpoint_pod_name(volume_id)
+        pod = self._jobs.read(name)
+        if pod is not None and (pod.get("status") or {}).get("phase") not in (
+            "Succeeded",
+            "Failed",
+        ):
+            raise errors.Unavailable(
+                f"a server of volume {volume_id} runs in pod {self._namespace}/{name} for a "
+                "checkpoint: the volume is published once it ended (retry)"
+            )
+
+    def remove_jobs(self, volume_id: str) -> None:
+        """Delete the volume's job pods (a restore or a checkpoint left behind)."""
+        if self._jobs is not None:
+            for name in (
+                job_pods.restore_pod_name(volume_id),
+                job_pods.checkpoint_pod_name(volume_id),
+            ):
+                self._jobs.remove(name)
+
+    def _node_of(self, volume_id: str) -> str | None:
+        """The node where the volume is staged; None when it is staged nowhere and job
+        pods take its checkpoints."""
         record = self._volumes.get(volume_id)
         if record is None:
             raise errors.NotFound(f"volume {volume_id} does not exist")
-        node = record.published_node
-        if not node:
+        if record.published_node:
+            return record.published_node
+        if self._jobs is None:
             raise errors.FailedPrecondition(
                 f"volume {volume_id} is staged on no node: on the Kubernetes backend the node "
                 "plugin where a volume is staged takes and deletes its checkpoints, so the "
                 "volume must be in use by a pod to be snapshotted or to have a snapshot deleted"
             )
+        return None
+
+    def _by_job(
+        self,
+        operation: str,
+        volume_id: str,
+        parameters: Mapping[str, str],
+        name: str,
+        csi_secrets: Mapping[str, str],
+        result: Callable[[str], T],
+    ) -> T:
+        """``operation`` of checkpoint ``name`` by a checkpoint pod (one step of it)."""
+        assert self._jobs is not None
+        job = job_pods.checkpoint_job(
+            volume_id,
+            parse_volume_settings(parameters),
+            volume_secrets(volume_id, csi_secrets),
+            operation,
+            name,
+        )
+        what = f"checkpoint {name!r} ({operation}) of volume {volume_id}, staged nowhere"
+        return result(self._jobs.run(job, what))
+
+    def _outcome(self, operation: str, volume_id: str, checkpoint: str, node: str) -> Obj:
+        """The status of the node plugin's work on the request, once it is done."""
         wanted = requests.CheckpointRequest(
             requests.request_name(operation, volume_id, checkpoint),
             operation,

@@ -310,6 +310,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise InvalidArgument(f"volume_capability: {conflict}")
             if node in record.published_nodes:
                 return csi_pb2.ControllerPublishVolumeResponse()
+            if self._snapshots is not None:
+                self._snapshots.check_publishable(vid)
             if record.published_node:
                 raise FailedPrecondition(
                     f"volume {vid} is published to node {record.published_node}: a ZeroFS "

@@ -43,7 +43,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from zerofs_csi.controller.arguments import request_parameters, volume_id_argument
 from zerofs_csi.controller.checkpoints import (
     CheckpointSource,
-    RestoreInProgress,
+    JobInProgress,
     VolumeCheckpoints,
 )
 from zerofs_csi.controller.create_request import CreateRequest
@@ -255,6 +255,13 @@ class SnapshotRpcs:
             if source is None:
                 raise NotFound(f"source volume {source_id} does not exist")
             _check_writable(source)
+            if not source.published_node and not self._checkpoints.clones_staged_nowhere:
+                raise FailedPrecondition(
+                    f"volume {source_id} is staged on no node: on this backend a clone's "
+                    "checkpoint is taken by the node where its source is staged, so the source "
+                    "must be in use by a pod (or snapshot it, and create the volume from the "
+                    "snapshot)"
+                )
             capacity = _capacity(wanted, source.capacity_bytes, f"volume {source_id}")
             published = bool(source.published_node)
             # Not a snapshot key (those have no ':'), so never a snapshot's checkpoint.
@@ -270,7 +277,7 @@ class SnapshotRpcs:
                     capacity,
                     csi_secrets,
                 )
-            except RestoreInProgress:
+            except JobInProgress:
                 raise  # the copy reads the checkpoint on: the retry finishes the clone
             except BaseException:
                 # The restore's error is the one to answer with; a retry deletes the
@@ -296,6 +303,10 @@ class SnapshotRpcs:
         if record is None or record.snapshot_id != request.snapshot_id:
             raise NotFound(f"snapshot {request.snapshot_id[:200]!r} does not exist")
         return csi_pb2.GetSnapshotResponse(snapshot=_snapshot_message(record))
+
+    def check_publishable(self, volume_id: str) -> None:
+        """UNAVAILABLE while a server started for a checkpoint writes the volume."""
+        self._checkpoints.check_publishable(volume_id)
 
     def check_volume_has_none(self, volume_id: str) -> None:
         """FAILED_PRECONDITION when ``volume_id`` has snapshots (for DeleteVolume)."""

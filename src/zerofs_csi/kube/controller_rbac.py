@@ -9,12 +9,11 @@ get in the same namespace. DeleteVolume removes the volume's server pods on ever
 Secret. S3 credentials arrive in the CSI calls' secrets, which the external-provisioner
 fetches. Snapshot records are ConfigMaps too, ``zerofs-snap-<key>``
 (snapshot_store_kube); CreateSnapshot and DeleteSnapshot create, read and delete
-CheckpointRequests (checkpoints_kube). A CreateVolume from a snapshot or a volume runs a
-restore pod ``zerofs-restore-<volume>`` with its Secret (restores_kube): it creates,
-reads and deletes both, and reads the copy container's log for its progress; DeleteVolume
-deletes a restore pod left behind. ControllerPublishVolume reads the node's CSINode
-(node_directory_kube): whether the node exists and runs this driver's node plugin, and
-its attach limit.
+CheckpointRequests (checkpoints_kube). Restores and checkpoints of volumes staged
+nowhere run in job pods with their Secrets (job_pods_kube): it creates, reads and
+deletes both, and reads a restore's log for its progress; DeleteVolume deletes job pods
+left behind. ControllerPublishVolume reads the node's CSINode (node_directory_kube):
+whether the node exists and runs this driver's node plugin, and its attach limit.
 
 The Helm chart's controller Role renders exactly the namespaced rules, and its
 controller ClusterRole exactly the cluster-scoped ones; tests/chart checks both, and
@@ -36,15 +35,16 @@ CONTROLLER_PLUGIN_RULES: tuple[Rule, ...] = (
         "verbs": ["get", "list", "create", "update", "delete"],
     },
     # DeleteVolume: the volume's server pods, wherever they run, gone before its data;
-    # restores: the restore pod, created, followed and deleted.
+    # job pods (restores, checkpoints of volumes staged nowhere): created, followed and
+    # deleted.
     {
         "apiGroups": [""],
         "resources": ["pods"],
         "verbs": ["get", "list", "watch", "create", "delete"],
     },
-    # ... the restore's progress, from its copy container's log.
+    # ... a restore's progress, from its job container's log.
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-    # ... the volume's zerofs-config-<volume> Secret; a restore pod's, created with it.
+    # ... the volume's zerofs-config-<volume> Secret; a job pod's, created with it.
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "delete"]},
     # CreateSnapshot, DeleteSnapshot: the checkpoint requests the node plugins carry out
     # (kube.checkpoint_requests), read for their outcome and deleted once done.

@@ -1,11 +1,14 @@
-"""The restore pod's copy program (servers.pods.restore_copy) against two real servers of
-the ZeroFS stand-in, as the pod runs them: one serving a checkpoint read-only, one the
-new volume. The data as of the checkpoint lands in the new export, progress is printed,
-and each failure ends with status 1 and ``CODE: message`` in the termination log."""
+"""The job pods' programs against real servers of the ZeroFS stand-in, as the pods run
+them. The restore's copy (servers.pods.restore_copy), between a server of a checkpoint
+(read-only) and one of the new volume: the data as of the checkpoint lands in the new
+export and progress is printed. The checkpoint job (servers.pods.checkpoint_job), through
+the volume's server: the checkpoint is created or deleted and reported. Each failure ends
+with status 1 and ``CODE: message`` in the termination log."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ import pytest
 from standin.servers import STANDIN
 
 from zerofs_csi.servers.brief import brief_server
-from zerofs_csi.servers.pods import restore_copy
+from zerofs_csi.servers.pods import checkpoint_job, restore_copy
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import parse_volume_settings
 
@@ -122,3 +125,30 @@ def test_a_failure_ends_with_its_code_in_the_termination_log(
 def test_progress_lines_are_read_back() -> None:
     lines = ("progress 7", "progress 100", "progress 101", "something else")
     assert [restore_copy.progress_of(line) for line in lines] == [7, 100, None, None]
+
+
+def test_the_checkpoint_job_creates_reports_and_deletes_a_checkpoint(pod: Pod) -> None:
+    settings = parse_volume_settings({"storageUrl": f"file://{pod.store}"})
+    log = pod.root / "termination-log"
+    sockets = pod.root / "server"
+
+    def job(*operation: str) -> tuple[int, str]:
+        status = checkpoint_job.main(
+            ["--sockets", str(sockets), "--volume", SOURCE, *operation,
+             "--termination-log", str(log)]
+        )  # fmt: skip
+        return status, log.read_text()
+
+    with brief_server([str(STANDIN)], sockets, SOURCE, settings, SECRETS) as server:
+        status, message = job("--create", "snap-job")
+        assert status == 0, message
+        created = json.loads(message)
+        (listed,) = server.admin.list()
+        assert (created["id"], created["name"]) == (listed.id, "snap-job")
+        assert created["createdAt"] == int(listed.created_at.timestamp())
+        assert json.loads(job("--create", "snap-job")[1]) == created  # the one that exists
+        assert job("--delete", "snap-job") == (0, "{}")
+        assert server.admin.list() == []
+        assert job("--delete", "snap-job") == (0, "{}")
+    status, message = job("--create", "snap-job", "--wait-seconds", "0.5")
+    assert status == 1 and message.startswith("UNAVAILABLE: ") and "did not answer" in message
