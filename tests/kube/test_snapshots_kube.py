@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -82,10 +83,39 @@ def test_snapshot_records_live_in_config_maps(cluster: Cluster, admin: client.Ap
         store.get("snap-b")
 
 
+BLOCK = csi_pb2.VolumeCapability(
+    block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER)
+)
+
+
 @dataclass
 class Controller:
     stub: csi_pb2_grpc.ControllerStub
     node: Node
+
+    def volume_request(self, name: str, **fields: Any) -> csi_pb2.CreateVolumeRequest:
+        """A block volume of SIZE on the node's file:// store."""
+        return csi_pb2.CreateVolumeRequest(
+            name=name,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+            volume_capabilities=[BLOCK],
+            parameters={"storageUrl": f"file://{self.node.store}"},
+            **fields,
+        )
+
+    def create(self, name: str) -> str:
+        return str(self.stub.CreateVolume(self.volume_request(name), timeout=30).volume.volume_id)
+
+    def publish_request(self, volume_id: str) -> csi_pb2.ControllerPublishVolumeRequest:
+        return csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=volume_id, node_id=NODE, volume_capability=BLOCK
+        )
+
+    def offered(self) -> set[int]:
+        reply = self.stub.ControllerGetCapabilities(
+            csi_pb2.ControllerGetCapabilitiesRequest(), timeout=30
+        )
+        return {c.rpc.type for c in reply.capabilities}
 
 
 @pytest.fixture
@@ -132,30 +162,14 @@ def controller(
 
 
 def test_a_staged_volume_is_snapshotted_through_its_nodes_plugin(controller: Controller) -> None:
-    capability = csi_pb2.VolumeCapability(
-        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER)
-    )
-    vid = controller.stub.CreateVolume(
-        csi_pb2.CreateVolumeRequest(
-            name="pvc-kube-snap",
-            capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
-            volume_capabilities=[capability],
-            parameters={"storageUrl": f"file://{controller.node.store}"},
-        ),
-        timeout=30,
-    ).volume.volume_id
+    vid = controller.create("pvc-kube-snap")
     snapshot = csi_pb2.CreateSnapshotRequest(name="snap-1", source_volume_id=vid)
     with pytest.raises(grpc.RpcError) as refused:
         controller.stub.CreateSnapshot(snapshot, timeout=60)
     assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "must be in use by a pod" in str(refused.value.details())
 
-    controller.stub.ControllerPublishVolume(
-        csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=vid, node_id=NODE, volume_capability=capability
-        ),
-        timeout=30,
-    )
+    controller.stub.ControllerPublishVolume(controller.publish_request(vid), timeout=30)
     controller.node.stage(vid)
     sockets = controller.node.serve(vid)
     with NbdClient(sockets.nbd, vid) as nbd:
@@ -182,31 +196,10 @@ def test_a_staged_volume_is_snapshotted_through_its_nodes_plugin(controller: Con
 
 def test_no_volume_is_created_from_a_snapshot_or_a_volume(controller: Controller) -> None:
     rpc = csi_pb2.ControllerServiceCapability.RPC
-    offered = {
-        c.rpc.type
-        for c in controller.stub.ControllerGetCapabilities(
-            csi_pb2.ControllerGetCapabilitiesRequest(), timeout=30
-        ).capabilities
-    }
+    offered = controller.offered()
     assert rpc.CREATE_DELETE_SNAPSHOT in offered and rpc.CLONE_VOLUME not in offered
-    capability = csi_pb2.VolumeCapability(
-        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER)
-    )
-    source = controller.stub.CreateVolume(
-        csi_pb2.CreateVolumeRequest(
-            name="pvc-kube-source",
-            capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
-            volume_capabilities=[capability],
-            parameters={"storageUrl": f"file://{controller.node.store}"},
-        ),
-        timeout=30,
-    ).volume.volume_id
-    controller.stub.ControllerPublishVolume(
-        csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=source, node_id=NODE, volume_capability=capability
-        ),
-        timeout=30,
-    )
+    source = controller.create("pvc-kube-source")
+    controller.stub.ControllerPublishVolume(controller.publish_request(source), timeout=30)
     controller.node.stage(source)
     sockets = controller.node.serve(source)
     Source = csi_pb2.VolumeContentSource
@@ -216,13 +209,7 @@ def test_no_volume_is_created_from_a_snapshot_or_a_volume(controller: Controller
     ):
         with pytest.raises(grpc.RpcError) as refused:
             controller.stub.CreateVolume(
-                csi_pb2.CreateVolumeRequest(
-                    name="pvc-kube-copy",
-                    capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
-                    volume_capabilities=[capability],
-                    parameters={"storageUrl": f"file://{controller.node.store}"},
-                    volume_content_source=content,
-                ),
+                controller.volume_request("pvc-kube-copy", volume_content_source=content),
                 timeout=60,
             )
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
@@ -239,43 +226,19 @@ def test_a_clone_keeps_its_checkpoint_until_its_restore_pod_succeeds(
     controller: Controller, cluster: Cluster, admin: client.ApiClient
 ) -> None:
     rpc = csi_pb2.ControllerServiceCapability.RPC
-    offered = {
-        c.rpc.type
-        for c in controller.stub.ControllerGetCapabilities(
-            csi_pb2.ControllerGetCapabilitiesRequest(), timeout=30
-        ).capabilities
-    }
+    offered = controller.offered()
     assert rpc.CLONE_VOLUME in offered
-    capability = csi_pb2.VolumeCapability(
-        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER)
-    )
-    parameters = {"storageUrl": f"file://{controller.node.store}"}
-    source = controller.stub.CreateVolume(
-        csi_pb2.CreateVolumeRequest(
-            name="pvc-kube-source",
-            capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
-            volume_capabilities=[capability],
-            parameters=parameters,
-        ),
-        timeout=30,
-    ).volume.volume_id
-    controller.stub.ControllerPublishVolume(
-        csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=source, node_id=NODE, volume_capability=capability
-        ),
-        timeout=30,
-    )
+    source = controller.create("pvc-kube-source")
+    controller.stub.ControllerPublishVolume(controller.publish_request(source), timeout=30)
     controller.node.stage(source)
     sockets = controller.node.serve(source)
     Source = csi_pb2.VolumeContentSource
-    clone = csi_pb2.CreateVolumeRequest(
-        name="pvc-kube-clone",
-        capacity_range=csi_pb2.CapacityRange(required_bytes=2 * SIZE),
-        volume_capabilities=[capability],
-        parameters=parameters,
+    clone = controller.volume_request(
+        "pvc-kube-clone",
         volume_content_source=Source(volume=Source.VolumeSource(volume_id=source)),
         secrets={"ZEROFS_ENCRYPTION_PASSWORD": "pw-clone-test"},
     )
+    clone.capacity_range.required_bytes = 2 * SIZE
     core = client.CoreV1Api(admin)
     for _ in range(2):  # the retry follows the same restore
         with pytest.raises(grpc.RpcError) as in_progress:
@@ -309,19 +272,8 @@ def test_a_clone_keeps_its_checkpoint_until_its_restore_pod_succeeds(
 def test_a_volume_staged_nowhere_is_checkpointed_by_a_checkpoint_pod(
     controller: Controller, cluster: Cluster, admin: client.ApiClient
 ) -> None:
-    capability = csi_pb2.VolumeCapability(
-        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER)
-    )
     secrets = {"ZEROFS_ENCRYPTION_PASSWORD": "pw-checkpoint-pod"}
-    vid = controller.stub.CreateVolume(
-        csi_pb2.CreateVolumeRequest(
-            name="pvc-kube-nowhere",
-            capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
-            volume_capabilities=[capability],
-            parameters={"storageUrl": f"file://{controller.node.store}"},
-        ),
-        timeout=30,
-    ).volume.volume_id
+    vid = controller.create("pvc-kube-nowhere")
     snapshot = csi_pb2.CreateSnapshotRequest(
         name="snap-nowhere", source_volume_id=vid, secrets=secrets
     )
@@ -336,9 +288,7 @@ def test_a_volume_staged_nowhere_is_checkpointed_by_a_checkpoint_pod(
     assert job[job.index("--create") + 1] == "snap-nowhere"
     assert [c["name"] for c in pod["spec"]["initContainers"]] == ["server"]
     # No second writer meanwhile: the volume is not published while the pod runs.
-    publish = csi_pb2.ControllerPublishVolumeRequest(
-        volume_id=vid, node_id=NODE, volume_capability=capability
-    )
+    publish = controller.publish_request(vid)
     with pytest.raises(grpc.RpcError) as busy:
         controller.stub.ControllerPublishVolume(publish, timeout=30)
     assert busy.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -379,11 +329,8 @@ def test_a_volume_staged_nowhere_is_checkpointed_by_a_checkpoint_pod(
     Source = csi_pb2.VolumeContentSource
     with pytest.raises(grpc.RpcError) as refused:
         controller.stub.CreateVolume(
-            csi_pb2.CreateVolumeRequest(
-                name="pvc-kube-nowhere-clone",
-                capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
-                volume_capabilities=[capability],
-                parameters={"storageUrl": f"file://{controller.node.store}"},
+            controller.volume_request(
+                "pvc-kube-nowhere-clone",
                 volume_content_source=Source(volume=Source.VolumeSource(volume_id=vid)),
                 secrets=secrets,
             ),

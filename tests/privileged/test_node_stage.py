@@ -434,14 +434,26 @@ def test_concurrent_operations_on_one_volume_are_aborted(volumes: VolumeFactory)
     volume.stage()
 
 
-def test_read_only_stage_of_a_fresh_volume_is_refused(volumes: VolumeFactory) -> None:
+@pytest.mark.parametrize(
+    ("mode", "needle"),
+    [
+        # A read-write server, but nothing may format the device read-only.
+        (Mode.SINGLE_NODE_READER_ONLY, "has no filesystem yet and is staged read-only"),
+        # A read-only server: there is no export to attach at all.
+        (Mode.MULTI_NODE_READER_ONLY, "no data to serve read-only"),
+    ],
+    ids=["single-node", "many-nodes"],
+)
+def test_read_only_stage_of_a_fresh_volume_is_refused(
+    volumes: VolumeFactory, mode: int, needle: str
+) -> None:
     volume = volumes(fs_type="ext4", size=SIZES["ext4"])
     devices = settled_nbd_devices()
     details = assert_code(
-        lambda: volume.stage(mount_capability("ext4", mode=Mode.SINGLE_NODE_READER_ONLY)),
+        lambda: volume.stage(mount_capability("ext4", mode=mode)),
         grpc.StatusCode.FAILED_PRECONDITION,
     )
-    assert "read-only" in details
+    assert needle in details
     assert_nbd_devices(devices)
     assert_unstaged(volume)
 
@@ -477,17 +489,3 @@ def test_read_only_many_is_served_by_a_read_only_server(
     assert_unstaged(volume)
     assert not processes_mentioning(f"/{volume.volume_id}/")
     assert not kernel_log.forbidden, kernel_log.forbidden
-
-
-def test_read_only_many_stage_of_a_volume_never_written_is_refused(
-    volumes: VolumeFactory,
-) -> None:
-    volume = volumes(fs_type="ext4", size=SIZES["ext4"])
-    devices = settled_nbd_devices()
-    details = assert_code(
-        lambda: volume.stage(mount_capability("ext4", mode=Mode.MULTI_NODE_READER_ONLY)),
-        grpc.StatusCode.FAILED_PRECONDITION,
-    )
-    assert "no data to serve read-only" in details
-    assert_nbd_devices(devices)
-    assert_unstaged(volume)
