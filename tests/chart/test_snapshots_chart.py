@@ -94,13 +94,16 @@ def test_the_provisioner_reads_snapshots_exactly_when_they_are_enabled(
     if enabled == "false":
         assert snapshot_rules == []
     else:
-        # A claim restored from a VolumeSnapshot: the snapshot, then its content's handle.
+        # A claim restored from a VolumeSnapshot: the snapshot, kept by the provisioner's
+        # finalizer until the claim is provisioned, then its content's handle.
+        group = ["snapshot.storage.k8s.io"]
         assert snapshot_rules == [
             {
-                "apiGroups": ["snapshot.storage.k8s.io"],
-                "resources": ["volumesnapshots", "volumesnapshotcontents"],
-                "verbs": ["get", "list"],
-            }
+                "apiGroups": group,
+                "resources": ["volumesnapshots"],
+                "verbs": ["get", "list", "watch", "update"],
+            },
+            {"apiGroups": group, "resources": ["volumesnapshotcontents"], "verbs": ["get", "list"]},
         ]
 
 
