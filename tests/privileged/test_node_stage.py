@@ -435,27 +435,31 @@ def test_concurrent_operations_on_one_volume_are_aborted(volumes: VolumeFactory)
 
 
 @pytest.mark.parametrize(
-    ("mode", "needle"),
+    ("mode", "code", "needle"),
     [
         # A read-write server, but nothing may format the device read-only.
-        (Mode.SINGLE_NODE_READER_ONLY, "has no filesystem yet and is staged read-only"),
-        # A read-only server: there is no export to attach at all.
-        (Mode.MULTI_NODE_READER_ONLY, "no data to serve read-only"),
+        (
+            Mode.SINGLE_NODE_READER_ONLY,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "has no filesystem yet and is staged read-only",
+        ),
+        # A read-only server of storage that was never written does not start (the
+        # stand-in finds no export directory to serve): the stage fails with its reason,
+        # to be retried. The controller creates no such volume.
+        (Mode.MULTI_NODE_READER_ONLY, grpc.StatusCode.UNAVAILABLE, "exited with status 1"),
     ],
     ids=["single-node", "many-nodes"],
 )
 def test_read_only_stage_of_a_fresh_volume_is_refused(
-    volumes: VolumeFactory, mode: int, needle: str
+    volumes: VolumeFactory, mode: int, code: grpc.StatusCode, needle: str
 ) -> None:
     volume = volumes(fs_type="ext4", size=SIZES["ext4"])
     devices = settled_nbd_devices()
-    details = assert_code(
-        lambda: volume.stage(mount_capability("ext4", mode=mode)),
-        grpc.StatusCode.FAILED_PRECONDITION,
-    )
+    details = assert_code(lambda: volume.stage(mount_capability("ext4", mode=mode)), code)
     assert needle in details
     assert_nbd_devices(devices)
     assert_unstaged(volume)
+    assert not processes_mentioning(f"/{volume.volume_id}/")
 
 
 @pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
