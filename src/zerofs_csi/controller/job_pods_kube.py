@@ -132,8 +132,8 @@ class KubeJobs:
                     raise _failure(current, what)
                 log.info("job pod succeeded", extra={"pod": job.name, "volume_id": job.volume_id})
                 return str(_job_end(current).get("message") or "")
-            progress = while_running(job.name)
             if time.monotonic() >= deadline:
+                progress = while_running(job.name)  # once a call: it may read the pod's log
                 state = ", ".join(waiting_reasons(current)) or phase
                 raise JobInProgress(
                     f"the {what} runs in {where} ({state}{', ' + progress if progress else ''})"
