@@ -67,8 +67,8 @@ MountedFilesystem = Callable[[str], tuple[str, str] | None]
 CopyProgress = Callable[[str, int | None], None]
 
 
-def _no_progress(volume_id: str, percent: int | None) -> None:
-    pass
+def no_progress(volume_id: str, percent: int | None) -> None:
+    """A CopyProgress that tells nobody."""
 
 
 class VolumeCheckpoints(Protocol):
@@ -160,7 +160,7 @@ class LocalCheckpoints:
         socket_root: Path,
         command: Sequence[str],
         mounted_filesystem: MountedFilesystem = lambda volume_id: None,
-        copy_progress: CopyProgress = _no_progress,
+        copy_progress: CopyProgress = no_progress,
     ) -> None:
         self._state_dir = state_dir
         self._socket_root = socket_root

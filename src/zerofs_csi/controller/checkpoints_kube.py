@@ -30,9 +30,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TypeVar
 
 from kubernetes import client
 
@@ -40,6 +39,7 @@ from zerofs_csi import errors
 from zerofs_csi.controller.checkpoints import (
     CheckpointSource,
     CopyProgress,
+    no_progress,
     volume_secrets,
 )
 from zerofs_csi.controller.job_pods_kube import KubeJobs
@@ -52,11 +52,6 @@ from zerofs_csi.servers.pods import job_pods
 from zerofs_csi.volume.settings import parse_volume_settings
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-def _no_progress(volume_id: str, percent: int | None) -> None:
-    pass
 
 
 def _checkpoint_of_job(text: str) -> CheckpointInfo:
@@ -97,7 +92,7 @@ class KubeCheckpoints:
         wait_seconds: float = DEFAULT_WAIT_SECONDS,
         custom: client.CustomObjectsApi | None = None,
         jobs: KubeJobs | None = None,
-        copy_progress: CopyProgress = _no_progress,
+        copy_progress: CopyProgress = no_progress,
     ) -> None:
         self._jobs = jobs
         self._restorer = KubeRestores(jobs, copy_progress) if jobs is not None else None
@@ -117,8 +112,8 @@ class KubeCheckpoints:
     ) -> CheckpointInfo:
         node = self._node_of(volume_id)
         if node is None:
-            return self._by_job(
-                "create", volume_id, parameters, name, csi_secrets, _checkpoint_of_job
+            return _checkpoint_of_job(
+                self._by_job("create", volume_id, parameters, name, csi_secrets)
             )
         status = self._outcome(requests.CREATE, volume_id, name, node)
         try:
@@ -141,7 +136,7 @@ class KubeCheckpoints:
     ) -> None:
         node = self._node_of(volume_id)
         if node is None:
-            self._by_job("delete", volume_id, parameters, name, csi_secrets, lambda text: None)
+            self._by_job("delete", volume_id, parameters, name, csi_secrets)
             return
         # A create request of the same checkpoint left uncollected would otherwise answer
         # a later CreateSnapshot of that name with the checkpoint deleted here.
@@ -211,9 +206,9 @@ class KubeCheckpoints:
         parameters: Mapping[str, str],
         name: str,
         csi_secrets: Mapping[str, str],
-        result: Callable[[str], T],
-    ) -> T:
-        """``operation`` of checkpoint ``name`` by a checkpoint pod (one step of it)."""
+    ) -> str:
+        """``operation`` of checkpoint ``name`` by a checkpoint pod (one step of it); the
+        job's report once it succeeded."""
         assert self._jobs is not None
         job = job_pods.checkpoint_job(
             volume_id,
@@ -223,7 +218,7 @@ class KubeCheckpoints:
             name,
         )
         what = f"checkpoint {name!r} ({operation}) of volume {volume_id}, staged nowhere"
-        return result(self._jobs.run(job, what))
+        return self._jobs.run(job, what)
 
     def _outcome(self, operation: str, volume_id: str, checkpoint: str, node: str) -> Obj:
         """The status of the node plugin's work on the request, once it is done."""

@@ -19,6 +19,7 @@ from zerofs_csi.controller.checkpoints import (
     CheckpointSource,
     CopyProgress,
     JobInProgress,
+    no_progress,
     progress_reporter,
     volume_secrets,
 )
@@ -30,15 +31,11 @@ from zerofs_csi.volume.settings import parse_volume_settings
 LOG_TAIL_LINES = 5
 
 
-def _ignore(volume_id: str, percent: int | None) -> None:
-    pass
-
-
 class KubeRestores:
     """Fills new volumes through restore pods run by ``jobs``; ``copy_progress`` is told
     each progress read."""
 
-    def __init__(self, jobs: KubeJobs, copy_progress: CopyProgress = _ignore) -> None:
+    def __init__(self, jobs: KubeJobs, copy_progress: CopyProgress = no_progress) -> None:
         self._jobs = jobs
         self._copy_progress = copy_progress
 
