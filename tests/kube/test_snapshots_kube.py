@@ -22,6 +22,7 @@ from standin.servers import NbdClient, stop_process
 
 from kube.cluster import NODE, Cluster
 from kube.test_checkpoint_requests import SIZE, Node, install_crd
+from kube.test_events import events_about
 from zerofs_csi import errors
 from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints
 from zerofs_csi.controller.job_pods_kube import KubeJobs
@@ -33,12 +34,14 @@ from zerofs_csi.controller.store_kube import KubernetesVolumeStore
 from zerofs_csi.csi import csi_pb2, csi_pb2_grpc
 from zerofs_csi.kube.api import call_json
 from zerofs_csi.node.stage_record import RecordStore
+from zerofs_csi.observability.events import KubernetesEventRecorder
 from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.observability.sanitize import REDACTOR
 from zerofs_csi.rpc.interceptor import CsiInterceptor
 from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.servers.admin import AdminClient
 from zerofs_csi.servers.pods import job_pods
+from zerofs_csi.volume.context import PVC_NAME_KEY, PVC_NAMESPACE_KEY
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 
@@ -144,6 +147,9 @@ def controller(
                 if copy_image
                 else None,
             ),
+            events=KubernetesEventRecorder(
+                client.CoreV1Api(admin), "zerofs-csi-controller", "controller-a"
+            ),
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4), interceptors=[CsiInterceptor(REDACTOR)]
@@ -239,6 +245,9 @@ def test_a_clone_keeps_its_checkpoint_until_its_restore_pod_succeeds(
         secrets={"ZEROFS_ENCRYPTION_PASSWORD": "pw-clone-test"},
     )
     clone.capacity_range.required_bytes = 2 * SIZE
+    # What the provisioner's --extra-create-metadata adds: the claim, told of the copy.
+    clone.parameters[PVC_NAME_KEY] = "clone-claim"
+    clone.parameters[PVC_NAMESPACE_KEY] = cluster.namespace
     core = client.CoreV1Api(admin)
     for _ in range(2):  # the retry follows the same restore
         with pytest.raises(grpc.RpcError) as in_progress:
@@ -250,6 +259,11 @@ def test_a_clone_keeps_its_checkpoint_until_its_restore_pod_succeeds(
         # The copy reads the checkpoint taken for it, which stays meanwhile.
         with AdminClient(sockets.admin, "stand-in") as server:
             assert [c.name for c in server.list()] == [f"clone:{new_volume}"]
+    # One event for both retries (a minute's repeats are dropped), naming the pod.
+    [told] = events_about(admin, cluster.namespace, "clone-claim")
+    assert (told["type"], told["reason"]) == ("Normal", "RestoreInProgress")
+    assert told["involvedObject"]["kind"] == "PersistentVolumeClaim"
+    assert job_pods.restore_pod_name(new_volume) in told["message"]
     source_server = pod["spec"]["initContainers"][0]
     assert source_server["args"][-2:] == ["--checkpoint", f"clone:{new_volume}"]
     copy = pod["spec"]["containers"][0]["args"]
@@ -263,6 +277,9 @@ def test_a_clone_keeps_its_checkpoint_until_its_restore_pod_succeeds(
 
     assert volume.volume_id == new_volume and volume.content_source.volume.volume_id == source
     assert volume.capacity_bytes == 2 * SIZE
+    told_end = [e for e in events_about(admin, cluster.namespace, "clone-claim") if e != told]
+    assert [(e["type"], e["reason"]) for e in told_end] == [("Normal", "Restored")]
+    assert told_end[0]["message"] == f"volume {new_volume} holds the data of volume {source}"
     with AdminClient(sockets.admin, "stand-in") as server:
         assert server.list() == []
     assert call_json(core.list_namespaced_pod, cluster.namespace)["items"] == []

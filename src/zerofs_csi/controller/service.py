@@ -40,9 +40,10 @@ from zerofs_csi.controller.arguments import (
     request_parameters,
     volume_id_argument,
 )
-from zerofs_csi.controller.checkpoints import VolumeCheckpoints
+from zerofs_csi.controller.checkpoints import JobInProgress, VolumeCheckpoints
 from zerofs_csi.controller.create_request import (
     ConfigMapReader,
+    CreateRequest,
     check_compatible,
     config_maps_unavailable,
     create_request,
@@ -198,9 +199,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 check_compatible(existing, wanted)
                 return csi_pb2.CreateVolumeResponse(volume=_volume_message(existing))
             if wanted.has_source:
-                assert self._snapshots is not None
-                # The data first: a failure leaves no record, and a retry copies again.
-                capacity = self._snapshots.restore(wanted, request.secrets)
+                capacity = self._restore(wanted, request.secrets, request.parameters)
             record = self._store.create(
                 VolumeRecord(
                     volume_id=vid,
@@ -221,6 +220,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             extra={"volume_id": vid, "volume_name": name, "capacity_bytes": capacity},
         )
         return csi_pb2.CreateVolumeResponse(volume=_volume_message(record))
+
+    def _restore(
+        self, wanted: CreateRequest, csi_secrets: Mapping[str, str], parameters: Mapping[str, str]
+    ) -> int:
+        """The new volume's data first: a failure leaves no record, and a retry copies
+        again. A copy that takes the CO's retries (a restore pod) is told on the claim,
+        with how far it got, and so is its end."""
+        assert self._snapshots is not None
+        vid = wanted.volume_id
+        source = (
+            f"volume {wanted.source_volume_id}"
+            if wanted.source_volume_id
+            else f"snapshot {wanted.source_snapshot_id}"
+        )
+        try:
+            capacity = self._snapshots.restore(wanted, csi_secrets)
+        except JobInProgress as exc:
+            self._events.normal(vid, "RestoreInProgress", exc.message, parameters)
+            raise
+        self._events.normal(vid, "Restored", f"volume {vid} holds the data of {source}", parameters)
+        return capacity
 
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext

@@ -1,4 +1,5 @@
-"""Kubernetes Events for failures a user must act on.
+"""Kubernetes Events: failures a user must act on (Warning), and the progress of work
+that takes a user's claim minutes (Normal).
 
 Kubelet already turns a failed NodeStage into an event on the user's pod; these events
 land on the PersistentVolumeClaim (when the volume context names it) or else on the
@@ -36,6 +37,10 @@ class EventRecorder(Protocol):
         self, volume_id: str, reason: str, message: str, context: Mapping[str, str]
     ) -> None: ...
 
+    def normal(
+        self, volume_id: str, reason: str, message: str, context: Mapping[str, str]
+    ) -> None: ...
+
 
 class _Throttle:
     def __init__(self) -> None:
@@ -61,8 +66,15 @@ class LogEventRecorder:
     def warning(
         self, volume_id: str, reason: str, message: str, context: Mapping[str, str]
     ) -> None:
+        self._log(logging.WARNING, volume_id, reason, message)
+
+    def normal(self, volume_id: str, reason: str, message: str, context: Mapping[str, str]) -> None:
+        self._log(logging.INFO, volume_id, reason, message)
+
+    def _log(self, level: int, volume_id: str, reason: str, message: str) -> None:
         if self._throttle.allow(volume_id, reason):
-            log.warning(
+            log.log(
+                level,
                 "event: %s",
                 event_message(message),
                 extra={"volume_id": volume_id, "reason": reason},
@@ -80,6 +92,14 @@ class KubernetesEventRecorder:
 
     def warning(
         self, volume_id: str, reason: str, message: str, context: Mapping[str, str]
+    ) -> None:
+        self._post("Warning", volume_id, reason, message, context)
+
+    def normal(self, volume_id: str, reason: str, message: str, context: Mapping[str, str]) -> None:
+        self._post("Normal", volume_id, reason, message, context)
+
+    def _post(
+        self, kind: str, volume_id: str, reason: str, message: str, context: Mapping[str, str]
     ) -> None:
         if not self._throttle.allow(volume_id, reason):
             return
@@ -100,7 +120,7 @@ class KubernetesEventRecorder:
             "involvedObject": involved,
             "reason": reason,
             "message": event_message(message),
-            "type": "Warning",
+            "type": kind,
             "source": {"component": self._component, "host": self._host},
             "reportingComponent": self._component,
             "reportingInstance": self._host,
