@@ -204,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
         "nowhere; empty: neither is done, and CLONE_VOLUME is not offered (env JOB_IMAGE)",
     )
     parser.add_argument(
+        "--job-idle-timeout",
+        type=_seconds,
+        default=900.0,
+        help="kubernetes: seconds a job pod may go without a CSI call asking for its job "
+        "(its claim or snapshot was deleted meanwhile; the CSI sidecars retry every five "
+        "minutes at most) before it is removed, with a clone's checkpoint; 0: never",
+    )
+    parser.add_argument(
         "--server-removal-timeout",
         type=_seconds,
         default=75.0,
@@ -254,6 +262,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         server_removal_timeout_seconds=args.server_removal_timeout,
         server_hung_timeout_seconds=args.server_hung_timeout,
         job_image=args.job_image,
+        job_idle_timeout_seconds=args.job_idle_timeout,
     )
 
 

@@ -109,6 +109,8 @@ class Config:
     # Kubernetes backend: the image of job pods' job containers (the plugin's own), which
     # restore volumes and checkpoint volumes staged nowhere; empty: neither is done.
     job_image: str = ""
+    # A job pod no call has stepped for this long was given up and is removed; 0: never.
+    job_idle_timeout_seconds: float = 900.0
 
     @property
     def socket_root(self) -> Path:

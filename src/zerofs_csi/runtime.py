@@ -204,6 +204,7 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
         )
     from zerofs_csi.controller.checkpoints_kube import KubeCheckpoints
     from zerofs_csi.controller.job_pods_kube import KubeJobs
+    from zerofs_csi.controller.job_sweeper import JobSweeper
     from zerofs_csi.controller.nodes_kube import CsiNodeDirectory
     from zerofs_csi.controller.snapshot_store_kube import KubernetesSnapshotStore
     from zerofs_csi.controller.store_kube import KubernetesConfigMapReader, KubernetesVolumeStore
@@ -226,6 +227,9 @@ def build_controller(config: Config, metrics: Metrics) -> ControllerService:
     checkpoints = KubeCheckpoints(
         api, config.namespace, volumes, jobs=jobs, copy_progress=metrics.report_copy
     )
+
+    if jobs is not None and config.job_idle_timeout_seconds > 0:
+        JobSweeper(checkpoints.sweep_idle_jobs, config.job_idle_timeout_seconds).start()
 
     def remove_volume_pods(volume_id: str) -> None:
         servers.remove_everywhere(volume_id)

@@ -40,7 +40,7 @@ from zerofs_csi.node.stage_record import RecordStore
 from zerofs_csi.observability.events import PVC_NAME_KEY, PVC_NAMESPACE_KEY, KubernetesEventRecorder
 from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.server import build
-from zerofs_csi.servers.pods import objects
+from zerofs_csi.servers.pods import job_pods, objects
 
 ADMIN_AGENT = "chart-test-admin"
 DRIVER = "zerofs.csi.driver"
@@ -234,8 +234,9 @@ def _volume_life(
 def _restore_life(
     controller: csi_pb2_grpc.ControllerStub, admin: client.ApiClient, namespace: str
 ) -> None:
-    """A volume created from a snapshot: its restore pod created, followed until kubelet
-    (here the test) says it succeeded, then removed; the volume deleted."""
+    """A volume created from a snapshot: its restore pod created, stepped again after a
+    pause (marked), followed until kubelet (here the test) says it succeeded, then
+    removed; the volume deleted. The claim is told of the restore."""
     snapshot = SnapshotRecord(
         key="snap-rbac",
         name="snap-rbac",
@@ -251,7 +252,11 @@ def _restore_life(
         name="pvc-6f0e1d2c-3b4a-4958-8776-a5b4c3d2e1f0",
         capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 30),
         volume_capabilities=[_mount_capability()],
-        parameters={"storageUrl": "s3://zerofs-chart-test/volumes"},
+        parameters={
+            "storageUrl": "s3://zerofs-chart-test/volumes",
+            PVC_NAME_KEY: "restored",
+            PVC_NAMESPACE_KEY: namespace,
+        },
         secrets=SECRETS,
         volume_content_source=csi_pb2.VolumeContentSource(
             snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot.snapshot_id)
@@ -261,8 +266,14 @@ def _restore_life(
         controller.CreateVolume(request)
     assert in_progress.value.code() is grpc.StatusCode.UNAVAILABLE
     (pod,) = call_json(client.CoreV1Api(admin).list_namespaced_pod, namespace)["items"]
-    pod["status"] = {"phase": "Succeeded"}
     name = pod["metadata"]["name"]
+    pod["metadata"]["annotations"][job_pods.ANNOTATION_LAST_STEP] = "0"
+    pod = call_json(client.CoreV1Api(admin).replace_namespaced_pod, name, namespace, pod)
+    with pytest.raises(grpc.RpcError) as in_progress:
+        controller.CreateVolume(request)
+    pod = call_json(client.CoreV1Api(admin).read_namespaced_pod, name, namespace)
+    assert pod["metadata"]["annotations"][job_pods.ANNOTATION_LAST_STEP] != "0"
+    pod["status"] = {"phase": "Succeeded"}
     call_json(client.CoreV1Api(admin).replace_namespaced_pod_status, name, namespace, pod)
     volume = controller.CreateVolume(request).volume
     assert volume.content_source.snapshot.snapshot_id == snapshot.snapshot_id
@@ -322,9 +333,14 @@ def test_controller_calls_are_exactly_the_chart_controller_role(
 
     manifests = helm.render(CHART)
     served = _served(cluster, since)
-    for kind, namespaced in (("Role", True), ("ClusterRole", False)):
+    # Events go on claims, which live in any namespace: the ClusterRole grants them.
+    on_claims = {call for call in served if call == ("create", "", "events")}
+    assert on_claims, "the restore told its claim nothing"
+    for kind, needed in (
+        ("Role", _namespaced(served) - on_claims),
+        ("ClusterRole", _namespaced(served, False) | on_claims),
+    ):
         granted = _granted(find(manifests, kind, "-controller"))
-        needed = _namespaced(served, namespaced)
         assert needed - granted == set(), f"calls the chart's controller {kind} does not grant"
         assert granted - needed == set(), f"rules of the {kind} the controller never needed"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -41,9 +42,12 @@ from zerofs_csi.rpc.interceptor import CsiInterceptor
 from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.servers.admin import AdminClient
 from zerofs_csi.servers.pods import job_pods
+from zerofs_csi.servers.pods.job_pods import ANNOTATION_LAST_STEP
 from zerofs_csi.volume.context import PVC_NAME_KEY, PVC_NAMESPACE_KEY
 
 Mode = csi_pb2.VolumeCapability.AccessMode
+# The controller's default --job-idle-timeout.
+IDLE = 900.0
 
 
 def record(key: str, volume_id: str = "pvc-source") -> SnapshotRecord:
@@ -95,6 +99,7 @@ BLOCK = csi_pb2.VolumeCapability(
 class Controller:
     stub: csi_pb2_grpc.ControllerStub
     node: Node
+    checkpoints: KubeCheckpoints
 
     def volume_request(self, name: str, **fields: Any) -> csi_pb2.CreateVolumeRequest:
         """A block volume of SIZE on the node's file:// store."""
@@ -134,19 +139,20 @@ def controller(
         node = Node(RecordStore(root / "node"), VolumeLocks(), socket_root, root / "store", [])
         worker = node.worker(cluster.api_client(), cluster.namespace).start()
         volumes = KubernetesVolumeStore(admin, cluster.namespace)
+        checkpoints = KubeCheckpoints(
+            admin,
+            cluster.namespace,
+            volumes,
+            jobs=KubeJobs(admin, cluster.namespace, copy_image, wait_seconds=0.5)
+            if copy_image
+            else None,
+        )
         service = ControllerService(
             volumes,
             Metrics("", CollectorRegistry()),
             nodes=LocalNodes([NODE], max_volumes_per_node=0),
             snapshot_store=KubernetesSnapshotStore(admin, cluster.namespace),
-            checkpoints=KubeCheckpoints(
-                admin,
-                cluster.namespace,
-                volumes,
-                jobs=KubeJobs(admin, cluster.namespace, copy_image, wait_seconds=0.5)
-                if copy_image
-                else None,
-            ),
+            checkpoints=checkpoints,
             events=KubernetesEventRecorder(
                 client.CoreV1Api(admin), "zerofs-csi-controller", "controller-a"
             ),
@@ -159,7 +165,7 @@ def controller(
         server.start()
         try:
             with grpc.insecure_channel(f"unix://{root}/csi.sock") as channel:
-                yield Controller(csi_pb2_grpc.ControllerStub(channel), node)
+                yield Controller(csi_pb2_grpc.ControllerStub(channel), node, checkpoints)
         finally:
             server.stop(grace=None).wait()
             worker.stop()
@@ -283,6 +289,64 @@ def test_a_clone_keeps_its_checkpoint_until_its_restore_pod_succeeds(
     with AdminClient(sockets.admin, "stand-in") as server:
         assert server.list() == []
     assert call_json(core.list_namespaced_pod, cluster.namespace)["items"] == []
+
+
+@pytest.mark.parametrize("controller", ["zerofs-csi:clone-test"], indirect=True)
+def test_a_clone_given_up_goes_with_its_checkpoint(
+    controller: Controller, cluster: Cluster, admin: client.ApiClient
+) -> None:
+    """A claim deleted while its clone is copied is never asked for again: once no call
+    has stepped its restore pod for the idle timeout, the sweep deletes the checkpoint
+    taken for it through the source's node, then the pod and its Secret."""
+    source = controller.create("pvc-kube-source")
+    controller.stub.ControllerPublishVolume(controller.publish_request(source), timeout=30)
+    controller.node.stage(source)
+    sockets = controller.node.serve(source)
+    Source = csi_pb2.VolumeContentSource
+    clone = controller.volume_request(
+        "pvc-kube-given-up",
+        volume_content_source=Source(volume=Source.VolumeSource(volume_id=source)),
+        secrets={"ZEROFS_ENCRYPTION_PASSWORD": "pw-given-up"},
+    )
+    core = client.CoreV1Api(admin)
+
+    def step() -> str:
+        with pytest.raises(grpc.RpcError) as in_progress:
+            controller.stub.CreateVolume(clone, timeout=60)
+        assert in_progress.value.code() is grpc.StatusCode.UNAVAILABLE
+        (pod,) = call_json(core.list_namespaced_pod, cluster.namespace)["items"]
+        return str(pod["metadata"]["name"])
+
+    def age(name: str) -> None:
+        pod = call_json(core.read_namespaced_pod, name, cluster.namespace)
+        pod["metadata"]["annotations"][ANNOTATION_LAST_STEP] = str(int(time.time()) - 3600)
+        call_json(core.replace_namespaced_pod, name, cluster.namespace, pod)
+
+    def checkpoints() -> list[str]:
+        with AdminClient(sockets.admin, "stand-in") as server:
+            return [c.name for c in server.list()]
+
+    name = step()
+    assert controller.checkpoints.sweep_idle_jobs(IDLE) == []
+    # A retry after a long pause marks the pod stepped again: it is not swept.
+    age(name)
+    step()
+    assert controller.checkpoints.sweep_idle_jobs(IDLE) == []
+    assert checkpoints() == [f"clone:{name.removeprefix(job_pods.RESTORE_PREFIX)}"]
+
+    age(name)
+    deadline = time.monotonic() + 60
+    while (removed := controller.checkpoints.sweep_idle_jobs(IDLE)) == []:
+        # The checkpoint's delete goes through the node plugin first; the pod waits.
+        assert call_json(core.read_namespaced_pod, name, cluster.namespace)
+        assert time.monotonic() < deadline, "the sweep never removed the pod"
+        time.sleep(0.5)
+
+    assert removed == [name]
+    assert checkpoints() == []
+    assert call_json(core.list_namespaced_pod, cluster.namespace)["items"] == []
+    secrets = call_json(core.list_namespaced_secret, cluster.namespace)["items"]
+    assert name not in [secret["metadata"]["name"] for secret in secrets]
 
 
 @pytest.mark.parametrize("controller", ["zerofs-csi:checkpoint-test"], indirect=True)

@@ -126,6 +126,11 @@ class VolumeCheckpoints(Protocol):
         ...
 
 
+# The checkpoint a clone copies is named after the new volume, with this prefix (no
+# snapshot key has a ':', so it is never a snapshot's).
+CLONE_CHECKPOINT_PREFIX = "clone:"
+
+
 class JobInProgress(errors.Unavailable):
     """A restore or a checkpoint runs on elsewhere (a job pod): the call is to be
     retried, and what the job reads (a clone's checkpoint) must stay until it ends."""

@@ -37,8 +37,10 @@ from kubernetes import client
 
 from zerofs_csi import errors
 from zerofs_csi.controller.checkpoints import (
+    CLONE_CHECKPOINT_PREFIX,
     CheckpointSource,
     CopyProgress,
+    JobInProgress,
     no_progress,
     volume_secrets,
 )
@@ -182,6 +184,49 @@ class KubeCheckpoints:
                 job_pods.checkpoint_pod_name(volume_id),
             ):
                 self._jobs.remove(name)
+
+    def sweep_idle_jobs(self, idle_seconds: float) -> list[str]:
+        """Remove the job pods no call has stepped for ``idle_seconds``: their claim or
+        snapshot was deleted while they ran. A clone's restore pod goes once the
+        checkpoint taken for it is deleted too, through its source's node (a later sweep
+        goes on while that runs); with a source staged nowhere, the checkpoint stays with
+        the source's data, and a warning says so. Returns the pods removed."""
+        if self._jobs is None:
+            return []
+        removed = []
+        for pod in self._jobs.idle(idle_seconds):
+            name = str(pod["metadata"]["name"])
+            read = job_pods.checkpoint_read(pod)
+            if read is not None and read[1].startswith(CLONE_CHECKPOINT_PREFIX):
+                try:
+                    self._delete_clone_checkpoint(*read)
+                except JobInProgress:
+                    continue
+            log.warning("removing a job pod no call has stepped", extra={"pod": name})
+            self._jobs.remove(name)
+            removed.append(name)
+        return removed
+
+    def _delete_clone_checkpoint(self, volume_id: str, name: str) -> None:
+        record = self._volumes.get(volume_id)
+        if record is None:
+            return  # its data went with the volume
+        try:
+            if record.published_node:
+                self.delete(volume_id, record.parameters, True, name, {})
+                return
+            why = "the volume is staged nowhere, and starting its server needs its secrets"
+        except JobInProgress:
+            raise
+        except errors.CsiError as exc:
+            why = exc.message
+        log.warning(
+            "a clone's checkpoint %r of volume %s is left: %s; it goes with the volume's data",
+            name,
+            volume_id,
+            why,
+            extra={"volume_id": volume_id},
+        )
 
     def _node_of(self, volume_id: str) -> str | None:
         """The node where the volume is staged; None when it is staged nowhere and job

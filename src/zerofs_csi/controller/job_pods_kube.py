@@ -13,7 +13,11 @@ the state:
 - Failed: delete them, raise the job's error (``CODE: message``), or INTERNAL with the
   pod's reason; the next call starts over.
 
-Each call waits a short while for the pod to end before answering retry.
+Each call waits a short while for the pod to end before answering retry, and marks the
+pod as stepped (its ``last-step`` annotation, at most once a minute). A pod no call has
+stepped for a while was given up by its caller (a claim or snapshot deleted while its job
+ran: the CSI sidecars retry every five minutes at most), and ``idle`` lists it for a
+sweep.
 """
 
 from __future__ import annotations
@@ -21,18 +25,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from kubernetes import client
 
 from zerofs_csi import errors
 from zerofs_csi.controller.checkpoints import JobInProgress
 from zerofs_csi.kube.api import Obj, api_failure, call_json, is_status
-from zerofs_csi.servers.pods import job_pods
+from zerofs_csi.servers.pods import job_pods, objects
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WAIT_SECONDS = 20.0
 POLL_INTERVAL_SECONDS = 0.5
+# A step refreshes the pod's last-step annotation when it is older than this.
+STEP_MARK_INTERVAL_SECONDS = 60.0
+JOB_PODS_SELECTOR = (
+    f"{objects.LABEL_MANAGED_BY}={objects.MANAGED_BY},"
+    f"{objects.LABEL_COMPONENT}={job_pods.COMPONENT}"
+)
 
 
 def _job_hash(pod: Obj) -> str | None:
@@ -63,6 +74,20 @@ def _failure(pod: Obj, what: str) -> errors.CsiError:
     exit_code = ended.get("exitCode")
     exited = f" (its job exited {exit_code})" if exit_code is not None else ""
     return errors.Internal(f"the pod of the {what} failed{exited}: {why}")
+
+
+def last_step(pod: Obj) -> float:
+    """When a call last stepped ``pod`` (epoch seconds); its creation when none did."""
+    metadata = pod.get("metadata") or {}
+    marked = (metadata.get("annotations") or {}).get(job_pods.ANNOTATION_LAST_STEP, "")
+    try:
+        return float(marked)
+    except ValueError:
+        created = str(metadata.get("creationTimestamp") or "")
+        try:
+            return datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return 0.0
 
 
 def waiting_reasons(pod: Obj) -> list[str]:
@@ -123,6 +148,8 @@ class KubeJobs:
             raise JobInProgress(f"{where} is being deleted: retry")
         if current is None:
             current = self._create(job, wanted)
+        else:
+            self._mark_step(current)
         deadline = time.monotonic() + self._wait_seconds
         while True:
             phase = _phase(current)
@@ -144,6 +171,36 @@ class KubeJobs:
             if found is None:
                 raise JobInProgress(f"{where} was deleted while waited for: retry")
             current = found
+
+    def idle(self, seconds: float) -> list[Obj]:
+        """The job pods no call has stepped for ``seconds``."""
+        try:
+            listing = call_json(
+                self._core.list_namespaced_pod,
+                self._namespace,
+                label_selector=JOB_PODS_SELECTOR,
+            )
+        except Exception as exc:
+            raise api_failure(exc, f"listing job pods in {self._namespace}") from None
+        before = time.time() - seconds
+        return [pod for pod in listing.get("items") or [] if last_step(pod) < before]
+
+    def _mark_step(self, pod: Obj) -> None:
+        now = time.time()
+        if now - last_step(pod) < STEP_MARK_INTERVAL_SECONDS:
+            return
+        name = pod["metadata"]["name"]
+        marked = {**pod, "metadata": {**pod["metadata"]}}
+        annotations = marked["metadata"]["annotations"] = dict(
+            marked["metadata"].get("annotations") or {}
+        )
+        annotations[job_pods.ANNOTATION_LAST_STEP] = str(int(now))
+        try:
+            # As read just before: a conflict means it changed meanwhile.
+            call_json(self._core.replace_namespaced_pod, name, self._namespace, marked)
+        except Exception as exc:
+            # Only the sweep reads the mark; the next step marks it again.
+            log.warning("could not mark job pod %s as stepped: %s", name, exc)
 
     def read(self, name: str) -> Obj | None:
         try:
@@ -184,6 +241,7 @@ class KubeJobs:
                     ) from None
 
     def _create(self, job: job_pods.Job, pod: Obj) -> Obj:
+        pod["metadata"]["annotations"][job_pods.ANNOTATION_LAST_STEP] = str(int(time.time()))
         try:
             created = call_json(self._core.create_namespaced_pod, self._namespace, pod)
         except Exception as exc:

@@ -42,6 +42,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from zerofs_csi.controller.arguments import request_parameters, volume_id_argument
 from zerofs_csi.controller.checkpoints import (
+    CLONE_CHECKPOINT_PREFIX,
     CheckpointSource,
     JobInProgress,
     VolumeCheckpoints,
@@ -264,8 +265,7 @@ class SnapshotRpcs:
                 )
             capacity = _capacity(wanted, source.capacity_bytes, f"volume {source_id}")
             published = bool(source.published_node)
-            # Not a snapshot key (those have no ':'), so never a snapshot's checkpoint.
-            checkpoint = f"clone:{wanted.volume_id}"
+            checkpoint = CLONE_CHECKPOINT_PREFIX + wanted.volume_id
             self._checkpoints.create(
                 source_id, source.parameters, published, checkpoint, csi_secrets
             )

@@ -11,9 +11,12 @@ fetches. Snapshot records are ConfigMaps too, ``zerofs-snap-<key>``
 (snapshot_store_kube); CreateSnapshot and DeleteSnapshot create, read and delete
 CheckpointRequests (checkpoints_kube). Restores and checkpoints of volumes staged
 nowhere run in job pods with their Secrets (job_pods_kube): it creates, reads and
-deletes both, and reads a restore's log for its progress; DeleteVolume deletes job pods
-left behind. ControllerPublishVolume reads the node's CSINode (node_directory_kube):
-whether the node exists and runs this driver's node plugin, and its attach limit.
+deletes both, updates a pod's annotation at a step, and reads a restore's log for its
+progress; DeleteVolume deletes job pods left behind, and a periodic sweep lists them to
+delete those no call steps any more. ControllerPublishVolume reads the node's CSINode
+(node_directory_kube): whether the node exists and runs this driver's node plugin, and
+its attach limit.
+Events go on the user's claims, in any namespace.
 
 The Helm chart's controller Role renders exactly the namespaced rules, and its
 controller ClusterRole exactly the cluster-scoped ones; tests/chart checks both, and
@@ -35,12 +38,12 @@ CONTROLLER_PLUGIN_RULES: tuple[Rule, ...] = (
         "verbs": ["get", "list", "create", "update", "delete"],
     },
     # DeleteVolume: the volume's server pods, wherever they run, gone before its data;
-    # job pods (restores, checkpoints of volumes staged nowhere): created, followed and
-    # deleted.
+    # job pods (restores, checkpoints of volumes staged nowhere): created, followed,
+    # marked at each step (update) and deleted, or swept when no call steps them.
     {
         "apiGroups": [""],
         "resources": ["pods"],
-        "verbs": ["get", "list", "watch", "create", "delete"],
+        "verbs": ["get", "list", "watch", "create", "update", "delete"],
     },
     # ... a restore's progress, from its job container's log.
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
@@ -59,4 +62,7 @@ CONTROLLER_PLUGIN_RULES: tuple[Rule, ...] = (
 CONTROLLER_PLUGIN_CLUSTER_RULES: tuple[Rule, ...] = (
     # ControllerPublishVolume: the node's CSINode (does it exist, its attach limit).
     {"apiGroups": ["storage.k8s.io"], "resources": ["csinodes"], "verbs": ["get"]},
+    # Events on the user's claims, in any namespace: a restore's progress, a refused
+    # clean-up of a volume's data (observability.events).
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 )

@@ -25,7 +25,9 @@ laid out as a volume's socket directory. The configs hold ``${VAR}`` placeholder
 is in the pod spec. The Secret is owned by the pod, so it goes with it. The security
 context, cache limits, ``file://`` storage and resources are those of a volume's server
 pod (``objects``); the Envoy sidecar is not used here. The pod's ``job-hash`` annotation
-says what it does (the configs and the job's arguments, no secret value).
+says what it does (the configs and the job's arguments, no secret value), a restore's
+``reads-checkpoint`` which checkpoint it reads, and ``last-step`` when a call last
+stepped it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ RESTORE_PREFIX = "zerofs-restore-"
 CHECKPOINT_PREFIX = "zerofs-checkpoint-"
 COMPONENT = "volume-job"
 ANNOTATION_JOB_HASH = f"{DRIVER_NAME}/job-hash"
+# When a CSI call last stepped the job (epoch seconds): a job no call steps any more was
+# given up by its caller, and is swept.
+ANNOTATION_LAST_STEP = f"{DRIVER_NAME}/last-step"
+# The checkpoint a restore reads, as "<volume>/<name>": a clone's is the job's to delete.
+ANNOTATION_READS_CHECKPOINT = f"{DRIVER_NAME}/reads-checkpoint"
 # The container whose end is the job's.
 JOB_CONTAINER = "job"
 SOCKETS_ROOT = PurePosixPath("/run/zerofs-job")
@@ -108,6 +115,8 @@ class Job:
     servers: tuple[Server, ...]
     module: str
     args: tuple[str, ...]
+    # The (volume, checkpoint name) a restore reads.
+    reads_checkpoint: tuple[str, str] | None = None
 
 
 def job_labels(volume_id: str) -> dict[str, str]:
@@ -246,6 +255,8 @@ def job_pod(job: Job, namespace: str, image: str) -> Manifest:
             "volumes": volumes,
         },
     }
+    if job.reads_checkpoint is not None:
+        pod["metadata"]["annotations"][ANNOTATION_READS_CHECKPOINT] = "/".join(job.reads_checkpoint)
     configs = "\0".join(each.rendered.toml_text for each in job.servers)
     pod["metadata"]["annotations"][ANNOTATION_JOB_HASH] = objects.config_hash(pod, configs)
     return pod
@@ -275,7 +286,15 @@ def restore_job(
         (source, target),
         "zerofs_csi.servers.pods.restore_copy",
         args,
+        reads_checkpoint=(source_id, checkpoint),
     )
+
+
+def checkpoint_read(pod: Manifest) -> tuple[str, str] | None:
+    """The (volume, checkpoint name) the restore pod ``pod`` reads; None for another."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    volume, separator, name = str(annotations.get(ANNOTATION_READS_CHECKPOINT, "")).partition("/")
+    return (volume, name) if separator and volume and name else None
 
 
 def checkpoint_job(
