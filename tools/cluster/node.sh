@@ -182,6 +182,10 @@ evictionHard: {memory.available: "100Mi"}
 imageGCHighThresholdPercent: 100
 imageMinimumGCAge: 876000h
 serializeImagePulls: false
+# Under TCG the CSI sidecars' one-second start-up checks time out while every pod starts
+# at once; a container that exited is restarted within 10 s instead of backing off for
+# minutes (KubeletCrashLoopBackOffMax, on by default since 1.35).
+crashLoopBackOff: {maxContainerRestartPeriod: 10s}
 volumePluginDir: /var/lib/kubelet/volume-plugins
 registerNode: true
 YAML
