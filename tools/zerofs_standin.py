@@ -32,9 +32,9 @@ where ZeroFS does, and then serves the volume:
   it, ``checkpoint create|list|delete|info -c CONFIG [NAME]`` and ``flush -c CONFIG``;
   ``run --checkpoint NAME`` serves a checkpoint and ``run --read-only`` the live volume,
   both read-only (NBD and 9P). See zerofs_standin_admin.py, and ``S3Checkpoints`` for
-  s3:// storage. Unlike
-  ZeroFS, whose read-only NBD exports fail writes without saying so at negotiation, the
-  stand-in's advertise NBD_FLAG_READ_ONLY (nbdkit --readonly).
+  s3:// storage. As ZeroFS's, a read-only NBD export does not say so at negotiation (no
+  NBD_FLAG_READ_ONLY) and fails each write, trim and zeroing with EIO (nbdkit's error
+  filter).
 
 It stays in the foreground. SIGTERM/SIGINT stop both servers and remove the sockets
 (exit 0); nbdkit is killed rather than stopped, so that, as with ZeroFS, a client sees
@@ -864,6 +864,13 @@ def _remove_socket(path: Path) -> None:
 # bucket first (minutes under emulation); the driver's own ready timeout bounds the start.
 DIOD_START_TIMEOUT_S = 120.0
 NBDKIT_START_TIMEOUT_S = 600.0
+# A read-only export fails every write as ZeroFS 2.3's does (EIO), offered writable.
+READ_ONLY_ERRORS = [
+    "error=EIO",
+    "error-pwrite-rate=100%",
+    "error-trim-rate=100%",
+    "error-zero-rate=100%",
+]
 
 
 def _wait_for_socket(
@@ -931,7 +938,7 @@ def _nbdkit_s3_plugin(
         )
     argv = ["python", str(S3_PLUGIN_SCRIPT), f"root={tree}", f"s3-plugin={s3_plugin}"]
     argv += [f"bucket={layout.bucket}", f"prefix={layout.prefix}", f"url={storage.url}"]
-    argv += [f"object-size={OBJECT_SIZE}", f"error-file={error_file}"]
+    argv += [f"object-size={OBJECT_SIZE}", f"failure-file={error_file}"]
     if storage.endpoint is not None:
         argv.append(f"endpoint-url={storage.endpoint}")
     return argv
@@ -1104,8 +1111,9 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
                 "--log=stderr",
                 "--unix",
                 str(config.nbd_socket),
-                *(["--readonly"] if read_only else []),
+                *(["--filter=error"] if read_only else []),
                 *nbd_plugin,
+                *(READ_ONLY_ERRORS if read_only else []),
             ],
             stdin=subprocess.DEVNULL,
             env=nbdkit_env,

@@ -2,7 +2,7 @@
 
 ``tools/zerofs_standin.py`` runs it for ``s3://`` storage as ``nbdkit python
 zerofs_standin_s3.py root=DIR s3-plugin=FILE bucket=B prefix=P url=URL object-size=N
-error-file=FILE [endpoint-url=URL]``. As with ZeroFS, each file of ``DIR/.nbd/`` is an
+failure-file=FILE [endpoint-url=URL]``. As with ZeroFS, each file of ``DIR/.nbd/`` is an
 export named after it and sized by the file when a client connects; new files are served
 without a restart. At start (``get_ready``) the bucket is checked and ``DIR/.nbd/`` made
 the exports recorded in S3.
@@ -116,7 +116,7 @@ def thread_model() -> int:
     return int(nbdkit.THREAD_MODEL_PARALLEL)
 
 
-REQUIRED = ("root", "s3-plugin", "bucket", "prefix", "url", "object-size", "error-file")
+REQUIRED = ("root", "s3-plugin", "bucket", "prefix", "url", "object-size", "failure-file")
 
 
 def config(key: str, value: str) -> None:
@@ -152,7 +152,7 @@ def get_ready() -> None:
         reason = s3_failure(_parameters["url"], _layout.bucket, endpoint, exc)
         if reason is None:
             raise
-        Path(_parameters["error-file"]).write_text(reason)
+        Path(_parameters["failure-file"]).write_text(reason)
         # Not an exception: nbdkit would print its traceback, which says nothing more.
         os._exit(1)
     _load_s3_plugin(_parameters["s3-plugin"])

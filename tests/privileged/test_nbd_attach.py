@@ -181,6 +181,31 @@ def test_write_then_read_back_through_a_second_attach(
     assert read_at(second.path, 5 * MiB, len(data)) == data
 
 
+@pytest.mark.parametrize("use_ioctl", [False, True], ids=["netlink", "ioctl"])
+def test_a_read_only_attach_is_read_only_whatever_the_server_offers(
+    server: NbdkitServer, prefix: str, use_ioctl: bool
+) -> None:
+    """nbdkit serves the export writable (no READ_ONLY flag, as ZeroFS 2.3 serving a
+    checkpoint): the kernel makes the device read-only all the same, and no write
+    reaches the server."""
+    server.add_export("vol", 8 * MiB)
+    data = pattern(3, MiB)
+    with open(server.dir / "vol", "r+b") as export:
+        export.write(data)
+    attacher = nbd.NbdAttacher(use_ioctl=use_ioctl)
+    device = attacher.attach(server.sock, "vol", prefix + "ro", connections=1, read_only=True)
+    try:
+        assert _nbd.read_sysfs(device.index, "ro") == "1"
+        with pytest.raises(OSError) as refused:
+            write_at(device.path, 0, pattern(4, MiB))
+        assert refused.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+        assert read_at(device.path, 0, MiB) == data
+    finally:
+        attacher.detach(device.index, prefix + "ro")
+        attacher.close()
+    assert (server.dir / "vol").read_bytes()[:MiB] == data
+
+
 def test_detach_leaves_nothing_connected(
     attacher: nbd.NbdAttacher, server: NbdkitServer, prefix: str
 ) -> None:

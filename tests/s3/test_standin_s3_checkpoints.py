@@ -9,6 +9,7 @@ real NBD clients; the bucket is listed to see where everything went.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -133,7 +134,11 @@ def test_a_checkpoint_is_a_copy_inside_the_prefix_served_read_only(
             with NbdClient(reader / "nbd.sock", VOLUME) as nbd:
                 assert nbd.size == 4 * MiB
                 assert nbd.read(MiB, 6000) == b"before" * 1000
-                assert nbd.flags & NBD_FLAG_READ_ONLY
+                # As ZeroFS's: offered writable, each write fails.
+                assert not nbd.flags & NBD_FLAG_READ_ONLY
+                with pytest.raises(OSError) as refused:
+                    nbd.write(MiB, b"x" * 512)
+                assert refused.value.errno == errno.EIO
             with admin(reader) as stub:
                 listed = stub.ListCheckpoints(admin_pb2.ListCheckpointsRequest(), timeout=60)
                 assert [c.name for c in listed.checkpoints] == ["snap"]

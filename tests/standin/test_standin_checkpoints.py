@@ -9,6 +9,7 @@ checkpoints are read back over NBD from a second stand-in started with ``run
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import uuid
@@ -134,9 +135,11 @@ def test_a_checkpoint_holds_the_volume_as_of_its_instant(
         with NbdClient(reader.nbd, EXPORT) as nbd:
             assert nbd.size == SIZE
             assert nbd.read(1 << 20, 600) == b"before" * 100
-            assert nbd.flags & NBD_FLAG_READ_ONLY
-            with pytest.raises(OSError):
+            # As ZeroFS's: offered writable, each write fails.
+            assert not nbd.flags & NBD_FLAG_READ_ONLY
+            with pytest.raises(OSError) as refused:
                 nbd.write(0, b"x" * 512)
+            assert refused.value.errno == errno.EIO
         # A checkpoint server is read-only: it records no checkpoint, but lists them.
         with reader.stub() as stub:
             assert code_of(lambda: create(stub, "snap-2")) == grpc.StatusCode.INTERNAL
@@ -208,7 +211,11 @@ def test_read_only_server_serves_the_live_volume_and_records_nothing(
     try:
         with NbdClient(reader.nbd, EXPORT) as nbd:
             assert nbd.read(0, 512) == b"live" * 128
-            assert nbd.flags & NBD_FLAG_READ_ONLY
+            assert not nbd.flags & NBD_FLAG_READ_ONLY
+            with pytest.raises(OSError) as refused:
+                nbd.write(0, b"gone" * 128)
+            assert refused.value.errno == errno.EIO
+            assert nbd.read(0, 512) == b"live" * 128
         with reader.stub() as stub:
             assert code_of(lambda: create(stub, "ro")) == grpc.StatusCode.INTERNAL
     finally:

@@ -218,6 +218,7 @@ class NbdAttacher:
         ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
         handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
         keep_lock: bool = False,
+        read_only: bool = False,
     ) -> Device:
         """Negotiate ``export_name`` on ``connections`` sockets to ``server`` and connect
         them as an NBD device tagged with ``backend_id``; return it ready for use.
@@ -225,7 +226,9 @@ class NbdAttacher:
         Idempotent per backend id: when a device already serves ``backend_id`` it is
         returned and nothing new is connected (one attach per backend id runs at a time
         in this object). With ``keep_lock`` the returned device carries a
-        :class:`DiskLock` that keeps udev from probing until released.
+        :class:`DiskLock` that keeps udev from probing until released. With
+        ``read_only`` the kernel makes the device read-only whatever the server offers
+        (NBD_FLAG_READ_ONLY joins the server's flags it is given).
 
         Raises ExportNotFound, HandshakeError, MultiConnUnsupported (server lacks
         CAN_MULTI_CONN), NbdModuleNotLoaded, NbdPermissionError, DeviceBusy (explicit
@@ -273,6 +276,7 @@ class NbdAttacher:
                         index=index,
                         ready_timeout_s=ready_timeout_s,
                         keep_lock=keep_lock,
+                        read_only=read_only,
                         watch=watch,
                         candidates=candidates,
                     )
@@ -322,6 +326,7 @@ class NbdAttacher:
         index: int | None,
         ready_timeout_s: float,
         keep_lock: bool,
+        read_only: bool,
         watch: _nbd.UeventWatch | None,
         candidates: list[int | None],
     ) -> Device:
@@ -333,11 +338,22 @@ class NbdAttacher:
             )
         size = negotiated.size_bytes
         bsize = block_size_for(block_size, negotiated)
+        # ZeroFS 2.3 never offers READ_ONLY, not even serving a checkpoint.
+        flags = negotiated.transmission_flags | (_nbd.NBD_FLAG_READ_ONLY if read_only else 0)
         if self.use_ioctl:
-            new_index = self._ioctl.connect(negotiated, bsize, io_timeout_s, backend_id, index)
+            new_index = self._ioctl.connect(
+                negotiated, flags, bsize, io_timeout_s, backend_id, index
+            )
         else:
             new_index = self._netlink_connect(
-                negotiated, bsize, io_timeout_s, dead_conn_timeout_s, backend_id, index, candidates
+                negotiated,
+                flags,
+                bsize,
+                io_timeout_s,
+                dead_conn_timeout_s,
+                backend_id,
+                index,
+                candidates,
             )
         try:
             if io_timeout_s == 0:
@@ -376,6 +392,7 @@ class NbdAttacher:
     def _netlink_connect(
         self,
         negotiated: _nbd.Negotiated,
+        server_flags: int,
         block_size: int,
         io_timeout_s: int,
         dead_conn_timeout_s: int,
@@ -390,7 +407,7 @@ class NbdAttacher:
                         negotiated.socket_fds,
                         negotiated.size_bytes,
                         block_size=block_size,
-                        server_flags=negotiated.transmission_flags,
+                        server_flags=server_flags,
                         timeout_s=io_timeout_s,
                         dead_conn_timeout_s=dead_conn_timeout_s,
                         backend_id=backend_id,

@@ -62,13 +62,15 @@ class IoctlSessions:
     def connect(
         self,
         negotiated: _nbd.Negotiated,
+        server_flags: int,
         block_size: int,
         io_timeout_s: int,
         backend_id: str,
         index: int | None,
     ) -> int:
         """Configure ``index`` (else the first free device) with the negotiated sockets
-        and start its NBD_DO_IT thread; DeviceBusy when none could be had."""
+        and ``server_flags`` and start its NBD_DO_IT thread; DeviceBusy when none could
+        be had."""
         candidates = [index] if index is not None else self.free_indexes()
         for candidate in candidates:
             try:
@@ -80,7 +82,7 @@ class IoctlSessions:
                     negotiated.socket_fds,
                     negotiated.size_bytes,
                     block_size=block_size,
-                    flags=negotiated.transmission_flags,
+                    flags=server_flags,
                     timeout_s=io_timeout_s,
                 )
             except DeviceBusy:

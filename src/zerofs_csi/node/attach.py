@@ -51,15 +51,27 @@ class NodeAttacher:
         self._connections = connections
 
     def attach(
-        self, nbd_socket: str, export: str, backend_id: str, connections: int | None = None
+        self,
+        nbd_socket: str,
+        export: str,
+        backend_id: str,
+        connections: int | None = None,
+        *,
+        read_only: bool = False,
     ) -> nbd.Device:
         with attach_errors(f"attaching export {export} from {nbd_socket}"):
             try:
                 return self.nbd.attach(
-                    nbd_socket, export, backend_id, connections=connections or self._connections
+                    nbd_socket,
+                    export,
+                    backend_id,
+                    connections=connections or self._connections,
+                    read_only=read_only,
                 )
             except nbd.MultiConnUnsupported:
-                return self.nbd.attach(nbd_socket, export, backend_id, connections=1)
+                return self.nbd.attach(
+                    nbd_socket, export, backend_id, connections=1, read_only=read_only
+                )
 
     def detach(self, index: int, backend_id: str) -> None:
         with attach_errors(f"detaching nbd{index}"):

@@ -88,7 +88,13 @@ class Attacher(Protocol):
     """The attach path (``zerofs_csi.nbd``) as staging and the node service use it."""
 
     def attach(
-        self, nbd_socket: str, export: str, backend_id: str, connections: int | None = None
+        self,
+        nbd_socket: str,
+        export: str,
+        backend_id: str,
+        connections: int | None = None,
+        *,
+        read_only: bool = False,
     ) -> AttachedDevice: ...
 
     def detach(self, index: int, backend_id: str) -> None: ...
@@ -274,10 +280,12 @@ class Stager:
         self, sockets: ServerSockets, vid: str, backend_id: str, connections: int
     ) -> AttachedDevice:
         """Attach the export of a read-only server as it is: it cannot be created or
-        grown, and the kernel makes the device read-only (the server says so)."""
+        grown, and the kernel makes the device read-only."""
         with self._metrics.stage("stage", "connect_nbd", vid):
             try:
-                return self._attacher.attach(str(sockets.nbd), vid, backend_id, connections)
+                return self._attacher.attach(
+                    str(sockets.nbd), vid, backend_id, connections, read_only=True
+                )
             except NotFound:
                 raise FailedPrecondition(
                     f"volume {vid} has no data to serve read-only (its export was never "

@@ -48,7 +48,11 @@ class AdminClient:
     def __init__(self, socket_path: Path, what: str) -> None:
         self.socket_path = socket_path
         self._what = what
-        self._channel = grpc.insecure_channel(f"unix:{socket_path}")
+        # gRPC's default :authority for a unix socket is its path, which ZeroFS's HTTP/2
+        # server (h2) refuses as no valid authority: every call ended in RST_STREAM.
+        self._channel = grpc.insecure_channel(
+            f"unix:{socket_path}", options=[("grpc.default_authority", "localhost")]
+        )
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def close(self) -> None:
