@@ -41,6 +41,7 @@ from zerofs_csi.observability.sanitize import REDACTOR
 from zerofs_csi.rpc.interceptor import CsiInterceptor
 from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.servers.admin import AdminClient
+from zerofs_csi.servers.base import ServerSockets
 from zerofs_csi.servers.pods import job_pods
 from zerofs_csi.servers.pods.job_pods import ANNOTATION_LAST_STEP
 from zerofs_csi.volume.context import PVC_NAME_KEY, PVC_NAMESPACE_KEY
@@ -117,6 +118,22 @@ class Controller:
     def publish_request(self, volume_id: str) -> csi_pb2.ControllerPublishVolumeRequest:
         return csi_pb2.ControllerPublishVolumeRequest(
             volume_id=volume_id, node_id=NODE, volume_capability=BLOCK
+        )
+
+    def served_source(self, name: str) -> tuple[str, ServerSockets]:
+        """A volume published, staged and served on the node: its id, its server's
+        sockets."""
+        source = self.create(name)
+        self.stub.ControllerPublishVolume(self.publish_request(source), timeout=30)
+        self.node.stage(source)
+        return source, self.node.serve(source)
+
+    def clone_request(self, name: str, source: str) -> csi_pb2.CreateVolumeRequest:
+        Source = csi_pb2.VolumeContentSource
+        return self.volume_request(
+            name,
+            volume_content_source=Source(volume=Source.VolumeSource(volume_id=source)),
+            secrets={"ZEROFS_ENCRYPTION_PASSWORD": f"pw-{name}"},
         )
 
     def offered(self) -> set[int]:
@@ -240,16 +257,8 @@ def test_a_clone_keeps_its_checkpoint_until_its_restore_pod_succeeds(
     rpc = csi_pb2.ControllerServiceCapability.RPC
     offered = controller.offered()
     assert rpc.CLONE_VOLUME in offered
-    source = controller.create("pvc-kube-source")
-    controller.stub.ControllerPublishVolume(controller.publish_request(source), timeout=30)
-    controller.node.stage(source)
-    sockets = controller.node.serve(source)
-    Source = csi_pb2.VolumeContentSource
-    clone = controller.volume_request(
-        "pvc-kube-clone",
-        volume_content_source=Source(volume=Source.VolumeSource(volume_id=source)),
-        secrets={"ZEROFS_ENCRYPTION_PASSWORD": "pw-clone-test"},
-    )
+    source, sockets = controller.served_source("pvc-kube-source")
+    clone = controller.clone_request("pvc-kube-clone", source)
     clone.capacity_range.required_bytes = 2 * SIZE
     # What the provisioner's --extra-create-metadata adds: the claim, told of the copy.
     clone.parameters[PVC_NAME_KEY] = "clone-claim"
@@ -298,16 +307,8 @@ def test_a_clone_given_up_goes_with_its_checkpoint(
     """A claim deleted while its clone is copied is never asked for again: once no call
     has stepped its restore pod for the idle timeout, the sweep deletes the checkpoint
     taken for it through the source's node, then the pod and its Secret."""
-    source = controller.create("pvc-kube-source")
-    controller.stub.ControllerPublishVolume(controller.publish_request(source), timeout=30)
-    controller.node.stage(source)
-    sockets = controller.node.serve(source)
-    Source = csi_pb2.VolumeContentSource
-    clone = controller.volume_request(
-        "pvc-kube-given-up",
-        volume_content_source=Source(volume=Source.VolumeSource(volume_id=source)),
-        secrets={"ZEROFS_ENCRYPTION_PASSWORD": "pw-given-up"},
-    )
+    source, sockets = controller.served_source("pvc-kube-source")
+    clone = controller.clone_request("pvc-kube-given-up", source)
     core = client.CoreV1Api(admin)
 
     def step() -> str:

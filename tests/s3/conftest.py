@@ -1,5 +1,6 @@
 """Fixtures for tests against real S3 servers, each started once per session: Ceph
-radosgw, and a distributed MinIO set (only for the tests that ask for it)."""
+radosgw, a distributed MinIO set and a single MinIO server (only for the tests that ask
+for them)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from minio import MinioSet, MinioUnavailable, check_runnable  # noqa: E402
+from minio_server import MinioServer  # noqa: E402
 from radosgw import RadosGateway, RadosGatewayUnavailable, ensure_installed  # noqa: E402
 from s3store import S3Store, client_of  # noqa: E402
 
@@ -46,6 +48,26 @@ def radosgw() -> Iterator[RadosGateway]:
         yield gateway
     finally:
         gateway.stop()
+
+
+# The bucket of ``one_minio``.
+ONE_MINIO_BUCKET = "volumes"
+
+
+@pytest.fixture(scope="session")
+def one_minio() -> Iterator[MinioServer]:
+    """One MinIO server on loopback with the bucket ``volumes``: a store with the
+    conditional writes a real ZeroFS needs (MINIO_BIN, which make minio builds)."""
+    binary = os.environ.get("MINIO_BIN")
+    if not binary:
+        pytest.skip("MINIO_BIN is not set: make minio builds MinIO")
+    server = MinioServer(Path(tempfile.mkdtemp(prefix="zerofs-csi-minio-")), Path(binary))
+    server.start()
+    server.make_bucket(ONE_MINIO_BUCKET)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,6 @@ real ZeroFS.
 from __future__ import annotations
 
 import errno
-import os
-import tempfile
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -47,18 +44,6 @@ SERVERS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def minio() -> Iterator[MinioServer]:
-    binary = os.environ.get("MINIO_BIN")
-    if not binary:
-        pytest.skip("MINIO_BIN is not set: make minio builds MinIO")
-    server = MinioServer(Path(tempfile.mkdtemp(prefix="zerofs-csi-minio-")), Path(binary))
-    server.start()
-    server.make_bucket("checkpoints")
-    yield server
-    server.stop()
-
-
 def code_of(call: object, request: object) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as refused:
         call(request, timeout=60)  # type: ignore[operator]
@@ -67,20 +52,20 @@ def code_of(call: object, request: object) -> grpc.StatusCode:
 
 @pytest.mark.parametrize("command", SERVERS)
 def test_checkpoints_and_read_only_servers(
-    command: str, minio: MinioServer, tmp_path: Path
+    command: str, one_minio: MinioServer, tmp_path: Path
 ) -> None:
     require_tool("nbdkit")
     settings = VolumeSettings(
-        storage_url=StorageUrl.parse(f"s3://checkpoints/{tmp_path.name}"),
-        s3_endpoint=minio.endpoint,
-        s3_region=minio.region,
+        storage_url=StorageUrl.parse(f"s3://volumes/{tmp_path.name}"),
+        s3_endpoint=one_minio.endpoint,
+        s3_region=one_minio.region,
         s3_allow_http=True,
         pod_ready_timeout_seconds=120,
     )
     secrets = VolumeSecrets(
         encryption_password="pw-checkpoint-servers",
-        access_key_id=minio.access_key,
-        secret_access_key=minio.secret_key,
+        access_key_id=one_minio.access_key,
+        secret_access_key=one_minio.secret_key,
     )
 
     def server(role: str, *run_args: str) -> AbstractContextManager[BriefServer]:

@@ -10,7 +10,6 @@ import contextlib
 import errno
 import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,33 +44,21 @@ NBD_FLAG_CAN_MULTI_CONN = 1 << 8
 MAX_REQUEST = 128 * MiB
 
 
-@pytest.fixture(scope="module")
-def minio() -> Iterator[MinioServer]:
-    binary = os.environ.get("MINIO_BIN")
-    if not binary:
-        pytest.skip("MINIO_BIN is not set: make minio builds MinIO")
-    server = MinioServer(Path(tempfile.mkdtemp(prefix="zerofs-csi-minio-")), Path(binary))
-    server.start()
-    server.make_bucket("real-zerofs")
-    yield server
-    server.stop()
-
-
-def s3_settings(minio: MinioServer, prefix: str) -> VolumeSettings:
+def s3_settings(one_minio: MinioServer, prefix: str, bucket: str = "volumes") -> VolumeSettings:
     return VolumeSettings(
-        storage_url=StorageUrl.parse(f"s3://real-zerofs/{prefix}"),
-        s3_endpoint=minio.endpoint,
-        s3_region=minio.region,
+        storage_url=StorageUrl.parse(f"s3://{bucket}/{prefix}"),
+        s3_endpoint=one_minio.endpoint,
+        s3_region=one_minio.region,
         s3_allow_http=True,
         pod_ready_timeout_seconds=120,
     )
 
 
-def s3_secrets(minio: MinioServer) -> VolumeSecrets:
+def s3_secrets(one_minio: MinioServer) -> VolumeSecrets:
     return VolumeSecrets(
         encryption_password=PASSWORD,
-        access_key_id=minio.access_key,
-        secret_access_key=minio.secret_key,
+        access_key_id=one_minio.access_key,
+        secret_access_key=one_minio.secret_key,
     )
 
 
@@ -97,9 +84,12 @@ def test_file_storage_is_refused_at_start(backend: ProcessBackend, tmp_path: Pat
 
 
 def test_serves_nbd_and_9p_with_only_the_export_info(
-    backend: ProcessBackend, minio: MinioServer, tmp_path: Path
+    backend: ProcessBackend, one_minio: MinioServer, tmp_path: Path
 ) -> None:
-    sockets = backend.ensure(VOLUME, s3_settings(minio, tmp_path.name), s3_secrets(minio))
+    # A bucket of its own: every object in it is this server's.
+    bucket = one_minio.make_bucket("only-one-volume")
+    settings = s3_settings(one_minio, tmp_path.name, bucket)
+    sockets = backend.ensure(VOLUME, settings, s3_secrets(one_minio))
     # The server made .nbd/ itself: the export's file is created without a mkdir.
     assert ninep.prepare_export(sockets.ninep, VOLUME, 64 * MiB).size_bytes == 64 * MiB
 
@@ -117,7 +107,7 @@ def test_serves_nbd_and_9p_with_only_the_export_info(
         assert client.read(5 * MiB, len(data)) == data
 
     # Everything is under the volume's prefix, in SlateDB's layout (a manifest first).
-    listed = minio.client().list_objects_v2(Bucket="real-zerofs")  # type: ignore[attr-defined]
+    listed = one_minio.client().list_objects_v2(Bucket=bucket)  # type: ignore[attr-defined]
     keys = [entry["Key"] for entry in listed.get("Contents", [])]
     volume_prefix = f"{tmp_path.name}/{VOLUME}/"
     assert keys and all(key.startswith(volume_prefix) for key in keys), keys
@@ -125,9 +115,9 @@ def test_serves_nbd_and_9p_with_only_the_export_info(
 
 
 def test_requests_over_128_mib_are_refused_and_sizes_are_fixed_at_connect(
-    backend: ProcessBackend, minio: MinioServer, tmp_path: Path
+    backend: ProcessBackend, one_minio: MinioServer, tmp_path: Path
 ) -> None:
-    sockets = backend.ensure(VOLUME, s3_settings(minio, tmp_path.name), s3_secrets(minio))
+    sockets = backend.ensure(VOLUME, s3_settings(one_minio, tmp_path.name), s3_secrets(one_minio))
     ninep.prepare_export(sockets.ninep, VOLUME, 512 * MiB)
     with NbdClient(sockets.nbd, VOLUME) as client:
         # A TRIM as large as the kernel may send one (discard_max_bytes is 2^32 - 512 on
@@ -169,12 +159,12 @@ def test_unknown_config_keys_are_rejected(tmp_path: Path) -> None:
 
 
 def test_stop_closes_the_sessions_and_keeps_unflushed_writes(
-    backend: ProcessBackend, minio: MinioServer, tmp_path: Path
+    backend: ProcessBackend, one_minio: MinioServer, tmp_path: Path
 ) -> None:
     """The driver stops a server with SIGTERM: ZeroFS ends its NBD sessions, then makes
     everything durable before it exits, so a write answered but never flushed is there
     when a new server opens the volume (as after an unstage and a stage elsewhere)."""
-    settings, secrets = s3_settings(minio, tmp_path.name), s3_secrets(minio)
+    settings, secrets = s3_settings(one_minio, tmp_path.name), s3_secrets(one_minio)
     sockets = backend.ensure(VOLUME, settings, secrets)
     ninep.prepare_export(sockets.ninep, VOLUME, 64 * MiB)
     data = os.urandom(2 * MiB)
@@ -194,12 +184,12 @@ def test_stop_closes_the_sessions_and_keeps_unflushed_writes(
 
 
 def test_a_server_fenced_by_a_newer_writer_exits_and_is_not_restarted(
-    backend: ProcessBackend, minio: MinioServer, tmp_path: Path
+    backend: ProcessBackend, one_minio: MinioServer, tmp_path: Path
 ) -> None:
     """A second server of the volume (another node's plugin: its own state directory)
     fences the first at its next write, which exits 1 saying so; the first plugin's
     supervisor leaves it down instead of letting it take the volume back."""
-    settings, secrets = s3_settings(minio, tmp_path.name), s3_secrets(minio)
+    settings, secrets = s3_settings(one_minio, tmp_path.name), s3_secrets(one_minio)
     sockets = backend.ensure(VOLUME, settings, secrets)
     ninep.prepare_export(sockets.ninep, VOLUME, 64 * MiB)
     fenced_pid = backend.pid(VOLUME)
