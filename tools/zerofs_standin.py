@@ -34,7 +34,7 @@ where ZeroFS does, and then serves the volume:
   both read-only (NBD and 9P). See zerofs_standin_admin.py, and ``S3Checkpoints`` for
   s3:// storage. As ZeroFS's, a read-only NBD export does not say so at negotiation (no
   NBD_FLAG_READ_ONLY) and fails each write, trim and zeroing with EIO (nbdkit's error
-  filter).
+  filter; ZeroFS fails flushes too, which Debian's nbdkit error filter cannot).
 
 It stays in the foreground. SIGTERM/SIGINT stop both servers and remove the sockets
 (exit 0); nbdkit is killed rather than stopped, so that, as with ZeroFS, a client sees
@@ -865,6 +865,7 @@ def _remove_socket(path: Path) -> None:
 DIOD_START_TIMEOUT_S = 120.0
 NBDKIT_START_TIMEOUT_S = 600.0
 # A read-only export fails every write as ZeroFS 2.3's does (EIO), offered writable.
+# (ZeroFS fails its flushes too; Debian's nbdkit 1.32 error filter cannot.)
 READ_ONLY_ERRORS = [
     "error=EIO",
     "error-pwrite-rate=100%",

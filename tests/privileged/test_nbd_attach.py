@@ -196,6 +196,8 @@ def test_a_read_only_attach_is_read_only_whatever_the_server_offers(
     device = attacher.attach(server.sock, "vol", prefix + "ro", connections=1, read_only=True)
     try:
         assert _nbd.read_sysfs(device.index, "ro") == "1"
+        # No flushes either: ZeroFS's read-only servers fail them (EIO).
+        assert _nbd.read_sysfs(device.index, "queue/write_cache") == "write through"
         with pytest.raises(OSError) as refused:
             write_at(device.path, 0, pattern(4, MiB))
         assert refused.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)

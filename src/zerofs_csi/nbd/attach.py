@@ -95,6 +95,10 @@ class MultiConnUnsupported(NbdError):
     CAN_MULTI_CONN (errno EINVAL)."""
 
 
+# What a read-only device never asks of its server.
+READ_ONLY_DROPPED_FLAGS = _nbd.NBD_FLAG_SEND_FLUSH | _nbd.NBD_FLAG_SEND_FUA
+
+
 class NbdAttacher:
     """Attach, detach, reconnect and list NBD devices.
 
@@ -228,7 +232,8 @@ class NbdAttacher:
         in this object). With ``keep_lock`` the returned device carries a
         :class:`DiskLock` that keeps udev from probing until released. With
         ``read_only`` the kernel makes the device read-only whatever the server offers
-        (NBD_FLAG_READ_ONLY joins the server's flags it is given).
+        (NBD_FLAG_READ_ONLY joins the server's flags it is given, and it sends no
+        flushes).
 
         Raises ExportNotFound, HandshakeError, MultiConnUnsupported (server lacks
         CAN_MULTI_CONN), NbdModuleNotLoaded, NbdPermissionError, DeviceBusy (explicit
@@ -338,8 +343,11 @@ class NbdAttacher:
             )
         size = negotiated.size_bytes
         bsize = block_size_for(block_size, negotiated)
-        # ZeroFS 2.3 never offers READ_ONLY, not even serving a checkpoint.
-        flags = negotiated.transmission_flags | (_nbd.NBD_FLAG_READ_ONLY if read_only else 0)
+        flags = negotiated.transmission_flags
+        if read_only:
+            # ZeroFS 2.3 never offers READ_ONLY, not even serving a checkpoint, and its
+            # read-only servers fail flushes (EIO): a read-only device sends none.
+            flags = (flags | _nbd.NBD_FLAG_READ_ONLY) & ~READ_ONLY_DROPPED_FLAGS
         if self.use_ioctl:
             new_index = self._ioctl.connect(
                 negotiated, flags, bsize, io_timeout_s, backend_id, index
