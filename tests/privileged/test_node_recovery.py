@@ -20,9 +20,11 @@ import pytest
 from conftest import (
     RPC_TIMEOUT_S,
     MiB,
+    Mode,
     PluginProcess,
     Volume,
     assert_nbd_devices,
+    block_capability,
     connected_nbd_devices,
     create_volume,
     filesystem_uuid,
@@ -31,6 +33,7 @@ from conftest import (
     wait_until,
 )
 
+from zerofs_csi.nbd import _nbd
 from zerofs_csi.nbd import attach as nbd
 
 pytestmark = pytest.mark.privileged
@@ -125,6 +128,39 @@ def test_restart_keeps_a_staged_volume(own_plugin: PluginProcess) -> None:
     stats = volume.stats(str(target))
     assert not stats.volume_condition.abnormal, stats.volume_condition.message
     assert int(device.removeprefix("/dev/nbd")) in connected_nbd_devices()
+
+
+def test_a_read_only_stage_comes_back_read_only(own_plugin: PluginProcess) -> None:
+    """A ReadOnlyMany device that went while the plugin was down is attached again as
+    its stage attached it: read-only and without flushes, which ZeroFS's read-only
+    servers fail."""
+    plugin = own_plugin
+    volume = create_volume(plugin, plugin.workdir, block=True, size=SIZE)
+    volume.stage()
+    payload = os.urandom(MiB)
+    with open(volume.device(), "r+b") as device:
+        device.write(payload)
+        os.fsync(device.fileno())
+    volume.unstage()
+    many = block_capability(Mode.MULTI_NODE_READER_ONLY)
+    volume.stage(many)
+
+    plugin.kill9()
+    attacher = nbd.NbdAttacher()
+    try:
+        gone = int(str(volume.record()["device_index"]))
+        attacher.detach(gone, f"zerofs-csi:{volume.volume_id}")
+    finally:
+        attacher.close()
+    assert gone not in connected_nbd_devices()
+    plugin.start()
+    index = int(volume.device().removeprefix("/dev/nbd"))
+    assert index in connected_nbd_devices()
+    assert _nbd.read_sysfs(index, "ro") == "1"
+    assert _nbd.read_sysfs(index, "queue/write_cache") == "write through"
+    with open(volume.device(), "rb") as device:
+        assert device.read(MiB) == payload
+    volume.unstage()
 
 
 def test_plugin_and_server_killed_together(own_plugin: PluginProcess) -> None:

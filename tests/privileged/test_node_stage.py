@@ -208,6 +208,10 @@ def test_publish_needs_a_staged_volume_of_the_same_kind(volumes: VolumeFactory) 
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert_code(lambda: volume.stage(block_capability()), grpc.StatusCode.ALREADY_EXISTS)
+    # A writable stage is not a read-only one, whatever the kind.
+    many = mount_capability("ext4", mode=Mode.MULTI_NODE_READER_ONLY)
+    details = assert_code(lambda: volume.stage(many), grpc.StatusCode.ALREADY_EXISTS)
+    assert "asks for read-only mount ext4" in details
     assert not Path(target).exists()
 
 

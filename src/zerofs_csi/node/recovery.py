@@ -21,7 +21,7 @@ from zerofs_csi.errors import Aborted, CsiError
 from zerofs_csi.host import mounts
 from zerofs_csi.node.attach import NodeAttacher
 from zerofs_csi.node.stage_record import STAGED, RecordStore, StageRecord, volume_of_backend
-from zerofs_csi.node.staging import mount_staged
+from zerofs_csi.node.staging import AttachedDevice, attach_staged, mount_staged
 from zerofs_csi.observability.metrics import Metrics
 from zerofs_csi.rpc.locks import VolumeLocks
 from zerofs_csi.servers.base import VolumeServerBackend
@@ -137,11 +137,9 @@ class Recovery:
 
     def _restore(self, record: StageRecord, report: RecoveryReport) -> None:
         vid = record.volume_id
-        device = self._attacher.find_device(record.backend_id)
+        device: AttachedDevice | None = self._attacher.find_device(record.backend_id)
         if device is None:
-            device = self._attacher.attach(
-                record.nbd_socket, vid, record.backend_id, record.connections
-            )
+            device = attach_staged(self._attacher, record)
             report.reattached.append(vid)
         if device.index != record.device_index or device.size_bytes != record.size_bytes:
             record = dataclasses.replace(

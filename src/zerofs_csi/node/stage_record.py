@@ -63,6 +63,9 @@ class StageRecord:
     staging_path: str
     mount_options: tuple[str, ...] = ()
     readonly: bool = False
+    # The kernel was told the device is read-only (a read-only server's export): every
+    # later attach of the record must say so again, or the device comes back writable.
+    read_only_device: bool = False
     # NBD connections asked for (a server without multi-conn gets one); records from
     # before the setting existed were attached with the default.
     connections: int = DEFAULT_NBD_CONNECTIONS

@@ -126,10 +126,28 @@ def mount_staged(record: StageRecord) -> None:
     node_mounts.mount_filesystem(record.device, record.mount_path, record.fs_type, options)
 
 
-def _compatible(record: StageRecord, request: StageRequest) -> bool:
-    return record.access_type == request.access_type and (
-        request.access_type == BLOCK or record.fs_type == request.fs_type
+def attach_staged(attacher: Attacher, record: StageRecord) -> AttachedDevice:
+    """Attach a staged volume's export again the way its stage attached it."""
+    return attacher.attach(
+        record.nbd_socket,
+        record.volume_id,
+        record.backend_id,
+        record.connections,
+        read_only=record.read_only_device,
     )
+
+
+def _compatible(record: StageRecord, request: StageRequest) -> bool:
+    return (
+        record.access_type == request.access_type
+        and (request.access_type == BLOCK or record.fs_type == request.fs_type)
+        and record.read_only_device == request.settings.read_only_server
+    )
+
+
+def _kind(access_type: str, fs_type: str, read_only_device: bool) -> str:
+    """How a stage is described in errors: "read-only mount ext4", "block"."""
+    return f"{'read-only ' if read_only_device else ''}{access_type} {fs_type}".rstrip()
 
 
 class Stager:
@@ -184,9 +202,11 @@ class Stager:
                     f"staging path {request.staging_path} holds volume {existing.volume_id}"
                 )
             if not _compatible(existing, request):
+                wanted = (request.access_type, request.fs_type, request.settings.read_only_server)
                 raise AlreadyExists(
-                    f"volume {vid} is staged as {existing.access_type} {existing.fs_type}".rstrip()
-                    + f"; this request asks for {request.access_type} {request.fs_type}".rstrip()
+                    f"volume {vid} is staged as "
+                    f"{_kind(existing.access_type, existing.fs_type, existing.read_only_device)}"
+                    f"; this request asks for {_kind(*wanted)}"
                 )
             if existing.phase == STAGED and self._is_intact(existing):
                 return existing
@@ -229,6 +249,7 @@ class Stager:
                 staging_path=request.staging_path,
                 mount_options=options,
                 readonly=request.readonly,
+                read_only_device=request.settings.read_only_server,
                 connections=connections,
                 phase=ATTACHED,
             )
@@ -360,9 +381,7 @@ class Stager:
         with stage("expand", "disconnect_nbd", vid):
             self._attacher.detach(record.device_index, record.backend_id)
         with stage("expand", "connect_nbd", vid):
-            device = self._attacher.attach(
-                record.nbd_socket, vid, record.backend_id, record.connections
-            )
+            device = attach_staged(self._attacher, record)
         record = dataclasses.replace(
             record, device_index=device.index, size_bytes=device.size_bytes
         )
