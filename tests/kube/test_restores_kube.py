@@ -141,6 +141,13 @@ def test_a_restore_goes_on_across_retries_until_the_pod_succeeds(
         ("OUT_OF_RANGE: the source holds 2 bytes, more than 1", errors.OutOfRange, "source holds"),
         ("UNAVAILABLE: the new volume's server did not answer", errors.Unavailable, "answer"),
         ("", errors.Internal, "job exited 137"),
+        # No outcome written: kubelet gave the log's tail (FallbackToLogsOnError).
+        (
+            'Traceback (most recent call last):\n  File "copy.py", line 9, in main\n'
+            "PermissionError: [Errno 13] Permission denied: '/run/zerofs-job'\n",
+            errors.Internal,
+            r"exited 1\): .*line 9, in main / PermissionError: \[Errno 13\]",
+        ),
     ],
 )
 def test_a_failed_copy_answers_with_its_code_and_leaves_nothing(

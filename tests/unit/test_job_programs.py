@@ -18,7 +18,7 @@ import pytest
 from standin.servers import STANDIN
 
 from zerofs_csi.servers.brief import brief_server
-from zerofs_csi.servers.pods import checkpoint_job, restore_copy
+from zerofs_csi.servers.pods import checkpoint_job, job_program, restore_copy
 from zerofs_csi.volume.secrets import VolumeSecrets
 from zerofs_csi.volume.settings import parse_volume_settings
 
@@ -120,6 +120,17 @@ def test_a_failure_ends_with_its_code_in_the_termination_log(
         status, message = pod.copy(capacity, *extra)
     assert status == 1
     assert message.startswith(f"{code}: ") and needle in message, message
+
+
+def test_an_unexpected_failure_is_internal_in_the_termination_log(tmp_path: Path) -> None:
+    def job() -> str:
+        raise PermissionError(13, "Permission denied", "/run/zerofs-job")
+
+    log = tmp_path / "termination-log"
+    assert job_program.run_job(job, str(log)) == 1
+    assert log.read_text() == (
+        "INTERNAL: the job failed: PermissionError: [Errno 13] Permission denied: '/run/zerofs-job'"
+    )
 
 
 def test_progress_lines_are_read_back() -> None:

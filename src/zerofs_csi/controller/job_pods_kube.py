@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WAIT_SECONDS = 20.0
 POLL_INTERVAL_SECONDS = 0.5
+# How many of a failed job's last log lines its error quotes.
+FAILURE_LOG_LINES = 3
 # A step refreshes the pod's last-step annotation when it is older than this.
 STEP_MARK_INTERVAL_SECONDS = 60.0
 JOB_PODS_SELECTOR = (
@@ -70,7 +72,11 @@ def _failure(pod: Obj, what: str) -> errors.CsiError:
     if separator and code.isupper():
         return errors.of_code(code, f"{what}: {text}")
     status = pod.get("status") or {}
-    why = message or status.get("message") or status.get("reason") or "no reason given"
+    # Without an outcome of its own the message is the tail of the job's log
+    # (FallbackToLogsOnError): its last lines say what went wrong.
+    last_lines = [line.strip() for line in message.splitlines() if line.strip()]
+    quoted = " / ".join(last_lines[-FAILURE_LOG_LINES:])
+    why = quoted or status.get("message") or status.get("reason") or "no reason given"
     exit_code = ended.get("exitCode")
     exited = f" (its job exited {exit_code})" if exit_code is not None else ""
     return errors.Internal(f"the pod of the {what} failed{exited}: {why}")

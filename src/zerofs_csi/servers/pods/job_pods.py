@@ -233,6 +233,9 @@ def job_pod(job: Job, namespace: str, image: str) -> Manifest:
             {"name": f"{each.role}-sockets", "mountPath": str(each.sockets)} for each in job.servers
         ],
         "securityContext": objects.security_context(),
+        # A job that died before writing its outcome (a crash, an import error) still
+        # says why: kubelet puts its log's tail in the termination message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod: Manifest = {
         "apiVersion": "v1",

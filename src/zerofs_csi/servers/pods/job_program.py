@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def run_job(job: Callable[[], str], termination_log: str) -> int:
     except errors.CsiError as exc:
         outcome, status = f"{exc.code.name}: {exc.message}", 1
         print(outcome, file=sys.stderr, flush=True)
+    except Exception as exc:
+        # A defect or the pod's environment (a permission, a missing file): the
+        # controller is told what it was, the log keeps where.
+        traceback.print_exc()
+        outcome, status = f"INTERNAL: the job failed: {type(exc).__name__}: {exc}", 1
     try:
         Path(termination_log).write_bytes(outcome.encode()[:TERMINATION_MESSAGE_MAX])
     except OSError as log_error:
