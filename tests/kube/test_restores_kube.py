@@ -104,6 +104,12 @@ def test_the_restore_pod_and_secret_hold_no_secret_in_the_pod(
     (copy,) = spec["containers"]
     assert copy["image"] == COPY_IMAGE
     assert copy["args"][copy["args"].index("--capacity-bytes") + 1] == str(GiB)
+    # Every root filesystem is read-only: /tmp is a volume of the pod's (nbdcopy's stderr
+    # goes there), and a copy that dies without its outcome still reports its log's tail.
+    for container in [*spec["initContainers"], copy]:
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}, container["name"]
+    assert copy["terminationMessagePolicy"] == "FallbackToLogsOnError"
     # The secret values are in the Secret, under each server's keys, and the pod owns it.
     values = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     assert SECRETS.secret_access_key in {values[k] for k in values if k.startswith("source.")}

@@ -229,8 +229,10 @@ def job_pod(job: Job, namespace: str, image: str) -> Manifest:
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", job.module],
         "args": list(job.args),
+        # The root filesystem is read-only: nbdcopy's stderr is kept in a file of /tmp.
         "volumeMounts": [
-            {"name": f"{each.role}-sockets", "mountPath": str(each.sockets)} for each in job.servers
+            *({"name": f"{e.role}-sockets", "mountPath": str(e.sockets)} for e in job.servers),
+            {"name": "tmp", "mountPath": "/tmp"},
         ],
         "securityContext": objects.security_context(),
         # A job that died before writing its outcome (a crash, an import error) still
