@@ -374,7 +374,7 @@ def test_a_volume_staged_nowhere_is_checkpointed_by_a_checkpoint_pod(
     with pytest.raises(grpc.RpcError) as busy:
         controller.stub.ControllerPublishVolume(publish, timeout=30)
     assert busy.value.code() is grpc.StatusCode.UNAVAILABLE
-    assert "for a checkpoint" in str(busy.value.details())
+    assert f"runs in job pod {cluster.namespace}/{name}" in str(busy.value.details())
 
     # kubelet's report of the job's end, as checkpoint_job writes it.
     reported = {"id": "5c0e5a3a-checkpoint", "name": "snap-nowhere", "createdAt": 1_700_000_123}
@@ -404,19 +404,113 @@ def test_a_volume_staged_nowhere_is_checkpointed_by_a_checkpoint_pod(
     assert call_json(core.list_namespaced_pod, cluster.namespace)["items"] == []
     controller.stub.ControllerPublishVolume(publish, timeout=30)
 
-    # A clone of a source staged nowhere is refused on this backend.
-    controller.stub.ControllerUnpublishVolume(
-        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=NODE), timeout=30
+
+def _end(core: client.CoreV1Api, namespace: str, name: str, message: str = "") -> None:
+    """kubelet's report of a job pod that succeeded."""
+    pod = call_json(core.read_namespaced_pod, name, namespace)
+    terminated = {"exitCode": 0, "reason": "Completed", "message": message}
+    pod["status"] = {
+        "phase": "Succeeded",
+        "containerStatuses": [
+            {
+                "name": job_pods.JOB_CONTAINER,
+                "image": pod["spec"]["containers"][0]["image"],
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"terminated": terminated},
+            }
+        ],
+    }
+    call_json(core.replace_namespaced_pod_status, name, namespace, pod)
+
+
+def _in_progress(call: Any, needle: str) -> None:
+    with pytest.raises(grpc.RpcError) as waiting:
+        call()
+    assert waiting.value.code() is grpc.StatusCode.UNAVAILABLE, waiting.value.details()
+    assert needle in str(waiting.value.details()), waiting.value.details()
+
+
+@pytest.mark.parametrize("controller", ["zerofs-csi:clone-test"], indirect=True)
+def test_a_clone_of_a_source_staged_nowhere_copies_the_source_itself(
+    controller: Controller, cluster: Cluster, admin: client.ApiClient
+) -> None:
+    """No checkpoint: the restore pod runs the source's own server, the only one while
+    it runs (no publish, no checkpoint pod of the source meanwhile)."""
+    source = controller.create("pvc-kube-idle-source")
+    clone = controller.clone_request("pvc-kube-idle-clone", source)
+    core = client.CoreV1Api(admin)
+    create = lambda: controller.stub.CreateVolume(clone, timeout=60)  # noqa: E731
+    _in_progress(create, "runs in pod")
+    (pod,) = call_json(core.list_namespaced_pod, cluster.namespace)["items"]
+    name = pod["metadata"]["name"]
+    assert pod["metadata"]["labels"][job_pods.LABEL_SERVES_VOLUME] == source
+    assert job_pods.checkpoint_read(pod) is None
+    source_server, _ = pod["spec"]["initContainers"]
+    assert "--checkpoint" not in source_server["args"] and source_server["args"][0] == "run"
+    copy = pod["spec"]["containers"][0]["args"]
+    assert copy[copy.index("--source-export") + 1] == source
+
+    publish = controller.publish_request(source)
+    _in_progress(
+        lambda: controller.stub.ControllerPublishVolume(publish, timeout=30),
+        f"runs in job pod {cluster.namespace}/{name}",
     )
-    Source = csi_pb2.VolumeContentSource
-    with pytest.raises(grpc.RpcError) as refused:
-        controller.stub.CreateVolume(
-            controller.volume_request(
-                "pvc-kube-nowhere-clone",
-                volume_content_source=Source(volume=Source.VolumeSource(volume_id=vid)),
-                secrets=secrets,
-            ),
-            timeout=60,
-        )
-    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-    assert "staged on no node" in str(refused.value.details())
+    snapshot = csi_pb2.CreateSnapshotRequest(
+        name="snap-idle", source_volume_id=source, secrets=dict(clone.secrets)
+    )
+    _in_progress(
+        lambda: controller.stub.CreateSnapshot(snapshot, timeout=60),
+        f"job pod {cluster.namespace}/{name} runs a server of volume {source}",
+    )
+    assert [
+        p["metadata"]["name"]
+        for p in call_json(core.list_namespaced_pod, cluster.namespace)["items"]
+    ] == [name]
+
+    _end(core, cluster.namespace, name)
+    volume = create().volume
+    assert volume.content_source.volume.volume_id == source
+    assert call_json(core.list_namespaced_pod, cluster.namespace)["items"] == []
+    controller.stub.ControllerPublishVolume(publish, timeout=30)
+
+
+@pytest.mark.parametrize("controller", ["zerofs-csi:clone-test"], indirect=True)
+def test_a_clone_whose_source_was_unstaged_meanwhile_drops_its_checkpoint_first(
+    controller: Controller, cluster: Cluster, admin: client.ApiClient
+) -> None:
+    source, sockets = controller.served_source("pvc-kube-moving-source")
+    clone = controller.clone_request("pvc-kube-moving-clone", source)
+    core = client.CoreV1Api(admin)
+    create = lambda: controller.stub.CreateVolume(clone, timeout=60)  # noqa: E731
+    _in_progress(create, "runs in pod")
+    (reader,) = call_json(core.list_namespaced_pod, cluster.namespace)["items"]
+    new_volume = reader["metadata"]["labels"]["zerofs.csi.driver/volume"]
+    checkpoint = f"clone:{new_volume}"
+    assert job_pods.checkpoint_read(reader) == (source, checkpoint)
+    controller.stub.ControllerUnpublishVolume(
+        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=source, node_id=NODE), timeout=30
+    )
+
+    # Staged nowhere now: the checkpoint taken for the clone goes first, through a
+    # checkpoint pod, while the restore pod that reads it stays as the mark of it.
+    _in_progress(create, "runs in pod")
+    deleting = job_pods.checkpoint_pod_name(source)
+    pod = call_json(core.read_namespaced_pod, deleting, cluster.namespace)
+    job = pod["spec"]["containers"][0]["args"]
+    assert job[job.index("--delete") + 1] == checkpoint
+    assert call_json(core.read_namespaced_pod, reader["metadata"]["name"], cluster.namespace)
+    _in_progress(create, "runs in pod")  # a retry follows the same checkpoint pod
+
+    _end(core, cluster.namespace, deleting, "{}")
+    _in_progress(create, "runs in pod")
+    (copier,) = call_json(core.list_namespaced_pod, cluster.namespace)["items"]
+    assert copier["metadata"]["name"] == reader["metadata"]["name"]
+    assert copier["metadata"]["uid"] != reader["metadata"]["uid"]
+    assert copier["metadata"]["labels"][job_pods.LABEL_SERVES_VOLUME] == source
+    assert job_pods.checkpoint_read(copier) is None
+
+    _end(core, cluster.namespace, copier["metadata"]["name"])
+    assert create().volume.volume_id == new_volume
+    assert call_json(core.list_namespaced_pod, cluster.namespace)["items"] == []

@@ -80,13 +80,16 @@ class VolumeCheckpoints(Protocol):
     # Whether ``restore`` can fill a new volume: CreateVolume from a snapshot or a
     # volume (CLONE_VOLUME) is offered only then.
     restores: bool
-    # Whether a clone's source may be staged nowhere (its checkpoint then taken by a
-    # server started for it within the call).
-    clones_staged_nowhere: bool
+    # Whether a clone of a volume staged nowhere copies the volume itself, served by a
+    # server started for the copy (``CheckpointSource.checkpoint`` None), rather than a
+    # checkpoint taken for it: the volume may then not be published (check_publishable)
+    # nor checkpointed until the copy ended.
+    copies_idle_sources: bool
 
     def check_publishable(self, volume_id: str) -> None:
-        """UNAVAILABLE while a server started for a checkpoint writes the volume: it may
-        not be published (staged) meanwhile, two writers would fence each other."""
+        """UNAVAILABLE while a server started for a checkpoint or a copy serves the
+        volume: it may not be published (staged) meanwhile, two writers would fence each
+        other."""
         ...
 
     def create(
@@ -121,8 +124,9 @@ class VolumeCheckpoints(Protocol):
         csi_secrets: Mapping[str, str],
     ) -> None:
         """Fill the new volume ``volume_id`` (staged nowhere) with the export of the
-        checkpoint ``source``: its export created at ``capacity_bytes`` (at least the
-        source's), the source's data copied into it, flushed."""
+        checkpoint ``source`` (of the source volume itself when ``copies_idle_sources``
+        and its checkpoint is None): its export created at ``capacity_bytes`` (at least
+        the source's), the source's data copied into it, flushed."""
         ...
 
 
@@ -138,11 +142,12 @@ class JobInProgress(errors.Unavailable):
 
 @dataclass(frozen=True)
 class CheckpointSource:
-    """A checkpoint of a volume, to read a new volume's data from."""
+    """A checkpoint of a volume, to read a new volume's data from; or the volume
+    itself (``checkpoint`` None), staged nowhere and so written by nobody."""
 
     volume_id: str
     parameters: Mapping[str, str]  # the volume's settings
-    checkpoint: str  # its name
+    checkpoint: str | None  # its name
 
 
 class LocalCheckpoints:
@@ -157,7 +162,9 @@ class LocalCheckpoints:
     """
 
     restores = True
-    clones_staged_nowhere = True
+    # A clone's source staged nowhere is checkpointed by a server started within the
+    # call, under the source's lock, like a snapshot of it.
+    copies_idle_sources = False
 
     def __init__(
         self,
@@ -206,6 +213,10 @@ class LocalCheckpoints:
         capacity_bytes: int,
         csi_secrets: Mapping[str, str],
     ) -> None:
+        if source.checkpoint is None:
+            raise errors.Internal(
+                f"volume {volume_id}: the local backend restores from checkpoints only"
+            )
         secrets = volume_secrets(volume_id, csi_secrets)
         reader = brief_server(
             self._command,

@@ -16,10 +16,14 @@ image of their job container, ``--job-image``), a checkpoint pod
 across the snapshotter's retries (``job_pods_kube``); ControllerPublishVolume waits
 (UNAVAILABLE) while it runs, so the volume never has two writers. The server needs the
 volume's secrets: the VolumeSnapshotClass's snapshotter secret. Without job pods such a
-volume is FAILED_PRECONDITION: it must be staged (in use by a pod). A clone's source
-must be staged either way (``clones_staged_nowhere``): its checkpoint is deleted right
-after the copy, which a checkpoint pod could not do within the CreateVolume that
-recorded the copy.
+volume is FAILED_PRECONDITION: it must be staged (in use by a pod).
+
+A clone of a volume staged nowhere needs no checkpoint (``copies_idle_sources``): its
+restore pod runs the source's own server, its only writer, and copies the volume as it
+is. Job pods running a volume's writable server carry its ``serves-volume`` label: while
+one runs, the volume is not published, and no other such pod of it starts. A clone that
+began from a checkpoint while its source was staged, and whose source was unstaged
+since, deletes that checkpoint before it copies the volume itself.
 
 Restores (CreateVolume from a snapshot or a volume) run in restore pods
 (``restores_kube``), with job pods too.
@@ -83,8 +87,6 @@ class KubeCheckpoints:
     staged nowhere and the restore pods; without it neither is done. ``copy_progress``
     is told how far restores got."""
 
-    clones_staged_nowhere = False
-
     def __init__(
         self,
         api: client.ApiClient,
@@ -98,7 +100,7 @@ class KubeCheckpoints:
     ) -> None:
         self._jobs = jobs
         self._restorer = KubeRestores(jobs, copy_progress) if jobs is not None else None
-        self.restores = jobs is not None
+        self.restores = self.copies_idle_sources = jobs is not None
         self._custom = custom if custom is not None else client.CustomObjectsApi(api)
         self._namespace = namespace
         self._volumes = volumes
@@ -160,21 +162,49 @@ class KubeCheckpoints:
                 f"volume {volume_id}: this controller creates no volume from a snapshot or a "
                 "volume (it runs without --job-image)"
             )
+        if source.checkpoint is None:
+            self._retire_clone_checkpoint(source, volume_id, csi_secrets)
+            self._check_no_other_server(source.volume_id, job_pods.restore_pod_name(volume_id))
         self._restorer.fill(source, volume_id, parameters, capacity_bytes, csi_secrets)
 
     def check_publishable(self, volume_id: str) -> None:
         if self._jobs is None:
             return
-        name = job_pods.checkpoint_pod_name(volume_id)
-        pod = self._jobs.read(name)
-        if pod is not None and (pod.get("status") or {}).get("phase") not in (
-            "Succeeded",
-            "Failed",
-        ):
+        for name in self._jobs.running(f"{job_pods.LABEL_SERVES_VOLUME}={volume_id}"):
             raise errors.Unavailable(
-                f"a server of volume {volume_id} runs in pod {self._namespace}/{name} for a "
-                "checkpoint: the volume is published once it ended (retry)"
+                f"a server of volume {volume_id} runs in job pod {self._namespace}/{name}: "
+                "the volume is published once it ended (retry)"
             )
+
+    def _check_no_other_server(self, volume_id: str, own_pod: str) -> None:
+        """JobInProgress while a job pod other than ``own_pod`` runs a server of the
+        volume: a second one would fence it."""
+        assert self._jobs is not None
+        for name in self._jobs.running(f"{job_pods.LABEL_SERVES_VOLUME}={volume_id}"):
+            if name != own_pod:
+                raise JobInProgress(
+                    f"job pod {self._namespace}/{name} runs a server of volume {volume_id}: "
+                    "retry once it ended"
+                )
+
+    def _retire_clone_checkpoint(
+        self, source: CheckpointSource, volume_id: str, csi_secrets: Mapping[str, str]
+    ) -> None:
+        """When the new volume's restore pod reads the checkpoint taken for the clone
+        while its source was staged: delete that checkpoint (a checkpoint pod, followed
+        across retries while the restore pod stays as the mark of it), then the pod."""
+        assert self._jobs is not None
+        name = job_pods.restore_pod_name(volume_id)
+        pod = self._jobs.read(name)
+        checkpoint = CLONE_CHECKPOINT_PREFIX + volume_id
+        if pod is None or job_pods.checkpoint_read(pod) != (source.volume_id, checkpoint):
+            return
+        log.info(
+            "the clone's source was unstaged: its checkpoint goes, the volume is copied as is",
+            extra={"volume_id": volume_id, "source": source.volume_id},
+        )
+        self._by_job("delete", source.volume_id, source.parameters, checkpoint, csi_secrets)
+        self._jobs.remove(name)
 
     def remove_jobs(self, volume_id: str) -> None:
         """Delete the volume's job pods (a restore or a checkpoint left behind)."""
@@ -255,6 +285,7 @@ class KubeCheckpoints:
         """``operation`` of checkpoint ``name`` by a checkpoint pod (one step of it); the
         job's report once it succeeded."""
         assert self._jobs is not None
+        self._check_no_other_server(volume_id, job_pods.checkpoint_pod_name(volume_id))
         job = job_pods.checkpoint_job(
             volume_id,
             parse_volume_settings(parameters),

@@ -180,16 +180,26 @@ class KubeJobs:
 
     def idle(self, seconds: float) -> list[Obj]:
         """The job pods no call has stepped for ``seconds``."""
+        before = time.time() - seconds
+        return [pod for pod in self._list() if last_step(pod) < before]
+
+    def running(self, label_selector: str) -> list[str]:
+        """The names of the job pods matching ``label_selector`` that have not ended."""
+        return [
+            str(pod["metadata"]["name"])
+            for pod in self._list(label_selector)
+            if _phase(pod) not in ("Succeeded", "Failed")
+        ]
+
+    def _list(self, label_selector: str = "") -> list[Obj]:
+        selector = ",".join(s for s in (JOB_PODS_SELECTOR, label_selector) if s)
         try:
             listing = call_json(
-                self._core.list_namespaced_pod,
-                self._namespace,
-                label_selector=JOB_PODS_SELECTOR,
+                self._core.list_namespaced_pod, self._namespace, label_selector=selector
             )
         except Exception as exc:
             raise api_failure(exc, f"listing job pods in {self._namespace}") from None
-        before = time.time() - seconds
-        return [pod for pod in listing.get("items") or [] if last_step(pod) < before]
+        return list(listing.get("items") or [])
 
     def _mark_step(self, pod: Obj) -> None:
         now = time.time()

@@ -47,7 +47,7 @@ class KubeRestores:
         capacity_bytes: int,
         csi_secrets: Mapping[str, str],
     ) -> None:
-        """One step of the restore: returns once the new volume holds the checkpoint's
+        """One step of the restore: returns once the new volume holds the source's
         data; JobInProgress while it is copied."""
         job = job_pods.restore_job(
             volume_id,
@@ -69,10 +69,12 @@ class KubeRestores:
             report(known[-1])
             return f"{known[-1]}% copied"
 
-        what = (
-            f"restore of volume {volume_id} from checkpoint {source.checkpoint!r} of volume "
-            f"{source.volume_id}"
+        read = (
+            f"checkpoint {source.checkpoint!r} of volume {source.volume_id}"
+            if source.checkpoint is not None
+            else f"volume {source.volume_id} (staged nowhere)"
         )
+        what = f"restore of volume {volume_id} from {read}"
         try:
             self._jobs.run(job, what, preempt=True, while_running=progress)
         except JobInProgress:

@@ -245,7 +245,8 @@ class SnapshotRpcs:
         return capacity
 
     def _clone(self, wanted: CreateRequest, csi_secrets: Mapping[str, str]) -> int:
-        """A clone is a restore from a checkpoint taken for it and deleted after."""
+        """A clone is a restore from a checkpoint taken for it and deleted after; or,
+        where the backend copies sources staged nowhere, of such a source as it is."""
         source_id = wanted.source_volume_id
         try:
             validate_volume_id(source_id)
@@ -256,15 +257,21 @@ class SnapshotRpcs:
             if source is None:
                 raise NotFound(f"source volume {source_id} does not exist")
             _check_writable(source)
-            if not source.published_node and not self._checkpoints.clones_staged_nowhere:
-                raise FailedPrecondition(
-                    f"volume {source_id} is staged on no node: on this backend a clone's "
-                    "checkpoint is taken by the node where its source is staged, so the source "
-                    "must be in use by a pod (or snapshot it, and create the volume from the "
-                    "snapshot)"
-                )
             capacity = _capacity(wanted, source.capacity_bytes, f"volume {source_id}")
             published = bool(source.published_node)
+            if not published and self._checkpoints.copies_idle_sources:
+                self._checkpoints.restore(
+                    CheckpointSource(source_id, source.parameters, None),
+                    wanted.volume_id,
+                    wanted.settings.to_parameters(),
+                    capacity,
+                    csi_secrets,
+                )
+                log.info(
+                    "volume data copied from a volume staged nowhere",
+                    extra={"volume_id": wanted.volume_id, "source": source_id},
+                )
+                return capacity
             checkpoint = CLONE_CHECKPOINT_PREFIX + wanted.volume_id
             self._checkpoints.create(
                 source_id, source.parameters, published, checkpoint, csi_secrets

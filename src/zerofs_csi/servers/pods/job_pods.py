@@ -53,6 +53,9 @@ ANNOTATION_JOB_HASH = f"{DRIVER_NAME}/job-hash"
 ANNOTATION_LAST_STEP = f"{DRIVER_NAME}/last-step"
 # The checkpoint a restore reads, as "<volume>/<name>": a clone's is the job's to delete.
 ANNOTATION_READS_CHECKPOINT = f"{DRIVER_NAME}/reads-checkpoint"
+# On a job pod running a volume's writable server (a checkpoint pod's volume, the
+# source staged nowhere of a restore that copies it as it is): which volume.
+LABEL_SERVES_VOLUME = f"{DRIVER_NAME}/serves-volume"
 # The container whose end is the job's.
 JOB_CONTAINER = "job"
 SOCKETS_ROOT = PurePosixPath("/run/zerofs-job")
@@ -117,6 +120,8 @@ class Job:
     args: tuple[str, ...]
     # The (volume, checkpoint name) a restore reads.
     reads_checkpoint: tuple[str, str] | None = None
+    # The existing volume whose writable server the pod runs.
+    serves_volume: str | None = None
 
 
 def job_labels(volume_id: str) -> dict[str, str]:
@@ -262,6 +267,8 @@ def job_pod(job: Job, namespace: str, image: str) -> Manifest:
     }
     if job.reads_checkpoint is not None:
         pod["metadata"]["annotations"][ANNOTATION_READS_CHECKPOINT] = "/".join(job.reads_checkpoint)
+    if job.serves_volume is not None:
+        pod["metadata"]["labels"][LABEL_SERVES_VOLUME] = job.serves_volume
     configs = "\0".join(each.rendered.toml_text for each in job.servers)
     pod["metadata"]["annotations"][ANNOTATION_JOB_HASH] = objects.config_hash(pod, configs)
     return pod
@@ -273,12 +280,14 @@ def restore_job(
     capacity_bytes: int,
     source_id: str,
     source_settings: VolumeSettings,
-    checkpoint: str,
+    checkpoint: str | None,
     secrets: VolumeSecrets,
 ) -> Job:
     """Checkpoint ``checkpoint`` of ``source_id`` copied into new volume ``volume_id`` of
-    ``capacity_bytes``; both servers run with ``secrets``."""
-    source = server("source", source_id, source_settings, secrets, ("--checkpoint", checkpoint))
+    ``capacity_bytes``; without a checkpoint, the source volume itself, which its server
+    here serves as its only writer. Both servers run with ``secrets``."""
+    run_args = ("--checkpoint", checkpoint) if checkpoint is not None else ()
+    source = server("source", source_id, source_settings, secrets, run_args)
     target = server("target", volume_id, settings, secrets)
     args = (
         "--source", str(source.sockets), "--source-export", source_id,
@@ -291,7 +300,8 @@ def restore_job(
         (source, target),
         "zerofs_csi.servers.pods.restore_copy",
         args,
-        reads_checkpoint=(source_id, checkpoint),
+        reads_checkpoint=(source_id, checkpoint) if checkpoint is not None else None,
+        serves_volume=source_id if checkpoint is None else None,
     )
 
 
@@ -314,4 +324,5 @@ def checkpoint_job(
         (each,),
         "zerofs_csi.servers.pods.checkpoint_job",
         args,
+        serves_volume=volume_id,
     )
