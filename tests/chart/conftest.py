@@ -138,12 +138,17 @@ def find(manifests: list[Manifest], kind: str, name_suffix: str = "") -> Manifes
     return matches[0]
 
 
-def container(pod_spec: Manifest, name: str, *, init: bool = False) -> Manifest:
-    key = "initContainers" if init else "containers"
-    for item in pod_spec.get(key) or []:
+def all_containers(pod_spec: Manifest) -> list[Manifest]:
+    """The pod's init containers (sidecars among them), then its containers."""
+    return [*(pod_spec.get("initContainers") or []), *(pod_spec.get("containers") or [])]
+
+
+def container(pod_spec: Manifest, name: str) -> Manifest:
+    """The pod's container or init container ``name``."""
+    for item in all_containers(pod_spec):
         if item["name"] == name:
             return dict(item)
-    raise AssertionError(f"no container {name} in {[c['name'] for c in pod_spec[key]]}")
+    raise AssertionError(f"no container {name} in {[c['name'] for c in all_containers(pod_spec)]}")
 
 
 RenderFn = Callable[..., list[Manifest]]

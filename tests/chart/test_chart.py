@@ -20,6 +20,7 @@ from chart.conftest import (
     VALUES_DIR,
     Helm,
     Manifest,
+    all_containers,
     container,
     find,
     supported_versions,
@@ -391,7 +392,7 @@ def test_node_flags_parse_and_match_the_host_paths(helm: Helm, values: str | Non
 def test_default_node_plugin_loads_nbd_with_the_documented_parameters(helm: Helm) -> None:
     manifests = helm.render(CHART)
     spec = _pod_spec(find(manifests, "DaemonSet"))
-    loader = container(spec, "load-nbd", init=True)
+    loader = container(spec, "load-nbd")
     script = loader["command"][-1]
     assert "modprobe nbd nbds_max=128 max_part=0" in script
     assert loader["securityContext"]["privileged"] is True
@@ -404,7 +405,7 @@ def test_default_node_plugin_loads_nbd_with_the_documented_parameters(helm: Helm
 
 def test_nbd_loading_can_be_left_to_the_host(helm: Helm) -> None:
     spec = _pod_spec(find(helm.render(CHART, "local-k3s.yaml"), "DaemonSet"))
-    assert "initContainers" not in spec
+    assert [c["name"] for c in spec["initContainers"]] == ["link-keeper", "zerofs-csi"]
 
 
 def test_daemonset_selector_leaves_the_volume_server_pods_alone(helm: Helm) -> None:
@@ -431,7 +432,7 @@ def test_images_are_pinned(helm: Helm) -> None:
     manifests = helm.render(CHART)
     for kind in ("Deployment", "DaemonSet"):
         spec = _pod_spec(find(manifests, kind))
-        for item in spec["containers"] + spec.get("initContainers", []):
+        for item in all_containers(spec):
             image = item["image"]
             assert re.fullmatch(r"[a-z0-9./-]+:v?[0-9]+\.[0-9]+\.[0-9]+", image), image
     digest = helm.render(CHART, "existing-secret-monitoring.yaml")

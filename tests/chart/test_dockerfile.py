@@ -104,7 +104,7 @@ def executables_the_driver_runs(helm: Helm) -> set[str]:
     tools.add(export_copy.NBDCOPY)
     # The chart's nbd init container runs in the plugin image too.
     spec = find(helm.render(CHART), "DaemonSet")["spec"]["template"]["spec"]
-    script = container(spec, "load-nbd", init=True)["command"][-1]
+    script = container(spec, "load-nbd")["command"][-1]
     tools |= {line.split()[0] for line in script.splitlines() if line.startswith("modprobe ")}
     return tools
 

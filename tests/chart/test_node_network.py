@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from chart.conftest import CHART, DRIVER_VALUES, Helm, Manifest, find
+from chart.conftest import CHART, DRIVER_VALUES, Helm, Manifest, all_containers, find
 
 # Ports a node's own components listen on (kubelet, kube-proxy, the control plane's
 # components on control-plane nodes) and ports other host-network agents commonly take
@@ -34,7 +34,7 @@ def test_node_plugin_ports_are_host_ports_that_are_free_on_a_node(
 ) -> None:
     node = _pod_spec(helm.render(CHART, values), "DaemonSet")
     ports = [
-        port["containerPort"] for item in node["containers"] for port in item.get("ports") or []
+        port["containerPort"] for item in all_containers(node) for port in item.get("ports") or []
     ]
     assert ports, "the node plugin's containers declare their ports"
     # On the host network every container port is a port of the node.

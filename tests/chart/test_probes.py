@@ -26,21 +26,49 @@ def _budget(probe: dict[str, int]) -> int:
     )
 
 
+def _sidecar(container: dict[str, object]) -> bool:
+    """An init container that keeps running: the containers after it wait for it."""
+    return container.get("restartPolicy") == "Always"
+
+
 @pytest.mark.parametrize("values", DRIVER_VALUES, ids=lambda v: v or "defaults")
 @pytest.mark.parametrize("kind", ["Deployment", "DaemonSet"])
 def test_every_container_with_a_liveness_probe_gets_time_to_start(
     helm: Helm, values: str | None, kind: str
 ) -> None:
     spec = find(helm.render(CHART, values), kind)["spec"]["template"]["spec"]
-    probed = [item for item in spec["containers"] if "livenessProbe" in item]
+    running = [c for c in spec.get("initContainers") or [] if _sidecar(c)] + spec["containers"]
+    probed = [item for item in running if "livenessProbe" in item]
     assert probed, f"the {kind}'s containers have liveness probes"
     for container in probed:
         startup = container.get("startupProbe")
         assert startup, f"{kind} container {container['name']} has no startupProbe"
         assert _budget(startup) >= STARTUP_BUDGET_S, container["name"]
-        # The same endpoint: once it answers, the liveness probe takes over.
-        assert startup["httpGet"] == container["livenessProbe"]["httpGet"], container["name"]
         assert startup.get("periodSeconds", 10) <= STARTUP_PERIOD_S, container["name"]
         readiness = container.get("readinessProbe")
         if readiness:
             assert readiness.get("periodSeconds", 10) <= READINESS_PERIOD_S, container["name"]
+        if _sidecar(container):
+            # The containers after it start once it answers: on its own endpoint (its
+            # readiness), not one a later container serves, which would never start.
+            assert readiness and startup["httpGet"] == readiness["httpGet"], container["name"]
+        else:
+            # The same endpoint: once it answers, the liveness probe takes over.
+            assert startup["httpGet"] == container["livenessProbe"]["httpGet"], container["name"]
+
+
+@pytest.mark.parametrize("values", DRIVER_VALUES, ids=lambda v: v or "defaults")
+@pytest.mark.parametrize("kind", ["Deployment", "DaemonSet"])
+def test_the_csi_sidecars_start_once_the_plugin_serves(
+    helm: Helm, values: str | None, kind: str
+) -> None:
+    """The CSI sidecars exit when the plugin's socket does not answer within 30 s of
+    their start (csi-lib-utils' connection timeout): they come after the plugin, a
+    sidecar whose startup probe holds them back until it serves."""
+    spec = find(helm.render(CHART, values), kind)["spec"]["template"]["spec"]
+    (plugin,) = [c for c in spec.get("initContainers") or [] if c["name"] == "zerofs-csi"]
+    assert _sidecar(plugin) and "startupProbe" in plugin
+    csi_clients = [
+        c["name"] for c in spec["containers"] if "--csi-address=/csi/csi.sock" in c.get("args", [])
+    ]
+    assert csi_clients and all(c["name"] != "zerofs-csi" for c in spec["containers"])

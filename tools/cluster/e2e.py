@@ -505,7 +505,7 @@ def roll_the_plugin_out(table: Table, images: Images, volume: str) -> None:
         images_now = {
             container["image"]
             for pod in plugin_pods()
-            for container in pod["spec"]["containers"]
+            for container in pod["spec"]["initContainers"] + pod["spec"]["containers"]
             if container["name"] == "zerofs-csi"
         }
         if images_now != {f"{images.plugin_repository}:{new_tag}"}:
