@@ -231,10 +231,9 @@ class SnapshotRpcs:
             raise NotFound(f"snapshot {snapshot_id_[:200]!r} does not exist")
         capacity = _capacity(wanted, record.size_bytes, f"snapshot {snapshot_id_}")
         with self._locks.hold(_lock_name(record.key), "CreateVolume"):
-            self._checkpoints.restore(
+            self._fill(
+                wanted,
                 CheckpointSource(record.source_volume_id, record.parameters, record.key),
-                wanted.volume_id,
-                wanted.settings.to_parameters(),
                 capacity,
                 csi_secrets,
             )
@@ -243,6 +242,17 @@ class SnapshotRpcs:
             extra={"volume_id": wanted.volume_id, "snapshot_id": snapshot_id_},
         )
         return capacity
+
+    def _fill(
+        self,
+        wanted: CreateRequest,
+        source: CheckpointSource,
+        capacity: int,
+        csi_secrets: Mapping[str, str],
+    ) -> None:
+        self._checkpoints.restore(
+            source, wanted.volume_id, wanted.settings.to_parameters(), capacity, csi_secrets
+        )
 
     def _clone(self, wanted: CreateRequest, csi_secrets: Mapping[str, str]) -> int:
         """A clone is a restore from a checkpoint taken for it and deleted after; or,
@@ -260,13 +270,8 @@ class SnapshotRpcs:
             capacity = _capacity(wanted, source.capacity_bytes, f"volume {source_id}")
             published = bool(source.published_node)
             if not published and self._checkpoints.copies_idle_sources:
-                self._checkpoints.restore(
-                    CheckpointSource(source_id, source.parameters, None),
-                    wanted.volume_id,
-                    wanted.settings.to_parameters(),
-                    capacity,
-                    csi_secrets,
-                )
+                idle = CheckpointSource(source_id, source.parameters, None)
+                self._fill(wanted, idle, capacity, csi_secrets)
                 log.info(
                     "volume data copied from a volume staged nowhere",
                     extra={"volume_id": wanted.volume_id, "source": source_id},
@@ -277,13 +282,8 @@ class SnapshotRpcs:
                 source_id, source.parameters, published, checkpoint, csi_secrets
             )
             try:
-                self._checkpoints.restore(
-                    CheckpointSource(source_id, source.parameters, checkpoint),
-                    wanted.volume_id,
-                    wanted.settings.to_parameters(),
-                    capacity,
-                    csi_secrets,
-                )
+                taken = CheckpointSource(source_id, source.parameters, checkpoint)
+                self._fill(wanted, taken, capacity, csi_secrets)
             except JobInProgress:
                 raise  # the copy reads the checkpoint on: the retry finishes the clone
             except BaseException:
