@@ -72,3 +72,19 @@ def test_the_csi_sidecars_start_once_the_plugin_serves(
         c["name"] for c in spec["containers"] if "--csi-address=/csi/csi.sock" in c.get("args", [])
     ]
     assert csi_clients and all(c["name"] != "zerofs-csi" for c in spec["containers"])
+
+
+@pytest.mark.parametrize("values", DRIVER_VALUES, ids=lambda v: v or "defaults")
+@pytest.mark.parametrize("kind", ["Deployment", "DaemonSet"])
+def test_the_liveness_probe_waits_for_probe_as_long_as_the_kubelet_waits_for_it(
+    helm: Helm, values: str | None, kind: str
+) -> None:
+    """The livenessprobe sidecar answers 500 when the plugin's Probe takes longer than
+    its --probe-timeout (1 s by default): on a loaded node that restarted a healthy
+    controller (the test cluster, twice in 27 minutes)."""
+    spec = find(helm.render(CHART, values), kind)["spec"]["template"]["spec"]
+    (plugin,) = [c for c in spec["initContainers"] if c["name"] == "zerofs-csi"]
+    (sidecar,) = [c for c in spec["containers"] if c["name"] == "liveness-probe"]
+    timeouts = [a.split("=", 1)[1] for a in sidecar["args"] if a.startswith("--probe-timeout=")]
+    assert timeouts and timeouts[0].endswith("s"), sidecar["args"]
+    assert float(timeouts[0][:-1]) >= plugin["livenessProbe"]["timeoutSeconds"]
