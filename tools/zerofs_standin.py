@@ -926,10 +926,16 @@ def _nbdkit_plugin_directory(nbdkit: str) -> Path:
 
 
 def _nbdkit_s3_plugin(
-    nbdkit: str, storage: S3Storage, layout: S3Layout, tree: Path, error_file: Path
+    nbdkit: str,
+    storage: S3Storage,
+    layout: S3Layout,
+    tree: Path,
+    error_file: Path,
+    immutable: bool,
 ) -> list[str]:
     """nbdkit's plugin arguments serving the tree's exports from S3 where ``layout`` says
-    (no secret); the plugin writes why it could not start to ``error_file``."""
+    (no secret); the plugin writes why it could not start to ``error_file``. An
+    ``immutable`` layout (a checkpoint's) never changes while it is served."""
     plugins = _nbdkit_plugin_directory(nbdkit)
     s3_plugin = plugins / "nbdkit-S3-plugin"
     if not (plugins / "nbdkit-python-plugin.so").exists() or not s3_plugin.exists():
@@ -942,6 +948,8 @@ def _nbdkit_s3_plugin(
     argv += [f"object-size={OBJECT_SIZE}", f"failure-file={error_file}"]
     if storage.endpoint is not None:
         argv.append(f"endpoint-url={storage.endpoint}")
+    if immutable:
+        argv.append("immutable=true")
     return argv
 
 
@@ -1060,7 +1068,9 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
             served += f" at checkpoint {checkpoint.strip()!r}"
         if config.s3 is not None:
             assert layout is not None
-            nbd_plugin = _nbdkit_s3_plugin(nbdkit, config.s3, layout, tree, nbdkit_error)
+            nbd_plugin = _nbdkit_s3_plugin(
+                nbdkit, config.s3, layout, tree, nbdkit_error, immutable=checkpoint is not None
+            )
             served = config.s3.url
             if checkpoint is not None:
                 served += f" at checkpoint {checkpoint.strip()!r}"

@@ -16,6 +16,12 @@ never written. Before serving a connection the export's size is recorded in the 
 Credentials and the region come from the environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``) and path-style
 addressing from ``AWS_CONFIG_FILE``: nothing secret is on nbdkit's command line.
+
+With ``immutable=true`` (a checkpoint's blocks, which never change while served) the
+blocks present are listed once per export, and a read that covers absent blocks only is
+answered with zeroes without asking S3: ZeroFS reads absent blocks from its own index,
+while a GET per absent object through boto3 made a restore's full read of a large,
+mostly empty checkpoint take hours under emulation.
 """
 
 from __future__ import annotations
@@ -76,9 +82,12 @@ class Export:
 
     def __init__(self, layout: S3Layout, name: str, object_size: int) -> None:
         self.name = name
+        self.object_size = object_size
+        self.blocks_key = layout.blocks_key(name)
         self.lock = threading.Lock()
         self.recorded: int | None = None
         self.record_read = False
+        self.present: frozenset[int] | None = None  # of an immutable export, once listed
         self.s3_plugin = _load_s3_plugin(_parameters["s3-plugin"])
         settings = {
             "bucket": layout.bucket,
@@ -93,6 +102,21 @@ class Export:
         for key, value in settings.items():
             self.s3_plugin.config(key, value)
         self.s3_plugin.config_complete()
+
+    def present_blocks(self, client: Any) -> frozenset[int]:
+        """The numbers of the blocks stored in S3, listed once: for immutable exports."""
+        with self.lock:
+            if self.present is None:
+                prefix = f"{self.blocks_key}/"
+                numbers = set()
+                pages = client.get_paginator("list_objects_v2").paginate(
+                    Bucket=_parameters["bucket"], Prefix=prefix
+                )
+                for page in pages:
+                    for item in page.get("Contents", []):
+                        numbers.add(int(item["Key"][len(prefix) :], 16))
+                self.present = frozenset(numbers)
+            return self.present
 
     def record(self, layout: S3Layout, size: int) -> None:
         """Store the export's size in S3 unless it is recorded already."""
@@ -110,6 +134,7 @@ class Handle:
     export: Export
     server: Any  # the S3 plugin's per-connection object
     size: int
+    present: frozenset[int] | None = None  # the blocks stored, when the export is immutable
 
 
 def thread_model() -> int:
@@ -120,7 +145,7 @@ REQUIRED = ("root", "s3-plugin", "bucket", "prefix", "url", "object-size", "fail
 
 
 def config(key: str, value: str) -> None:
-    if key not in (*REQUIRED, "endpoint-url"):
+    if key not in (*REQUIRED, "endpoint-url", "immutable"):
         raise RuntimeError(f"unknown parameter {key}")
     _parameters[key] = value
 
@@ -183,9 +208,12 @@ def open(readonly: bool) -> Handle:
         export.record(_layout, status.st_size)
     # The S3 plugin makes a boto3 client per connection from boto3's default session,
     # which must not make two at once.
+    present = None
+    if _parameters.get("immutable") == "true":
+        present = export.present_blocks(_records_client)
     with _exports_lock:
         server = export.s3_plugin.open(readonly)
-    return Handle(export, server, status.st_size)
+    return Handle(export, server, status.st_size, present)
 
 
 def get_size(handle: Handle) -> int:
@@ -229,6 +257,12 @@ def is_rotational(handle: Handle) -> bool:
 # (they set an errno and return); its server's methods raise, which nbdkit answers with
 # an error reply. The same goes for every other S3 failure.
 def pread(handle: Handle, buf: bytearray, offset: int, flags: int) -> None:
+    if handle.present is not None and len(buf):
+        size = handle.export.object_size
+        blocks = range(offset // size, (offset + len(buf) - 1) // size + 1)
+        if handle.present.isdisjoint(blocks):
+            buf[:] = bytes(len(buf))
+            return
     handle.server.pread(buf, offset, flags)
 
 

@@ -134,6 +134,12 @@ def test_a_checkpoint_is_a_copy_inside_the_prefix_served_read_only(
             with NbdClient(reader / "nbd.sock", VOLUME) as nbd:
                 assert nbd.size == 4 * MiB
                 assert nbd.read(MiB, 6000) == b"before" * 1000
+                # Blocks never written read as zeroes (answered from the listing of the
+                # checkpoint's blocks), alone and beside written ones.
+                assert nbd.read(0, 4096) == bytes(4096)
+                assert nbd.read(3 * MiB, MiB) == bytes(MiB)
+                whole = bytes(MiB) + b"before" * 1000 + bytes(3 * MiB - 6000)
+                assert nbd.read(0, 4 * MiB) == whole
                 # As ZeroFS's: offered writable, each write fails.
                 assert not nbd.flags & NBD_FLAG_READ_ONLY
                 with pytest.raises(OSError) as refused:
