@@ -170,17 +170,21 @@ class KubeCheckpoints:
     def check_publishable(self, volume_id: str) -> None:
         if self._jobs is None:
             return
-        for name in self._jobs.running(f"{job_pods.LABEL_SERVES_VOLUME}={volume_id}"):
+        for name in self._servers_of(volume_id):
             raise errors.Unavailable(
                 f"a server of volume {volume_id} runs in job pod {self._namespace}/{name}: "
                 "the volume is published once it ended (retry)"
             )
 
+    def _servers_of(self, volume_id: str) -> list[str]:
+        """The running job pods with a writable server of the volume."""
+        assert self._jobs is not None
+        return self._jobs.running(f"{job_pods.LABEL_SERVES_VOLUME}={volume_id}")
+
     def _check_no_other_server(self, volume_id: str, own_pod: str) -> None:
         """JobInProgress while a job pod other than ``own_pod`` runs a server of the
         volume: a second one would fence it."""
-        assert self._jobs is not None
-        for name in self._jobs.running(f"{job_pods.LABEL_SERVES_VOLUME}={volume_id}"):
+        for name in self._servers_of(volume_id):
             if name != own_pod:
                 raise JobInProgress(
                     f"job pod {self._namespace}/{name} runs a server of volume {volume_id}: "
