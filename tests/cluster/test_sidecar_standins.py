@@ -311,6 +311,15 @@ def livenessprobe_args(
     )
 
 
+def probe_timeout(args: list[str]) -> float:
+    """The livenessprobe's --probe-timeout in seconds (its default is 1 s)."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith("--probe-timeout=")]
+    if not values:
+        return 1.0
+    assert values[-1].endswith("s") and not values[-1].endswith("ms"), values
+    return float(values[-1][:-1])
+
+
 def start_livenessprobe(
     processes: list[Process], stubs: Path, args: list[str], log: Path, port: int
 ) -> Process:
@@ -335,25 +344,21 @@ def test_livenessprobe_is_ok_while_the_controller_answers_and_fails_once_it_is_g
 ) -> None:
     csi_socket = start_plugin(processes, tmp_path / "controller", "controller")
     port = free_tcp_port()
-    start_livenessprobe(
-        processes,
-        stubs,
-        livenessprobe_args(chart_args, "Deployment", csi_socket, port),
-        tmp_path / "probe.log",
-        port,
-    )
+    args = livenessprobe_args(chart_args, "Deployment", csi_socket, port)
+    start_livenessprobe(processes, stubs, args, tmp_path / "probe.log", port)
     url = f"http://127.0.0.1:{port}/healthz"
     assert http_get(url) == (200, "ok")
 
     plugin = processes[0]
     assert plugin.proc is not None
-    # Stopped, the plugin accepts connections and answers nothing: the chart's default
-    # probe timeout (1 s) decides.
+    # Stopped, the plugin accepts connections and answers nothing: the chart's probe
+    # timeout decides.
+    probe_timeout_s = probe_timeout(args)
     os.kill(plugin.proc.pid, signal.SIGSTOP)
     started = time.monotonic()
     status, text = http_get(url)
     assert (status, text.split(":")[0]) == (500, "DEADLINE_EXCEEDED")
-    assert 0.9 < time.monotonic() - started < 10
+    assert probe_timeout_s - 0.1 < time.monotonic() - started < probe_timeout_s + 9
     plugin.kill()
     status, text = http_get(url)
     assert (status, text.split(":")[0]) == (500, "UNAVAILABLE")
