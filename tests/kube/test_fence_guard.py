@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from zerofs_csi.servers import lives
 from zerofs_csi.servers.base import ServerSockets
 from zerofs_csi.servers.pods import objects
 
@@ -159,6 +160,10 @@ def test_sigterm_reaches_the_server_and_a_stop_leaves_no_mark(serving: Serving) 
     assert "SIGTERM: stopping" in serving.log.read_text()
     assert not serving.sockets.fenced.exists()
     assert not serving.sockets.nbd.exists()  # the server itself stopped and cleaned up
+    # Its graceful shutdown is recorded as such: a device may go on with the next one.
+    [life] = lives.read_lives(serving.sockets.directory)
+    assert life.exited and life.status == 0 and life.clean
+    assert lives.lost_writes(serving.sockets.directory, 1) is None
 
 
 def test_a_server_that_dies_otherwise_leaves_no_mark(serving: Serving) -> None:
@@ -170,3 +175,23 @@ def test_a_server_that_dies_otherwise_leaves_no_mark(serving: Serving) -> None:
     os.kill(int(children[0]), signal.SIGKILL)
     assert serving.process.wait(timeout=30) == 128 + signal.SIGKILL
     assert not serving.sockets.fenced.exists()
+    [life] = lives.read_lives(serving.sockets.directory)
+    assert life.status == 128 + signal.SIGKILL and not life.clean
+    assert "killed by SIGKILL" in (lives.lost_writes(serving.sockets.directory, 1) or "")
+
+
+def test_a_guard_killed_with_its_server_leaves_a_life_with_no_end(serving: Serving) -> None:
+    """The container killed whole (its first process, the guard, and the server): the
+    next start shows the life before it ended unrecorded."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(serving.process.pid)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    serving.process.kill()
+    serving.process.wait(timeout=30)
+    for child in children:
+        os.kill(int(child), signal.SIGKILL)
+    lives.record_start(serving.sockets.directory)  # the container started again
+    assert [life.exited for life in lives.read_lives(serving.sockets.directory)] == [False, False]
+    assert "before it could record its exit" in (
+        lives.lost_writes(serving.sockets.directory, 1) or ""
+    )

@@ -63,9 +63,15 @@ def test_pod_manifest() -> None:
     assert spec["nodeName"] == "node-a" and spec["restartPolicy"] == "Always"
     assert spec["terminationGracePeriodSeconds"] == 60
     assert container["args"] == ["run", "--config", "/etc/zerofs/config.toml"]
-    # ZeroFS under the fence guard, whose mark is in the volume's socket directory.
+    # ZeroFS under the fence guard, whose mark and the server's lives are in the volume's
+    # socket directory.
     assert container["command"][:2] == ["perl", "-e"]
-    assert container["command"][3:] == [objects.FENCED_MARKER, str(SOCKETS.fenced), "zerofs"]
+    assert container["command"][3:] == [
+        objects.FENCED_MARKER,
+        str(SOCKETS.fenced),
+        str(SOCKETS.lives),
+        "zerofs",
+    ]
     assert container["resources"] == {"requests": {"cpu": "250m"}, "limits": {"memory": "2Gi"}}
     assert {"name": "RUST_LOG", "value": "zerofs=debug"} in container["env"]
     security = container["securityContext"]

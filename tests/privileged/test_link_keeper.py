@@ -53,7 +53,13 @@ class Writer(threading.Thread):
 def test_keeper_reconnects_while_the_plugin_is_dead(own_plugin: PluginProcess) -> None:
     keeper = f"zerofs_csi.link_keeper --state-dir {own_plugin.state_dir} "
     wait_until(lambda: processes_mentioning(keeper), 60, "the plugin to start the link keeper")
-    volume = create_volume(own_plugin, own_plugin.workdir, fs_type="ext4", size=128 * MiB)
+    volume = create_volume(
+        own_plugin,
+        own_plugin.workdir,
+        fs_type="ext4",
+        size=128 * MiB,
+        parameters={"syncWrites": "true"},  # a kill loses no write it answered
+    )
     volume.stage()
     target = own_plugin.workdir / "pods" / volume.volume_id
     volume.publish(str(target))

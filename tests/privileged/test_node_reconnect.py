@@ -68,7 +68,8 @@ def server_pid(volume: Volume) -> int | None:
 
 
 def test_server_restart_under_fsyncing_writer(volumes: VolumeFactory) -> None:
-    volume = volumes(fs_type="ext4", size=128 * MiB)
+    # Every write durable when answered: a kill loses none (test_server_crash_durability).
+    volume = volumes(fs_type="ext4", size=128 * MiB, parameters={"syncWrites": "true"})
     volume.stage()
     target = volume.plugin.workdir / "pods" / volume.volume_id
     volume.publish(str(target))

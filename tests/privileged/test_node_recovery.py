@@ -165,9 +165,12 @@ def test_a_read_only_stage_comes_back_read_only(own_plugin: PluginProcess) -> No
 
 def test_plugin_and_server_killed_together(own_plugin: PluginProcess) -> None:
     """The server restarts while no plugin listens for LINK_DEAD: the restarted plugin
-    must still reconnect the device before its dead-connection timeout fails the I/O."""
+    must still reconnect the device before its dead-connection timeout fails the I/O
+    (a volume whose writes are durable when answered: a kill loses none)."""
     plugin = own_plugin
-    volume = create_volume(plugin, plugin.workdir, fs_type="ext4", size=SIZE)
+    volume = create_volume(
+        plugin, plugin.workdir, fs_type="ext4", size=SIZE, parameters={"syncWrites": "true"}
+    )
     volume.stage()
     target = plugin.workdir / "pods" / volume.volume_id
     volume.publish(str(target))

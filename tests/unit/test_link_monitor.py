@@ -1,13 +1,18 @@
 """The link monitor's dispatch: a LINK_DEAD that arrives while the volume's reconnect runs
-gets a reconnect of its own. The kernel's side (LINK_DEAD, RECONFIGURE) is stood in for
-by a scripted listener and attacher: the host kernel has no NBD; the privileged tests
-run the real one."""
+gets a reconnect of its own; a device whose server may have lost its writes is
+disconnected instead of reconnected. The kernel's side (LINK_DEAD, RECONFIGURE) is stood
+in for by a scripted listener and attacher: the host kernel has no NBD; the privileged
+tests run the real one."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from zerofs_csi.bench.plugin import wait_until
@@ -57,15 +62,25 @@ class ScriptedAttacher:
         self.calls = 0
         self.first_started = threading.Event()
         self.gate = threading.Event()
+        self.reconfigured = 0
+        self.detached: list[tuple[int, str]] = []
 
     def link_dead_listener(self) -> ScriptedListener:
         return self.listener
 
-    def reconnect(self, *args: object) -> None:
+    def reconnect(
+        self, *args: object, before_reconfigure: Callable[[], None] | None = None
+    ) -> None:
         self.calls += 1
         if self.calls == 1:
             self.first_started.set()
             assert self.gate.wait(10)
+        if before_reconfigure is not None:
+            before_reconfigure()
+        self.reconfigured += 1
+
+    def detach(self, index: int, backend_id: str) -> None:
+        self.detached.append((index, backend_id))
 
 
 def test_link_dead_during_a_reconnect_gets_a_reconnect_of_its_own() -> None:
@@ -88,5 +103,69 @@ def test_link_dead_during_a_reconnect_gets_a_reconnect_of_its_own() -> None:
         )
         time.sleep(0.2)
         assert attacher.calls == 2
+    finally:
+        monitor.stop()
+
+
+# Lines of a server's lives file (servers.lives) after the device was attached to life 1.
+CLEAN_RESTART = "start 1\nexit 2 0\nstart 3\n"
+KILLED = "start 1\nexit 2 137\nstart 3\n"
+KILLED_UNSEEN = "start 1\nstart 3\n"
+
+
+@pytest.mark.parametrize(
+    ("lives", "attached_life", "record_changes", "lost"),
+    [
+        pytest.param("start 1\n", 1, {}, False, id="the same server: a connection blip"),
+        pytest.param(CLEAN_RESTART, 1, {}, False, id="graceful shutdown, then a new server"),
+        pytest.param(KILLED, 1, {}, True, id="server killed"),
+        pytest.param(KILLED_UNSEEN, 1, {}, True, id="server gone with no exit recorded"),
+        pytest.param("start 1\nexit 2 unknown\nstart 3\n", 1, {}, True, id="exit unseen"),
+        pytest.param(KILLED, 1, {"sync_writes": True}, False, id="syncWrites"),
+        pytest.param(KILLED, 1, {"read_only_device": True}, False, id="read-only device"),
+        pytest.param(KILLED + "exit 4 0\nstart 5\n", 3, {}, False, id="killed before attach"),
+        pytest.param(KILLED, 0, {}, True, id="attached before lives were recorded"),
+        pytest.param("", 0, {}, False, id="no lives recorded"),
+    ],
+)
+def test_a_device_whose_server_may_have_lost_its_writes_is_disconnected(
+    tmp_path: Path,
+    lives: str,
+    attached_life: int,
+    record_changes: dict[str, object],
+    lost: bool,
+) -> None:
+    (tmp_path / "lives").write_text(lives)
+    record = dataclasses.replace(
+        RECORD,
+        nbd_socket=str(tmp_path / "nbd.sock"),
+        server_life=attached_life,
+        **record_changes,  # type: ignore[arg-type]
+    )
+    listener = ScriptedListener()
+    attacher = ScriptedAttacher(listener)
+    attacher.gate.set()
+    registry = CollectorRegistry()
+    metrics = Metrics("node-a", registry)
+    monitor = LinkMonitor(attacher, lambda: {record.volume_id: record}, metrics)  # type: ignore[arg-type]
+    monitor.start()
+    try:
+        listener.push(record.device_index, record.backend_id)
+        wait_until(
+            lambda: attacher.detached or attacher.reconfigured >= 2, 10.0, "the link handled"
+        )
+        time.sleep(0.1)
+        reconnects = registry.get_sample_value(
+            "zerofs_csi_nbd_reconnects_total", {"node": "node-a", "result": "writes_lost"}
+        )
+        if lost:
+            assert attacher.detached == [(record.device_index, record.backend_id)]
+            assert attacher.reconfigured == 0
+            assert monitor.is_dead(record.volume_id)
+            assert reconnects == 1
+        else:
+            assert attacher.detached == []
+            assert not monitor.is_dead(record.volume_id)
+            assert not reconnects
     finally:
         monitor.stop()

@@ -33,7 +33,7 @@ from standin.servers import (
 from zerofs_csi import errors
 from zerofs_csi.bench.plugin import wait_until
 from zerofs_csi.observability.sanitize import MASK
-from zerofs_csi.servers import ninep
+from zerofs_csi.servers import lives, ninep
 from zerofs_csi.servers.local import ProcessBackend, nbd_server_answers
 from zerofs_csi.servers.zerofs_config import ENV_ENCRYPTION_PASSWORD
 from zerofs_csi.volume.secrets import VolumeSecrets
@@ -161,6 +161,9 @@ def test_a_changed_config_replaces_the_server(
     new_pid = backend.pid(VOLUME)
     assert new_pid is not None and new_pid != old_pid
     assert not alive(old_pid) and session_members(old_pid) == []
+    # Stopped with SIGTERM, it shut down gracefully: nothing it answered is lost.
+    assert [life.status for life in lives.read_lives(sockets.directory)] == [0, None]
+    assert lives.lost_writes(sockets.directory, 1) is None
     assert nbd_list_exports(sockets.nbd)[0] & 1
     if "cache_disk_size_gb" in change:
         config = (tmp_path / "state" / "servers" / VOLUME / "config.toml").read_text()
@@ -184,6 +187,12 @@ def test_killed_server_is_restarted_by_the_supervisor(
     assert backend.restarts(VOLUME) == 1
     # The killed server's own children went with it.
     wait_until(lambda: not any(alive(pid) for pid in members), 15.0, "children gone")
+    # Its end is on record before the next one started: a device attached to it is not
+    # connected to the next one.
+    first, second = lives.read_lives(sockets.directory)
+    assert first.status == 128 + signal.SIGKILL and not second.exited
+    assert "killed by SIGKILL" in (lives.lost_writes(sockets.directory, 1) or "")
+    assert lives.lost_writes(sockets.directory, 2) is None
 
 
 def test_restart_delays_grow_and_stay_bounded(
@@ -289,6 +298,10 @@ def test_server_that_died_while_no_plugin_ran_is_restarted(
         wait_until(lambda: sockets.nbd.exists(), 15.0, "NBD socket")
         wait_until(lambda: nbd_list_exports(sockets.nbd)[0] & 1, 15.0, "NBD answer")
         assert backend.restarts(VOLUME) == 1
+        # Nobody saw how it ended.
+        recorded = [(life.exited, life.status) for life in lives.read_lives(sockets.directory)]
+        assert recorded == [(True, None), (False, None)]
+        assert "nobody watched" in (lives.lost_writes(sockets.directory, 1) or "")
     finally:
         backend.stop(VOLUME)
         backend.close()

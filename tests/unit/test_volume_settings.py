@@ -130,6 +130,7 @@ def test_defaults_with_only_the_storage_url() -> None:
         ("l0MaxSsts", "64", "l0_max_ssts", 64),
         ("maxConcurrentCompactions", "4", "max_concurrent_compactions", 4),
         ("flushIntervalSecs", "5", "flush_interval_secs", 5),
+        ("syncWrites", "true", "sync_writes", True),
         ("rustLog", "zerofs=debug,slatedb=info", "rust_log", "zerofs=debug,slatedb=info"),
         (
             "conditionalPutRedisUrl",
@@ -165,7 +166,7 @@ def test_every_parameter_is_covered_by_the_table() -> None:
         "maxConcurrentCompactions", "flushIntervalSecs", "rustLog", "conditionalPutRedisUrl",
         "cpuRequest", "cpuLimit", "memoryRequest", "memoryLimit", "podReadyTimeoutSeconds",
         "deleteDataOnPVCDelete", "envoyEnabled", "envoyImage", "envoyConfigMapName",
-        "telemetryEnabled", "configMapName", "nbdConnections",
+        "telemetryEnabled", "configMapName", "nbdConnections", "syncWrites",
     }  # fmt: skip
     assert set(PARAMETER_KEYS) == keys
 

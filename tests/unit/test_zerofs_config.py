@@ -91,6 +91,7 @@ def lookup(document: dict[str, Any], path: str) -> Any:
         ({"l0MaxSsts": "64"}, "lsm.l0_max_ssts", 64),
         ({"maxConcurrentCompactions": "3"}, "lsm.max_concurrent_compactions", 3),
         ({"flushIntervalSecs": "15"}, "lsm.flush_interval_secs", 15),
+        ({"syncWrites": "true"}, "lsm.sync_writes", True),
         ({}, "telemetry.enabled", False),
         ({"telemetryEnabled": "true"}, "telemetry.enabled", True),
         ({"s3Endpoint": "https://s3.local:9000"}, "aws.endpoint", "https://s3.local:9000"),

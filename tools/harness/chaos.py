@@ -49,6 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    SYNC_WRITES,
     MiB,
     block,
     call_with_retry,
@@ -413,7 +414,9 @@ def run(
         log(f"  planned: round {r.number}: {r.kind}" + (f" ({r.seconds:g} s)" if r.seconds else ""))
     own_workdir = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="zerofs-chaos-"))
-    chaos = Chaos(workdir, seed, plan, hung_after, parameters or {}, log)
+    # Kills under a writer are pauses only where every write is durable when answered.
+    parameters = {**SYNC_WRITES, **(parameters or {})}
+    chaos = Chaos(workdir, seed, plan, hung_after, parameters, log)
     failure = run_and_close(chaos)
     results: dict[str, object] = {
         "harness": "chaos",

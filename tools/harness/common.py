@@ -32,6 +32,9 @@ from minio_server import volume_store  # noqa: E402
 
 RESULTS_DIR = REPO / "build" / "harness"
 MiB = 1 << 20
+# The harnesses kill servers under writers and count any I/O error as a failure: their
+# volumes make each write durable before it is answered (see zerofs_csi.node.lost_writes).
+SYNC_WRITES = {"syncWrites": "true"}
 # Codes a CSI sidecar retries: the volume is busy (ABORTED) or the plugin is restarting
 # (UNAVAILABLE). Anything else ends the run.
 RETRYABLE = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     DEFAULT_RETRY_BOUND_S,
+    SYNC_WRITES,
     MiB,
     block,
     call_with_retry,
@@ -301,7 +302,9 @@ class Regression:
         self.plugin.start()
         self.baseline_devices = connected_nbd_devices()
         self.check_baseline("at start")
-        self.volume = create_volume(self.plugin, self.workdir, fs_type=self.fs_type, size=256 * MiB)
+        self.volume = create_volume(
+            self.plugin, self.workdir, fs_type=self.fs_type, size=256 * MiB, parameters=SYNC_WRITES
+        )
         self.log(
             f"regression: {self.iterations} iterations, seed {self.seed}, volume "
             f"{self.volume.volume_id} ({self.fs_type}), {len(self.faults)} faults"

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     REPO,
+    SYNC_WRITES,
     HarnessFailure,
     MiB,
     call_with_retry,
@@ -248,7 +249,9 @@ def soak(
     try:
         plugin.start()
         baseline = connected_nbd_devices()
-        volume = create_volume(plugin, workdir, fs_type="ext4", size=512 * MiB)
+        volume = create_volume(
+            plugin, workdir, fs_type="ext4", size=512 * MiB, parameters=SYNC_WRITES
+        )
         target = workdir / "pods" / "soak" / "volume"
         call_with_retry("NodeStage", volume.stage)
         call_with_retry("NodePublish", lambda: volume.publish(str(target)))

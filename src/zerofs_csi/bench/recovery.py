@@ -98,7 +98,15 @@ def bench_server_kill(zerofs_command: str, cycles: int, warmup: int) -> list[Com
         state_dir = workdir / "state"
         plugin = PluginProcess(workdir, zerofs_command=zerofs_command, log_level="warning")
         with running_plugin(plugin):
-            volume = create_volume(plugin, workdir, "ext4", VOLUME_SIZE, name="bench-server-kill")
+            # A kill is a pause only where every write is durable when answered.
+            volume = create_volume(
+                plugin,
+                workdir,
+                "ext4",
+                VOLUME_SIZE,
+                name="bench-server-kill",
+                parameters={"syncWrites": "true"},
+            )
             volume.stage()
             writer = _Writer(Path(volume.staging) / "mount" / "data")
             writer.start()

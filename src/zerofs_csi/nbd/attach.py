@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from zerofs_csi.nbd import _nbd
@@ -546,13 +547,15 @@ class NbdAttacher:
         *,
         connections: int | None = None,
         handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+        before_reconfigure: Callable[[], None] | None = None,
     ) -> None:
         """Negotiate fresh sockets and RECONFIGURE ``nbd<index>`` with them, replacing
         its dead connections (the kernel ignores them when none is dead). ``connections``
         defaults to the count this object attached it with, else DEFAULT_CONNECTIONS; the
         kernel uses as many as it has dead connections and closes the rest. Raises
         NotOwner, NbdError(ENODEV) when the device is not connected, and the handshake
-        errors."""
+        errors. ``before_reconfigure`` runs once the server has answered (so it sees the
+        server that is connected) and may raise to leave the device as it is."""
         if self.use_ioctl:
             raise NbdError(errno.EOPNOTSUPP, "reconnect needs the netlink interface")
         with self._backend_lock(backend_id):
@@ -566,8 +569,11 @@ class NbdAttacher:
                 )
             finally:
                 handshake.close()
-            with negotiated, self._netlink() as nl:
-                nl.reconfigure(index, negotiated.socket_fds, backend_id=backend_id)
+            with negotiated:
+                if before_reconfigure is not None:
+                    before_reconfigure()
+                with self._netlink() as nl:
+                    nl.reconfigure(index, negotiated.socket_fds, backend_id=backend_id)
 
     def resize(
         self,

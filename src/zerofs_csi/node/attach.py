@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from zerofs_csi.errors import (
@@ -94,6 +94,7 @@ class NodeAttacher:
         export: str,
         connections: int | None = None,
         handshake_timeout_s: float = nbd.DEFAULT_HANDSHAKE_TIMEOUT_S,
+        before_reconfigure: Callable[[], None] | None = None,
     ) -> None:
         with attach_errors(f"reconnecting nbd{index}"):
             self.nbd.reconnect(
@@ -103,4 +104,5 @@ class NodeAttacher:
                 export,
                 connections=connections,
                 handshake_timeout_s=handshake_timeout_s,
+                before_reconfigure=before_reconfigure,
             )

@@ -11,6 +11,10 @@ it: RECONFIGURE only replaces sockets that are dead when it is sent, so a socket
 dies meanwhile needs a RECONFIGURE of its own. Every ``SWEEP_EVERY_S`` every staged
 volume is reconnected as well (the kernel ignores the sockets of a device whose
 connections are all alive), which repairs a notification lost to a full socket buffer.
+
+A device whose server ended other than by its graceful shutdown may have lost writes it
+acknowledged (``node.lost_writes``): once the next server answers, such a device is
+disconnected instead, so that its I/O fails rather than report lost data durable.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from zerofs_csi.errors import CsiError
 from zerofs_csi.nbd.attach import DEFAULT_DEAD_CONN_TIMEOUT_S
 from zerofs_csi.node.attach import NodeAttacher
+from zerofs_csi.node.lost_writes import WritesLost, check_writes_kept
 from zerofs_csi.node.stage_record import STAGED, StageRecord, volume_of_backend
 from zerofs_csi.observability.metrics import Metrics
 
@@ -55,6 +60,7 @@ class LinkMonitor:
         self._dead: dict[str, float] = {}  # volume id -> when its link was reported dead
         self._running: set[str] = set()  # volumes whose reconnect thread runs
         self._again: set[str] = set()  # reported dead while their reconnect ran
+        self._failed: set[tuple[str, int]] = set()  # (volume, device) failed for lost writes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -158,7 +164,10 @@ class LinkMonitor:
                 record.volume_id,
                 record.connections,
                 RECONNECT_HANDSHAKE_TIMEOUT_S,
+                before_reconfigure=lambda: check_writes_kept(record),
             )
+        except WritesLost as exc:
+            self._fail_device(record, exc.message)
         except CsiError as exc:
             log.debug(
                 "link sweep: no reconnect",
@@ -181,7 +190,12 @@ class LinkMonitor:
                         vid,
                         record.connections,
                         RECONNECT_HANDSHAKE_TIMEOUT_S,
+                        before_reconfigure=lambda: check_writes_kept(record),
                     )
+                except WritesLost as exc:
+                    result = "writes_lost"
+                    self._fail_device(record, exc.message)
+                    return result
                 except CsiError as exc:
                     current = self._staged().get(vid)
                     if current is None or current.device_index != record.device_index:
@@ -219,9 +233,31 @@ class LinkMonitor:
                 return result
             return result
         finally:
-            if result != "abandoned":
+            if result not in ("abandoned", "writes_lost"):  # the latter counted once
                 self._metrics.reconnects.labels(node, result).inc()
-            if result != "failed":  # a link we gave up on stays reported dead
+            # A link we gave up on, or failed, stays reported dead.
+            if result not in ("failed", "writes_lost"):
                 with self._lock:
                     self._dead.pop(vid, None)
                     self._metrics.nbd_dead_links.labels(node).set(len(self._dead))
+
+    def _fail_device(self, record: StageRecord, message: str) -> None:
+        """Disconnect the device of a server that may have lost its writes: the kernel
+        fails the I/O it holds for a reconnect, and any later. Counted and logged once."""
+        key = (record.volume_id, record.device_index)
+        with self._lock:
+            if key in self._failed:
+                return
+        try:
+            self._attacher.detach(record.device_index, record.backend_id)
+        except CsiError as exc:
+            log.error(
+                "disconnecting a device whose server may have lost its writes failed; "
+                "retrying at the next sweep",
+                extra={"volume_id": record.volume_id, "error": exc.message},
+            )
+            return
+        with self._lock:
+            self._failed.add(key)
+        self._metrics.reconnects.labels(self._metrics.node, "writes_lost").inc()
+        log.error(message, extra={"volume_id": record.volume_id, "device": record.device})

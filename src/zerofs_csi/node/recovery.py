@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from zerofs_csi.errors import Aborted, CsiError
 from zerofs_csi.host import mounts
 from zerofs_csi.node.attach import NodeAttacher
+from zerofs_csi.node.lost_writes import check_writes_kept
 from zerofs_csi.node.stage_record import STAGED, RecordStore, StageRecord, volume_of_backend
 from zerofs_csi.node.staging import AttachedDevice, attach_staged, mount_staged
 from zerofs_csi.observability.metrics import Metrics
@@ -139,6 +140,8 @@ class Recovery:
         vid = record.volume_id
         device: AttachedDevice | None = self._attacher.find_device(record.backend_id)
         if device is None:
+            # Under a filesystem still mounted from it: what it cached must match.
+            check_writes_kept(record)
             device = attach_staged(self._attacher, record)
             report.reattached.append(vid)
         if device.index != record.device_index or device.size_bytes != record.size_bytes:

@@ -24,6 +24,7 @@ from zerofs_csi.errors import (
 from zerofs_csi.host import filesystems
 from zerofs_csi.node import mounts as node_mounts
 from zerofs_csi.node import publishing
+from zerofs_csi.node.lost_writes import writes_lost
 from zerofs_csi.node.stage_record import STAGED, RecordStore, StageRecord
 from zerofs_csi.node.staging import Attacher, PrepareExport, Stager, StageRequest
 from zerofs_csi.observability.events import EventRecorder
@@ -259,6 +260,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         )
 
     def _condition(self, record: StageRecord) -> csi_pb2.VolumeCondition:
+        lost = writes_lost(record)
+        if lost is not None:
+            return csi_pb2.VolumeCondition(abnormal=True, message=lost)
         if self._link_dead(record.volume_id):
             return csi_pb2.VolumeCondition(
                 abnormal=True,

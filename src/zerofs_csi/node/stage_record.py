@@ -69,6 +69,11 @@ class StageRecord:
     # NBD connections asked for (a server without multi-conn gets one); records from
     # before the setting existed were attached with the default.
     connections: int = DEFAULT_NBD_CONNECTIONS
+    # The life of the volume's server the device was attached to (servers.lives; 0 when
+    # none was recorded), and whether that server makes each write durable before it
+    # answers: together they say whether the device may be connected to a later server.
+    server_life: int = 0
+    sync_writes: bool = False
     # Records from before publications were kept have none: their publications are
     # known by their mounts only.
     publications: tuple[Publication, ...] = ()

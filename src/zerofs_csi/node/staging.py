@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from zerofs_csi.errors import (
@@ -28,6 +29,7 @@ from zerofs_csi.errors import (
 )
 from zerofs_csi.host import filesystems, fsprobe, mount_options, mounts
 from zerofs_csi.node import mounts as node_mounts
+from zerofs_csi.node.lost_writes import writes_lost
 from zerofs_csi.node.stage_record import (
     ATTACHED,
     MOUNT_DIR_NAME,
@@ -38,6 +40,7 @@ from zerofs_csi.node.stage_record import (
 )
 from zerofs_csi.node.transaction import Transaction
 from zerofs_csi.observability.metrics import Metrics
+from zerofs_csi.servers import lives
 from zerofs_csi.servers.base import ServerSockets, VolumeServerBackend
 from zerofs_csi.servers.ninep import ExportFile
 from zerofs_csi.volume.secrets import VolumeSecrets
@@ -251,6 +254,8 @@ class Stager:
                 readonly=request.readonly,
                 read_only_device=request.settings.read_only_server,
                 connections=connections,
+                server_life=lives.current_life(sockets.directory),
+                sync_writes=request.settings.sync_writes,
                 phase=ATTACHED,
             )
             self._records.write(record)
@@ -383,7 +388,10 @@ class Stager:
         with stage("expand", "connect_nbd", vid):
             device = attach_staged(self._attacher, record)
         record = dataclasses.replace(
-            record, device_index=device.index, size_bytes=device.size_bytes
+            record,
+            device_index=device.index,
+            size_bytes=device.size_bytes,
+            server_life=lives.current_life(Path(record.nbd_socket).parent),
         )
         self._records.write(record)
         if record.access_type == MOUNT:
@@ -427,10 +435,16 @@ class Stager:
         waits for the reconnect first (bounded, UNAVAILABLE after that). The device is
         disconnected, and the server stopped, only once the kernel has no request of it
         in flight: DISCONNECT fails those with EIO, and a stopped server answers none.
+        A device whose server may have lost its writes is never reconnected: it is
+        disconnected first, so that the unmount's writes fail instead of waiting.
         """
         vid = record.volume_id
         stage = self._metrics.stage
         device = self._attacher.find_device(record.backend_id)
+        if device is not None and writes_lost(record) is not None:
+            with stage(operation, "disconnect_nbd", vid):
+                self._detach(record.backend_id)
+            device = None
         if device is not None:
             with stage(operation, "wait_link", vid):
                 _wait(

@@ -126,7 +126,8 @@ class Metrics:
         )
         self.reconnects = Counter(
             "zerofs_csi_nbd_reconnects_total",
-            "Reconnections of dead NBD links, by result (ok, failed).",
+            "Reconnections of dead NBD links, by result (ok, failed, writes_lost: a device "
+            "disconnected because its server may have lost writes it answered).",
             ("node", "result"),
             registry=registry,
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from zerofs_csi import errors
+from zerofs_csi.servers.lives import LIVES_FILE
 from zerofs_csi.volume.id import validate_volume_id
 
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL (man 7 unix).
@@ -50,6 +51,11 @@ class ServerSockets:
         """The mark of a server fenced by a newer writer of the volume (Kubernetes
         backend: its pod will not start ZeroFS again)."""
         return self.directory / FENCED_FILE
+
+    @property
+    def lives(self) -> Path:
+        """When each of the volume's servers started and how it ended (``lives``)."""
+        return self.directory / LIVES_FILE
 
     @property
     def admin(self) -> Path:

@@ -62,6 +62,7 @@ from zerofs_csi import errors
 from zerofs_csi.host import procfs
 from zerofs_csi.nbd import _nbd
 from zerofs_csi.observability.sanitize import MASK, REDACTOR
+from zerofs_csi.servers import lives
 from zerofs_csi.servers.base import ServerSockets, fenced_in
 from zerofs_csi.servers.local_state import (
     LocalServer,
@@ -210,6 +211,7 @@ class ProcessBackend:
                     log.info(
                         "volume server not running: starting it now", extra=self._fields(server)
                     )
+                    self._record_exit(server)
                     self._spawn(server, secret_env)
                     server.restarts += 1
                     save_state(self._paths(server.volume_id), server)
@@ -306,6 +308,7 @@ class ProcessBackend:
         with contextlib.suppress(FileNotFoundError):
             if paths.log.stat().st_size > LOG_ROTATE_BYTES:
                 os.replace(paths.log, paths.log.with_name("server.log.1"))
+        lives.record_start(sockets.directory)
         fd = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "ab") as log_file:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -360,6 +363,14 @@ class ProcessBackend:
                 os.killpg(server.pid, signal.SIGKILL)
             self._wait_gone(server, 5.0)
         self._kill_group_leftovers(server)
+        self._record_exit(server)
+
+    def _record_exit(self, server: LocalServer) -> None:
+        """Append the dead server's end to its lives; its status is known for a child of
+        this instance only (an adopted server's is not)."""
+        returncode = server.process.returncode if server.process is not None else None
+        status = None if returncode is None else lives.shell_status(returncode)
+        lives.record_exit(self.sockets(server.volume_id).directory, status)
 
     def _wait_gone(self, server: LocalServer, timeout: float) -> bool:
         """Whether the server exits within ``timeout``. A pidfd wakes the wait the moment
@@ -432,6 +443,7 @@ class ProcessBackend:
         paths = self._paths(volume_id)
         for path in (sockets.nbd, sockets.ninep, sockets.admin):
             remove_socket(path)
+        sockets.lives.unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):
             sockets.directory.rmdir()
         for path in (paths.state, paths.config, paths.secrets):
@@ -448,9 +460,11 @@ class ProcessBackend:
             server = load_state(self._paths(entry.name), entry.name)
             if server is None:
                 continue
-            if not self._alive(server) and not self._note_fenced(server):
-                # It died while nobody watched: the supervisor restarts it at once.
-                server.restart_at = time.monotonic()
+            if not self._alive(server):
+                self._record_exit(server)
+                if not self._note_fenced(server):
+                    # It died while nobody watched: the supervisor restarts it at once.
+                    server.restart_at = time.monotonic()
             server.started_at = server.answered_at = time.monotonic()
             self._servers[entry.name] = server
             log.info(
@@ -496,6 +510,7 @@ class ProcessBackend:
             # Whatever the dead server left running (its children) could still hold its
             # sockets and answer nothing: it goes before a new server starts.
             self._kill_group_leftovers(server)
+            self._record_exit(server)
             if self._note_fenced(server):
                 return
             server.failures += 1

@@ -218,6 +218,7 @@ def render_zerofs_config(
         "l0_max_ssts": settings.l0_max_ssts,
         "max_concurrent_compactions": settings.max_concurrent_compactions,
         "flush_interval_secs": settings.flush_interval_secs,
+        "sync_writes": True if settings.sync_writes else None,
     }
     lsm = {key: value for key, value in lsm.items() if value is not None}
     if lsm:

@@ -148,6 +148,7 @@ _SPECS = (
         int_in(5, 86400),
         legacy_key="lsmFlushIntervalSecs",
     ),
+    _Spec("syncWrites", "sync_writes", parse_bool),
     _Spec("rustLog", "rust_log", parse_rust_log),
     _Spec("conditionalPutRedisUrl", "conditional_put_redis_url", parse_redis_url, echo=False),
     _Spec("cpuRequest", "cpu_request", parse_quantity),
@@ -195,6 +196,10 @@ class VolumeSettings:
     l0_max_ssts: int | None = None
     max_concurrent_compactions: int | None = None
     flush_interval_secs: int | None = None
+    # ZeroFS's [lsm] sync_writes: each write durable before it is answered. Without it a
+    # server that dies other than by its graceful shutdown may lose acknowledged writes,
+    # and the node fails the volume's device instead of reconnecting it (servers.lives).
+    sync_writes: bool = False
     rust_log: str = DEFAULT_RUST_LOG
     conditional_put_redis_url: str | None = None
     cpu_request: str | None = None

@@ -568,7 +568,7 @@ class KubernetesBackend:
             if os.geteuid() == 0:
                 os.chown(sockets.directory, objects.ZEROFS_UID, objects.ZEROFS_UID)
             sockets.directory.chmod(0o770)
-            for path in (sockets.nbd, sockets.ninep, sockets.admin):
+            for path in (sockets.nbd, sockets.ninep, sockets.admin, sockets.lives):
                 path.unlink(missing_ok=True)
         except OSError as exc:
             raise errors.Internal(
@@ -577,7 +577,7 @@ class KubernetesBackend:
 
     def _clean_socket_directory(self, volume_id: str, sockets: ServerSockets) -> None:
         """Remove the socket directory once no server of the volume runs here."""
-        for path in (sockets.nbd, sockets.ninep, sockets.admin):
+        for path in (sockets.nbd, sockets.ninep, sockets.admin, sockets.lives):
             path.unlink(missing_ok=True)
         try:
             sockets.directory.rmdir()

@@ -127,12 +127,18 @@ $type == 101 or die "9P answered type $type, not Rversion\n";
 """.strip()
 
 
-# Arguments: the fencing message, the guard file, then ZeroFS's argv. Output goes
-# through line by line; a signal handler's interrupted read is retried by perl.
+# Arguments: the fencing message, the guard file, the lives file (``servers.lives``),
+# then ZeroFS's argv. Output goes through line by line; a signal handler's interrupted
+# read is retried by perl.
 FENCE_GUARD_SCRIPT = r"""
 use strict;
-my ($marker, $guard, @server) = @ARGV;
+my ($marker, $guard, $lives, @server) = @ARGV;
 $| = 1;
+sub life {
+  my $file;
+  if (open($file, ">>", $lives)) { printf $file "%s %d%s\n", $_[0], time(), $_[1]; close($file); }
+  else { print STDERR "zerofs-csi: cannot record the server's $_[0] in $lives: $!\n"; }
+}
 if (-e $guard) {
   print STDERR "zerofs-csi: this server was fenced by a newer writer of the volume; "
     . "not starting it again until the node plugin replaces its pod\n";
@@ -141,6 +147,7 @@ if (-e $guard) {
   sleep 3600 while 1;
 }
 pipe(my $output, my $input) or die "pipe: $!\n";
+life("start", "");
 my $pid = fork();
 defined $pid or die "fork: $!\n";
 if ($pid == 0) {
@@ -157,18 +164,28 @@ while (my $line = <$output>) {
 }
 1 while waitpid($pid, 0) == -1 && $!{EINTR};
 my $status = $?;
+my $code = ($status & 127) ? 128 + ($status & 127) : $status >> 8;
+life("exit", " $code");
 if ($fenced) {
   if (open(my $mark, ">", $guard)) { close($mark); }
   else { print STDERR "zerofs-csi: cannot leave the fenced mark $guard: $!\n"; }
 }
-exit(($status & 127) ? 128 + ($status & 127) : $status >> 8);
+exit($code);
 """.strip()
 
 
 def guarded_command(sockets: ServerSockets) -> list[str]:
     """The container's command: ZeroFS (the image's ``zerofs``) under the fence guard;
     the container's args are ZeroFS's."""
-    return ["perl", "-e", FENCE_GUARD_SCRIPT, FENCED_MARKER, str(sockets.fenced), "zerofs"]
+    return [
+        "perl",
+        "-e",
+        FENCE_GUARD_SCRIPT,
+        FENCED_MARKER,
+        str(sockets.fenced),
+        str(sockets.lives),
+        "zerofs",
+    ]
 
 
 def pod_name(volume_id: str) -> str:

@@ -1,0 +1,134 @@
+"""A volume's server dies with writes it acknowledged and never flushed.
+
+ZeroFS answers an NBD write once the data is in its memory and makes it durable at the
+next flush (a client's, or its own every ``flushIntervalSecs``); a kill -9 in between
+loses the write. The kernel, reconnected to the restarted server, sends the flush that
+was in flight (or the next one) to the new server, which has nothing to flush and
+answers it: an fsync would report durable a write that is gone. The node does not let
+that happen: it connects a device to a later server only when the one before shut down
+gracefully, or the volume has ``syncWrites`` (every write durable when answered), and
+otherwise disconnects it, so that its I/O fails.
+
+python3 tests/vm/runner.py --timeout 900 -- .venv/bin/pytest -m privileged -x -q \
+    tests/privileged/test_server_crash_durability.py
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import signal
+
+import pytest
+from conftest import MiB, Volume, VolumeFactory, wait_until
+
+from zerofs_csi.servers.local import nbd_server_answers
+
+pytestmark = pytest.mark.privileged
+
+WRITE_BYTES = 4 * MiB
+
+
+def pattern(name: str) -> bytes:
+    return hashlib.sha256(name.encode()).digest() * (WRITE_BYTES // 32)
+
+
+def aligned(data: bytes) -> mmap.mmap:
+    """O_DIRECT needs a page-aligned buffer."""
+    buffer = mmap.mmap(-1, len(data))
+    buffer.write(data)
+    return buffer
+
+
+def write_direct(device: str, data: bytes, flush: bool) -> None:
+    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        assert os.pwritev(fd, [aligned(data)], 0) == len(data)
+        if flush:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_direct(device: str) -> bytes:
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        buffer = mmap.mmap(-1, WRITE_BYTES)
+        assert os.preadv(fd, [buffer], 0) == WRITE_BYTES
+        return bytes(buffer)
+    finally:
+        os.close(fd)
+
+
+def server_pid(volume: Volume) -> int | None:
+    found = [pid for pid, argv in volume.server_processes() if "zerofs" in argv]
+    return found[0] if len(found) == 1 else None
+
+
+def kill_and_wait_for_the_next_server(volume: Volume) -> None:
+    first_pid = server_pid(volume)
+    assert first_pid is not None, volume.server_processes()
+    os.killpg(first_pid, signal.SIGKILL)
+    wait_until(
+        lambda: (pid := server_pid(volume)) not in (None, first_pid) and pid, 60, "a restart"
+    )
+    nbd_socket = volume.plugin.state_dir / "sockets" / volume.volume_id / "nbd.sock"
+    wait_until(lambda: nbd_server_answers(nbd_socket, 1.0), 120, "the new server to answer")
+
+
+def fsync_device(device: str) -> OSError | None:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    finally:
+        os.close(fd)
+    return None
+
+
+def test_a_crash_with_unflushed_writes_fails_the_device_instead_of_hiding_the_loss(
+    volumes: VolumeFactory,
+) -> None:
+    volume = volumes(block=True, size=64 * MiB)
+    volume.stage()
+    device = volume.device()
+    write_direct(device, pattern("flushed"), flush=True)
+    write_direct(device, pattern("unflushed"), flush=False)  # answered, not flushed
+
+    kill_and_wait_for_the_next_server(volume)
+    # The device is disconnected rather than connected to the next server: the flush
+    # fails (ZeroFS has lost the unflushed write; the stand-in keeps its writes, but the
+    # node cannot tell the two apart).
+    failed = wait_until(lambda: fsync_device(device), 60, "the device's I/O to fail")
+    assert failed.errno == errno.EIO, failed
+    condition = volume.stats(volume.staging).volume_condition
+    assert condition.abnormal
+    assert "killed by SIGKILL" in condition.message and "syncWrites" in condition.message
+    log = volume.plugin.log_path.read_text(errors="replace")
+    assert "no lost write is reported durable" in log
+
+    # Unstaged and staged again, it serves what the server flushed (ZeroFS) or all of it.
+    volume.unstage()
+    volume.stage()
+    assert read_direct(volume.device()) in (pattern("flushed"), pattern("unflushed"))
+    assert not volume.stats(volume.staging).volume_condition.abnormal
+    volume.unstage()
+
+
+def test_a_crash_of_a_server_with_sync_writes_is_a_pause(volumes: VolumeFactory) -> None:
+    volume = volumes(block=True, size=64 * MiB, parameters={"syncWrites": "true"})
+    volume.stage()
+    device = volume.device()
+    write_direct(device, pattern("flushed"), flush=True)
+    write_direct(device, pattern("answered"), flush=False)  # durable when answered
+
+    kill_and_wait_for_the_next_server(volume)
+    assert fsync_device(device) is None
+    assert read_direct(device) == pattern("answered")
+    wait_until(
+        lambda: not volume.stats(volume.staging).volume_condition.abnormal, 60, "reconnected"
+    )
+    volume.unstage()
