@@ -262,11 +262,9 @@ def images_from(lines: Sequence[str]) -> Images:
     )
 
 
-def storage_class_values(
-    index: int, name: str, filesystem: str, images: Images, sync_writes: bool = False
-) -> list[str]:
-    """A StorageClass's chart values. ``sync_writes``: a class whose server may be killed
-    under a writer with no I/O error (without it the node fails such a device)."""
+def storage_class_values(index: int, name: str, filesystem: str, images: Images) -> list[str]:
+    """A StorageClass's chart values. With syncWrites: its servers are killed under a
+    writer, which must see no I/O error (without it the node fails such a device)."""
     prefix = f"storageClasses[{index}]"
     values = {
         "name": name,
@@ -277,7 +275,7 @@ def storage_class_values(
         "s3AllowHttp": "true",
         "deleteDataOnPVCDelete": "true",
         "parameters.image": images.server,
-        **({"parameters.syncWrites": "true"} if sync_writes else {}),
+        "parameters.syncWrites": "true",
     }
     return [arg for key, value in values.items() for arg in ("--set", f"{prefix}.{key}={value}")]
 
@@ -297,7 +295,7 @@ def install_chart(images: Images, table: Table) -> None:
             "--set", f"image.repository={images.plugin_repository}",
             "--set", f"image.tag={images.plugin_tag}",
             "--set", f"secret.existingSecret={SECRET}",
-            *storage_class_values(0, "zerofs", "ext4", images, sync_writes=True),
+            *storage_class_values(0, "zerofs", "ext4", images),
             *storage_class_values(1, "zerofs-xfs", "xfs", images),
         )  # fmt: skip
     with table.step("plugin pods ready (node DaemonSet, controller Deployment)") as notes:
