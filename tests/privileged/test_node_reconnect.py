@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MiB, Volume, VolumeFactory, wait_until
+from conftest import MiB, VolumeFactory, wait_until
 
 from zerofs_csi.servers.local import nbd_server_answers
 
@@ -62,18 +62,13 @@ class FsyncingWriter(threading.Thread):
             self.error = exc
 
 
-def server_pid(volume: Volume) -> int | None:
-    found = [pid for pid, argv in volume.server_processes() if "zerofs" in argv]
-    return found[0] if len(found) == 1 else None
-
-
 def test_server_restart_under_fsyncing_writer(volumes: VolumeFactory) -> None:
     # Every write durable when answered: a kill loses none (test_server_crash_durability).
     volume = volumes(fs_type="ext4", size=128 * MiB, parameters={"syncWrites": "true"})
     volume.stage()
     target = volume.plugin.workdir / "pods" / volume.volume_id
     volume.publish(str(target))
-    first_pid = server_pid(volume)
+    first_pid = volume.server_pid()
     assert first_pid is not None, volume.server_processes()
 
     writer = FsyncingWriter(target / "data", TOTAL_MIB)
@@ -93,7 +88,7 @@ def test_server_restart_under_fsyncing_writer(volumes: VolumeFactory) -> None:
         lambda: volume.stats(str(target)).volume_condition.abnormal, 60, "an abnormal condition"
     )
     second_pid = wait_until(
-        lambda: (pid := server_pid(volume)) not in (None, first_pid) and pid, 60, "a restart"
+        lambda: (pid := volume.server_pid()) not in (None, first_pid) and pid, 60, "a restart"
     )
     # Restarted means answering NBD: the stand-in starts diod first, which can take
     # seconds under load.

@@ -62,17 +62,12 @@ def read_direct(device: str) -> bytes:
         os.close(fd)
 
 
-def server_pid(volume: Volume) -> int | None:
-    found = [pid for pid, argv in volume.server_processes() if "zerofs" in argv]
-    return found[0] if len(found) == 1 else None
-
-
 def kill_and_wait_for_the_next_server(volume: Volume) -> None:
-    first_pid = server_pid(volume)
+    first_pid = volume.server_pid()
     assert first_pid is not None, volume.server_processes()
     os.killpg(first_pid, signal.SIGKILL)
     wait_until(
-        lambda: (pid := server_pid(volume)) not in (None, first_pid) and pid, 60, "a restart"
+        lambda: (pid := volume.server_pid()) not in (None, first_pid) and pid, 60, "a restart"
     )
     nbd_socket = volume.plugin.state_dir / "sockets" / volume.volume_id / "nbd.sock"
     wait_until(lambda: nbd_server_answers(nbd_socket, 1.0), 120, "the new server to answer")

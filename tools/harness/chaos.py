@@ -58,7 +58,6 @@ from common import (  # noqa: E402
     plugin_process,
     run_and_close,
     server,
-    server_pid,
     verify_file,
     write_results,
 )
@@ -282,7 +281,7 @@ class Chaos:
         unmount; continue the server after its stall, start the plugin again and have
         the CO's retries and a new writer carry on."""
         self.stop_writer()
-        volume, pid = self.volume, server_pid(self.volume)
+        volume, pid = self.volume, self.volume.server_pid()
         check(pid is not None, "no volume server to stall")
         # Dirty data for the unmount to write back.
         (self.target / "unsynced.bin").write_bytes(os.urandom(8 * MiB))
@@ -314,7 +313,7 @@ class Chaos:
         started = time.monotonic()
         writer = self.writer
         writer.longest_wait = 0.0
-        pid = server_pid(self.volume)
+        pid = self.volume.server_pid()
         if plan.kind == STALL:
             check(pid is not None, "no volume server to stall")
             with contextlib.suppress(ProcessLookupError):
@@ -323,7 +322,7 @@ class Chaos:
             # The supervisor may have killed it as hung meanwhile.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGCONT)
-            now = server_pid(self.volume)
+            now = self.volume.server_pid()
             plan.detail = f"server {pid} stopped {plan.seconds:g} s" + (
                 f", replaced by {now}" if now not in (None, pid) else ""
             )
@@ -359,7 +358,7 @@ class Chaos:
         from zerofs_csi.servers.local import nbd_server_answers
 
         while True:
-            pid = server_pid(self.volume)
+            pid = self.volume.server_pid()
             if pid not in (None, killed) and nbd_server_answers(sockets / "nbd.sock", 1.0):
                 return round(time.monotonic() - started, 2)
             check(time.monotonic() - started < 120, "the killed server was not restarted")

@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from zerofs_csi.bench.plugin import PluginProcess
+from zerofs_csi.bench.plugin import PluginProcess, Volume
 from zerofs_csi.bench.zerofs_server import ZeroFSServer, zerofs_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,16 +129,10 @@ def verify_file(path: Path, seed: int, name: str, mib: int) -> None:
                 )
 
 
-def server_pid(volume: object) -> int | None:
-    """The volume server's pid (the ZeroFS stand-in, a process group leader)."""
-    found = [pid for pid, argv in volume.server_processes() if "zerofs" in argv]  # type: ignore[attr-defined]
-    return found[0] if len(found) == 1 else None
-
-
-def kill_server(volume: object) -> int | None:
+def kill_server(volume: Volume) -> int | None:
     """kill -9 of the volume server's whole process group, as a crash of ZeroFS (one
     process) drops every connection without a reply. Returns the killed pid."""
-    pid = server_pid(volume)
+    pid = volume.server_pid()
     if pid is not None:
         try:
             os.killpg(pid, signal.SIGKILL)

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import server_pid
 from minio import MinioSet
 from s3store import client_of
 
@@ -211,7 +210,7 @@ class StorageFaults(threading.Thread):
         server_log = LogWindow(self.volume.server_log_path())
         plugin_log = LogWindow(self.plugin.log_path)
         reconnects = self._reconnects()
-        pids = {server_pid(self.volume)}
+        pids = {self.volume.server_pid()}
         started = time.monotonic()
         record = FaultRecord(fault.name, round(started - self.t0, 2), self.hold_s)
         try:
@@ -235,7 +234,7 @@ class StorageFaults(threading.Thread):
     def _watch_server(self, pids: set[int | None], until: float) -> None:
         """Note the volume server's pid every half second until ``until``."""
         while time.monotonic() < until:
-            pids.add(server_pid(self.volume))
+            pids.add(self.volume.server_pid())
             time.sleep(0.5)
 
     def _reconnects(self) -> dict[str, float]:

@@ -55,7 +55,6 @@ from common import (  # noqa: E402
     check,
     kill_server,
     plugin_process,
-    server_pid,
     write_results,
 )
 from ha_minio import SERVERS, FaultRecord, PauseProbe, StorageFaults, minio_storage  # noqa: E402
@@ -216,7 +215,7 @@ class ServerKiller(threading.Thread):
         kill = Kill(round(killed_at - self.t0, 2), pid)
         self.results.kills.append(kill)
         while time.monotonic() - killed_at < 120:
-            current = server_pid(self.volume)
+            current = self.volume.server_pid()
             if current is not None and current != pid:
                 kill.restarted_in_s = round(time.monotonic() - killed_at, 2)
                 break

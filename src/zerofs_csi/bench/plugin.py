@@ -422,6 +422,12 @@ class Volume:
         """The volume's server, whose command line names its config."""
         return processes_mentioning(str(self.plugin.state_dir / "servers" / self.volume_id) + "/")
 
+    def server_pid(self) -> int | None:
+        """The pid of the volume's one server (ZeroFS, or the stand-in, a process group
+        leader); None while there is none, or more than one."""
+        found = [pid for pid, argv in self.server_processes() if "zerofs" in argv]
+        return found[0] if len(found) == 1 else None
+
     def device(self) -> str:
         return f"/dev/nbd{self.record()['device_index']}"
 
