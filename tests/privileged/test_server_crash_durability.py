@@ -42,8 +42,9 @@ def aligned(data: bytes) -> mmap.mmap:
     return buffer
 
 
-def write_direct(device: str, data: bytes, flush: bool) -> None:
-    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+def write_direct(path: str, data: bytes, flush: bool) -> None:
+    """Written past the page cache: answered by the server, and flushed if ``flush``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o644)
     try:
         assert os.pwritev(fd, [aligned(data)], 0) == len(data)
         if flush:
@@ -52,8 +53,8 @@ def write_direct(device: str, data: bytes, flush: bool) -> None:
         os.close(fd)
 
 
-def read_direct(device: str) -> bytes:
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+def read_direct(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
         buffer = mmap.mmap(-1, WRITE_BYTES)
         assert os.preadv(fd, [buffer], 0) == WRITE_BYTES
@@ -73,8 +74,8 @@ def kill_and_wait_for_the_next_server(volume: Volume) -> None:
     wait_until(lambda: nbd_server_answers(nbd_socket, 1.0), 120, "the new server to answer")
 
 
-def fsync_device(device: str) -> OSError | None:
-    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+def fsync(path: str) -> OSError | None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     except OSError as exc:
@@ -84,20 +85,24 @@ def fsync_device(device: str) -> OSError | None:
     return None
 
 
+@pytest.mark.parametrize("fs_type", ["block", "ext4"])
 def test_a_crash_with_unflushed_writes_fails_the_device_instead_of_hiding_the_loss(
-    volumes: VolumeFactory,
+    volumes: VolumeFactory, fs_type: str
 ) -> None:
-    volume = volumes(block=True, size=64 * MiB)
+    volume = volumes(block=True, size=64 * MiB) if fs_type == "block" else volumes(size=64 * MiB)
     volume.stage()
-    device = volume.device()
-    write_direct(device, pattern("flushed"), flush=True)
-    write_direct(device, pattern("unflushed"), flush=False)  # answered, not flushed
+
+    def path(name: str) -> str:
+        return volume.device() if fs_type == "block" else f"{volume.staging}/mount/{name}"
+
+    write_direct(path("flushed"), pattern("flushed"), flush=True)
+    write_direct(path("unflushed"), pattern("unflushed"), flush=False)
 
     kill_and_wait_for_the_next_server(volume)
     # The device is disconnected rather than connected to the next server: the flush
     # fails (ZeroFS has lost the unflushed write; the stand-in keeps its writes, but the
     # node cannot tell the two apart).
-    failed = wait_until(lambda: fsync_device(device), 60, "the device's I/O to fail")
+    failed = wait_until(lambda: fsync(path("unflushed")), 60, "the device's I/O to fail")
     assert failed.errno == errno.EIO, failed
     condition = volume.stats(volume.staging).volume_condition
     assert condition.abnormal
@@ -105,11 +110,15 @@ def test_a_crash_with_unflushed_writes_fails_the_device_instead_of_hiding_the_lo
     log = volume.plugin.log_path.read_text(errors="replace")
     assert "no lost write is reported durable" in log
 
-    # Unstaged and staged again, it serves what the server flushed (ZeroFS) or all of it.
+    # Unstaged (over a device that fails its I/O) and staged again, it serves what the
+    # server flushed (the filesystem's journal replayed).
     volume.unstage()
     volume.stage()
-    assert read_direct(volume.device()) in (pattern("flushed"), pattern("unflushed"))
     assert not volume.stats(volume.staging).volume_condition.abnormal
+    if fs_type == "block":
+        assert read_direct(path("")) in (pattern("flushed"), pattern("unflushed"))
+    else:
+        assert read_direct(path("flushed")) == pattern("flushed")
     volume.unstage()
 
 
@@ -121,7 +130,7 @@ def test_a_crash_of_a_server_with_sync_writes_is_a_pause(volumes: VolumeFactory)
     write_direct(device, pattern("answered"), flush=False)  # durable when answered
 
     kill_and_wait_for_the_next_server(volume)
-    assert fsync_device(device) is None
+    assert fsync(device) is None
     assert read_direct(device) == pattern("answered")
     wait_until(
         lambda: not volume.stats(volume.staging).volume_condition.abnormal, 60, "reconnected"
