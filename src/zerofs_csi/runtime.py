@@ -147,7 +147,7 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
         teardown=lambda record: stager.teardown(record, operation="recovery"),
     )
     monitor = LinkMonitor(attacher, recovery.staged_records, metrics)
-    stager.watch_links(monitor.is_dead)
+    stager.watch_links(monitor.is_dead, monitor.forget)
     service = NodeService(
         config.node_id,
         config.max_volumes_per_node,

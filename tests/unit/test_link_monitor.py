@@ -163,6 +163,9 @@ def test_a_device_whose_server_may_have_lost_its_writes_is_disconnected(
             assert attacher.reconfigured == 0
             assert monitor.is_dead(record.volume_id)
             assert reconnects == 1
+            # Unstaged: a new stage's device starts with nothing reported.
+            monitor.forget(record.volume_id)
+            assert not monitor.is_dead(record.volume_id)
         else:
             assert attacher.detached == []
             assert not monitor.is_dead(record.volume_id)

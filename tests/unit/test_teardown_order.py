@@ -1,10 +1,12 @@
 """Teardown's order: nothing is unmounted, disconnected or stopped while the volume's NBD
-link is dead, and nothing is disconnected or stopped while the device has requests in
+link is dead (unless its server may have lost its writes: then the device is disconnected
+first), and nothing is disconnected or stopped while the device has requests in
 flight. The device and the server are stood in for (the host kernel has no NBD); the
 privileged tests tear down real ones."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +74,7 @@ def test_a_dead_link_is_waited_for_and_nothing_is_torn_down(
 ) -> None:
     stager, node, record = stager_and_record(tmp_path)
     monkeypatch.setattr(staging, "LINK_WAIT_S", 0.2)
-    stager.watch_links(lambda volume_id: volume_id == "pvc-1")
+    stager.watch_links(lambda volume_id: volume_id == "pvc-1", lambda volume_id: None)
     with pytest.raises(Unavailable, match="link .* is dead"):
         stager.teardown(record, operation="unstage")
     assert node.calls == []
@@ -93,3 +95,20 @@ def test_requests_in_flight_keep_the_device_and_the_server(
     with pytest.raises(Unavailable, match="in flight"):
         stager.teardown(record, operation="unstage")
     assert node.calls == []
+
+
+def test_a_device_whose_server_lost_writes_is_disconnected_first_and_forgotten_after(
+    tmp_path: Path,
+) -> None:
+    """Its link stays dead: waiting for it would end in UNAVAILABLE, and the unmount's
+    writes must fail rather than wait. Once unstaged, the link monitor forgets it."""
+    stager, node, record = stager_and_record(tmp_path)
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    (sockets / "lives").write_text("start 1\nexit 2 137\nstart 3\n")
+    record = dataclasses.replace(record, nbd_socket=str(sockets / "nbd.sock"), server_life=1)
+    forgotten: list[str] = []
+    stager.watch_links(lambda volume_id: True, forgotten.append)
+    stager.teardown(record, operation="unstage")
+    assert node.calls == ["detach", "stop server"]
+    assert forgotten == ["pvc-1"]

@@ -68,6 +68,14 @@ class LinkMonitor:
         with self._lock:
             return volume_id in self._dead
 
+    def forget(self, volume_id: str) -> None:
+        """The volume was unstaged: what was known of its device's link goes with it (a
+        link given up on, or failed for lost writes, stays reported dead until then)."""
+        with self._lock:
+            self._dead.pop(volume_id, None)
+            self._failed = {key for key in self._failed if key[0] != volume_id}
+            self._metrics.nbd_dead_links.labels(self._metrics.node).set(len(self._dead))
+
     def start(self) -> None:
         """Listen for LINK_DEAD, then reconnect every staged volume once.
 

@@ -168,10 +168,15 @@ class Stager:
         self._records = records
         self._metrics = metrics
         self._link_dead: Callable[[str], bool] = lambda _volume_id: False
+        self._forget_link: Callable[[str], None] = lambda _volume_id: None
 
-    def watch_links(self, link_dead: Callable[[str], bool]) -> None:
-        """Where teardown learns that a volume's NBD link is dead (the link monitor)."""
+    def watch_links(
+        self, link_dead: Callable[[str], bool], forget_link: Callable[[str], None]
+    ) -> None:
+        """Where teardown learns that a volume's NBD link is dead, and tells that the
+        volume's device is gone with its stage (the link monitor)."""
         self._link_dead = link_dead
+        self._forget_link = forget_link
 
     def _is_intact(self, record: StageRecord) -> bool:
         """The record's device is attached to its volume, and mounted where it should be."""
@@ -476,3 +481,4 @@ class Stager:
         except OSError as exc:
             raise Internal(f"cannot remove {record.mount_path}: {exc.strerror}") from None
         self._records.remove(vid, record.staging_path)
+        self._forget_link(vid)
