@@ -64,6 +64,8 @@ class ScriptedAttacher:
         self.gate = threading.Event()
         self.reconfigured = 0
         self.detached: list[tuple[int, str]] = []
+        # Run inside a reconnect, between its handshake and its RECONFIGURE.
+        self.during_handshake: Callable[[], None] = lambda: None
 
     def link_dead_listener(self) -> ScriptedListener:
         return self.listener
@@ -75,6 +77,7 @@ class ScriptedAttacher:
         if self.calls == 1:
             self.first_started.set()
             assert self.gate.wait(10)
+        self.during_handshake()
         if before_reconfigure is not None:
             before_reconfigure()
         self.reconfigured += 1
@@ -170,5 +173,33 @@ def test_a_device_whose_server_may_have_lost_its_writes_is_disconnected(
             assert attacher.detached == []
             assert not monitor.is_dead(record.volume_id)
             assert not reconnects
+    finally:
+        monitor.stop()
+
+
+def test_a_server_that_ended_during_the_handshake_is_caught_before_the_reconfigure(
+    tmp_path: Path,
+) -> None:
+    """The server answered the handshake and was killed and restarted before the
+    RECONFIGURE: the check made once the server answered sees it."""
+    lives = tmp_path / "lives"
+    lives.write_text("start 1\n")
+    record = dataclasses.replace(RECORD, nbd_socket=str(tmp_path / "nbd.sock"), server_life=1)
+    listener = ScriptedListener()
+    attacher = ScriptedAttacher(listener)
+    attacher.gate.set()
+
+    def killed_and_restarted() -> None:
+        with lives.open("a") as file:
+            file.write("exit 2 137\nstart 3\n")
+        attacher.during_handshake = lambda: None
+
+    attacher.during_handshake = killed_and_restarted
+    metrics = Metrics("node-a", CollectorRegistry())
+    monitor = LinkMonitor(attacher, lambda: {record.volume_id: record}, metrics)  # type: ignore[arg-type]
+    monitor.start()
+    try:
+        wait_until(lambda: attacher.detached, 10.0, "the device disconnected")
+        assert attacher.reconfigured == 0
     finally:
         monitor.stop()

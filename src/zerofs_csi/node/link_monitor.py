@@ -165,6 +165,7 @@ class LinkMonitor:
         """One RECONFIGURE with fresh sockets; the kernel keeps them only for dead
         connections. A server that does not answer is left to LINK_DEAD or the next sweep."""
         try:
+            check_writes_kept(record)
             self._attacher.reconnect(
                 record.device_index,
                 record.backend_id,
@@ -191,6 +192,10 @@ class LinkMonitor:
         try:
             while not self._stop.is_set():
                 try:
+                    # A server known to have ended uncleanly fails the device at once
+                    # (the other link monitor may have disconnected it already); the
+                    # check after the handshake catches a server that ended since.
+                    check_writes_kept(record)
                     self._attacher.reconnect(
                         record.device_index,
                         record.backend_id,
