@@ -13,8 +13,10 @@ volume is reconnected as well (the kernel ignores the sockets of a device whose
 connections are all alive), which repairs a notification lost to a full socket buffer.
 
 A device whose server ended other than by its graceful shutdown may have lost writes it
-acknowledged (``node.lost_writes``): once the next server answers, such a device is
-disconnected instead, so that its I/O fails rather than report lost data durable.
+acknowledged (``node.lost_writes``): such a device is disconnected instead, so that its
+I/O fails rather than report lost data durable. It is checked before each attempt, and
+again once a server answered and before the RECONFIGURE, which catches a server that
+ended meanwhile.
 """
 
 from __future__ import annotations
