@@ -146,7 +146,8 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
         metrics,
         teardown=lambda record: stager.teardown(record, operation="recovery"),
     )
-    monitor = LinkMonitor(attacher, recovery.staged_records, metrics)
+    events = _event_recorder(config, api, "zerofs-csi-node")
+    monitor = LinkMonitor(attacher, recovery.staged_records, metrics, events=events)
     stager.watch_links(monitor.is_dead, monitor.forget)
     service = NodeService(
         config.node_id,
@@ -158,7 +159,7 @@ def build_node(config: Config, metrics: Metrics) -> NodeRuntime:
         ninep.prepare_export,
         monitor.is_dead,
         locks,
-        _event_recorder(config, api, "zerofs-csi-node"),
+        events,
     )
     recovery.watch_state_gauges()
     runtime = NodeRuntime(service, recovery, monitor, backend)

@@ -110,6 +110,17 @@ def test_link_dead_during_a_reconnect_gets_a_reconnect_of_its_own() -> None:
         monitor.stop()
 
 
+class RecordedEvents:
+    def __init__(self) -> None:
+        self.warnings: list[tuple[str, str, str]] = []
+
+    def warning(self, volume_id: str, reason: str, message: str, context: object) -> None:
+        self.warnings.append((volume_id, reason, message))
+
+    def normal(self, volume_id: str, reason: str, message: str, context: object) -> None:
+        raise AssertionError("no normal event expected")
+
+
 # Lines of a server's lives file (servers.lives) after the device was attached to life 1.
 CLEAN_RESTART = "start 1\nexit 2 0\nstart 3\n"
 KILLED = "start 1\nexit 2 137\nstart 3\n"
@@ -150,7 +161,13 @@ def test_a_device_whose_server_may_have_lost_its_writes_is_disconnected(
     attacher.gate.set()
     registry = CollectorRegistry()
     metrics = Metrics("node-a", registry)
-    monitor = LinkMonitor(attacher, lambda: {record.volume_id: record}, metrics)  # type: ignore[arg-type]
+    events = RecordedEvents()
+    monitor = LinkMonitor(
+        attacher,  # type: ignore[arg-type]
+        lambda: {record.volume_id: record},
+        metrics,
+        events=events,
+    )
     monitor.start()
     try:
         listener.push(record.device_index, record.backend_id)
@@ -166,6 +183,9 @@ def test_a_device_whose_server_may_have_lost_its_writes_is_disconnected(
             assert attacher.reconfigured == 0
             assert monitor.is_dead(record.volume_id)
             assert reconnects == 1
+            [(volume_id, reason, message)] = events.warnings
+            assert (volume_id, reason) == (record.volume_id, "WritesLost")
+            assert "syncWrites" in message
             # Unstaged: a new stage's device starts with nothing reported.
             monitor.forget(record.volume_id)
             assert not monitor.is_dead(record.volume_id)
@@ -173,6 +193,7 @@ def test_a_device_whose_server_may_have_lost_its_writes_is_disconnected(
             assert attacher.detached == []
             assert not monitor.is_dead(record.volume_id)
             assert not reconnects
+            assert events.warnings == []
     finally:
         monitor.stop()
 

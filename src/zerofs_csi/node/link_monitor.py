@@ -31,6 +31,7 @@ from zerofs_csi.nbd.attach import DEFAULT_DEAD_CONN_TIMEOUT_S
 from zerofs_csi.node.attach import NodeAttacher
 from zerofs_csi.node.lost_writes import WritesLost, check_writes_kept
 from zerofs_csi.node.stage_record import STAGED, StageRecord, volume_of_backend
+from zerofs_csi.observability.events import EventRecorder
 from zerofs_csi.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,12 @@ class LinkMonitor:
         staged: Callable[[], dict[str, StageRecord]],
         metrics: Metrics,
         give_up_after_s: float = DEFAULT_DEAD_CONN_TIMEOUT_S,
+        events: EventRecorder | None = None,
     ) -> None:
         self._attacher = attacher
         self._staged = staged
         self._metrics = metrics
+        self._events = events  # the plugin's; the link keeper only logs
         self._give_up_after_s = give_up_after_s
         self._lock = threading.Lock()
         self._dead: dict[str, float] = {}  # volume id -> when its link was reported dead
@@ -276,3 +279,6 @@ class LinkMonitor:
             self._failed.add(key)
         self._metrics.reconnects.labels(self._metrics.node, "writes_lost").inc()
         log.error(message, extra={"volume_id": record.volume_id, "device": record.device})
+        if self._events is not None:
+            # On the volume's PersistentVolume (the record keeps no claim name).
+            self._events.warning(record.volume_id, "WritesLost", message, {})
