@@ -277,7 +277,15 @@ def storage_class_values(index: int, name: str, filesystem: str, images: Images)
         "parameters.image": images.server,
         "parameters.syncWrites": "true",
     }
-    return [arg for key, value in values.items() for arg in ("--set", f"{prefix}.{key}={value}")]
+    # The class's free-form parameters are strings ("true" would be a boolean to --set).
+    return [
+        arg
+        for key, value in values.items()
+        for arg in (
+            "--set-string" if key.startswith("parameters.") else "--set",
+            f"{prefix}.{key}={value}",
+        )
+    ]
 
 
 def install_chart(images: Images, table: Table) -> None:
