@@ -29,7 +29,6 @@ UNKNOWN = "unknown"
 class Life:
     started_at: float
     exited: bool = False
-    exited_at: float | None = None
     # None with ``exited``: the end was seen, not its status.
     status: int | None = None
 
@@ -93,7 +92,8 @@ def read_lives(directory: Path) -> list[Life]:
                 lives.append(Life(float(fields[1])))
             elif fields[0] == "exit" and len(fields) == 3 and lives and not lives[-1].exited:
                 status = None if fields[2] == UNKNOWN else int(fields[2])
-                lives[-1] = Life(lives[-1].started_at, True, float(fields[1]), status)
+                float(fields[1])  # a time, as written
+                lives[-1] = Life(lives[-1].started_at, True, status)
         except (IndexError, ValueError):
             continue
     return lives
