@@ -11,8 +11,6 @@ or a read-only device never has unflushed writes.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from zerofs_csi.errors import FailedPrecondition
 from zerofs_csi.node.stage_record import StageRecord
 from zerofs_csi.servers import lives
@@ -26,7 +24,7 @@ def writes_lost(record: StageRecord) -> str | None:
     """What may have lost the device's acknowledged writes since its attach, or None."""
     if record.sync_writes or record.read_only_device:
         return None
-    reason = lives.lost_writes(Path(record.nbd_socket).parent, record.server_life)
+    reason = lives.lost_writes(record.socket_directory, record.server_life)
     if reason is None:
         return None
     return (

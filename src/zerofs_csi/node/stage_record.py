@@ -85,6 +85,11 @@ class StageRecord:
         return f"/dev/nbd{self.device_index}"
 
     @property
+    def socket_directory(self) -> Path:
+        """The volume server's socket directory, where its lives are recorded."""
+        return Path(self.nbd_socket).parent
+
+    @property
     def mount_path(self) -> str:
         return os.path.join(self.staging_path, MOUNT_DIR_NAME)
 

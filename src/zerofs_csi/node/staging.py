@@ -17,7 +17,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from zerofs_csi.errors import (
@@ -396,7 +395,7 @@ class Stager:
             record,
             device_index=device.index,
             size_bytes=device.size_bytes,
-            server_life=lives.current_life(Path(record.nbd_socket).parent),
+            server_life=lives.current_life(record.socket_directory),
         )
         self._records.write(record)
         if record.access_type == MOUNT:
