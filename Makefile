@@ -124,19 +124,24 @@ privileged-suite:
 
 .PHONY: cluster e2e
 
+# With ZEROFS_BIN the cluster's volume servers run it (images.sh's zerofs image) and its
+# S3 store is a MinIO server instead of a radosgw (tools/cluster/cluster.py says why).
+CLUSTER_S3 := $(if $(ZEROFS_BIN),$(MINIO))
+CLUSTER   := MINIO_BIN=$(MINIO) $(PY) tools/cluster/cluster.py
+
 # The single-node test cluster (README: "Test cluster"): control plane here, node in the
 # microVM, until ^C; prints the admin KUBECONFIG.
-cluster: build cluster-images
-	$(PY) tools/cluster/cluster.py up --s3 --snapshot-api
+cluster: build cluster-images $(CLUSTER_S3)
+	$(CLUSTER) up --s3 --snapshot-api
 
 # The chart installed as the README says and the user's path through it (build/e2e.md).
-e2e: build cluster-images
-	$(PY) tools/cluster/cluster.py run --s3 --snapshot-api --timeout 7200 -- $(PY) tools/cluster/e2e.py \
+e2e: build cluster-images $(CLUSTER_S3)
+	$(CLUSTER) run --s3 --snapshot-api --timeout 7200 -- $(PY) tools/cluster/e2e.py \
 		--volumes $(E2E_VOLUMES)
 
 # make test's part of it (README: "Test cluster"), its table in build/e2e-short.md.
-test-e2e: build cluster-images
-	$(PY) tools/cluster/cluster.py run --s3 --timeout 2400 -- \
+test-e2e: build cluster-images $(CLUSTER_S3)
+	$(CLUSTER) run --s3 --timeout 2400 -- \
 		$(PY) tools/cluster/e2e.py --short --output build/e2e-short.md
 
 .PHONY: csi-sanity minio sanity-controller sanity-vm

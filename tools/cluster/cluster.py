@@ -2,7 +2,10 @@
 """A single-node Kubernetes cluster built from source: the control plane on this host,
 the node (containerd, kubelet, kube-proxy, every pod) in the microVM, whose kernel has
 NBD. The guest reaches the host only through QEMU's forwards to the host's loopback:
-the API server's port and, with ``--s3``, a radosgw the run starts.
+the API server's port and, with ``--s3``, an S3 store the run starts: a radosgw, or,
+when the images hold a real ZeroFS (``images.sh``'s ``zerofs``, made when ZEROFS_BIN
+names one), a MinIO server of ``MINIO_BIN``: ZeroFS 2.3 needs conditional writes, which
+radosgw 16.2 does not pass.
 
 Usage:
     cluster.py up                 the cluster until ^C; prints the admin KUBECONFIG
@@ -43,6 +46,7 @@ from control_plane import (  # noqa: E402
     ControlPlane,
     Endpoints,
 )
+from image_archives import archive_tag  # noqa: E402
 from node_tunnel import NodeTunnel  # noqa: E402
 from pki import ensure_pki  # noqa: E402
 from runner import exit_through_clean_up, machine_cache_dir  # noqa: E402
@@ -107,28 +111,58 @@ def pause_image(images: Sequence[str]) -> str:
     for line in images:
         archive, repository = line.split()
         if repository.endswith("/pause"):
-            tag = Path(archive).stem.rsplit("-", 1)[1]
-            return f"{repository}:{tag}"
+            return f"{repository}:{archive_tag(archive, repository)}"
     raise ComponentFailed("make cluster-images built no pause image")
 
 
+def serves_real_zerofs(images: Sequence[str]) -> bool:
+    return any(line.split()[1].endswith("/zerofs") for line in images)
+
+
 @contextmanager
-def s3_gateway(run_dir: Path) -> Iterator[dict[str, str]]:
+def s3_gateway(real_zerofs: bool) -> Iterator[dict[str, str]]:
+    """The run's S3 store: its endpoints and root credentials for the environment."""
+    workdir = Path(tempfile.mkdtemp(prefix="zerofs-cluster-s3-"))
+    try:
+        with s3_store(workdir, real_zerofs) as (endpoint, access_key, secret_key):
+            port = endpoint.rsplit(":", 1)[1]
+            yield {
+                # The node's pods reach S3 here; this host at S3_HOST_ENDPOINT.
+                "S3_HOST_ENDPOINT": endpoint,
+                "S3_HOST_PORT": port,
+                "S3_ENDPOINT": f"http://{FORWARD_ADDRESS}:{S3_GUEST_PORT}",
+                "AWS_ACCESS_KEY_ID": access_key,
+                "AWS_SECRET_ACCESS_KEY": secret_key,
+            }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def s3_store(workdir: Path, real_zerofs: bool) -> Iterator[tuple[str, str, str]]:
+    if real_zerofs:
+        from minio_server import MinioServer
+
+        binary = os.environ.get("MINIO_BIN", "")
+        if not binary or not os.access(binary, os.X_OK):
+            raise ComponentFailed(
+                "a real ZeroFS needs MinIO for its volumes: set MINIO_BIN (make minio builds it)"
+            )
+        minio = MinioServer(workdir, Path(binary))
+        minio.start()
+        try:
+            log(f"S3: MinIO at {minio.endpoint} (the images hold a real ZeroFS)")
+            yield minio.endpoint, minio.access_key, minio.secret_key
+        finally:
+            minio.stop()
+        return
     from radosgw import RadosGateway, ensure_installed
 
     ensure_installed()
-    gateway = RadosGateway(Path(tempfile.mkdtemp(prefix="zerofs-cluster-rgw-")))
+    gateway = RadosGateway(workdir)
     gateway.start()
     try:
-        port = gateway.endpoint.rsplit(":", 1)[1]
-        yield {
-            # The node's pods reach S3 here; this host at S3_HOST_ENDPOINT.
-            "S3_HOST_ENDPOINT": gateway.endpoint,
-            "S3_HOST_PORT": port,
-            "S3_ENDPOINT": f"http://{FORWARD_ADDRESS}:{S3_GUEST_PORT}",
-            "AWS_ACCESS_KEY_ID": gateway.access_key,
-            "AWS_SECRET_ACCESS_KEY": gateway.secret_key,
-        }
+        yield gateway.endpoint, gateway.access_key, gateway.secret_key
     finally:
         gateway.stop()
 
@@ -188,7 +222,7 @@ def run_cluster(
         plane.start()
         log(f"control plane up in {time.monotonic() - started:.1f} s at {endpoints.host_url}")
         log(f"KUBECONFIG={plane.kubeconfig('admin')}")
-        with s3_or_nothing(run_dir, with_s3) as s3:
+        with s3_or_nothing(with_s3, serves_real_zerofs(images)) as s3:
             env = node_environment(plane, binaries, images)
             (run_dir / "node.env").write_text(
                 "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
@@ -310,18 +344,18 @@ def node_log_tails(plane: ControlPlane, lines: int = 15) -> str:
 
 
 @contextmanager
-def s3_or_nothing(run_dir: Path, with_s3: bool) -> Iterator[dict[str, str]]:
+def s3_or_nothing(with_s3: bool, real_zerofs: bool) -> Iterator[dict[str, str]]:
     if not with_s3:
         yield {}
         return
-    with s3_gateway(run_dir) as s3:
+    with s3_gateway(real_zerofs) as s3:
         yield s3
 
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="tools/cluster/cluster.py")
     parser.add_argument("action", choices=("up", "run"))
-    parser.add_argument("--s3", action="store_true", help="start a radosgw the node reaches")
+    parser.add_argument("--s3", action="store_true", help="start an S3 store the node reaches")
     parser.add_argument("--timeout", type=float, default=3600.0, help="the VM's whole run, s")
     parser.add_argument(
         "--snapshot-api",

@@ -15,6 +15,9 @@
 #                              the project's Dockerfile (buildah)
 #   zerofs-standin             localhost/zerofs-standin:<inputs digest>, the per-volume
 #                              server: a StorageClass's `image` parameter names it
+#   zerofs                     localhost/zerofs:<version>-<binary digest>, the per-volume
+#                              server with a real ZeroFS: only when there is one (ZEROFS_BIN,
+#                              else zerofs on PATH), which the e2e then runs
 #   python                     localhost/python:3.11, made with mmdebstrap from Debian's
 #                              packages in place of docker.io/library/python:3.11-slim-bookworm:
 #                              the Dockerfile's base and the tests' workload pods
@@ -61,6 +64,7 @@ STANDIN_SIDECARS=(csi-node-driver-registrar livenessprobe)
 standin() { [[ " ${STANDIN_SIDECARS[*]} " == *" $1 "* ]]; }
 PYTHON_BASE=localhost/python:3.11
 SERVER_REPOSITORY=localhost/zerofs-standin
+ZEROFS_REPOSITORY=localhost/zerofs
 PLUGIN_REPOSITORY=ghcr.io/zerofs-csi/zerofs-csi
 
 # The Python base: Debian 12's python3 (3.11), pip and the C headers the Dockerfile's
@@ -248,6 +252,34 @@ build_server() { # REFERENCE
         -f "$here/tools/cluster/zerofs-standin.Containerfile" "$here/tools"
 }
 
+# The real ZeroFS binary, when there is one, as bench/zerofs_server.py chooses it.
+zerofs_binary() {
+    if [[ -n ${ZEROFS_BIN-} ]]; then
+        [[ -x $ZEROFS_BIN && -f $ZEROFS_BIN ]] || fail "ZEROFS_BIN=$ZEROFS_BIN is not an executable file"
+        echo "$ZEROFS_BIN"
+    else
+        command -v zerofs || true
+    fi
+}
+
+zerofs_inputs() { # BINARY
+    {
+        cat "$here/tools/cluster/zerofs.Containerfile"
+        digest <"$1"
+        echo "$python_base_digest"
+    } | digest
+}
+
+build_zerofs() { # BINARY REFERENCE
+    local context
+    in_store "$PYTHON_BASE"
+    context=$(mktemp -d -p "$store" context.XXXXXX)
+    cp "$1" "$context/zerofs"
+    bud --build-arg "PYTHON_IMAGE=$PYTHON_BASE" -t "$2" \
+        -f "$here/tools/cluster/zerofs.Containerfile" "$context" || { rm -rf "$context"; return 1; }
+    rm -rf "$context"
+}
+
 # An image of one layer, the directory ROOT, configured by umoci's CONFIG-FLAGs.
 umoci_image() { # ROOT TAG ARCHIVE CONFIG-FLAG...
     local layout
@@ -294,12 +326,15 @@ build_busybox_image() { # BINARY TAG ARCHIVE
 sidecars=$(python3 "$here/tools/cluster/chart_images.py")
 sidecar_names=" $(awk '{ sub(".*/", "", $2); printf "%s ", $2 }' <<<"$sidecars")"
 for name; do
-    [[ " pause python busybox zerofs-csi zerofs-standin $sidecar_names" == *" $name "* ]] \
-        || fail "no image named $name; images: pause python busybox zerofs-csi zerofs-standin$sidecar_names"
+    [[ " pause python busybox zerofs-csi zerofs-standin zerofs $sidecar_names" == *" $name "* ]] \
+        || fail "no image named $name; images: pause python busybox zerofs-csi zerofs-standin zerofs$sidecar_names"
 done
 wanted=" $* "
-# Printed: the images named, or every image.
+zerofs=$(zerofs_binary)
+[[ -n $zerofs || $wanted != *" zerofs "* ]] || fail "no ZeroFS to make the zerofs image of: set ZEROFS_BIN"
+# Printed: the images named, or every image (zerofs only when there is a ZeroFS).
 shown() { # NAME
+    [[ $1 != zerofs || -n $zerofs ]] || return 1
     [[ $wanted == "  " || $wanted == *" $1 "* ]]
 }
 # Built (or checked) when printed or when an image printed builds on it.
@@ -389,7 +424,7 @@ if shown busybox; then
         - build_busybox_image "$busybox" "$busybox_version"
 fi
 
-if needed python zerofs-csi zerofs-standin "${STANDIN_SIDECARS[@]}"; then
+if needed python zerofs-csi zerofs-standin zerofs "${STANDIN_SIDECARS[@]}"; then
     ((build)) && need buildah buildah
     python_base_digest=$(python_base_inputs)
     image python "${PYTHON_BASE%:*}" "${PYTHON_BASE##*:}" "$python_base_digest" build_python_base
@@ -409,6 +444,13 @@ fi
 if needed zerofs-standin; then
     server_digest=$(server_inputs)
     image zerofs-standin "$SERVER_REPOSITORY" "${server_digest:0:12}" "$server_digest" build_server
+fi
+if needed zerofs; then
+    zerofs_version=$("$zerofs" --version | awk '{ print $2 }')
+    [[ -n $zerofs_version ]] || fail "$zerofs --version printed no version"
+    zerofs_digest=$(zerofs_inputs "$zerofs")
+    image zerofs "$ZEROFS_REPOSITORY" "$zerofs_version-${zerofs_digest:0:12}" "$zerofs_digest" \
+        build_zerofs "$zerofs"
 fi
 
 ((${#lines[@]} == 0)) || printf '%s\n' "${lines[@]}"

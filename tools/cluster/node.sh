@@ -148,12 +148,16 @@ ctr=(ctr --address /run/containerd/containerd.sock -n k8s.io)
 imported=/var/lib/containerd/zerofs-imported.txt
 touch "$imported"
 wanted=()
+present=" $("${ctr[@]}" images ls -q | tr '\n' ' ') "
 while read -r archive repository; do
     [[ -n $archive ]] || continue
-    tag=${archive##*-}
+    # <last part of the repository>-<tag>.tar, and a tag may hold dashes.
+    tag=${archive##*/}
+    tag=${tag#"${repository##*/}-"}
     wanted+=("$repository:${tag%.tar}")
     key="$(basename "$archive") $(stat -c '%s %Y' "$archive")"
-    grep -qxF "$key" "$imported" && continue
+    # Imported by an earlier run, and not removed since.
+    grep -qxF "$key" "$imported" && [[ $present == *" ${wanted[-1]} "* ]] && continue
     "${ctr[@]}" images import --base-name "$repository" "$archive" >/dev/null \
         || fail "cannot import $archive"
     echo "$key" >>"$imported"

@@ -6,6 +6,8 @@
 #   zerofs-csi      zerofs-csi --version, and the attach-path extension imported
 #   python          pip installs a package system-wide
 #   busybox         sh, dd and sha256sum
+#   zerofs          (when ZEROFS_BIN made it) `zerofs --version` and perl with the modules
+#                   of the readiness probe and the fence guard
 #   zerofs-standin  `zerofs --help`, then the stand-in serving a file:// volume as the kube
 #                   backend runs it (uid 1001, read-only root, seccomp, the socket
 #                   directory at the same path) until the driver's own readiness probe (perl,
@@ -216,6 +218,11 @@ while read -r archive repository; do
         zerofs-standin)
             check "$reference" "usage: zerofs" --read-only --user 1001:1001 -- "${entry[@]}" --help
             check_server "$reference" "${entry[@]}"
+            ;;
+        zerofs)
+            check "$reference" "zerofs ${tag%%-*}" --read-only --user 1001:1001 -- "${entry[@]}" --version
+            check "$reference" "perl for the readiness probe" --read-only --user 1001:1001 -- \
+                perl -MIO::Socket::UNIX -e 'print "perl for the readiness probe and the fence guard\n"'
             ;;
         *) fail "no check for $reference" ;;
     esac
