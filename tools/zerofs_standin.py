@@ -20,7 +20,12 @@ where ZeroFS does, and then serves the volume:
   a flush is an fdatasync of it), FLUSH and native FUA (fdatasync after the write);
   writes land in the host page cache when acknowledged, so data survives a kill -9 of
   the stand-in, and flushed data a host crash. For s3:// nbdkit's S3 plugin serves
-  them (zerofs_standin_s3.py): each write is stored in S3 before it is answered.
+  them (zerofs_standin_s3.py) and, as ZeroFS, stores a write in S3 only at a flush: an
+  NBD flush, a FUA write, its own every ``[lsm] flush_interval_secs`` (30 s by
+  default) or its graceful stop. Until then answered writes are dirty objects in a
+  write-back area of this life of the server, under ``[cache] dir``, which a kill -9
+  loses: the next start discards them unstored, as ZeroFS loses its memtable. With
+  ``[lsm] sync_writes = true`` each write is stored before it is answered.
   ``--no-sr`` matches ZeroFS, which answers STRUCTURED_REPLY with ERR_UNSUP.
 - 9P2000.L: diod exporting the 9P tree, behind a small relay on
   ``[servers.ninep] unix_socket``. diod only attaches clients that name the exported
@@ -36,12 +41,13 @@ where ZeroFS does, and then serves the volume:
   NBD_FLAG_READ_ONLY) and fails each write, trim and zeroing with EIO (nbdkit's error
   filter; ZeroFS fails flushes too, which Debian's nbdkit error filter cannot).
 
-It stays in the foreground. SIGTERM/SIGINT stop both servers and remove the sockets
-(exit 0); nbdkit is killed rather than stopped, so that, as with ZeroFS, a client sees
-its connections close and never an error reply. If either server dies, the other is
-stopped and the stand-in exits 1, so a supervisor restarts it. The children die with it
-even on SIGKILL (PR_SET_PDEATHSIG with SIGKILL). Secrets are never printed, and S3
-credentials reach nbdkit through its environment only, never its command line.
+It stays in the foreground. SIGTERM/SIGINT stop both servers, store the dirty objects
+in S3 (the final flush) and remove the sockets (exit 0); nbdkit is killed rather than
+stopped, so that, as with ZeroFS, a client sees its connections close and never an
+error reply. If either server dies, the other is stopped and the stand-in exits 1, so a
+supervisor restarts it. The children die with it even on SIGKILL (PR_SET_PDEATHSIG with
+SIGKILL). Secrets are never printed, and S3 credentials reach nbdkit through its
+environment only, never its command line.
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ import time
 import tomllib
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +173,15 @@ TRUE_WORDS = ("1", "true", "on", "yes", "y")
 FALSE_WORDS = ("0", "false", "off", "no", "n")
 # The bucket check at start fails within seconds rather than hang on a dead endpoint.
 S3_CHECK_TIMEOUT_S = 5
+# ZeroFS's periodic flush: [lsm] flush_interval_secs, its default and the minimum it
+# raises a smaller value to (LsmConfig, config.rs v2.3.0).
+DEFAULT_FLUSH_INTERVAL_S = 30
+MIN_FLUSH_INTERVAL_S = 5
+# Under [cache] dir: one directory per life of a writable s3:// server, holding the
+# objects written since their last flush (see "Write-back" below).
+WRITE_BACK_DIRECTORY = "write-back"
+# Objects stored at once by a flush.
+STORE_WORKERS = 8
 
 _VARIABLE = re.compile(
     r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|"
@@ -211,6 +227,8 @@ class StandinConfig:
     ninep_socket: Path
     s3: S3Storage | None = None
     rpc_socket: Path | None = None  # the admin service's ([servers.rpc] unix_socket)
+    sync_writes: bool = False  # [lsm] sync_writes
+    flush_interval_s: int = DEFAULT_FLUSH_INTERVAL_S  # [lsm] flush_interval_secs
 
 
 def expand_variables(value: str, environ: Mapping[str, str], where: str) -> str:
@@ -431,6 +449,7 @@ def load_config(path: Path, environ: Mapping[str, str]) -> StandinConfig:
     else:
         s3 = None
         storage_dir = storage_directory(url)
+    lsm = document.get("lsm", {})
     return StandinConfig(
         storage_dir=storage_dir,
         cache_dir=cache_dir,
@@ -438,6 +457,10 @@ def load_config(path: Path, environ: Mapping[str, str]) -> StandinConfig:
         ninep_socket=sockets["ninep"],
         s3=s3,
         rpc_socket=sockets.get("rpc"),
+        sync_writes=lsm.get("sync_writes", False),
+        flush_interval_s=max(
+            lsm.get("flush_interval_secs", DEFAULT_FLUSH_INTERVAL_S), MIN_FLUSH_INTERVAL_S
+        ),
     )
 
 
@@ -626,19 +649,102 @@ def restore_exports(client: Any, layout: S3Layout, tree: Path) -> dict[str, int]
     return sizes
 
 
+# ---------------------------------------------------------------------------------
+# Write-back of s3:// exports
+
+
+# The write-back area of one life of a writable s3:// server is
+# <[cache] dir>/write-back/<life>/<export>/<block>: each file is an object written since
+# it was last stored, as it is to be stored (object-size bytes), or empty for an object
+# to delete (trimmed or zeroed whole). A file is replaced whole, written beside it under
+# another name (<block>.new) and renamed, so that whenever nbdkit is stopped or killed
+# each file is an answered state of its object.
+_BLOCK_NAME = re.compile(r"[0-9a-f]{16}")
+
+
+def block_name(number: int) -> str:
+    """The name of an export's block, as the S3 plugin names its object."""
+    return f"{number:016x}"
+
+
+def discard_write_back(cache_dir: Path) -> int:
+    """Remove the write-back areas of earlier lives without storing them (what they hold
+    was never flushed: lost with the server that answered it, as ZeroFS loses its
+    memtable); returns the number of objects discarded."""
+    discarded = 0
+    with contextlib.suppress(FileNotFoundError):
+        for life in (cache_dir / WRITE_BACK_DIRECTORY).iterdir():
+            discarded += len(dirty_objects(life))
+            shutil.rmtree(life)
+    return discarded
+
+
+def new_write_back(cache_dir: Path) -> Path:
+    """A write-back area for this life of the server."""
+    area = cache_dir / WRITE_BACK_DIRECTORY / uuid.uuid4().hex
+    area.mkdir(parents=True)
+    return area
+
+
+def dirty_objects(area: Path, export: str | None = None) -> list[Path]:
+    """The dirty objects of a write-back area, or of one of its exports."""
+    directories = [area / export] if export is not None else area.iterdir()
+    found = []
+    for directory in directories:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            found += [p for p in directory.iterdir() if _BLOCK_NAME.fullmatch(p.name)]
+    return found
+
+
+def store_dirty_objects(
+    client: Any,
+    layout: S3Layout,
+    objects: Iterable[Path],
+    guard: Callable[[Path], contextlib.AbstractContextManager[object]] | None = None,
+) -> None:
+    """Store each dirty object where the S3 plugin keeps it (PUT, or DELETE for an empty
+    file), then remove its file: a flush. ``guard`` is held around each object's, so
+    that no write replaces the file between its reading and its removal; without it,
+    nothing may write (nbdkit is stopped or dead). Raises the first S3 failure, leaving
+    the objects not stored dirty."""
+
+    def store(path: Path) -> None:
+        with guard(path) if guard is not None else contextlib.nullcontext():
+            try:
+                content = path.read_bytes()
+            except FileNotFoundError:
+                return  # stored meanwhile by another flush
+            key = f"{layout.blocks_key(path.parent.name)}/{path.name}"
+            if content:
+                client.put_object(Bucket=layout.bucket, Key=key, Body=content)
+            else:
+                client.delete_object(Bucket=layout.bucket, Key=key)
+            path.unlink(missing_ok=True)
+
+    objects = list(objects)
+    if objects:
+        with ThreadPoolExecutor(min(STORE_WORKERS, len(objects))) as pool:
+            list(pool.map(store, objects))
+
+
 class S3Checkpoints:
     """The checkpoints of an s3:// volume, inside its prefix so that deleting the prefix
     deletes them: ``.checkpoints/<id>/`` holds a server-side copy of the exports' size
-    records and blocks (``.nbd/``, ``.nbd-blocks/``), taken with nbdkit stopped (``pause``),
-    and ``checkpoint.json``, written last: a checkpoint without it is unfinished and not
-    listed. Its layout is the volume's one level down, so ``run --checkpoint`` serves it
-    with the same S3 plugin. Same interface as ``zerofs_standin_admin.FileCheckpoints``.
+    records and blocks (``.nbd/``, ``.nbd-blocks/``), taken with nbdkit stopped (``pause``)
+    after storing the dirty objects of ``write_back`` (the server's write-back area, None
+    when it has none), and ``checkpoint.json``, written last: a checkpoint without it is
+    unfinished and not listed. Its layout is the volume's one level down, so ``run
+    --checkpoint`` serves it with the same S3 plugin. Same interface as
+    ``zerofs_standin_admin.FileCheckpoints``.
     """
 
-    def __init__(self, client: Any, layout: S3Layout, pause: Any) -> None:
+    def __init__(
+        self, client: Any, layout: S3Layout, pause: Any, write_back: Path | None = None
+    ) -> None:
         self._client = client
         self._layout = layout
         self._pause = pause
+        self._write_back = write_back
         self._root = layout.key(admin.CHECKPOINT_DIRECTORY)
         self._lock = threading.Lock()
 
@@ -670,7 +776,16 @@ class S3Checkpoints:
         return next((c for c in self.list() if c.name == name), None)
 
     def flush(self) -> None:
-        """Nothing to do: every write was stored in S3 before it was answered."""
+        """Store every answered write in S3 (without a write-back area, each was stored
+        before it was answered)."""
+        if self._write_back is not None:
+            with self._pause():
+                self._store_dirty_objects()
+
+    def _store_dirty_objects(self) -> None:
+        # Called with nbdkit stopped: no write can change a file while it is stored.
+        if self._write_back is not None:
+            store_dirty_objects(self._client, self._layout, dirty_objects(self._write_back))
 
     def create(self, name: str) -> admin.Checkpoint:
         name = name.strip()
@@ -683,6 +798,7 @@ class S3Checkpoints:
             target = self.layout_of(checkpoint)
             try:
                 with self._pause():
+                    self._store_dirty_objects()
                     for directory in (EXPORT_DIRECTORY, BLOCKS_DIRECTORY):
                         source_prefix = self._layout.key(directory) + "/"
                         for key in self._keys(source_prefix):
@@ -932,10 +1048,14 @@ def _nbdkit_s3_plugin(
     tree: Path,
     error_file: Path,
     immutable: bool,
+    write_back: Path | None,
+    flush_interval_s: int,
 ) -> list[str]:
     """nbdkit's plugin arguments serving the tree's exports from S3 where ``layout`` says
     (no secret); the plugin writes why it could not start to ``error_file``. An
-    ``immutable`` layout (a checkpoint's) never changes while it is served."""
+    ``immutable`` layout (a checkpoint's) never changes while it is served. With a
+    ``write_back`` area, writes are stored at flushes, one every ``flush_interval_s``
+    at least; without, before they are answered."""
     plugins = _nbdkit_plugin_directory(nbdkit)
     s3_plugin = plugins / "nbdkit-S3-plugin"
     if not (plugins / "nbdkit-python-plugin.so").exists() or not s3_plugin.exists():
@@ -950,14 +1070,17 @@ def _nbdkit_s3_plugin(
         argv.append(f"endpoint-url={storage.endpoint}")
     if immutable:
         argv.append("immutable=true")
+    if write_back is not None:
+        argv += [f"write-back={write_back}", f"flush-interval={flush_interval_s}"]
     return argv
 
 
 Checkpoints = admin.FileCheckpoints | S3Checkpoints
 
 
-def checkpoint_store(config: StandinConfig, pause: Any) -> Checkpoints:
-    """The volume's checkpoints; ``pause`` holds the NBD server's writes back."""
+def checkpoint_store(config: StandinConfig, pause: Any, write_back: Path | None) -> Checkpoints:
+    """The volume's checkpoints; ``pause`` holds the NBD server's writes back, and
+    ``write_back`` is its write-back area (None without one)."""
     if config.s3 is None:
         return admin.FileCheckpoints(config.storage_dir, pause)
     try:
@@ -965,7 +1088,7 @@ def checkpoint_store(config: StandinConfig, pause: Any) -> Checkpoints:
     except Exception as exc:
         reason = s3_failure(config.s3.url, config.s3.bucket, config.s3.endpoint, exc)
         raise ConfigError(reason or str(exc)) from None
-    return S3Checkpoints(client, config.s3.layout, pause)
+    return S3Checkpoints(client, config.s3.layout, pause, write_back)
 
 
 def served_tree(
@@ -1032,13 +1155,17 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
     children: dict[str, subprocess.Popen[bytes]] = {}
     relay: NinePRelay | None = None
     admin_server: admin.BackgroundAdminServer | None = None
+    write_back: Path | None = None
     status = 1
 
     @contextlib.contextmanager
     def nbd_paused() -> Iterator[None]:
         # SIGSTOP stops every thread of nbdkit once its system call returns: a write is
-        # in the file whole or not at all until SIGCONT. On s3://, a PUT it was sending
-        # is one it has not answered: the checkpoint may or may not hold it.
+        # in the file whole or not at all until SIGCONT. On s3://, a write-back file is
+        # replaced by a rename, so each is one state of its object; a PUT nbdkit was
+        # sending is of the same state as the file it has not yet removed, and one of
+        # a write-through server is of a write it has not answered: the checkpoint may
+        # or may not hold that write.
         process = children.get("nbdkit")
         if process is None or process.poll() is not None:
             yield
@@ -1050,9 +1177,18 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
             os.kill(process.pid, signal.SIGCONT)
 
     try:
+        if config.s3 is not None and not read_only:
+            discarded = discard_write_back(config.cache_dir)
+            if discarded:
+                say(
+                    f"discarded {discarded} objects written and never flushed before the "
+                    "previous server died: those writes are lost, as ZeroFS loses them"
+                )
+            if not config.sync_writes:
+                write_back = new_write_back(config.cache_dir)
         store = None
         if config.rpc_socket is not None or checkpoint is not None:
-            store = checkpoint_store(config, nbd_paused)
+            store = checkpoint_store(config, nbd_paused, write_back)
         tree, layout = served_tree(config, read_only, checkpoint, store)
         writer_token = None
         if not read_only and config.s3 is None:
@@ -1069,7 +1205,14 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
         if config.s3 is not None:
             assert layout is not None
             nbd_plugin = _nbdkit_s3_plugin(
-                nbdkit, config.s3, layout, tree, nbdkit_error, immutable=checkpoint is not None
+                nbdkit,
+                config.s3,
+                layout,
+                tree,
+                nbdkit_error,
+                immutable=checkpoint is not None,
+                write_back=write_back,
+                flush_interval_s=config.flush_interval_s,
             )
             served = config.s3.url
             if checkpoint is not None:
@@ -1175,10 +1318,20 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
         # error when it stops: it finishes the request each connection is executing and
         # closes the connection, and the kernel resends the rest on the reconnected
         # device. Killed, nbdkit closes its connections without answering anything more;
-        # every write it acknowledged is already in the file (docs/zerofs-compatibility.md).
+        # every write it acknowledged is already in the file, or on s3:// in S3 or in
+        # the write-back area that the final flush below stores, as ZeroFS's graceful
+        # shutdown does after cancelling its NBD sessions (docs/zerofs-compatibility.md).
         if "nbdkit" in children:
             children["nbdkit"].kill()
             children["nbdkit"].wait()
+        if write_back is not None and status == 0:
+            assert config.s3 is not None
+            try:
+                _final_flush(config.s3, write_back)
+            except Exception as exc:
+                reason = s3_failure(config.s3.url, config.s3.bucket, config.s3.endpoint, exc)
+                say(f"the final flush failed, its writes are lost: {reason or exc}")
+                status = 1
         if "diod" in children:
             _stop(children["diod"], "diod")
         if relay is not None:
@@ -1189,6 +1342,16 @@ def serve(config: StandinConfig, *, read_only: bool = False, checkpoint: str | N
             _remove_socket(path)
         shutil.rmtree(private_dir, ignore_errors=True)
     return status
+
+
+def _final_flush(storage: S3Storage, write_back: Path) -> None:
+    """Store the dirty objects of a server whose nbdkit is dead, and remove its area."""
+    objects = dirty_objects(write_back)
+    if objects:
+        client = s3_client(storage.endpoint, storage.environment, timeout=S3_CHECK_TIMEOUT_S)
+        store_dirty_objects(client, storage.layout, objects)
+        say(f"final flush: {len(objects)} objects stored")
+    shutil.rmtree(write_back)
 
 
 def _admin_command(args: argparse.Namespace, config: StandinConfig) -> int:

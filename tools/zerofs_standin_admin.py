@@ -343,7 +343,7 @@ class AdminServer:
         if not self._read_only:
             try:
                 self._checkpoints.flush()
-            except OSError as exc:
+            except Exception as exc:  # the store's failures: OSError, S3's
                 self._fail(context, "flush failed", exc)
         return self._messages.FlushResponse()
 

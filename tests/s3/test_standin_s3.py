@@ -385,3 +385,126 @@ def test_wrong_or_unreachable_s3_is_a_clear_error_at_start(
     for secret in (radosgw.secret_key, radosgw.access_key, secrets.encryption_password):
         assert secret not in log
     assert not standin.nbd.exists() and not standin.ninep.exists()
+
+
+# Writes are made over objects already stored: the first four, flushed.
+STORED_OBJECTS = 4
+
+
+@dataclass(frozen=True)
+class Durability:
+    """A write answered by the stand-in, what follows it, and how the stand-in ends."""
+
+    write: str  # "unaligned": 3000 bytes across objects 1 and 2; "zero": object 2 whole
+    then: str  # "nothing", "flush" (NBD_CMD_FLUSH) or "periodic flush" (waited for)
+    end: str  # "kill -9" or "SIGTERM"
+    kept: bool  # the write reads back from the next stand-in
+    stored_at_once: bool = False  # in S3 as soon as it is answered
+    fua: bool = False
+    sync_writes: bool = False
+    flush_interval_secs: int | None = None
+
+
+DURABILITY = {
+    "answered, then kill -9: lost": Durability("unaligned", "nothing", "kill -9", kept=False),
+    "flushed, then kill -9": Durability("unaligned", "flush", "kill -9", kept=True),
+    "answered, then SIGTERM (the final flush)": Durability(
+        "unaligned", "nothing", "SIGTERM", kept=True
+    ),
+    "sync_writes, answered, then kill -9": Durability(
+        "unaligned", "nothing", "kill -9", kept=True, stored_at_once=True, sync_writes=True
+    ),
+    "FUA, then kill -9": Durability(
+        "unaligned", "nothing", "kill -9", kept=True, stored_at_once=True, fua=True
+    ),
+    "answered, periodic flush, then kill -9": Durability(
+        "unaligned", "periodic flush", "kill -9", kept=True, flush_interval_secs=5
+    ),
+    "object zeroed whole, then kill -9: lost": Durability("zero", "nothing", "kill -9", kept=False),
+    "object zeroed whole, flushed: deleted": Durability("zero", "flush", "kill -9", kept=True),
+}
+
+
+def stored_image(s3: Any, bucket: str) -> bytes:
+    """The export's first objects as S3 holds them, an absent one as zeroes."""
+    image = bytearray()
+    for block in range(STORED_OBJECTS):
+        key = f"{PREFIX}.nbd-blocks/{VOLUME}/{block:016x}"
+        try:
+            image += s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            image += bytes(OBJECT)
+    return bytes(image)
+
+
+def dirty_files(standin: Standin) -> list[Path]:
+    return [path for path in (standin.cache / "write-back").rglob("*") if path.is_file()]
+
+
+@pytest.mark.parametrize("case", DURABILITY.values(), ids=DURABILITY.keys())
+def test_an_answered_write_is_stored_at_a_flush_as_zerofs_stores_it(
+    case: Durability, tmp_path: Path, radosgw: RadosGateway, s3: Any, bucket: str
+) -> None:
+    """As ZeroFS 2.3: an answered write is durable once flushed (NBD flush, FUA, the
+    periodic flush, the final flush of a graceful stop) or with sync_writes, and a kill
+    -9 loses it otherwise: the next stand-in discards what the dead one never stored."""
+    require_tool("nbdkit")
+    settings = settings_for(
+        radosgw,
+        bucket,
+        sync_writes=case.sync_writes,
+        flush_interval_secs=case.flush_interval_secs,
+    )
+    standin = Standin(tmp_path, settings, secrets_for(radosgw))
+    standin.start()
+    try:
+        ninep.prepare_export(standin.ninep, VOLUME, 4 * MiB)
+        before = os.urandom(STORED_OBJECTS * OBJECT)
+        after = bytearray(before)
+        with NbdClient(standin.nbd, VOLUME) as nbd:
+            nbd.write(0, before)
+            nbd.flush()
+            assert stored_image(s3, bucket) == before
+            if case.write == "unaligned":
+                offset, data = 2 * OBJECT - 1000, os.urandom(3000)
+                nbd.write(offset, data, fua=case.fua)
+            else:
+                offset, data = 2 * OBJECT, bytes(OBJECT)
+                nbd.zero(offset, OBJECT)
+            after[offset : offset + len(data)] = data
+            assert nbd.read(0, len(after)) == after
+            assert stored_image(s3, bucket) == (after if case.stored_at_once else before)
+            if case.then == "flush":
+                nbd.flush()
+            elif case.then == "periodic flush":
+                deadline = time.monotonic() + 4 * (case.flush_interval_secs or 0)
+                while stored_image(s3, bucket) != after or dirty_files(standin):
+                    assert time.monotonic() < deadline, "no periodic flush"
+                    time.sleep(0.5)
+        areas = standin.cache / "write-back"
+        dead_life = list(areas.iterdir()) if areas.exists() else []
+        assert len(dead_life) == (0 if case.sync_writes else 1)
+        if case.end == "SIGTERM":
+            standin.stop()
+            assert standin.process is not None and standin.process.returncode == 0
+            assert "final flush: 2 objects stored" in standin.log.read_text()
+        else:
+            standin.kill()
+            assert all(life.is_dir() for life in dead_life)
+
+        standin.start()
+        expected = after if case.kept else before
+        with NbdClient(standin.nbd, VOLUME) as nbd:
+            assert nbd.read(0, len(expected)) == expected
+        assert stored_image(s3, bucket) == expected
+        assert not any(life.exists() for life in dead_life)
+        log = standin.log.read_text()
+        lost = "never flushed before the previous server died: those writes are lost"
+        assert (lost in log) == (not case.kept), log
+        if case.write == "zero" and case.kept:
+            # Stored as the S3 plugin stores a zeroed object: deleted.
+            key = f"{PREFIX}.nbd-blocks/{VOLUME}/{2:016x}"
+            with pytest.raises(s3.exceptions.ClientError):
+                s3.head_object(Bucket=bucket, Key=key)
+    finally:
+        standin.stop()

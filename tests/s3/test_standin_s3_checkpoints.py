@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from radosgw import RadosGateway
-from standin.servers import STANDIN, NbdClient, require_tool
+from standin.servers import STANDIN, NbdClient, load_standin, require_tool
 
 from zerofs_csi.controller.s3cleanup import delete_volume_data
 from zerofs_csi.host.unix_socket import accepts
@@ -39,6 +39,7 @@ VOLUME = "pvc-1"
 PREFIX = f"base/{VOLUME}/"
 MiB = 1 << 20
 BYSTANDER = "base/pvc-10/.nbd/pvc-10"
+OBJECT = load_standin().OBJECT_SIZE
 START_TIMEOUT_S = 120.0
 
 
@@ -179,3 +180,42 @@ def test_a_checkpoint_is_a_copy_inside_the_prefix_served_read_only(
         ),
     )
     assert keys(s3, bucket) == {BYSTANDER}
+
+
+def stored(s3: Any, bucket: str, block: int, prefix: str = PREFIX) -> bytes | None:
+    key = f"{prefix}.nbd-blocks/{VOLUME}/{block:016x}"
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
+def test_flush_and_checkpoints_take_the_writes_not_flushed_yet(
+    tmp_path: Path, radosgw: RadosGateway, s3: Any, bucket: str
+) -> None:
+    """Answered writes wait in the write-back area until a flush (as in ZeroFS's
+    memory): the Flush call stores them, and a checkpoint holds every write answered
+    before it was asked for."""
+    require_tool("nbdkit")
+    with standin(tmp_path / "writer", radosgw, bucket) as writer:
+        ninep.prepare_export(writer / "9p.sock", VOLUME, 4 * MiB)
+        with NbdClient(writer / "nbd.sock", VOLUME) as nbd:
+            nbd.write(0, b"flushed" * 1000)
+        assert stored(s3, bucket, 0) is None
+        with admin(writer) as stub:
+            stub.Flush(admin_pb2.FlushRequest(), timeout=60)
+        assert stored(s3, bucket, 0) == (b"flushed" * 1000).ljust(OBJECT, b"\0")
+
+        with NbdClient(writer / "nbd.sock", VOLUME) as nbd:
+            nbd.write(MiB, b"answered" * 1000)
+        assert stored(s3, bucket, MiB // OBJECT) is None
+        with admin(writer) as stub:
+            made = stub.CreateCheckpoint(
+                admin_pb2.CreateCheckpointRequest(name="unflushed"), timeout=120
+            ).checkpoint
+        in_checkpoint = stored(s3, bucket, MiB // OBJECT, f"{PREFIX}.checkpoints/{made.id}/")
+        assert in_checkpoint == (b"answered" * 1000).ljust(OBJECT, b"\0")
+        served = standin(tmp_path / "reader", radosgw, bucket, "--checkpoint", "unflushed")
+        with served as reader, NbdClient(reader / "nbd.sock", VOLUME) as nbd:
+            assert nbd.read(0, 7000) == b"flushed" * 1000
+            assert nbd.read(MiB, 8000) == b"answered" * 1000

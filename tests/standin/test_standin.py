@@ -257,6 +257,25 @@ def test_refuses_what_zerofs_would_or_the_standin_cannot_serve(
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("lsm", "sync_writes", "flush_interval_s"),
+    [
+        ("", False, 30),
+        ("[lsm]\nsync_writes = true\n", True, 30),
+        ("[lsm]\nflush_interval_secs = 12\n", False, 12),
+        # ZeroFS raises an interval below its minimum to it.
+        ("[lsm]\nflush_interval_secs = 1\n", False, 5),
+    ],
+)
+def test_reads_when_writes_are_stored(
+    tmp_path: Path, lsm: str, sync_writes: bool, flush_interval_s: int
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(config_text() + lsm)
+    config = standin.load_config(path, {"PW": "pw"})
+    assert (config.sync_writes, config.flush_interval_s) == (sync_writes, flush_interval_s)
+
+
 def test_unset_password_variable_is_an_error_that_names_it_not_its_value(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(config_text())
