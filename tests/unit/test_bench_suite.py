@@ -13,6 +13,7 @@ EXPECTED = {
     "reconcile",
     "throughput",
     "server_kill",
+    "sync_writes",
     "stage",
     "concurrent_stage",
     "snapshot",
@@ -32,6 +33,7 @@ def test_every_benchmark_is_in_the_suite() -> None:
         ("stage", (5, 1)),
         ("throughput", (5, 1)),
         ("snapshot", (5, 1)),
+        ("sync_writes", (5, 1)),
     ],
 )
 def test_heavy_benchmarks_run_the_heavy_cycle_count(name: str, expected: tuple[int, int]) -> None:

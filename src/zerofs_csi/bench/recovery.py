@@ -22,7 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from zerofs_csi.bench.measure import Benchmark, Comparison
-from zerofs_csi.bench.plugin import PluginProcess, create_volume, running_plugin, wait_until
+from zerofs_csi.bench.plugin import (
+    PluginProcess,
+    S3Storage,
+    create_volume,
+    running_plugin,
+    wait_until,
+)
 from zerofs_csi.servers.local import nbd_server_answers
 from zerofs_csi.servers.local_state import ServerPaths
 
@@ -90,13 +96,15 @@ def _answers_after_restart(state_dir: Path, volume_id: str, killed: int) -> bool
     return pid != killed and nbd_server_answers(socket, 1.0)
 
 
-def bench_server_kill(zerofs_command: str, cycles: int, warmup: int) -> list[Comparison]:
+def bench_server_kill(
+    zerofs_command: str, cycles: int, warmup: int, s3: S3Storage | None = None
+) -> list[Comparison]:
     pauses: list[float] = []
     restarts: list[float] = []
     with tempfile.TemporaryDirectory(prefix="zerofs-bench-kill-") as tmp:
         workdir = Path(tmp)
         state_dir = workdir / "state"
-        plugin = PluginProcess(workdir, zerofs_command=zerofs_command, log_level="warning")
+        plugin = PluginProcess(workdir, zerofs_command=zerofs_command, s3=s3, log_level="warning")
         with running_plugin(plugin):
             # A kill is a pause only where every write is durable when answered.
             volume = create_volume(
@@ -137,5 +145,7 @@ def bench_server_kill(zerofs_command: str, cycles: int, warmup: int) -> list[Com
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "server_kill": lambda run: bench_server_kill(run.zerofs_command, run.cycles, run.warmup),
+    "server_kill": lambda run: bench_server_kill(
+        run.zerofs_command, run.cycles, run.warmup, run.s3
+    ),
 }

@@ -20,7 +20,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from zerofs_csi.bench import attach, chart, node, recovery, scale, snapshots, throughput
+from zerofs_csi.bench import (
+    attach,
+    chart,
+    node,
+    recovery,
+    scale,
+    snapshots,
+    sync_writes,
+    throughput,
+)
 from zerofs_csi.bench.devices import SERVER_THREADS
 from zerofs_csi.bench.measure import (
     DEFAULT_OUTPUT,
@@ -36,7 +45,15 @@ from zerofs_csi.bench.zerofs_server import ServerNotFound, zerofs_server
 DEFAULT_CHART = Path("build/bench.png")
 DEFAULT_HEAVY_CYCLES = 5
 HEAVY = frozenset(
-    {"stage", "concurrent_stage", "reconcile", "throughput", "server_kill", "snapshot"}
+    {
+        "stage",
+        "concurrent_stage",
+        "reconcile",
+        "throughput",
+        "server_kill",
+        "sync_writes",
+        "snapshot",
+    }
 )
 
 
@@ -48,6 +65,7 @@ def all_benchmarks() -> dict[str, Benchmark]:
         **node.BENCHMARKS,
         **recovery.BENCHMARKS,
         **snapshots.BENCHMARKS,
+        **sync_writes.BENCHMARKS,
     }
 
 
