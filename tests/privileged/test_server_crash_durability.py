@@ -21,8 +21,9 @@ import mmap
 import os
 import signal
 
+import grpc
 import pytest
-from conftest import MiB, Volume, VolumeFactory, wait_until
+from conftest import MiB, Volume, VolumeFactory, assert_code, wait_until
 
 from zerofs_csi.servers.local import nbd_server_answers
 
@@ -110,9 +111,14 @@ def test_a_crash_with_unflushed_writes_fails_the_device_instead_of_hiding_the_lo
     log = volume.plugin.log_path.read_text(errors="replace")
     assert "no lost write is reported durable" in log
 
-    # Unstaged (over a device that fails its I/O) and staged again, it serves what the
-    # server flushed (the filesystem's journal replayed).
-    volume.unstage()
+    # While a pod uses it, a NodeStage (another pod's) is refused with the reason.
+    target = volume.plugin.workdir / "pods" / volume.volume_id / "target"
+    volume.publish(str(target))
+    refused = assert_code(volume.stage, grpc.StatusCode.FAILED_PRECONDITION)
+    assert "killed by SIGKILL" in refused
+    volume.unpublish(str(target))
+    # Used by none, it is staged anew (torn down over a device that fails its I/O): it
+    # serves what the server flushed, the filesystem's journal replayed.
     volume.stage()
     assert not volume.stats(volume.staging).volume_condition.abnormal
     if fs_type == "block":

@@ -28,6 +28,7 @@ from zerofs_csi.errors import (
 )
 from zerofs_csi.host import filesystems, fsprobe, mount_options, mounts
 from zerofs_csi.node import mounts as node_mounts
+from zerofs_csi.node import publishing
 from zerofs_csi.node.lost_writes import writes_lost
 from zerofs_csi.node.stage_record import (
     ATTACHED,
@@ -215,7 +216,11 @@ class Stager:
                     f"{_kind(existing.access_type, existing.fs_type, existing.read_only_device)}"
                     f"; this request asks for {_kind(*wanted)}"
                 )
-            if existing.phase == STAGED and self._is_intact(existing):
+            lost = writes_lost(existing) if existing.phase == STAGED else None
+            if lost is not None and publishing.publications(existing):
+                # Its filesystem is in use: only its pods going lets it be staged anew.
+                raise FailedPrecondition(f"volume {vid}: {lost}")
+            if lost is None and existing.phase == STAGED and self._is_intact(existing):
                 return existing
             log.info("restaging an incomplete stage", extra={"volume_id": vid})
             self.teardown(existing, operation="stage")
