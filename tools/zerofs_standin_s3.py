@@ -152,16 +152,21 @@ class Export:
         """The numbers of the blocks stored in S3, listed once: for immutable exports."""
         with self.lock:
             if self.present is None:
-                prefix = f"{self.blocks_key}/"
-                numbers = set()
-                pages = client.get_paginator("list_objects_v2").paginate(
-                    Bucket=_parameters["bucket"], Prefix=prefix
-                )
-                for page in pages:
-                    for item in page.get("Contents", []):
-                        numbers.add(int(item["Key"][len(prefix) :], 16))
+                numbers: set[int] = set()
+                for page in self.stored_pages(client):
+                    numbers.update(page)
                 self.present = frozenset(numbers)
             return self.present
+
+    def stored_pages(self, client: Any, first: int = 0) -> Iterator[list[int]]:
+        """The numbers of the blocks stored in S3 from ``first`` on, in ascending order,
+        a listing's page at a time."""
+        prefix = f"{self.blocks_key}/"
+        listing = {"Bucket": _parameters["bucket"], "Prefix": prefix}
+        if first > 0:
+            listing["StartAfter"] = prefix + block_name(first - 1)
+        for page in client.get_paginator("list_objects_v2").paginate(**listing):
+            yield [int(item["Key"][len(prefix) :], 16) for item in page.get("Contents", [])]
 
     def record(self, layout: S3Layout, size: int) -> None:
         """Store the export's size in S3 unless it is recorded already."""
@@ -442,12 +447,7 @@ def _delete(handle: Handle, blocks: list[int]) -> None:
     assert export.dirty is not None
     first, last = blocks[0], blocks[-1]
     present = {int(p.name, 16) for p in dirty_objects(export.dirty.parent, export.name)}
-    prefix = f"{export.blocks_key}/"
-    listing = {"Bucket": _parameters["bucket"], "Prefix": prefix}
-    if first > 0:
-        listing["StartAfter"] = prefix + block_name(first - 1)
-    for page in _store_client.get_paginator("list_objects_v2").paginate(**listing):
-        numbers = [int(item["Key"][len(prefix) :], 16) for item in page.get("Contents", [])]
+    for numbers in export.stored_pages(_store_client, first):
         present.update(numbers)
         if numbers and numbers[-1] >= last:
             break
