@@ -405,7 +405,11 @@ def test_default_node_plugin_loads_nbd_with_the_documented_parameters(helm: Helm
 
 def test_nbd_loading_can_be_left_to_the_host(helm: Helm) -> None:
     spec = _pod_spec(find(helm.render(CHART, "local-k3s.yaml"), "DaemonSet"))
-    assert [c["name"] for c in spec["initContainers"]] == ["link-keeper", "zerofs-csi"]
+    assert [c["name"] for c in spec["initContainers"]] == [
+        "link-keeper",
+        "zerofs-csi",
+        "liveness-probe",
+    ]
 
 
 def test_daemonset_selector_leaves_the_volume_server_pods_alone(helm: Helm) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from chart.conftest import CHART, Helm, container, find
+from chart.conftest import CHART, Helm, all_containers, container, find
 
 from zerofs_csi.bench.plugin import free_tcp_port, wait_until
 
@@ -113,7 +113,7 @@ def chart_args(helm: Helm) -> dict[tuple[str, str], list[str]]:
     for kind in ("DaemonSet", "Deployment"):
         spec = find(manifests, kind)["spec"]["template"]["spec"]
         for name in ("node-driver-registrar", "liveness-probe"):
-            if any(c["name"] == name for c in spec["containers"]):
+            if any(c["name"] == name for c in all_containers(spec)):
                 args[(kind, name)] = list(container(spec, name)["args"])
     return args
 
