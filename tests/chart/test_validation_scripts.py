@@ -60,8 +60,13 @@ def pod_root(helm: Helm, tmp_path: Path) -> Path:
 def _run_pods(root: Path, steps: list[str], *, source: str = "/dev/nbd3") -> list[str]:
     """Run the steps one after the other on one volume; each step's output and status."""
     between = {
-        "corrupt": "chroot {root} /bin/busybox sh -c "
-        "'printf X | dd of=/data/validation/file-1 bs=1 seek=1000 conv=notrunc 2>/dev/null'",
+        # Byte 1000 of file-1 replaced by the next value: a fixed byte would leave random
+        # data unchanged once in 256 runs.
+        "corrupt": "chroot {root} /bin/busybox sh -c '"
+        "f=/data/validation/file-1; "
+        'old=$(dd if=$f bs=1 skip=1000 count=1 2>/dev/null | od -An -tu1 | tr -d " "); '
+        'printf "\\\\$(printf %o $(((old + 1) % 256)))" '
+        "| dd of=$f bs=1 seek=1000 conv=notrunc 2>/dev/null'",
         "empty": "rm -rf {root}/data/validation {root}/data/validation.sha256",
     }
     commands = [
