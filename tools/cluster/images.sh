@@ -166,8 +166,14 @@ drop_older() { # REPOSITORY TAG
     for old in $(buildah_ images --noheading --format '{{.Name}}:{{.Tag}}'); do
         if [[ ${old%:*} == "$1" && $old != "$1:$2" ]]; then buildah_ rmi "$old" >/dev/null; fi
     done
-    for old in "$images/${1##*/}"-*.tar; do
-        [[ -e $old && $old != "$images/${1##*/}-$2.tar" ]] && rm -f "$old" "$old.inputs"
+    local base=${1##*/} other
+    for old in "$images/$base"-*.tar; do
+        # Another image's name may begin with this one's and a dash (zerofs-csi-*.tar
+        # matches zerofs-*): its archives are not this image's.
+        for other in $image_names; do
+            [[ $other == "$base"-* && $old == "$images/$other"-*.tar ]] && continue 2
+        done
+        [[ -e $old && $old != "$images/$base-$2.tar" ]] && rm -f "$old" "$old.inputs"
     done
     if (($(du -sb "$store" | cut -f1) > STORE_PRUNE_BYTES)); then
         buildah_ rmi --prune >/dev/null 2>&1 || true
@@ -325,9 +331,10 @@ build_busybox_image() { # BINARY TAG ARCHIVE
 
 sidecars=$(python3 "$here/tools/cluster/chart_images.py")
 sidecar_names=" $(awk '{ sub(".*/", "", $2); printf "%s ", $2 }' <<<"$sidecars")"
+# Each image's name, which begins its archives' names.
+image_names="pause python busybox zerofs-csi zerofs-standin zerofs$sidecar_names"
 for name; do
-    [[ " pause python busybox zerofs-csi zerofs-standin zerofs $sidecar_names" == *" $name "* ]] \
-        || fail "no image named $name; images: pause python busybox zerofs-csi zerofs-standin zerofs$sidecar_names"
+    [[ " $image_names " == *" $name "* ]] || fail "no image named $name; images: $image_names"
 done
 wanted=" $* "
 zerofs=$(zerofs_binary)
