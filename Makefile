@@ -80,7 +80,8 @@ cluster-images: cluster-build
 cluster-runtime-check: bootstrap cluster-images
 	flock --shared $(KUBE_ASSETS)/images/.lock sh -ec '\
 		tools/cluster/images.sh --built >$(KUBE_ASSETS)/images/runtime-check.txt; \
-		$(VM) --timeout 3600 --mem 4096 -- tools/cluster/runtime_check.sh \
+		$(VM) --timeout 3600 --mem 4096 --env ZEROFS_CSI_CACHE=$(CACHE) -- \
+			tools/cluster/runtime_check.sh \
 			$(KUBE_ASSETS)/images/runtime-check.txt'
 
 # Host tests: everything not needing the kernel's NBD driver or an S3 server; the
