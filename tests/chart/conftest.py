@@ -151,4 +151,10 @@ def container(pod_spec: Manifest, name: str) -> Manifest:
     raise AssertionError(f"no container {name} in {[c['name'] for c in all_containers(pod_spec)]}")
 
 
+def port_number(item: Manifest, name: str) -> int:
+    """The number of container ``item``'s port ``name``."""
+    (port,) = [p["containerPort"] for p in item["ports"] if p["name"] == name]
+    return int(port)
+
+
 RenderFn = Callable[..., list[Manifest]]

@@ -23,6 +23,7 @@ from chart.conftest import (
     all_containers,
     container,
     find,
+    port_number,
     supported_versions,
 )
 from zerofs_csi import DRIVER_NAME
@@ -324,11 +325,6 @@ def _mount(spec: Manifest, plugin: Manifest, volume: str) -> tuple[Manifest, Man
     return mount, source
 
 
-def _port(item: Manifest, name: str) -> int:
-    (port,) = [p["containerPort"] for p in item["ports"] if p["name"] == name]
-    return int(port)
-
-
 @pytest.mark.parametrize("values", DRIVER_VALUES, ids=_ids)
 def test_controller_flags_parse_and_match_the_pod(helm: Helm, values: str | None) -> None:
     config, spec, plugin = _plugin_config(helm.render(CHART, values), "Deployment")
@@ -346,9 +342,9 @@ def test_controller_flags_parse_and_match_the_pod(helm: Helm, values: str | None
         if sidecar != "liveness-probe":
             assert "--leader-election" in item["args"]
             assert "--leader-election-namespace=$(POD_NAMESPACE)" in item["args"]
-    assert config.metrics_address == f":{_port(plugin, 'metrics')}"
+    assert config.metrics_address == f":{port_number(plugin, 'metrics')}"
     assert plugin["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    health = _port(plugin, "healthz")
+    health = port_number(plugin, "healthz")
     assert f"--http-endpoint=:{health}" in container(spec, "liveness-probe")["args"]
 
 
@@ -386,7 +382,7 @@ def test_node_flags_parse_and_match_the_host_paths(helm: Helm, values: str | Non
         mount, source = _mount(spec, plugin, volume)
         assert mount["mountPath"] == source["hostPath"]["path"] == host_path
     assert _mount(spec, plugin, "lib-modules")[0]["readOnly"] is True
-    assert config.metrics_address == f":{_port(plugin, 'metrics')}"
+    assert config.metrics_address == f":{port_number(plugin, 'metrics')}"
 
 
 def test_default_node_plugin_loads_nbd_with_the_documented_parameters(helm: Helm) -> None:
@@ -576,7 +572,7 @@ def test_service_monitor_selects_the_metrics_services(helm: Helm) -> None:
         service_selector = {"matchLabels": service["spec"]["selector"]}
         assert objects.selector_matches(service_selector, template_labels)
         plugin = container(_pod_spec(workload), "zerofs-csi")
-        assert _port(plugin, port["targetPort"]) == port["port"]
+        assert port_number(plugin, port["targetPort"]) == port["port"]
 
 
 def test_prometheus_rule_and_dashboard_are_rendered_when_asked(helm: Helm) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from chart.conftest import CHART, DRIVER_VALUES, Helm, container, find
+from chart.conftest import CHART, DRIVER_VALUES, Helm, container, find, port_number
 
 # The least time a container gets to answer its first probe.
 STARTUP_BUDGET_S = 300
@@ -105,7 +105,7 @@ def test_the_plugins_liveness_probe_is_served_once_the_plugin_has_started(
     init = [c["name"] for c in spec["initContainers"]]
     plugin = container(spec, "zerofs-csi")
     port = plugin["livenessProbe"]["httpGet"]["port"]
-    (number,) = [p["containerPort"] for p in plugin["ports"] if p["name"] == port]
+    number = port_number(plugin, port)
     (server,) = [
         c for c in spec["initContainers"] if f"--http-endpoint=:{number}" in c.get("args", [])
     ]
